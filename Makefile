@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/finetune demo recipes/quickstart.yaml
+	$(VENV)/bin/finetune train recipes/quickstart.yaml output.overwrite=true
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,0 +1,96 @@
+"""Evaluation: token-weighted loss and perplexity, greedy generation, exact match."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from finetune.data import IGNORE_INDEX, TokenizedData, collate
+
+
+@dataclass
+class LossResult:
+    loss: float
+    perplexity: float
+    tokens: int
+
+
+@torch.no_grad()
+def evaluate_loss(model: Any, data: TokenizedData, pad_id: int, batch_size: int = 8) -> LossResult:
+    """Mean loss per trained token over `data`, and its perplexity exp(loss)."""
+    was_training = model.training
+    model.eval()
+    device = next(p.device for p in model.parameters())
+    total, tokens = 0.0, 0
+    for start in range(0, len(data.examples), batch_size):
+        batch = collate(data.examples[start : start + batch_size], pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        if n == 0:
+            continue
+        out = model(**batch, num_items_in_batch=n)
+        total += float(out.loss) * n
+        tokens += n
+    model.train(was_training)
+    loss = total / tokens if tokens else float("nan")
+    return LossResult(loss, math.exp(loss) if tokens and loss < 700 else float("inf"), tokens)
+
+
+@torch.no_grad()
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    **sampling: Any,
+) -> list[str]:
+    """Generate a completion for each already-rendered prompt (greedy unless told otherwise)."""
+    was_training = model.training
+    model.eval()
+    device = next(p.device for p in model.parameters())
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation continues from the right edge of each row
+    outputs: list[str] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = {k: v.to(device) for k, v in enc.items()}
+            gen = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=bool(sampling.get("do_sample", False)),
+                pad_token_id=tokenizer.pad_token_id,
+                **{k: v for k, v in sampling.items() if k != "do_sample"},
+            )
+            new = gen[:, enc["input_ids"].shape[1] :]
+            outputs += tokenizer.batch_decode(new, skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return [o.strip() for o in outputs]
+
+
+@dataclass
+class ExactMatch:
+    accuracy: float
+    correct: int
+    total: int
+    samples: list[dict[str, str]]
+
+
+def exact_match(
+    model: Any, tokenizer: Any, pairs: list[tuple[str, str]], max_new_tokens: int
+) -> ExactMatch:
+    """Share of greedy generations equal to the reference (surrounding whitespace ignored)."""
+    predictions = generate(model, tokenizer, [p for p, _ in pairs], max_new_tokens)
+    samples = [
+        {"prompt": p, "reference": ref, "prediction": pred}
+        for (p, ref), pred in zip(pairs, predictions, strict=True)
+    ]
+    correct = sum(s["prediction"] == s["reference"] for s in samples)
+    return ExactMatch(correct / len(pairs) if pairs else 0.0, correct, len(pairs), samples)

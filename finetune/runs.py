@@ -1,0 +1,156 @@
+"""The run directory: refusing to clobber, atomic writes, checkpoints, metrics.
+
+```
+runs/<name>/
+  recipe.yaml  adapter/  checkpoints/step-N/  metrics.jsonl  tb/
+  report.md  report.json  loss.png  memory.png
+```
+Every folder and report is written under a temporary name and renamed into place, so a
+kill during a write leaves the previous version intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from finetune.errors import UserError
+
+RUN_MARKERS = ("recipe.yaml", "adapter", "checkpoints", "metrics.jsonl", "report.json")
+
+
+def holds_run(run_dir: Path) -> bool:
+    return run_dir.is_dir() and any((run_dir / m).exists() for m in RUN_MARKERS)
+
+
+def check_output_dir(run_dir: Path, *, overwrite: bool, resume: bool) -> None:
+    """Refuse to write into a folder that already holds a run, unless told to."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"output.dir: {run_dir} is a file; choose a folder")
+    if resume:
+        if not holds_run(run_dir):
+            raise UserError(f"--resume: {run_dir} holds no run to resume; drop --resume")
+        return
+    if holds_run(run_dir) and not overwrite:
+        raise UserError(
+            f"output.dir: {run_dir} already holds a run; pass --resume to continue it, "
+            "output.overwrite=true to replace it, or choose another output.dir"
+        )
+
+
+def start_run_dir(run_dir: Path, *, fresh: bool, recipe_yaml: str) -> None:
+    """Create (or, for a fresh run, empty) the run directory and write the resolved recipe."""
+    if fresh and run_dir.exists():
+        for child in run_dir.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomically(run_dir / "recipe.yaml", recipe_yaml)
+
+
+def write_atomically(target: Path, write: Callable[[Path], Any]) -> None:
+    """Call `write(tmp_folder)` and rename the folder to `target`, replacing an older one."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        write(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private; a run folder is as readable as any other
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------ checkpoints
+
+
+def checkpoint_step(folder: Path) -> int:
+    try:
+        return int(folder.name.removeprefix("step-"))
+    except ValueError:
+        return -1
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints (renamed into place, so complete by construction), oldest first."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and checkpoint_step(p) >= 0]
+    return sorted((p for p in found if (p / "state.json").is_file()), key=checkpoint_step)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int | None) -> None:
+    if not keep_last:
+        return
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+def read_records(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_history(run_dir: Path, up_to_step: int) -> list[dict[str, Any]]:
+    return [r for r in read_records(run_dir) if "loss" in r and r["step"] <= up_to_step]
+
+
+def read_evals(run_dir: Path, up_to_step: int) -> list[dict[str, Any]]:
+    return [r for r in read_records(run_dir) if "eval_loss" in r and r["step"] <= up_to_step]
+
+
+class MetricsWriter:
+    """metrics.jsonl and TensorBoard; on resume, drops records past the checkpoint's step."""
+
+    def __init__(self, run_dir: Path, enabled: bool, resume_step: int) -> None:
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.tb = None
+        if not enabled:
+            return
+        kept = [r for r in read_records(run_dir) if r["step"] <= resume_step]
+        write_text_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1 or None)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        for key, value in record.items():
+            if key != "step" and isinstance(value, int | float):
+                self.tb.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()

@@ -1,0 +1,369 @@
+"""The training loop: one explicit function over an `accelerate.Accelerator`.
+
+Gradient accumulation is done by hand so that the loss is normalised by the number of
+trained tokens in the whole optimizer step, not per micro-batch: results then do not
+depend on how examples fall into micro-batches.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from finetune import adapters, data, evaluate, models, runs
+from finetune.errors import UserError
+from finetune.recipe import Recipe, dump_recipe
+
+
+@dataclass
+class Prepared:
+    """Everything a run needs, built and validated before anything is written."""
+
+    recipe: Recipe
+    loaded: models.LoadedModel
+    model: Any
+    splits: data.Splits
+    params: adapters.ParameterCount
+    gradient_checkpointing: bool
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunState:
+    """Where the loop is; saved in every checkpoint so a resumed run continues exactly."""
+
+    step: int = 0
+    micro_step: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    elapsed: float = 0.0
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    state: RunState
+    history: list[dict[str, Any]]
+    evals: list[dict[str, Any]]
+    exact_match_before: evaluate.ExactMatch | None
+    exact_match_after: evaluate.ExactMatch | None
+    prepared: Prepared
+    memory: dict[str, Any] = field(default_factory=dict)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def prepare(recipe: Recipe, device: str | None = None) -> Prepared:
+    """Load model, attach the adapter and tokenize the data; raise on any bad input."""
+    seed_everything(recipe.train.seed)
+    loaded = models.load_model(recipe.model, device)
+    notes = list(loaded.notes)
+    splits = data.prepare(recipe.data, loaded.tokenizer, recipe.train.seed)
+    checkpointing = recipe.train.gradient_checkpointing
+    allowed, why = adapters.gradient_checkpointing_allowed(recipe.adapter.method)
+    if checkpointing and not allowed:
+        checkpointing = False
+        notes.append(why)
+    model = adapters.attach(
+        loaded.model,
+        recipe.adapter,
+        quantized=loaded.quantization != "none",
+        gradient_checkpointing=checkpointing,
+        tokenizer_path=loaded.folder,
+    )
+    params = adapters.count_parameters(model)
+    return Prepared(recipe, loaded, model, splits, params, checkpointing, notes)
+
+
+def total_steps(recipe: Recipe, n_examples: int, world_size: int = 1) -> int:
+    if recipe.train.max_steps:
+        return recipe.train.max_steps
+    per_step = recipe.train.micro_batch_size * recipe.train.grad_accum * world_size
+    return max(1, math.ceil(recipe.train.epochs * n_examples / per_step))
+
+
+def mixed_precision(requested: str, device: str) -> str:
+    if requested != "auto":
+        return requested
+    if device != "cuda":
+        return "no"  # CPU autocast to bf16 is slower than fp32 on most CPUs (measured ~2.5x)
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def make_optimizer(model: Any, recipe: Recipe, steps: int) -> tuple[Any, Any]:
+    from transformers import get_scheduler
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=recipe.train.lr, weight_decay=recipe.train.weight_decay)
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+    scheduler = get_scheduler(
+        name[recipe.train.schedule],
+        optimizer,
+        num_warmup_steps=min(recipe.train.warmup_steps, steps),
+        num_training_steps=steps,
+    )
+    return optimizer, scheduler
+
+
+def count_trained(labels: torch.Tensor, method: str) -> int:
+    """Tokens that contribute to the loss after the causal shift.
+
+    Prompt tuning prepends virtual tokens, so even the first real label is predicted.
+    """
+    if method == "prompt":
+        return int((labels != data.IGNORE_INDEX).sum())
+    return int((labels[:, 1:] != data.IGNORE_INDEX).sum())
+
+
+def train(recipe: Recipe, *, resume: bool = False, prepared: Prepared | None = None) -> RunResult:
+    """Run the recipe end to end and return what happened; the report is written by the caller."""
+    from accelerate import Accelerator
+
+    run_dir = Path(recipe.output.dir)
+    runs.check_output_dir(run_dir, overwrite=recipe.output.overwrite, resume=resume)
+    checkpoint = runs.latest_checkpoint(run_dir) if resume else None
+    if resume and checkpoint is None:
+        raise UserError(f"--resume: {run_dir} has no complete checkpoint to resume from")
+    prepared = prepared or prepare(recipe)
+    device = prepared.loaded.device
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision(recipe.train.mixed_precision, device),
+        cpu=device == "cpu",
+    )
+    if accelerator.is_main_process:
+        runs.start_run_dir(run_dir, fresh=not resume, recipe_yaml=dump_recipe(recipe))
+    return Loop(recipe, prepared, accelerator, run_dir, checkpoint).run()
+
+
+class Loop:
+    """The training loop, readable top to bottom in `run` and `step`."""
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        prepared: Prepared,
+        accelerator: Any,
+        run_dir: Path,
+        checkpoint: Path | None,
+    ) -> None:
+        self.recipe = recipe
+        self.prepared = prepared
+        self.accelerator = accelerator
+        self.run_dir = run_dir
+        self.train_data = prepared.splits.train
+        self.pad_id = prepared.loaded.tokenizer.pad_token_id
+        self.steps = total_steps(recipe, len(self.train_data), accelerator.num_processes)
+        optimizer, self.scheduler = make_optimizer(prepared.model, recipe, self.steps)
+        self.model, self.optimizer = accelerator.prepare(prepared.model, optimizer)
+        self.state = RunState()
+        self.history: list[dict[str, Any]] = []
+        self.evals: list[dict[str, Any]] = []
+        if checkpoint is not None:
+            self.restore(checkpoint)
+        self.metrics = runs.MetricsWriter(run_dir, accelerator.is_main_process, self.state.step)
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> RunResult:
+        from finetune.progress import TrainProgress
+
+        t = self.recipe.train
+        before = self.exact_match("before") if self.state.step == 0 else None
+        batches = data.micro_batches(
+            len(self.train_data), t.micro_batch_size * self.accelerator.num_processes,
+            t.seed, self.recipe.data.shuffle, start=self.state.micro_step,
+        )
+        self.model.train()
+        with TrainProgress(self.steps, self.state.step, self.accelerator.is_main_process) as bar:
+            while self.state.step < self.steps:
+                record = self.step([next(batches) for _ in range(t.grad_accum)])
+                bar.update(self.state.step, record)
+                if t.eval_every and self.state.step % t.eval_every == 0 and self.state.step < self.steps:
+                    self.run_eval()
+                if t.save_every and self.state.step % t.save_every == 0:
+                    self.save_checkpoint()
+        self.run_eval()
+        if t.save_every and self.state.step % t.save_every:
+            self.save_checkpoint()
+        self.save_adapter()
+        after = self.exact_match("after")
+        self.metrics.close()
+        return RunResult(self.run_dir, self.state, self.history, self.evals, before, after,
+                         self.prepared)
+
+    def step(self, micro_batches: list[list[int]]) -> dict[str, Any]:
+        """One optimizer step over `grad_accum` micro-batches, loss normalised by trained tokens."""
+        started = time.perf_counter()
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        batches = [
+            data.collate([self.train_data.examples[i] for i in idx[rank::world]], self.pad_id)
+            for idx in micro_batches
+        ]
+        method = self.recipe.adapter.method
+        local = sum(count_trained(b["labels"], method) for b in batches)
+        n_trained = int(self.accelerator.reduce(torch.tensor(local), reduction="sum"))
+        loss_sum = 0.0
+        for i, batch in enumerate(batches):
+            batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
+            last = i == len(batches) - 1
+            # DDP averages gradients over processes, so scale by world size to get a sum.
+            with self.sync(last), self.accelerator.autocast():
+                out = self.model(**batch, num_items_in_batch=max(n_trained, 1))
+                loss = out.loss * world
+            self.accelerator.backward(loss)
+            loss_sum += float(loss.detach()) / world
+        grad_norm = self.clip()
+        if not math.isfinite(loss_sum):
+            raise UserError(
+                f"training diverged: loss is {loss_sum} at step {self.state.step + 1}; lower "
+                "train.lr or check the data"
+            )
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_total = float(self.accelerator.reduce(torch.tensor(loss_sum), reduction="sum"))
+        tokens = int(self.accelerator.reduce(
+            torch.tensor(sum(int(b["attention_mask"].sum()) for b in batches)), reduction="sum"))
+        elapsed = time.perf_counter() - started
+        self.state.step += 1
+        self.state.micro_step += len(micro_batches)
+        self.state.tokens += tokens
+        self.state.trained_tokens += n_trained
+        self.state.elapsed += elapsed
+        record = {
+            "step": self.state.step,
+            "loss": loss_total,
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm,
+            "tokens": self.state.tokens,
+            "trained_tokens": self.state.trained_tokens,
+            "tokens_per_s": tokens / elapsed if elapsed else 0.0,
+            "elapsed_s": self.state.elapsed,
+        }
+        self.history.append(record)
+        if self.state.step % self.recipe.train.log_every == 0 or self.state.step == self.steps:
+            self.metrics.write(record)
+        return record
+
+    def sync(self, last: bool) -> Any:
+        import contextlib
+
+        if last or self.accelerator.num_processes == 1:
+            return contextlib.nullcontext()
+        return self.accelerator.no_sync(self.model)
+
+    def clip(self) -> float:
+        max_norm = self.recipe.train.max_grad_norm
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if max_norm is None:
+            norms = [p.grad.detach().norm() for p in params if p.grad is not None]
+            return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+        return float(self.accelerator.clip_grad_norm_(params, max_norm))
+
+    # ------------------------------------------------------------------ evaluation
+
+    def run_eval(self) -> None:
+        eval_data = self.prepared.splits.eval
+        if eval_data is None or not self.accelerator.is_main_process:
+            return
+        result = evaluate.evaluate_loss(
+            self.unwrapped(), eval_data, self.pad_id, self.recipe.train.micro_batch_size
+        )
+        record = {"step": self.state.step, "eval_loss": result.loss,
+                  "eval_perplexity": result.perplexity, "eval_tokens": result.tokens}
+        self.evals.append(record)
+        self.metrics.write(record)
+
+    def exact_match(self, when: str) -> evaluate.ExactMatch | None:
+        spec = self.recipe.data
+        rows = self.prepared.splits.eval_rows
+        if not rows or spec.format == "text" or not self.accelerator.is_main_process:
+            return None
+        rows = rows[: self.recipe.eval.max_examples] if self.recipe.eval.max_examples else rows
+        tokenizer = self.prepared.loaded.tokenizer
+        pairs = [data.generation_prompt(r, spec, tokenizer, self.prepared.splits.eval_source)
+                 for r in rows]
+        model = self.unwrapped()
+        if when == "before":
+            # The base model: a LoRA adapter starts as a no-op, but prefix/prompt ones don't.
+            with model.disable_adapter():
+                return evaluate.exact_match(model, tokenizer, pairs, self.recipe.eval.max_new_tokens)
+        return evaluate.exact_match(model, tokenizer, pairs, self.recipe.eval.max_new_tokens)
+
+    def unwrapped(self) -> Any:
+        return self.accelerator.unwrap_model(self.model)
+
+    # ------------------------------------------------------------------ saving
+
+    def save_adapter(self) -> None:
+        if self.accelerator.is_main_process:
+            runs.write_atomically(self.run_dir / "adapter", self.unwrapped().save_pretrained)
+
+    def save_checkpoint(self) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        target = self.run_dir / "checkpoints" / f"step-{self.state.step}"
+        runs.write_atomically(target, self.write_checkpoint)
+        runs.prune_checkpoints(self.run_dir, self.recipe.train.keep_last)
+
+    def write_checkpoint(self, folder: Path) -> None:
+        self.unwrapped().save_pretrained(folder / "adapter")
+        torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
+        torch.save(self.scheduler.state_dict(), folder / "scheduler.pt")
+        torch.save({"torch": torch.get_rng_state()}, folder / "rng_torch.pt")
+        np_state = np.random.get_state()
+        rng = {
+            "python": _jsonable(random.getstate()),
+            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        }
+        (folder / "rng.json").write_text(json.dumps(rng))
+        (folder / "state.json").write_text(json.dumps(self.state.__dict__, indent=2))
+
+    def restore(self, checkpoint: Path) -> None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        try:
+            weights = load_file(checkpoint / "adapter" / "adapter_model.safetensors")
+            set_peft_model_state_dict(self.unwrapped(), weights)
+            self.optimizer.load_state_dict(
+                torch.load(checkpoint / "optimizer.pt", weights_only=True)
+            )
+            self.scheduler.load_state_dict(
+                torch.load(checkpoint / "scheduler.pt", weights_only=True)
+            )
+            rng = json.loads((checkpoint / "rng.json").read_text())
+            torch.set_rng_state(torch.load(checkpoint / "rng_torch.pt", weights_only=True)["torch"])
+            state = json.loads((checkpoint / "state.json").read_text())
+        except Exception as err:  # any unreadable part means this checkpoint is unusable
+            raise UserError(
+                f"{checkpoint}: corrupt checkpoint ({models.first_line(err)[:120]}); delete it "
+                "to resume from an earlier one"
+            ) from None
+        random.setstate(_tupled(rng["python"]))
+        kind, keys, *rest = rng["numpy"]
+        np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+        self.state = RunState(**state)
+        self.history = runs.read_history(self.run_dir, self.state.step)
+        self.evals = runs.read_evals(self.run_dir, self.state.step)
+
+
+def _jsonable(value: Any) -> Any:
+    return [_jsonable(v) for v in value] if isinstance(value, tuple | list) else value
+
+
+def _tupled(value: Any) -> Any:
+    return tuple(_tupled(v) for v in value) if isinstance(value, list) else value
+
