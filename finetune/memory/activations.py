@@ -81,6 +81,10 @@ class Layer:
         if name not in self.targets:
             return input_grad  # frozen weight: backward needs only the weight
         if method == "ia3":
+            # `1 * l.flatten()` makes a new fp32 vector, saved for the input's gradient
+            width = lin.in_features if name in FEEDFORWARD_NAMES else lin.out_features
+            if input_grad:
+                self.saved.add(f"{name}.ia3_scaling", width * 4)
             if name in FEEDFORWARD_NAMES:  # x.to(fp32) * l: saves the fp32 input
                 self.add_fp32_input(name, input_key, lin.in_features)
             else:  # base(x) * l: saves the base output
@@ -135,7 +139,8 @@ class Layer:
         if not (q_grad or k_grad or v_grad):
             return False
         if q_grad or grads.get("k_proj", q_grad):  # x * cos + rotate(x) * sin saves cos, sin
-            self.globals.add("rope_cos_sin", 2 * b * self.s * arch.head_dim * a)
+            # position ids are (1, s): cos and sin are shared by the batch and all layers
+            self.globals.add("rope_cos_sin", 2 * self.s * arch.head_dim * a)
         qw, t, tkv = arch.q_width, self.tokens, self.kv_tokens
         # transformers materializes a mask when the key is longer than the query (prefix).
         masked = self.past > 0 and self.setup.attn != "flash"
@@ -147,10 +152,11 @@ class Layer:
             kv_width = arch.kv_width if native_gqa else qw  # else repeat_kv copies k and v
             self.saved.add("k", tkv * kv_width * a)
             self.saved.add("v", tkv * kv_width * a)
-            self.saved.add("attn_out", t * qw * a)
+            # the kernel writes the output as (b, s, heads, d): the o_proj input is a view of it
+            self.saved.add("attn_out_flat", t * qw * a)
             self.saved.add("logsumexp", b * arch.heads * self.s * 4)
-            if masked:
-                self.globals.add("attention_mask", b * self.s * self.s_kv)  # bool
+            if masked:  # the kernel saves the boolean mask converted to the stream dtype
+                self.saved.add("attention_mask", b * self.s * self.s_kv * a)
         return True
 
     def eager(self, masked: bool) -> None:
@@ -164,6 +170,7 @@ class Layer:
         if arch.attention_dropout > 0:
             self.saved.add("attn_dropout_mask", scores)
         self.saved.add("v", self.kv_tokens * arch.q_width * a)
+        # o_proj's input is a contiguous copy of the (b, heads, s, d) output; counted there
 
     def mlp(self, grads: dict[str, bool]) -> bool:
         """act(gate) * up: act saves gate, the product saves act(gate) and up."""
@@ -212,7 +219,8 @@ def activation_bytes(arch: Architecture, setup: Setup) -> dict[str, int]:
         globals_.add("virtual_token_ids", setup.virtual_tokens * 8)
     use_ckpt = setup.grad_ckpt and setup.method != "prefix"
     layer_total = (arch.layers * t * arch.hidden * a + max(layers)) if use_ckpt else sum(layers)
-    loss_saved = t * arch.vocab * 4 + t * 8  # fp32 log-softmax output + shifted labels
+    # fp32 log-softmax output, the shifted labels and the loss's total weight
+    loss_saved = t * arch.vocab * 4 + t * 8 + 4
     return {
         "layers": layer_total,
         "per_layer_max": max(layers),

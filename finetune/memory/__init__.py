@@ -1,0 +1,70 @@
+"""Memory: what a training run needs before it starts, and what it used.
+
+Pure functions returning plain data: `estimate` (analytic, from a config alone), `presets`
+(architecture numbers of well-known models, so estimates work offline), `measure` (peak
+during a run), `render` (table, JSON, markdown, plot). See docs/memory.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from finetune.memory.arch import Architecture, from_config
+from finetune.memory.estimate import Estimate, Setup, estimate, full_fp16_budget_bytes
+
+__all__ = [
+    "Architecture",
+    "Estimate",
+    "Setup",
+    "estimate",
+    "estimate_for_recipe",
+    "from_config",
+    "full_fp16_budget_bytes",
+    "setup_from_recipe",
+]
+
+
+def setup_from_recipe(recipe: Any, device: str | None = None) -> Setup:
+    """The estimator's `Setup` for a `finetune.recipe.Recipe` (auto values resolved as
+    models.py resolves them: int8 and bf16 on CUDA, none and fp32 on the CPU)."""
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, adapter, train = recipe.model, recipe.adapter, recipe.train
+    quant = model.quantization
+    if quant == "auto":
+        quant = "int8" if device == "cuda" else "none"
+    dtype = model.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device == "cuda" else "float32"
+    targets = adapter.target_modules
+    return Setup(
+        method=adapter.method,
+        quant=quant,
+        double_quant=model.double_quant,
+        dtype=dtype,
+        r=adapter.r,
+        targets=targets if isinstance(targets, str) else tuple(targets),
+        virtual_tokens=adapter.num_virtual_tokens,
+        prefix_projection=adapter.prefix_projection,
+        lora_dropout=adapter.dropout,
+        batch=train.micro_batch_size,
+        seq=recipe.data.max_length,
+        # peft refuses prefix tuning with gradient checkpointing; the run turns it off
+        grad_ckpt=train.gradient_checkpointing and adapter.method != "prefix",
+        optimizer="adamw",
+        attn=model.attn_implementation,
+        device="cuda" if device.startswith("cuda") else "cpu",
+    )
+
+
+def estimate_for_recipe(recipe: Any, model_config: Any, device: str | None = None) -> Estimate:
+    """Estimate a recipe's run on the model whose transformers config is `model_config`.
+
+    Args:
+        recipe: a `finetune.recipe.Recipe`.
+        model_config: the loaded model's `PretrainedConfig` (or a config.json dict).
+        device: "cuda" or "cpu"; default: CUDA when available.
+    """
+    return estimate(from_config(model_config), setup_from_recipe(recipe, device))
