@@ -1,0 +1,60 @@
+"""`finetune estimate`: resolve the target, build the setup, estimate, render.
+
+Kept here so that the CLI only parses and dispatches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import Any
+
+from finetune.memory import setup_from_recipe
+from finetune.memory.estimate import Setup, estimate
+from finetune.memory.render import (
+    GB,
+    fit_advice,
+    plot_comparison,
+    print_tables,
+    to_json,
+    to_markdown,
+)
+from finetune.memory.target import resolve
+
+SETUP_FIELDS = {f.name for f in fields(Setup)}
+
+
+def run_estimate(
+    target: str,
+    overrides: list[str],
+    options: dict[str, Any],
+    fmt: str,
+    gpu: float | None,
+    plot: Path | None,
+    out: Any,
+) -> None:
+    """Estimate `target` with the given options (None means "not given") and print it.
+
+    Options given on the command line win over a recipe's values, which win over defaults.
+    """
+    resolved = resolve(target, overrides)
+    device = "cuda"
+    if resolved.measured and str(resolved.measured.get("device", "")).startswith("cpu"):
+        device = "cpu"  # estimate the run as it was made
+    base = setup_from_recipe(resolved.recipe, device) if resolved.recipe else Setup()
+    given = {k: v for k, v in options.items() if v is not None and k in SETUP_FIELDS}
+    if isinstance(given.get("targets"), str) and given["targets"] != "all-linear":
+        given["targets"] = tuple(t.strip() for t in given["targets"].split(",") if t.strip())
+    setup = replace(base, **given)
+    est = estimate(resolved.arch, setup)
+    fit = fit_advice(est, gpu * GB) if gpu is not None else None
+    if fmt == "json":
+        out.print_json(to_json(est, fit))
+    elif fmt == "markdown":
+        out.print(to_markdown(est, resolved.measured, fit), markup=False, highlight=False)
+    else:
+        print_tables(est, out, fit, resolved.measured)
+    if plot is not None:
+        plot_comparison(est, plot)
+        if fmt == "table":
+            out.print(f"wrote {plot}")

@@ -1,0 +1,253 @@
+"""Rendering an estimate: rich tables, JSON, markdown, a bar chart, and fit advice.
+
+GB means 1e9 bytes everywhere (the unit of the 84 GB and 13 GB rules of thumb).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from finetune.memory.estimate import (
+    COMPONENTS,
+    Estimate,
+    Setup,
+    compare_methods,
+    estimate,
+    rule_of_thumb_bytes,
+)
+from finetune.memory.presets import nominal_params
+
+GB = 1e9
+
+
+def human(nbytes: float) -> str:
+    """Bytes as GB (1e9), MB or kB with three significant figures."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(nbytes) >= size:
+            return f"{nbytes / size:.3g} {unit}" if nbytes / size < 100 else \
+                f"{nbytes / size:.1f} {unit}"
+    return f"{int(nbytes)} B"
+
+
+def component_rows(est: Estimate) -> list[tuple[str, int, float, str]]:
+    """(component, bytes, share of total, note) in the order of COMPONENTS."""
+    total = est.total_bytes or 1
+    return [(name, est.components[name], est.components[name] / total, est.notes.get(name, ""))
+            for name in COMPONENTS]
+
+
+def headline(est: Estimate) -> list[str]:
+    """The sentences printed above the tables: counts, state bytes, the rules of thumb."""
+    arch, setup = est.arch, est.setup
+    lines = [
+        f"{arch.name}: {est.total_params:,} parameters, {est.trainable_params:,} trainable "
+        f"({100 * est.trainable_params / est.total_params:.3g}%); "
+        f"batch {setup.batch} x seq {setup.seq}; GB = 1e9 bytes",
+        f"weights + gradients + optimizer states: {human(est.state_bytes)}; "
+        f"estimated peak: {human(est.total_bytes)} ({est.metric}, plus runtime overhead)",
+    ]
+    nominal = nominal_params(arch.name) or est.total_params
+    thumb = rule_of_thumb_bytes(nominal, setup)
+    if thumb is None:
+        return lines
+    parts = " + ".join(f"{human(v)} {k}" for k, v in thumb.items())
+    size = f"{nominal / 1e9:g}B nominal"
+    if setup.method == "full":
+        exact = 12 * est.total_params
+        lines.append(f"12 B/param budget (full fp16): {parts} = {human(sum(thumb.values()))} "
+                     f"at {size}; {human(exact)} for the exact {est.total_params / 1e9:.3g}B; "
+                     f"mixed precision adds fp32 master weights: 16 B/param = "
+                     f"{human(16 * est.total_params)}")
+    else:
+        lines.append(f"rule of thumb (LoRA on int8): {parts} = {human(sum(thumb.values()))} at "
+                     f"{size}; our breakdown: {human(est.state_bytes)} weights and states + "
+                     f"{human(est.components['activations'] + est.components['logits and loss'])}"
+                     " activations and logits")
+    return lines
+
+
+def comparison_rows(est: Estimate) -> list[tuple[str, int, int, int]]:
+    """(method, trainable params, weights+states bytes, total bytes) for the same model."""
+    return [(label, e.trainable_params, e.state_bytes, e.total_bytes)
+            for label, e in compare_methods(est.arch, est.setup)]
+
+
+def to_json(est: Estimate, fit: list[str] | None = None) -> str:
+    """The estimate as a JSON object: total_bytes, components (name -> bytes) and more."""
+    data: dict[str, Any] = est.to_dict()
+    data["comparison"] = [
+        {"method": m, "trainable_params": t, "state_bytes": s, "total_bytes": tot}
+        for m, t, s, tot in comparison_rows(est)
+    ]
+    data["headline"] = headline(est)
+    if fit is not None:
+        data["fit"] = fit
+    return json.dumps(data, indent=2)
+
+
+def to_markdown(est: Estimate, measured: dict[str, Any] | None = None,
+                fit: list[str] | None = None) -> str:
+    """The estimate as markdown (for report.md), with a measured peak beside it if given.
+
+    `measured` is a `PeakMemory.to_dict()`: metric, peak_bytes and reserved_bytes.
+    """
+    lines = [f"- {line}" for line in headline(est)]
+    if measured:
+        lines.append(f"- measured: {human(measured['peak_bytes'])} ({measured['metric']})")
+        if measured.get("reserved_bytes"):
+            lines.append(f"- measured max reserved: {human(measured['reserved_bytes'])}")
+    lines.append(f"- full fp16 budget (12 B/param) for this model: "
+                 f"{human(est.full_fp16_budget_bytes)}")
+    lines += ["", "| component | bytes | share | note |", "|---|---:|---:|---|"]
+    for name, nbytes, share, note in component_rows(est):
+        lines.append(f"| {name} | {human(nbytes)} | {100 * share:.1f}% | {note} |")
+    lines.append(f"| **total** | **{human(est.total_bytes)}** | 100% | {est.metric} |")
+    lines += ["", "| method | trainable | weights + states | total |", "|---|---:|---:|---:|"]
+    for label, trainable, state, total in comparison_rows(est):
+        lines.append(f"| {label} | {trainable:,} | {human(state)} | {human(total)} |")
+    lines += [f"- {line}" for line in fit or []]
+    return "\n".join(lines) + "\n"
+
+
+def print_tables(est: Estimate, console: Any, fit: list[str] | None = None,
+                 measured: dict[str, Any] | None = None) -> None:
+    """Print the headline, the component table and the method comparison with rich."""
+    from rich.table import Table
+
+    for line in headline(est):
+        console.print(line, highlight=False)
+    if measured:
+        console.print(f"measured: {human(measured['peak_bytes'])} ({measured['metric']})",
+                      highlight=False)
+    table = Table(title=f"memory estimate: {est.setup.method}, quant {est.setup.quant}, "
+                        f"{est.setup.dtype}")
+    for col, justify in (("component", "left"), ("bytes", "right"), ("share", "right"),
+                         ("note", "left")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for name, nbytes, share, note in component_rows(est):
+        table.add_row(name, human(nbytes), f"{100 * share:.1f}%", note)
+    table.add_row("total", human(est.total_bytes), "100%", est.metric, style="bold")
+    console.print(table)
+    compare = Table(title="same model and shape, by method (AdamW)")
+    for col in ("method", "trainable", "weights + states", "total"):
+        compare.add_column(col, justify="left" if col == "method" else "right")
+    for label, trainable, state, total in comparison_rows(est):
+        compare.add_row(label, f"{trainable:,}", human(state), human(total))
+    console.print(compare)
+    for line in fit or []:
+        console.print(line, highlight=False)
+
+
+def fit_advice(est: Estimate, gpu_bytes: float) -> list[str]:
+    """Whether the estimate fits in `gpu_bytes`, and if not, which change makes it fit.
+
+    Each candidate change is re-estimated; single changes are tried first, then the
+    changes accumulated in order.
+    """
+    if est.total_bytes <= gpu_bytes:
+        return [f"fits: {human(est.total_bytes)} of {human(gpu_bytes)}"]
+    lines = [f"does not fit: {human(est.total_bytes)} needed, {human(gpu_bytes)} available"]
+    changes = candidate_changes(est.setup)
+    for label, change in changes:
+        trial = estimate(est.arch, replace(est.setup, **change))
+        if trial.total_bytes <= gpu_bytes:
+            return [*lines, f"fits with {label}: {human(trial.total_bytes)}"]
+    applied: dict[str, Any] = {}
+    labels = []
+    for label, change in changes:
+        applied.update(change)
+        labels.append(label)
+        try:
+            trial = estimate(est.arch, replace(est.setup, **applied))
+        except Exception:  # an incompatible combination (full + quant): skip it
+            applied = {k: v for k, v in applied.items() if k not in change}
+            labels.pop()
+            continue
+        if trial.total_bytes <= gpu_bytes:
+            return [*lines, f"fits with {' + '.join(labels)}: {human(trial.total_bytes)}"]
+    return [*lines, "no combination of the usual changes fits; use a smaller model"]
+
+
+def candidate_changes(setup: Setup) -> list[tuple[str, dict[str, Any]]]:
+    """The usual memory savers, cheapest in quality first."""
+    out: list[tuple[str, dict[str, Any]]] = []
+    if not setup.grad_ckpt and setup.method != "prefix":
+        out.append(("--grad-ckpt", {"grad_ckpt": True}))
+    batch = setup.batch
+    while batch > 1:
+        batch //= 2
+        out.append((f"--batch {batch}", {"batch": batch}))
+    if setup.method == "full":
+        out.append(("--optimizer adamw8bit", {"optimizer": "adamw8bit"}))
+        out.append(("--method lora", {"method": "lora"}))
+    if setup.quant in ("none",):
+        out.append(("--quant int8", {"quant": "int8"}))
+    if setup.quant in ("none", "int8"):
+        out.append(("--quant nf4 --double-quant", {"quant": "nf4", "double_quant": True}))
+    seq = setup.seq
+    while seq > 128:
+        seq //= 2
+        out.append((f"--seq {seq}", {"seq": seq}))
+    return out
+
+
+def plot_memory(measured: float | None, estimate_: Estimate, budget: float | None,
+                path: str | Path) -> Path:
+    """Bar chart (PNG) of the measured peak, the estimate by component, and the budget.
+
+    Args:
+        measured: measured peak in bytes (None when there is no run).
+        estimate_: the estimate for the same run; its components are stacked.
+        budget: the full fp16 budget (12 B/param) in bytes, or None.
+        path: the PNG to write.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bottom = 0.0
+    for name in COMPONENTS:
+        value = estimate_.components[name] / GB
+        if value > 0:
+            ax.bar("estimate", value, bottom=bottom, label=name)
+            bottom += value
+    if measured is not None:
+        ax.bar("measured", measured / GB, color="black")
+    if budget is not None:
+        ax.bar("full fp16 budget", budget / GB, color="grey")
+    ax.set_ylabel("GB (1e9 bytes)")
+    ax.set_title(f"{estimate_.arch.name}: {estimate_.setup.method} memory")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_comparison(est: Estimate, path: str | Path) -> Path:
+    """Bar chart (PNG) of the method comparison: weights+states and total per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = comparison_rows(est)
+    labels = [r[0] for r in rows]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    ax.bar(labels, [r[3] / GB for r in rows], label="total (with activations, logits)")
+    ax.bar(labels, [r[2] / GB for r in rows], label="weights + gradients + optimizer")
+    ax.set_ylabel("GB (1e9 bytes)")
+    ax.set_title(f"{est.arch.name}, batch {est.setup.batch} x seq {est.setup.seq}")
+    ax.tick_params(axis="x", labelrotation=25, labelsize=8)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

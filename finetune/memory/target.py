@@ -1,0 +1,158 @@
+"""Resolve the TARGET of `finetune estimate` into an architecture (and a recipe's setup).
+
+TARGET is a preset name, a model folder or config.json, a .gguf file, a hub id (online
+users), a recipe YAML (with overrides), or a run directory (its recipe.yaml, and the peak
+its report.json measured).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from finetune.errors import UserError
+from finetune.memory.arch import Architecture, from_config
+from finetune.memory.presets import closest_names, get_preset, is_preset
+
+EMBEDDED_PRESET = "smollm2-135m"
+
+
+@dataclass
+class Target:
+    """What a TARGET resolved to: the architecture, and a recipe and measurement if any."""
+
+    arch: Architecture
+    recipe: Any = None
+    measured: dict[str, Any] | None = None
+
+
+def resolve(target: str, overrides: list[str] | tuple[str, ...] = ()) -> Target:
+    """Resolve `target` (see the module docstring).
+
+    Raises:
+        UserError: unknown preset (closest names listed), unreadable or incomplete config,
+            a hub id that cannot be fetched.
+    """
+    path = Path(target).expanduser()
+    if path.is_dir() and (path / "recipe.yaml").is_file():
+        return run_directory(path, overrides)
+    if path.suffix in (".yaml", ".yml"):
+        return from_recipe(path, overrides)
+    if path.is_dir() or path.suffix == ".json" or path.suffix == ".gguf":
+        return Target(arch_from_path(path))
+    if is_preset(target):
+        return Target(get_preset(target))
+    if "/" in target and not path.exists() and not target.startswith((".", "/", "~")):
+        return Target(from_hub(target))
+    raise UserError(f"unknown preset '{target}' (and no such file); closest presets: "
+                    f"{', '.join(closest_names(target))}")
+
+
+def arch_from_path(path: Path) -> Architecture:
+    """Architecture of a model folder, a config.json or a .gguf file."""
+    if path.suffix == ".gguf":
+        return from_gguf(path)
+    config = path / "config.json" if path.is_dir() else path
+    if not config.is_file():
+        raise UserError(f"{config}: not found (give a preset, a model folder with config.json, "
+                        "a .gguf file, a recipe or a run directory)")
+    try:
+        raw = json.loads(config.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{config}: malformed JSON ({err})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{config}: a config.json holds one JSON object")
+    return from_config(raw, name=str(config))
+
+
+def from_hub(repo_id: str) -> Architecture:
+    """Architecture of a hub model (its config.json only; needs the network or a cache)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(repo_id)
+    except (OSError, ValueError):
+        raise UserError(f"'{repo_id}': cannot fetch its config from the hub (offline?); use a "
+                        f"preset, a local folder or config.json") from None
+    return from_config(config, name=repo_id)
+
+
+def from_gguf(path: Path) -> Architecture:
+    """Architecture from a GGUF file's metadata (llama.cpp's key names)."""
+    if not path.is_file():
+        raise UserError(f"{path}: GGUF file not found")
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+    except (ValueError, OSError) as err:
+        raise UserError(f"{path}: not a readable GGUF file ({err})") from None
+
+    def value(key: str) -> Any:
+        field = reader.fields.get(key)
+        return None if field is None else field.parts[field.data[0]].tolist()[0]
+
+    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    heads = value(f"{arch}.attention.head_count")
+    hidden = value(f"{arch}.embedding_length")
+    tensor_names = {t.name for t in reader.tensors}
+    config = {
+        "model_type": arch,
+        "hidden_size": hidden,
+        "intermediate_size": value(f"{arch}.feed_forward_length"),
+        "num_hidden_layers": value(f"{arch}.block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": value(f"{arch}.attention.head_count_kv") or heads,
+        "head_dim": value(f"{arch}.attention.key_length"),
+        "vocab_size": value(f"{arch}.vocab_size") or (len(tokens.data) if tokens else None),
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+    }
+    return from_config(config, name=path.name)
+
+
+def from_recipe(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Target:
+    """A recipe's model architecture, with the recipe kept for its setup."""
+    from finetune.recipe import EMBEDDED_MODEL, load_recipe
+
+    recipe = load_recipe(path, overrides)
+    source = recipe.model.path
+    if source == EMBEDDED_MODEL:
+        return Target(get_preset(EMBEDDED_PRESET), recipe=recipe)
+    candidate = Path(source).expanduser()
+    if candidate.exists():
+        return Target(arch_from_path(candidate), recipe=recipe)
+    if is_preset(source):
+        return Target(get_preset(source), recipe=recipe)
+    return Target(from_hub(source), recipe=recipe)
+
+
+def run_directory(run: Path, overrides: list[str] | tuple[str, ...] = ()) -> Target:
+    """A run's recipe and, when its report.json has one, the peak it measured."""
+    target = from_recipe(run / "recipe.yaml", overrides)
+    report = run / "report.json"
+    if report.is_file():
+        try:
+            target.measured = find_measured(json.loads(report.read_text(encoding="utf-8")))
+        except json.JSONDecodeError:
+            target.measured = None
+    return target
+
+
+def find_measured(report: Any) -> dict[str, Any] | None:
+    """The first mapping in a report that carries `peak_bytes` (PeakMemory.to_dict())."""
+    if isinstance(report, dict):
+        if isinstance(report.get("peak_bytes"), int):
+            return report
+        for value in report.values():
+            found = find_measured(value)
+            if found:
+                return found
+    if isinstance(report, list):
+        for value in report:
+            found = find_measured(value)
+            if found:
+                return found
+    return None
