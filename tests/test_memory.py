@@ -1,0 +1,201 @@
+"""Memory estimator: exact counts, saved activations, CLI. Tiny models, CPU, offline."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from finetune.errors import UserError
+from finetune.memory import Setup, estimate, from_config
+from finetune.memory.activations import activation_bytes
+from finetune.memory.arch import to_hf_config
+from finetune.memory.estimate import trainable_tensors
+from finetune.memory.measure import PeakMemory, saved_tensors
+from finetune.memory.presets import PRESETS, get_preset
+
+METHODS = ("lora", "dora", "ia3", "prefix", "prompt")
+
+
+def tiny_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, vocab_size=500,
+                       tie_word_embeddings=True)
+
+
+def peft_config(method: str, setup: Setup):
+    from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType
+
+    task = TaskType.CAUSAL_LM
+    if method in ("lora", "dora"):
+        return LoraConfig(task_type=task, r=setup.r, target_modules="all-linear",
+                          use_dora=method == "dora")
+    if method == "ia3":
+        return IA3Config(task_type=task, target_modules="all-linear")
+    if method == "prefix":
+        return PrefixTuningConfig(task_type=task, num_virtual_tokens=setup.virtual_tokens,
+                                  prefix_projection=setup.prefix_projection)
+    return PromptTuningConfig(task_type=task, num_virtual_tokens=setup.virtual_tokens)
+
+
+def peft_model(config, method: str, setup: Setup, dtype=torch.float32, device=None):
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    if device == "meta":
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    else:
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return get_peft_model(model, peft_config(method, setup))
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_preset_total_equals_meta_instantiation(name):
+    from transformers import AutoModelForCausalLM
+
+    arch = get_preset(name)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(to_hf_config(arch))
+    assert arch.total_params() == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("projection", [False, True])
+def test_trainable_count_equals_peft_on_tiny_llama(method, projection):
+    if projection and method != "prefix":
+        pytest.skip("prefix_projection is a prefix option")
+    setup = Setup(method=method, r=4, virtual_tokens=7, prefix_projection=projection)
+    model = peft_model(tiny_config(), method, setup)
+    trainable, total = model.get_nb_trainable_parameters()
+    est = estimate(from_config(tiny_config()), setup)
+    assert est.trainable_params == trainable
+    assert est.total_params + est.trainable_params == total or method in ("prefix", "prompt")
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "prefix", "prompt", "full"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_saved_activations_equal_autograd(method, dtype, attn):
+    """Every byte autograd saves for backward is predicted (tiny GQA Llama)."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    if method == "prefix" and attn == "eager":
+        pytest.skip("known gap: eager + prefix, see docs/memory.md")
+    config = tiny_config()
+    setup = Setup(method=method, dtype=dtype, batch=2, seq=16, virtual_tokens=10,
+                  attn=attn, device="cpu")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype),
+                                             attn_implementation=attn)
+    if method != "full":
+        model = get_peft_model(model, peft_config(method, setup))
+    model.train()
+    ids = torch.randint(0, config.vocab_size, (2, 16))
+    with saved_tensors(model) as found:
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
+    assert sum(found.values()) == activation_bytes(from_config(config), setup)["saved_total"]
+
+
+def test_parameter_gradient_optimizer_bytes_equal_allocated_tiny():
+    for method in METHODS:
+        setup = Setup(method=method, dtype="float32", device="cpu", batch=1, seq=8)
+        model = peft_model(tiny_config(), method, setup)
+        check_allocated(model, setup, from_config(tiny_config()))
+
+
+def check_allocated(model, setup: Setup, arch) -> None:
+    """Parameters, gradients after backward, AdamW state after a step: all as estimated."""
+    est = estimate(arch, setup)
+    params = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}
+    weights = sum(est.components[k] for k in ("frozen base weights", "quantization scales",
+                                              "kept/upcast in higher precision",
+                                              "trainable parameters"))
+    assert sum(params.values()) == weights
+    ids = torch.randint(0, arch.vocab, (setup.batch, setup.seq))
+    model(input_ids=ids, labels=ids).loss.backward()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in trainable)
+    assert grads == est.components["gradients"]
+    optim = torch.optim.AdamW(trainable, lr=1e-3)
+    optim.step()
+    state = sum(t.numel() * t.element_size() for s in optim.state.values() for t in s.values())
+    assert state == est.components["optimizer states"]
+    assert sorted(p.numel() for p in trainable) == sorted(trainable_tensors(arch, setup))
+
+
+def test_headline_84_gb_and_13_gb():
+    est = estimate(get_preset("llama-2-7b"), Setup(method="full", dtype="float16"))
+    assert est.components["optimizer states"] == pytest.approx(8 * est.total_params, rel=1e-6)
+    assert abs(est.full_fp16_budget_bytes - 80.86e9) < 0.01e9  # exact 6.74B params
+    out = run_cli("llama-2-7b", "--method", "full", "--dtype", "float16", "--format", "json")
+    data = json.loads(out.stdout)
+    assert any("= 84 GB at 7B nominal" in line for line in data["headline"])
+    lora = json.loads(run_cli("llama-2-7b", "--method", "lora", "--quant", "int8",
+                              "--format", "json").stdout)
+    assert any("= 13 GB at 7B nominal" in line for line in lora["headline"])
+    assert set(lora["components"]) >= {"frozen base weights", "activations", "logits and loss"}
+    assert lora["total_bytes"] == sum(lora["components"].values())
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "finetune", "estimate", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["llama-2-7c"], "llama-2-7b"),
+    (["llama-2-7b", "--batch", "0"], "batch"),
+    (["llama-2-7b", "--seq", "-3"], "seq"),
+    (["llama-2-7b", "--method", "fancy"], "method"),
+])
+def test_cli_bad_input_is_one_line_exit_2(args, needle):
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert needle in result.stderr
+
+
+def test_cli_bad_config_files(tmp_path):
+    bad = tmp_path / "config.json"
+    bad.write_text("{not json")
+    result = run_cli(str(bad))
+    assert result.returncode == 2 and "malformed JSON" in result.stderr
+    bad.write_text(json.dumps({"model_type": "mystery", "hidden_size": 8}))
+    result = run_cli(str(bad))
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "intermediate_size" in result.stderr and "num_hidden_layers" in result.stderr
+
+
+def test_cli_config_folder_gpu_fit_and_plot(tmp_path):
+    (tmp_path / "config.json").write_text(tiny_config().to_json_string())
+    plot = tmp_path / "cmp.png"
+    result = run_cli(str(tmp_path), "--gpu", "0.5", "--plot", str(plot), "--format", "markdown")
+    assert result.returncode == 0, result.stderr
+    assert "| activations |" in result.stdout and "fits" in result.stdout
+    assert plot.stat().st_size > 1000
+    big = run_cli("llama-2-7b", "--method", "full", "--gpu", "24")
+    assert "does not fit" in big.stdout and "fits with" in big.stdout
+
+
+def test_setup_rejects_bad_shapes():
+    with pytest.raises(UserError, match="batch"):
+        Setup(batch=0)
+    with pytest.raises(UserError, match="match no layer"):
+        estimate(get_preset("smollm2-135m"), Setup(targets=("qkv",)))
+
+
+def test_peak_memory_cpu_sees_an_allocation():
+    with PeakMemory("cpu") as peak:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        block += 1
+        peak.update()
+    assert peak.peak_bytes >= 60 * 2**20
+    assert "resident" in peak.metric and peak.baseline_bytes > 0
