@@ -93,9 +93,7 @@ class ParameterCount:
         return 100.0 * self.trainable / self.total if self.total else 0.0
 
     def __str__(self) -> str:
-        return (
-            f"trainable parameters: {self.trainable:,} of {self.total:,} ({self.percent:.3f}%)"
-        )
+        return f"trainable parameters: {self.trainable:,} of {self.total:,} ({self.percent:.3f}%)"
 
 
 def build_config(spec: AdapterSection, tokenizer_path: Path | str | None = None) -> Any:
@@ -128,6 +126,8 @@ def attach(
         model.enable_input_require_grads()
     if spec.init_from:
         return load_init_adapter(model, spec)
+    if spec.target_modules == "all-linear" and spec.method in MERGEABLE:
+        spec = spec.model_copy(update={"target_modules": linear_module_names(model)})
     try:
         return get_peft_model(model, build_config(spec, tokenizer_path))
     except ValueError as err:
@@ -140,6 +140,23 @@ def attach(
         raise
 
 
+def linear_module_names(model: Any) -> list[str]:
+    """Short names of every Linear layer except the output head: what "all-linear" means.
+
+    Resolved here rather than by peft because peft saves IA3's expanded "all-linear" targets
+    as full paths, which its own subset check then rejects when the adapter is reloaded.
+    """
+    import torch
+
+    head = model.get_output_embeddings()
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and module is not head
+    }
+    return sorted(names)
+
+
 def load_init_adapter(model: Any, spec: AdapterSection) -> Any:
     from peft import PeftConfig, PeftModel
 
@@ -148,8 +165,13 @@ def load_init_adapter(model: Any, spec: AdapterSection) -> Any:
         raise UserError(f"adapter.init_from: {folder} has no adapter_config.json")
     config = PeftConfig.from_pretrained(str(folder))
     kind = str(config.peft_type).rsplit(".", 1)[-1].lower()
-    expected = {"lora": "lora", "dora": "lora", "ia3": "ia3", "prefix": "prefix_tuning",
-                "prompt": "prompt_tuning"}[spec.method]
+    expected = {
+        "lora": "lora",
+        "dora": "lora",
+        "ia3": "ia3",
+        "prefix": "prefix_tuning",
+        "prompt": "prompt_tuning",
+    }[spec.method]
     if kind != expected:
         raise UserError(
             f"adapter.init_from: {folder} holds a {kind} adapter but adapter.method is "

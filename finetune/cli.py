@@ -50,7 +50,8 @@ def train(
     recipe: RecipeArg,
     overrides: Overrides = None,
     resume: Annotated[
-        bool, typer.Option("--resume", help="Continue the run in output.dir from its latest checkpoint.")
+        bool,
+        typer.Option("--resume", help="Continue the run in output.dir from its latest checkpoint."),
     ] = False,
 ) -> None:
     """Fine-tune a model as RECIPE says and write the run directory and its report."""
@@ -92,8 +93,10 @@ def validate(recipe: RecipeArg, overrides: Overrides = None) -> None:
         f"at max_length {spec.data.max_length}"
     )
     if eval_data is not None:
-        out.print(f"eval: {len(eval_data)} examples, {eval_data.tokens:,} tokens, "
-                  f"{eval_data.truncated} truncated")
+        out.print(
+            f"eval: {len(eval_data)} examples, {eval_data.tokens:,} tokens, "
+            f"{eval_data.truncated} truncated"
+        )
     out.print(f"\nexample (row {check.shown_row}); trained tokens are between ⟦ and ⟧:")
     text = Text()
     for chunk, trained in check.shown:
@@ -103,31 +106,54 @@ def validate(recipe: RecipeArg, overrides: Overrides = None) -> None:
 
 @app.command()
 def estimate(
-    target: Annotated[str, typer.Argument(help="A preset (llama-2-7b, smollm2-135m, ...), a "
-                                          "model folder or config.json, a .gguf file, a hub "
-                                          "id, a recipe YAML or a run directory.")],
+    target: Annotated[
+        str,
+        typer.Argument(
+            help="A preset (llama-2-7b, smollm2-135m, ...), a "
+            "model folder or config.json, a .gguf file, a hub "
+            "id, a recipe YAML or a run directory."
+        ),
+    ],
     overrides: Overrides = None,
-    method: Annotated[str | None, typer.Option(help="full|lora|dora|ia3|prefix|prompt "
-                                                    "[default: lora or the recipe's]")] = None,
+    method: Annotated[
+        str | None,
+        typer.Option(help="full|lora|dora|ia3|prefix|prompt [default: lora or the recipe's]"),
+    ] = None,
     quant: Annotated[str | None, typer.Option(help="none|int8|nf4|fp4 [default: none]")] = None,
-    double_quant: Annotated[bool | None, typer.Option(
-        "--double-quant/--no-double-quant", help="Quantize the 4-bit scales again.")] = None,
-    dtype: Annotated[str | None, typer.Option(help="float32|bfloat16|float16 of the "
-                                                   "unquantized weights [default: bfloat16]")] = None,
+    double_quant: Annotated[
+        bool | None,
+        typer.Option("--double-quant/--no-double-quant", help="Quantize the 4-bit scales again."),
+    ] = None,
+    dtype: Annotated[
+        str | None,
+        typer.Option(
+            help="float32|bfloat16|float16 of the unquantized weights [default: bfloat16]"
+        ),
+    ] = None,
     r: Annotated[int | None, typer.Option("--r", help="LoRA/DoRA rank [default: 8].")] = None,
-    targets: Annotated[str | None, typer.Option(help="Comma-separated module names or "
-                                                     "all-linear [default: all-linear].")] = None,
-    virtual_tokens: Annotated[int | None, typer.Option(
-        help="Virtual tokens for prefix/prompt [default: 20].")] = None,
+    targets: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated module names or all-linear [default: all-linear]."),
+    ] = None,
+    virtual_tokens: Annotated[
+        int | None, typer.Option(help="Virtual tokens for prefix/prompt [default: 20].")
+    ] = None,
     batch: Annotated[int | None, typer.Option(help="Micro-batch size [default: 1].")] = None,
     seq: Annotated[int | None, typer.Option(help="Sequence length [default: 512].")] = None,
-    grad_ckpt: Annotated[bool | None, typer.Option(
-        "--grad-ckpt/--no-grad-ckpt", help="Gradient checkpointing [default: off].")] = None,
-    optimizer: Annotated[str | None, typer.Option(help="adamw|adamw8bit|sgd "
-                                                       "[default: adamw]")] = None,
+    grad_ckpt: Annotated[
+        bool | None,
+        typer.Option("--grad-ckpt/--no-grad-ckpt", help="Gradient checkpointing [default: off]."),
+    ] = None,
+    optimizer: Annotated[
+        str | None, typer.Option(help="adamw|adamw8bit|sgd [default: adamw]")
+    ] = None,
     attn: Annotated[str | None, typer.Option(help="sdpa|eager|flash [default: sdpa]")] = None,
-    gpu: Annotated[float | None, typer.Option(
-        help="GPU memory in GB (1e9 bytes): say whether it fits and what makes it fit.")] = None,
+    gpu: Annotated[
+        float | None,
+        typer.Option(
+            help="GPU memory in GB (1e9 bytes): say whether it fits and what makes it fit."
+        ),
+    ] = None,
     format: Annotated[str, typer.Option(help="table|json|markdown")] = "table",
     plot: Annotated[Path | None, typer.Option(help="Write the method comparison as a PNG.")] = None,
 ) -> None:
@@ -136,9 +162,20 @@ def estimate(
 
     if format not in ("table", "json", "markdown"):
         raise UserError(f"--format must be table, json or markdown (got {format!r})")
-    options = {"method": method, "quant": quant, "double_quant": double_quant, "dtype": dtype,
-               "r": r, "targets": targets, "virtual_tokens": virtual_tokens, "batch": batch,
-               "seq": seq, "grad_ckpt": grad_ckpt, "optimizer": optimizer, "attn": attn}
+    options = {
+        "method": method,
+        "quant": quant,
+        "double_quant": double_quant,
+        "dtype": dtype,
+        "r": r,
+        "targets": targets,
+        "virtual_tokens": virtual_tokens,
+        "batch": batch,
+        "seq": seq,
+        "grad_ckpt": grad_ckpt,
+        "optimizer": optimizer,
+        "attn": attn,
+    }
     run_estimate(target, overrides or [], options, format, gpu, plot, out)
 
 

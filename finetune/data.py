@@ -45,8 +45,12 @@ def load_rows(path: str | Path, field_name: str = "data.path") -> list[dict[str,
                 f"{field_name}: {path} has an unknown extension; use .jsonl, .json, .csv, "
                 ".parquet or a folder saved with datasets' save_to_disk"
             )
-        rows = {"jsonl": _load_jsonl, "json": _load_json, "csv": _load_tabular,
-                "parquet": _load_tabular}[kind](path)
+        rows = {
+            "jsonl": _load_jsonl,
+            "json": _load_json,
+            "csv": _load_tabular,
+            "parquet": _load_tabular,
+        }[kind](path)
     if not rows:
         raise UserError(f"{path}: the dataset is empty; add examples")
     return rows
@@ -71,9 +75,13 @@ def _load_jsonl(path: Path) -> list[dict[str, Any]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise UserError(f"{path}:{number}: not valid JSON ({err.msg}); fix or remove the line") from None
+            raise UserError(
+                f"{path}:{number}: not valid JSON ({err.msg}); fix or remove the line"
+            ) from None
         if not isinstance(row, dict):
-            raise UserError(f"{path}:{number}: each line must be a JSON object, got {type(row).__name__}")
+            raise UserError(
+                f"{path}:{number}: each line must be a JSON object, got {type(row).__name__}"
+            )
         row["_row"] = number
         rows.append(row)
     # Round-trip through datasets so the column types are the ones every other format gets.
@@ -88,7 +96,7 @@ def _load_json(path: Path) -> list[dict[str, Any]]:
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-        raise UserError(f"{path}: a .json dataset is a list of objects (or {{\"data\": [...]}})")
+        raise UserError(f'{path}: a .json dataset is a list of objects (or {{"data": [...]}})')
     for number, row in enumerate(data, start=1):
         row["_row"] = number
     return data
@@ -172,8 +180,8 @@ def chat_segments(tokenizer: Any, messages: list[dict[str, str]], where: str) ->
                 f"{where}: the tokenizer's chat template does not render turns as prefixes of "
                 "each other, so assistant tokens cannot be located; use data.format: text"
             )
-        segments.append((context[len(done):], False))
-        segments.append((full[len(context):], True))
+        segments.append((context[len(done) :], False))
+        segments.append((full[len(context) :], True))
         done = full
     return segments
 
@@ -202,14 +210,18 @@ def example_segments(
     where = row_label(path, row)
     if spec.format == "text":
         text = require_text(
-            require_column(row, spec.text_column, "data.text_column", where), spec.text_column, where
+            require_column(row, spec.text_column, "data.text_column", where),
+            spec.text_column,
+            where,
         )
         return [(text, True)]
     if spec.format == "chat":
         value = require_column(row, spec.messages_column, "data.messages_column", where)
         return chat_segments(tokenizer, check_messages(value, spec.messages_column, where), where)
     prompt = require_text(
-        require_column(row, spec.prompt_column, "data.prompt_column", where), spec.prompt_column, where
+        require_column(row, spec.prompt_column, "data.prompt_column", where),
+        spec.prompt_column,
+        where,
     )
     response = require_text(
         require_column(row, spec.response_column, "data.response_column", where),
@@ -232,7 +244,9 @@ def render_template(template: str, prompt: str) -> str:
         ) from None
 
 
-def generation_prompt(row: dict[str, Any], spec: DataSection, tokenizer: Any, path: str) -> tuple[str, str]:
+def generation_prompt(
+    row: dict[str, Any], spec: DataSection, tokenizer: Any, path: str
+) -> tuple[str, str]:
     """The rendered prompt and the reference answer of a row, for exact-match evaluation."""
     segments = example_segments(row, spec, tokenizer, path)
     last = max(i for i, (_, trained) in enumerate(segments) if trained)

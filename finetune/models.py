@@ -90,7 +90,9 @@ def looks_like_hub_id(path: str) -> bool:
 
 def check_model_folder(folder: Path) -> None:
     if not (folder / "config.json").is_file():
-        raise UserError(f"model.path: {folder} has no config.json; is it a transformers model folder?")
+        raise UserError(
+            f"model.path: {folder} has no config.json; is it a transformers model folder?"
+        )
     weights = list(folder.glob("*.safetensors")) + list(folder.glob("*.bin"))
     if not weights:
         raise UserError(

@@ -79,8 +79,11 @@ class AdapterSection(Section):
 
 
 class DataSection(Section):
-    path: str = Field(..., description="Training data: .jsonl, .json, .csv, .parquet or a "
-                      "folder saved with datasets' save_to_disk.")
+    path: str = Field(
+        ...,
+        description="Training data: .jsonl, .json, .csv, .parquet or a "
+        "folder saved with datasets' save_to_disk.",
+    )
     format: Literal["text", "instruction", "chat"] = Field(
         "instruction",
         description="text: one text column; instruction: prompt/response columns rendered "
@@ -102,8 +105,12 @@ class DataSection(Section):
     train_on_prompt: bool = Field(
         False, description="Also train on prompt tokens (by default only responses are trained)."
     )
-    max_length: int = Field(512, ge=8, le=1_000_000, description="Truncate examples to this "
-                            "many tokens (the cut is counted and reported).")
+    max_length: int = Field(
+        512,
+        ge=8,
+        le=1_000_000,
+        description="Truncate examples to this many tokens (the cut is counted and reported).",
+    )
     eval_path: str | None = Field(None, description="A separate evaluation file.")
     eval_fraction: float = Field(
         0.0, ge=0, lt=1, description="Hold out this fraction of the training data for evaluation."

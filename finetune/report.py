@@ -134,7 +134,9 @@ def sample_table(em: dict[str, Any]) -> list[str]:
     for s in em["samples_after"]:
         prompt = s["prompt"].rsplit("user\n", 1)[-1].split("<|im_end|>")[0].strip()
         cells = [prompt, s["reference"], before.get(s["prompt"], ""), s["prediction"]]
-        rows.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
+        rows.append(
+            "| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
+        )
     return rows
 
 
@@ -147,8 +149,9 @@ def plot_loss(history: list[dict[str, Any]], evals: list[dict[str, Any]], path: 
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([r["step"] for r in history], [r["loss"] for r in history], label="train loss")
     if evals:
-        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-",
-                label="held-out loss")
+        ax.plot(
+            [r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="held-out loss"
+        )
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss per trained token")
     ax.grid(alpha=0.3)

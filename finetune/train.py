@@ -106,7 +106,9 @@ def make_optimizer(model: Any, recipe: Recipe, steps: int) -> tuple[Any, Any]:
     from transformers import get_scheduler
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=recipe.train.lr, weight_decay=recipe.train.weight_decay)
+    optimizer = torch.optim.AdamW(
+        params, lr=recipe.train.lr, weight_decay=recipe.train.weight_decay
+    )
     name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
     scheduler = get_scheduler(
         name[recipe.train.schedule],
@@ -182,15 +184,22 @@ class Loop:
         t = self.recipe.train
         before = self.exact_match("before") if self.state.step == 0 else None
         batches = data.micro_batches(
-            len(self.train_data), t.micro_batch_size * self.accelerator.num_processes,
-            t.seed, self.recipe.data.shuffle, start=self.state.micro_step,
+            len(self.train_data),
+            t.micro_batch_size * self.accelerator.num_processes,
+            t.seed,
+            self.recipe.data.shuffle,
+            start=self.state.micro_step,
         )
         self.model.train()
         with TrainProgress(self.steps, self.state.step, self.accelerator.is_main_process) as bar:
             while self.state.step < self.steps:
                 record = self.step([next(batches) for _ in range(t.grad_accum)])
                 bar.update(self.state.step, record)
-                if t.eval_every and self.state.step % t.eval_every == 0 and self.state.step < self.steps:
+                if (
+                    t.eval_every
+                    and self.state.step % t.eval_every == 0
+                    and self.state.step < self.steps
+                ):
                     self.run_eval()
                 if t.save_every and self.state.step % t.save_every == 0:
                     self.save_checkpoint()
@@ -200,8 +209,9 @@ class Loop:
         self.save_adapter()
         after = self.exact_match("after")
         self.metrics.close()
-        return RunResult(self.run_dir, self.state, self.history, self.evals, before, after,
-                         self.prepared)
+        return RunResult(
+            self.run_dir, self.state, self.history, self.evals, before, after, self.prepared
+        )
 
     def step(self, micro_batches: list[list[int]]) -> dict[str, Any]:
         """One optimizer step over `grad_accum` micro-batches, loss normalised by trained tokens."""
@@ -234,8 +244,11 @@ class Loop:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         loss_total = float(self.accelerator.reduce(torch.tensor(loss_sum), reduction="sum"))
-        tokens = int(self.accelerator.reduce(
-            torch.tensor(sum(int(b["attention_mask"].sum()) for b in batches)), reduction="sum"))
+        tokens = int(
+            self.accelerator.reduce(
+                torch.tensor(sum(int(b["attention_mask"].sum()) for b in batches)), reduction="sum"
+            )
+        )
         elapsed = time.perf_counter() - started
         self.state.step += 1
         self.state.micro_step += len(micro_batches)
@@ -281,8 +294,12 @@ class Loop:
         result = evaluate.evaluate_loss(
             self.unwrapped(), eval_data, self.pad_id, self.recipe.train.micro_batch_size
         )
-        record = {"step": self.state.step, "eval_loss": result.loss,
-                  "eval_perplexity": result.perplexity, "eval_tokens": result.tokens}
+        record = {
+            "step": self.state.step,
+            "eval_loss": result.loss,
+            "eval_perplexity": result.perplexity,
+            "eval_tokens": result.tokens,
+        }
         self.evals.append(record)
         self.metrics.write(record)
 
@@ -293,13 +310,17 @@ class Loop:
             return None
         rows = rows[: self.recipe.eval.max_examples] if self.recipe.eval.max_examples else rows
         tokenizer = self.prepared.loaded.tokenizer
-        pairs = [data.generation_prompt(r, spec, tokenizer, self.prepared.splits.eval_source)
-                 for r in rows]
+        pairs = [
+            data.generation_prompt(r, spec, tokenizer, self.prepared.splits.eval_source)
+            for r in rows
+        ]
         model = self.unwrapped()
         if when == "before":
             # The base model: a LoRA adapter starts as a no-op, but prefix/prompt ones don't.
             with model.disable_adapter():
-                return evaluate.exact_match(model, tokenizer, pairs, self.recipe.eval.max_new_tokens)
+                return evaluate.exact_match(
+                    model, tokenizer, pairs, self.recipe.eval.max_new_tokens
+                )
         return evaluate.exact_match(model, tokenizer, pairs, self.recipe.eval.max_new_tokens)
 
     def unwrapped(self) -> Any:
@@ -366,4 +387,3 @@ def _jsonable(value: Any) -> Any:
 
 def _tupled(value: Any) -> Any:
     return tuple(_tupled(v) for v in value) if isinstance(value, list) else value
-

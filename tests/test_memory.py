@@ -23,9 +23,15 @@ METHODS = ("lora", "dora", "ia3", "prefix", "prompt")
 def tiny_config():
     from transformers import LlamaConfig
 
-    return LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, vocab_size=500,
-                       tie_word_embeddings=True)
+    return LlamaConfig(
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=500,
+        tie_word_embeddings=True,
+    )
 
 
 def peft_config(method: str, setup: Setup):
@@ -33,13 +39,17 @@ def peft_config(method: str, setup: Setup):
 
     task = TaskType.CAUSAL_LM
     if method in ("lora", "dora"):
-        return LoraConfig(task_type=task, r=setup.r, target_modules="all-linear",
-                          use_dora=method == "dora")
+        return LoraConfig(
+            task_type=task, r=setup.r, target_modules="all-linear", use_dora=method == "dora"
+        )
     if method == "ia3":
         return IA3Config(task_type=task, target_modules="all-linear")
     if method == "prefix":
-        return PrefixTuningConfig(task_type=task, num_virtual_tokens=setup.virtual_tokens,
-                                  prefix_projection=setup.prefix_projection)
+        return PrefixTuningConfig(
+            task_type=task,
+            num_virtual_tokens=setup.virtual_tokens,
+            prefix_projection=setup.prefix_projection,
+        )
     return PromptTuningConfig(task_type=task, num_virtual_tokens=setup.virtual_tokens)
 
 
@@ -90,11 +100,13 @@ def test_saved_activations_equal_autograd(method, dtype, attn):
     if method == "prefix" and attn == "eager":
         pytest.skip("known gap: eager + prefix, see docs/memory.md")
     config = tiny_config()
-    setup = Setup(method=method, dtype=dtype, batch=2, seq=16, virtual_tokens=10,
-                  attn=attn, device="cpu")
+    setup = Setup(
+        method=method, dtype=dtype, batch=2, seq=16, virtual_tokens=10, attn=attn, device="cpu"
+    )
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype),
-                                             attn_implementation=attn)
+    model = AutoModelForCausalLM.from_config(
+        config, dtype=getattr(torch, dtype), attn_implementation=attn
+    )
     if method != "full":
         model = get_peft_model(model, peft_config(method, setup))
     model.train()
@@ -115,9 +127,15 @@ def check_allocated(model, setup: Setup, arch) -> None:
     """Parameters, gradients after backward, AdamW state after a step: all as estimated."""
     est = estimate(arch, setup)
     params = {p.data_ptr(): p.numel() * p.element_size() for p in model.parameters()}
-    weights = sum(est.components[k] for k in ("frozen base weights", "quantization scales",
-                                              "kept/upcast in higher precision",
-                                              "trainable parameters"))
+    weights = sum(
+        est.components[k]
+        for k in (
+            "frozen base weights",
+            "quantization scales",
+            "kept/upcast in higher precision",
+            "trainable parameters",
+        )
+    )
     assert sum(params.values()) == weights
     ids = torch.randint(0, arch.vocab, (setup.batch, setup.seq))
     model(input_ids=ids, labels=ids).loss.backward()
@@ -138,24 +156,32 @@ def test_headline_84_gb_and_13_gb():
     out = run_cli("llama-2-7b", "--method", "full", "--dtype", "float16", "--format", "json")
     data = json.loads(out.stdout)
     assert any("= 84 GB at 7B nominal" in line for line in data["headline"])
-    lora = json.loads(run_cli("llama-2-7b", "--method", "lora", "--quant", "int8",
-                              "--format", "json").stdout)
+    lora = json.loads(
+        run_cli("llama-2-7b", "--method", "lora", "--quant", "int8", "--format", "json").stdout
+    )
     assert any("= 13 GB at 7B nominal" in line for line in lora["headline"])
     assert set(lora["components"]) >= {"frozen base weights", "activations", "logits and loss"}
     assert lora["total_bytes"] == sum(lora["components"].values())
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "finetune", "estimate", *args],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "finetune", "estimate", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["llama-2-7c"], "llama-2-7b"),
-    (["llama-2-7b", "--batch", "0"], "batch"),
-    (["llama-2-7b", "--seq", "-3"], "seq"),
-    (["llama-2-7b", "--method", "fancy"], "method"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["llama-2-7c"], "llama-2-7b"),
+        (["llama-2-7b", "--batch", "0"], "batch"),
+        (["llama-2-7b", "--seq", "-3"], "seq"),
+        (["llama-2-7b", "--method", "fancy"], "method"),
+    ],
+)
 def test_cli_bad_input_is_one_line_exit_2(args, needle):
     result = run_cli(*args)
     assert result.returncode == 2

@@ -126,8 +126,11 @@ class Layer:
         return next(lin for lin in self.arch.linears() if lin.name == name)
 
     def group(self, names: tuple[str, ...], input_key: str, input_grad: bool) -> dict[str, bool]:
-        return {lin.name: self.linear(lin, input_key, input_grad)
-                for lin in self.arch.linears() if lin.name in names}
+        return {
+            lin.name: self.linear(lin, input_key, input_grad)
+            for lin in self.arch.linears()
+            if lin.name in names
+        }
 
     def attention(self, grads: dict[str, bool]) -> bool:
         arch, a, b = self.arch, self.a, self.setup.batch

@@ -88,8 +88,10 @@ class Setup:
             (self.seq > 0, f"seq must be a positive number of tokens (got {self.seq})"),
             (self.r > 0, f"r must be positive (got {self.r})"),
             (self.virtual_tokens > 0, f"virtual tokens must be positive ({self.virtual_tokens})"),
-            (not (self.method == "full" and self.quant != "none"),
-             "full fine-tuning cannot train quantized weights; use --quant none"),
+            (
+                not (self.method == "full" and self.quant != "none"),
+                "full fine-tuning cannot train quantized weights; use --quant none",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -188,8 +190,10 @@ def targeted(arch: Architecture, setup: Setup) -> list[Linear]:
     chosen = [lin for lin in linears if lin.name in names]
     if not chosen:
         available = ", ".join(lin.name for lin in linears)
-        raise UserError(f"targets {', '.join(sorted(names))} match no layer; this model has "
-                        f"{available} (or use all-linear)")
+        raise UserError(
+            f"targets {', '.join(sorted(names))} match no layer; this model has "
+            f"{available} (or use all-linear)"
+        )
     return chosen
 
 
@@ -225,8 +229,10 @@ def trainable_tensors(arch: Architecture, setup: Setup) -> list[int]:
                 per_layer.append(lin.out_features)  # magnitude vector
         return per_layer * arch.layers
     if setup.method == "ia3":
-        vectors = [lin.in_features if is_feedforward(lin) else lin.out_features
-                   for lin in targeted(arch, setup)]
+        vectors = [
+            lin.in_features if is_feedforward(lin) else lin.out_features
+            for lin in targeted(arch, setup)
+        ]
         return vectors * arch.layers
     if setup.method == "prompt":
         return [setup.virtual_tokens * arch.hidden]
@@ -283,8 +289,9 @@ def parameter_components(arch: Architecture, setup: Setup) -> dict[str, int]:
         out["frozen base weights"] = arch.total_params() * setup.dtype_bytes
         return out
     weights, scales = quantized_bytes(arch, setup)
-    kept = arch.total_params() - sum(lin.in_features * lin.out_features
-                                     for lin in quantized_tensors(arch))
+    kept = arch.total_params() - sum(
+        lin.in_features * lin.out_features for lin in quantized_tensors(arch)
+    )
     out["frozen base weights"] = weights
     out["quantization scales"] = scales
     # prepare_model_for_kbit_training casts every non-quantized parameter to fp32.
@@ -342,20 +349,29 @@ def estimate(arch: Architecture, setup: Setup) -> Estimate:
 def component_notes(arch: Architecture, setup: Setup) -> dict[str, str]:
     """One line per component saying what it counts."""
     dt = setup.dtype
-    weights = {"none": f"{dt}", "int8": "int8, 1 B/param", "nf4": "nf4, 0.5 B/param",
-               "fp4": "fp4, 0.5 B/param"}[setup.quant]
-    scales = {"int8": "fp32 per output row",
-              "nf4": "absmax per 64 weights" + (" (double quant)" if setup.double_quant else ""),
-              }.get(setup.quant, "")
+    weights = {
+        "none": f"{dt}",
+        "int8": "int8, 1 B/param",
+        "nf4": "nf4, 0.5 B/param",
+        "fp4": "fp4, 0.5 B/param",
+    }[setup.quant]
+    scales = {
+        "int8": "fp32 per output row",
+        "nf4": "absmax per 64 weights" + (" (double quant)" if setup.double_quant else ""),
+    }.get(setup.quant, "")
     if setup.quant == "fp4":
         scales = "absmax per 64 weights" + (" (double quant)" if setup.double_quant else "")
-    optim = {"adamw": "AdamW m and v, fp32", "adamw8bit": "8-bit AdamW m and v",
-             "sgd": "SGD without momentum: none"}[setup.optimizer]
+    optim = {
+        "adamw": "AdamW m and v, fp32",
+        "adamw8bit": "8-bit AdamW m and v",
+        "sgd": "SGD without momentum: none",
+    }[setup.optimizer]
     ckpt = "checkpointed: layer inputs + one layer" if setup.grad_ckpt else "all layers saved"
     return {
         "frozen base weights": "none (all trainable)" if setup.method == "full" else weights,
         "quantization scales": scales,
-        "kept/upcast in higher precision": "embeddings, norms, head in fp32" if setup.quantized
+        "kept/upcast in higher precision": "embeddings, norms, head in fp32"
+        if setup.quantized
         else "",
         "trainable parameters": f"{setup.method}, {'fp32' if setup.trainable_bytes == 4 else dt}",
         "gradients": "one per trainable parameter, same dtype",
@@ -363,16 +379,19 @@ def component_notes(arch: Architecture, setup: Setup) -> dict[str, str]:
         "master weights": "fp32 copy for mixed precision" if setup.master_weights else "",
         "activations": f"saved for backward, {setup.attn}, {ckpt}",
         "logits and loss": "b·s·V logits, fp32 log-softmax and its gradient",
-        "runtime overhead": "CUDA context (not in max allocated)" if setup.device == "cuda"
-        else "",
+        "runtime overhead": "CUDA context (not in max allocated)" if setup.device == "cuda" else "",
     }
 
 
 COMPARISON = (
-    ("full fp16 (12 B/param budget)", {"method": "full", "dtype": "float16",
-                                       "master_weights": False, "quant": "none"}),
-    ("full mixed precision (16 B/param)", {"method": "full", "dtype": "float16",
-                                           "master_weights": True, "quant": "none"}),
+    (
+        "full fp16 (12 B/param budget)",
+        {"method": "full", "dtype": "float16", "master_weights": False, "quant": "none"},
+    ),
+    (
+        "full mixed precision (16 B/param)",
+        {"method": "full", "dtype": "float16", "master_weights": True, "quant": "none"},
+    ),
     ("LoRA 16-bit", {"method": "lora", "quant": "none"}),
     ("LoRA int8", {"method": "lora", "quant": "int8"}),
     ("QLoRA nf4", {"method": "lora", "quant": "nf4", "double_quant": True}),
@@ -400,6 +419,10 @@ def rule_of_thumb_bytes(params: float, setup: Setup) -> dict[str, float] | None:
         return {"weights": 2 * params, "gradients": 2 * params, "Adam states": 8 * params}
     if setup.method == "lora" and setup.quant == "int8":
         scale = params / 7e9  # the seed quotes 7B: 7 + 1 + 1 + 4 GB
-        return {"weights": params, "adapter": 1e9 * scale, "gradients": 1e9 * scale,
-                "optimizer": 4e9 * scale}
+        return {
+            "weights": params,
+            "adapter": 1e9 * scale,
+            "gradients": 1e9 * scale,
+            "optimizer": 4e9 * scale,
+        }
     return None

@@ -11,11 +11,29 @@ from finetune.errors import UserError
 from finetune.memory.arch import Architecture
 
 
-def _llama(h: int, i: int, n: int, heads: int, kv: int, hd: int, vocab: int, tied: bool,
-           model_type: str = "llama", **extra: object) -> Architecture:
+def _llama(
+    h: int,
+    i: int,
+    n: int,
+    heads: int,
+    kv: int,
+    hd: int,
+    vocab: int,
+    tied: bool,
+    model_type: str = "llama",
+    **extra: object,
+) -> Architecture:
     return Architecture(
-        model_type=model_type, hidden=h, intermediate=i, layers=n, heads=heads, kv_heads=kv,
-        head_dim=hd, vocab=vocab, tie_word_embeddings=tied, **extra,  # type: ignore[arg-type]
+        model_type=model_type,
+        hidden=h,
+        intermediate=i,
+        layers=n,
+        heads=heads,
+        kv_heads=kv,
+        head_dim=hd,
+        vocab=vocab,
+        tie_word_embeddings=tied,
+        **extra,  # type: ignore[arg-type]
     )
 
 
@@ -30,8 +48,19 @@ PRESETS: dict[str, Architecture] = {
     "qwen2.5-0.5b": _llama(896, 4864, 24, 14, 2, 64, 151936, True, "qwen2", qkv_bias=True),
     "qwen2.5-1.5b": _llama(1536, 8960, 28, 12, 2, 128, 151936, True, "qwen2", qkv_bias=True),
     "qwen2.5-7b": _llama(3584, 18944, 28, 28, 4, 128, 152064, False, "qwen2", qkv_bias=True),
-    "gemma-2-2b": _llama(2304, 9216, 26, 8, 4, 256, 256000, True, "gemma2",
-                         norms_per_layer=4, hidden_act="gelu_pytorch_tanh"),
+    "gemma-2-2b": _llama(
+        2304,
+        9216,
+        26,
+        8,
+        4,
+        256,
+        256000,
+        True,
+        "gemma2",
+        norms_per_layer=4,
+        hidden_act="gelu_pytorch_tanh",
+    ),
     "phi-3-mini": _llama(3072, 8192, 32, 32, 32, 96, 32064, False, "phi3", fused=True),
     "smollm2-135m": _llama(576, 1536, 30, 9, 3, 64, 49152, True),
     "smollm2-360m": _llama(960, 2560, 32, 15, 5, 64, 49152, True),

@@ -27,16 +27,21 @@ def human(nbytes: float) -> str:
     """Bytes as GB (1e9), MB or kB with three significant figures."""
     for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if abs(nbytes) >= size:
-            return f"{nbytes / size:.3g} {unit}" if nbytes / size < 100 else \
-                f"{nbytes / size:.1f} {unit}"
+            return (
+                f"{nbytes / size:.3g} {unit}"
+                if nbytes / size < 100
+                else f"{nbytes / size:.1f} {unit}"
+            )
     return f"{int(nbytes)} B"
 
 
 def component_rows(est: Estimate) -> list[tuple[str, int, float, str]]:
     """(component, bytes, share of total, note) in the order of COMPONENTS."""
     total = est.total_bytes or 1
-    return [(name, est.components[name], est.components[name] / total, est.notes.get(name, ""))
-            for name in COMPONENTS]
+    return [
+        (name, est.components[name], est.components[name] / total, est.notes.get(name, ""))
+        for name in COMPONENTS
+    ]
 
 
 def headline(est: Estimate) -> list[str]:
@@ -57,22 +62,28 @@ def headline(est: Estimate) -> list[str]:
     size = f"{nominal / 1e9:g}B nominal"
     if setup.method == "full":
         exact = 12 * est.total_params
-        lines.append(f"12 B/param budget (full fp16): {parts} = {human(sum(thumb.values()))} "
-                     f"at {size}; {human(exact)} for the exact {est.total_params / 1e9:.3g}B; "
-                     f"mixed precision adds fp32 master weights: 16 B/param = "
-                     f"{human(16 * est.total_params)}")
+        lines.append(
+            f"12 B/param budget (full fp16): {parts} = {human(sum(thumb.values()))} "
+            f"at {size}; {human(exact)} for the exact {est.total_params / 1e9:.3g}B; "
+            f"mixed precision adds fp32 master weights: 16 B/param = "
+            f"{human(16 * est.total_params)}"
+        )
     else:
-        lines.append(f"rule of thumb (LoRA on int8): {parts} = {human(sum(thumb.values()))} at "
-                     f"{size}; our breakdown: {human(est.state_bytes)} weights and states + "
-                     f"{human(est.components['activations'] + est.components['logits and loss'])}"
-                     " activations and logits")
+        lines.append(
+            f"rule of thumb (LoRA on int8): {parts} = {human(sum(thumb.values()))} at "
+            f"{size}; our breakdown: {human(est.state_bytes)} weights and states + "
+            f"{human(est.components['activations'] + est.components['logits and loss'])}"
+            " activations and logits"
+        )
     return lines
 
 
 def comparison_rows(est: Estimate) -> list[tuple[str, int, int, int]]:
     """(method, trainable params, weights+states bytes, total bytes) for the same model."""
-    return [(label, e.trainable_params, e.state_bytes, e.total_bytes)
-            for label, e in compare_methods(est.arch, est.setup)]
+    return [
+        (label, e.trainable_params, e.state_bytes, e.total_bytes)
+        for label, e in compare_methods(est.arch, est.setup)
+    ]
 
 
 def to_json(est: Estimate, fit: list[str] | None = None) -> str:
@@ -88,8 +99,9 @@ def to_json(est: Estimate, fit: list[str] | None = None) -> str:
     return json.dumps(data, indent=2)
 
 
-def to_markdown(est: Estimate, measured: dict[str, Any] | None = None,
-                fit: list[str] | None = None) -> str:
+def to_markdown(
+    est: Estimate, measured: dict[str, Any] | None = None, fit: list[str] | None = None
+) -> str:
     """The estimate as markdown (for report.md), with a measured peak beside it if given.
 
     `measured` is a `PeakMemory.to_dict()`: metric, peak_bytes and reserved_bytes.
@@ -99,8 +111,9 @@ def to_markdown(est: Estimate, measured: dict[str, Any] | None = None,
         lines.append(f"- measured: {human(measured['peak_bytes'])} ({measured['metric']})")
         if measured.get("reserved_bytes"):
             lines.append(f"- measured max reserved: {human(measured['reserved_bytes'])}")
-    lines.append(f"- full fp16 budget (12 B/param) for this model: "
-                 f"{human(est.full_fp16_budget_bytes)}")
+    lines.append(
+        f"- full fp16 budget (12 B/param) for this model: {human(est.full_fp16_budget_bytes)}"
+    )
     lines += ["", "| component | bytes | share | note |", "|---|---:|---:|---|"]
     for name, nbytes, share, note in component_rows(est):
         lines.append(f"| {name} | {human(nbytes)} | {100 * share:.1f}% | {note} |")
@@ -112,20 +125,30 @@ def to_markdown(est: Estimate, measured: dict[str, Any] | None = None,
     return "\n".join(lines) + "\n"
 
 
-def print_tables(est: Estimate, console: Any, fit: list[str] | None = None,
-                 measured: dict[str, Any] | None = None) -> None:
+def print_tables(
+    est: Estimate,
+    console: Any,
+    fit: list[str] | None = None,
+    measured: dict[str, Any] | None = None,
+) -> None:
     """Print the headline, the component table and the method comparison with rich."""
     from rich.table import Table
 
     for line in headline(est):
         console.print(line, highlight=False)
     if measured:
-        console.print(f"measured: {human(measured['peak_bytes'])} ({measured['metric']})",
-                      highlight=False)
-    table = Table(title=f"memory estimate: {est.setup.method}, quant {est.setup.quant}, "
-                        f"{est.setup.dtype}")
-    for col, justify in (("component", "left"), ("bytes", "right"), ("share", "right"),
-                         ("note", "left")):
+        console.print(
+            f"measured: {human(measured['peak_bytes'])} ({measured['metric']})", highlight=False
+        )
+    table = Table(
+        title=f"memory estimate: {est.setup.method}, quant {est.setup.quant}, {est.setup.dtype}"
+    )
+    for col, justify in (
+        ("component", "left"),
+        ("bytes", "right"),
+        ("share", "right"),
+        ("note", "left"),
+    ):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for name, nbytes, share, note in component_rows(est):
         table.add_row(name, human(nbytes), f"{100 * share:.1f}%", note)
@@ -194,8 +217,9 @@ def candidate_changes(setup: Setup) -> list[tuple[str, dict[str, Any]]]:
     return out
 
 
-def plot_memory(measured: float | None, estimate_: Estimate, budget: float | None,
-                path: str | Path) -> Path:
+def plot_memory(
+    measured: float | None, estimate_: Estimate, budget: float | None, path: str | Path
+) -> Path:
     """Bar chart (PNG) of the measured peak, the estimate by component, and the budget.
 
     Args:

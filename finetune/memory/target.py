@@ -46,8 +46,10 @@ def resolve(target: str, overrides: list[str] | tuple[str, ...] = ()) -> Target:
         return Target(get_preset(target))
     if "/" in target and not path.exists() and not target.startswith((".", "/", "~")):
         return Target(from_hub(target))
-    raise UserError(f"unknown preset '{target}' (and no such file); closest presets: "
-                    f"{', '.join(closest_names(target))}")
+    raise UserError(
+        f"unknown preset '{target}' (and no such file); closest presets: "
+        f"{', '.join(closest_names(target))}"
+    )
 
 
 def arch_from_path(path: Path) -> Architecture:
@@ -56,8 +58,10 @@ def arch_from_path(path: Path) -> Architecture:
         return from_gguf(path)
     config = path / "config.json" if path.is_dir() else path
     if not config.is_file():
-        raise UserError(f"{config}: not found (give a preset, a model folder with config.json, "
-                        "a .gguf file, a recipe or a run directory)")
+        raise UserError(
+            f"{config}: not found (give a preset, a model folder with config.json, "
+            "a .gguf file, a recipe or a run directory)"
+        )
     try:
         raw = json.loads(config.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -74,8 +78,10 @@ def from_hub(repo_id: str) -> Architecture:
     try:
         config = AutoConfig.from_pretrained(repo_id)
     except (OSError, ValueError):
-        raise UserError(f"'{repo_id}': cannot fetch its config from the hub (offline?); use a "
-                        f"preset, a local folder or config.json") from None
+        raise UserError(
+            f"'{repo_id}': cannot fetch its config from the hub (offline?); use a "
+            f"preset, a local folder or config.json"
+        ) from None
     return from_config(config, name=repo_id)
 
 

@@ -1,0 +1,52 @@
+"""Shared fixtures: a tiny Llama-family model and tokenizer, built in-process and saved as a
+real model folder, plus small datasets. Nothing is downloaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from helpers import build_model, build_tokenizer, date_rows, run_cli, write_jsonl
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A saved tiny Llama model folder (config, safetensors, tokenizer with chat template)."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = build_tokenizer()
+    build_model(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def instruction_data(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "train.jsonl", date_rows(24))
+
+
+@pytest.fixture
+def recipe_file(tmp_path, tiny_model_dir, instruction_data):
+    """Write a recipe for the tiny model; keyword arguments override sections."""
+
+    def make(name: str = "recipe.yaml", **sections) -> Path:
+        import yaml
+
+        recipe = {
+            "model": {"path": str(tiny_model_dir)},
+            "adapter": {"method": "lora", "r": 4, "alpha": 8},
+            "data": {"path": str(instruction_data), "format": "instruction", "max_length": 64},
+            "train": {"max_steps": 6, "lr": 5e-3, "micro_batch_size": 4, "seed": 0},
+            "output": {"dir": str(tmp_path / "run")},
+        }
+        for section, values in sections.items():
+            recipe.setdefault(section, {}).update(values)
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(recipe))
+        return path
+
+    return make
+
+
+@pytest.fixture
+def cli():
+    return run_cli

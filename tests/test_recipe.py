@@ -1,0 +1,92 @@
+"""The recipe schema: shipped recipes load, typos are caught with suggestions, overrides work."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from finetune.errors import UserError
+from finetune.recipe import Recipe, apply_override, dump_recipe, load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((ROOT / "recipes").glob("*.yaml"))
+
+
+def test_some_recipes_are_shipped():
+    assert len(SHIPPED) >= 4, SHIPPED
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_recipe_loads(path):
+    recipe = load_recipe(path)
+    assert Path(recipe.data.path).is_file(), recipe.data.path
+    assert recipe.output.dir.startswith("runs/")
+
+
+def write(tmp_path, text: str) -> Path:
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_unknown_key_suggests_the_closest(tmp_path):
+    path = write(tmp_path, "data: {path: x.jsonl}\nadpater: {r: 4}\n")
+    with pytest.raises(UserError, match=r"unknown key 'adpater' \(did you mean 'adapter'\?\)"):
+        load_recipe(path)
+
+
+def test_unknown_nested_key_suggests(tmp_path):
+    path = write(tmp_path, "data: {path: x.jsonl}\ntrain: {learning_rate: 0.1, lr: 0.1}\n")
+    with pytest.raises(UserError, match=r"train.learning_rate"):
+        load_recipe(path)
+
+
+def test_wrong_type_names_the_field(tmp_path):
+    path = write(tmp_path, "data: {path: x.jsonl}\ntrain: {lr: fast}\n")
+    with pytest.raises(UserError, match=r"train\.lr: .*fast"):
+        load_recipe(path)
+
+
+def test_malformed_yaml_names_the_line(tmp_path):
+    path = write(tmp_path, "data:\n  path: [unclosed\n")
+    with pytest.raises(UserError, match=r"r\.yaml: line \d+"):
+        load_recipe(path)
+
+
+def test_missing_data_section(tmp_path):
+    with pytest.raises(UserError, match="'data' is required"):
+        load_recipe(write(tmp_path, "train: {lr: 0.1}\n"))
+
+
+def test_overrides_are_typed_and_validated(tmp_path):
+    path = write(tmp_path, "data: {path: x.jsonl}\n")
+    recipe = load_recipe(path, ["train.lr=1e-4", "adapter.r=16", "data.train_on_prompt=true"])
+    assert recipe.train.lr == 1e-4 and recipe.adapter.r == 16 and recipe.data.train_on_prompt
+    with pytest.raises(UserError, match="adapter.rr"):
+        load_recipe(path, ["adapter.rr=16"])
+    with pytest.raises(UserError, match="section.key=value"):
+        load_recipe(path, ["train.lr"])
+
+
+def test_override_cannot_descend_into_a_value():
+    raw = {"train": {"lr": 0.1}}
+    with pytest.raises(UserError, match="'lr' is not a section"):
+        apply_override(raw, "train.lr.x=1")
+
+
+def test_relative_paths_follow_the_recipe_file(tmp_path):
+    (tmp_path / "d").mkdir()
+    path = write(tmp_path, "data: {path: d/train.jsonl}\n")
+    assert load_recipe(path).data.path == str(tmp_path / "d" / "train.jsonl")
+
+
+def test_contradictory_options_are_refused(tmp_path):
+    path = write(tmp_path, "data: {path: x.jsonl, eval_path: y.jsonl, eval_fraction: 0.1}\n")
+    with pytest.raises(UserError, match="eval_path or data.eval_fraction"):
+        load_recipe(path)
+
+
+def test_resolved_recipe_round_trips(tmp_path):
+    recipe = load_recipe(write(tmp_path, "data: {path: x.jsonl}\n"))
+    again = Recipe.model_validate(yaml.safe_load(dump_recipe(recipe)))
+    assert again == recipe

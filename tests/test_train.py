@@ -1,0 +1,121 @@
+"""End to end on a tiny model: every adapter method trains, the run directory is complete,
+and the saved adapter reloads with plain peft to the same logits."""
+
+import json
+
+import pytest
+import torch
+
+from finetune.recipe import load_recipe
+from finetune.train import train
+
+METHOD_SETTINGS = {
+    "lora": {"method": "lora", "r": 4, "alpha": 8},
+    "dora": {"method": "dora", "r": 4, "alpha": 8},
+    "ia3": {"method": "ia3"},
+    "prefix": {"method": "prefix", "num_virtual_tokens": 4},
+    "prompt": {"method": "prompt", "num_virtual_tokens": 4},
+}
+LR = {"lora": 5e-3, "dora": 5e-3, "ia3": 5e-2, "prefix": 3e-2, "prompt": 1e-1}
+RUN_FILES = [
+    "recipe.yaml",
+    "adapter",
+    "checkpoints",
+    "metrics.jsonl",
+    "tb",
+    "report.md",
+    "report.json",
+    "loss.png",
+]
+
+
+def probe_logits(model, tokenizer):
+    batch = tokenizer(
+        ["Convert 3 March 2024 to ISO.", "May 2024"], return_tensors="pt", padding=True
+    )
+    model.eval()
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+@pytest.mark.parametrize("method", list(METHOD_SETTINGS))
+def test_adapter_reloads_with_plain_peft_to_identical_logits(method, recipe_file, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    path = recipe_file(adapter=METHOD_SETTINGS[method], train={"lr": LR[method]})
+    result = train(load_recipe(path))
+    trained = result.prepared.model
+    tokenizer = result.prepared.loaded.tokenizer
+    expected = probe_logits(trained, tokenizer)
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    reloaded = PeftModel.from_pretrained(base, str(result.run_dir / "adapter"))
+    assert torch.equal(probe_logits(reloaded, tokenizer), expected)
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+
+
+@pytest.mark.parametrize("method", list(METHOD_SETTINGS))
+def test_cli_train_end_to_end(method, recipe_file, cli, tmp_path):
+    path = recipe_file(
+        adapter=METHOD_SETTINGS[method],
+        train={"lr": LR[method], "max_steps": 8, "save_every": 4, "eval_every": 4},
+        data={"eval_fraction": 0.25},
+    )
+    proc = cli("train", str(path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run = tmp_path / "run"
+    for name in RUN_FILES:
+        assert (run / name).exists(), name
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-4", "step-8"]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 8 and losses[-1] < losses[0]
+    assert [r["step"] for r in records if "eval_loss" in r] == [4, 8]
+    report = json.loads((run / "report.json").read_text())
+    assert report["adapter"]["method"] == method
+    assert 0 < report["adapter"]["trainable_parameters"] < report["adapter"]["total_parameters"]
+    assert report["exact_match"]["examples"] == 6
+
+
+def test_int8_lora_trains_on_the_cpu(recipe_file):
+    pytest.importorskip("bitsandbytes")
+    path = recipe_file(
+        model={"quantization": "int8", "dtype": "float32"}, train={"max_steps": 5, "lr": 1e-2}
+    )
+    result = train(load_recipe(path))
+    layer = result.prepared.model.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.base_layer.weight.dtype == torch.int8
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+
+
+def test_resume_continues_exactly(recipe_file, tmp_path):
+    """A run cut off after a checkpoint and resumed ends exactly where an uninterrupted run ends."""
+    import shutil
+
+    common = {"max_steps": 6, "save_every": 3, "lr": 5e-3, "grad_accum": 2}
+    straight = train(load_recipe(recipe_file(train=common, output={"dir": str(tmp_path / "a")})))
+    cut = load_recipe(recipe_file("b.yaml", train=common, output={"dir": str(tmp_path / "b")}))
+    train(cut)
+    # What a kill right after the step-3 checkpoint leaves behind: no later checkpoint, no adapter.
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step-6")
+    shutil.rmtree(tmp_path / "b" / "adapter")
+    resumed = train(cut, resume=True)
+    assert [r["step"] for r in resumed.history] == list(range(1, 7))
+    assert [r["loss"] for r in resumed.history] == [r["loss"] for r in straight.history]
+    a = straight.prepared.model.state_dict()
+    b = resumed.prepared.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_init_from_starts_a_new_run_from_adapter_weights(recipe_file, tmp_path):
+    first = train(load_recipe(recipe_file(output={"dir": str(tmp_path / "first")})))
+    second_recipe = recipe_file(
+        "second.yaml",
+        adapter={"init_from": str(tmp_path / "first" / "adapter")},
+        train={"max_steps": 1},
+        output={"dir": str(tmp_path / "second")},
+    )
+    second = train(load_recipe(second_recipe))
+    # It starts from the trained weights, so its first loss is the first run's last level.
+    assert second.history[0]["loss"] < first.history[0]["loss"]
