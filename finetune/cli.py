@@ -179,10 +179,10 @@ def estimate(
     run_estimate(target, overrides or [], options, format, gpu, plot, out)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning user errors into one line and exit code 2."""
     try:
-        app(standalone_mode=False)
+        app(args=argv, standalone_mode=False)
     except UserError as err:
         if os.environ.get("FINETUNE_DEBUG"):
             raise

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_memory import METHODS, check_allocated, peft_model
 
 from finetune.memory import Setup, estimate
 from finetune.memory.arch import to_hf_config
 from finetune.memory.presets import get_preset
-from test_memory import METHODS, check_allocated, peft_model
 
 ARCH = get_preset("smollm2-135m")
 
