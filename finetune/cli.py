@@ -179,6 +179,307 @@ def estimate(
     run_estimate(target, overrides or [], options, format, gpu, plot, out)
 
 
+# ------------------------------------------------------------- after training (issue 4)
+# generate, chat, eval, merge, export, combine: finetune.inference and finetune.export.
+
+RunOrModel = Annotated[
+    str,
+    typer.Argument(
+        help="A run directory, an adapter folder, or a model (folder, .gguf, hub id, "
+        "smollm2-135m-instruct).",
+        show_default=False,
+    ),
+]
+RunArg = Annotated[
+    str, typer.Argument(help="A run directory or an adapter folder.", show_default=False)
+]
+BaseModelOpt = Annotated[
+    str | None,
+    typer.Option("--model", help="Use this base model instead of the one the run names."),
+]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
+MatchQuantizedOpt = Annotated[
+    bool,
+    typer.Option(
+        "--match-quantized",
+        help="After int8/nf4 training: fold into the dequantized quantized weights the "
+        "adapter was trained against, instead of the original ones.",
+    ),
+]
+ToleranceOpt = Annotated[
+    float | None,
+    typer.Option(help="Max |logit difference| the self-check accepts [default: by dtype/type]."),
+]
+
+
+def _checked(call):
+    """Run an export step; a failed self-check is one line and exit code 1."""
+    from finetune.export import CheckFailed
+
+    try:
+        return call()
+    except CheckFailed as err:
+        console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        raise SystemExit(err.exit_code) from None
+
+
+def _sampling(sample: bool, temperature: float | None, top_p: float | None) -> dict:
+    from finetune.inference import sampling_options
+
+    return sampling_options(sample, temperature, top_p)
+
+
+SampleOpt = Annotated[bool, typer.Option("--sample", help="Sample instead of greedy decoding.")]
+TemperatureOpt = Annotated[
+    float | None, typer.Option(help="Sampling temperature (implies --sample).")
+]
+TopPOpt = Annotated[float | None, typer.Option(help="Nucleus sampling mass (implies --sample).")]
+
+
+@app.command()
+def generate(
+    target: RunOrModel,
+    prompts: Annotated[list[str], typer.Argument(help="One or more prompts.", show_default=False)],
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate.")] = 64,
+    sample: SampleOpt = False,
+    temperature: TemperatureOpt = None,
+    top_p: TopPOpt = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
+    raw: Annotated[
+        bool, typer.Option("--raw", help="Do not wrap prompts in the chat template.")
+    ] = False,
+    model: BaseModelOpt = None,
+) -> None:
+    """Complete PROMPTS with a run (base plus adapter) or a model; greedy by default."""
+    from finetune.inference import generate_text
+
+    options = _sampling(sample, temperature, top_p)
+    texts = generate_text(
+        target,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        sampling=options,
+        chat_template=not raw,
+        model=model,
+        seed=seed,
+    )
+    for prompt, text in zip(prompts, texts, strict=True):
+        if len(prompts) > 1:
+            out.print(f"[bold]> {prompt}[/]", highlight=False)
+        out.print(text, highlight=False, markup=False)
+
+
+@app.command()
+def chat(
+    target: RunOrModel,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens per reply.")] = 128,
+    sample: SampleOpt = False,
+    temperature: TemperatureOpt = None,
+    top_p: TopPOpt = None,
+    system: Annotated[str | None, typer.Option(help="A system message.")] = None,
+    model: BaseModelOpt = None,
+) -> None:
+    """Talk to a run or model, one line per turn; /reset starts over, /exit or Ctrl-D ends."""
+    from finetune.inference import chat_loop
+
+    interactive = sys.stdin.isatty()
+
+    def read() -> str | None:
+        try:
+            return input("you> " if interactive else "")
+        except EOFError:
+            return None
+
+    def write(text: str) -> None:
+        out.print(f"[bold]model>[/] {text}" if interactive else text, highlight=False)
+
+    if interactive:
+        console.print("loading... (type /exit or press Ctrl-D to end, /reset to start over)")
+    options = _sampling(sample, temperature, top_p)
+    chat_loop(
+        target,
+        read,
+        write,
+        max_new_tokens=max_new_tokens,
+        sampling=options,
+        model=model,
+        system=system,
+    )
+
+
+@app.command("eval")
+def eval_(
+    target: RunOrModel,
+    data: Annotated[Path, typer.Option("--data", help="Data file (any recipe data format).")],
+    base: Annotated[
+        bool, typer.Option("--base", help="Evaluate the base model too, side by side.")
+    ] = False,
+    format: Annotated[
+        str | None, typer.Option(help="text|instruction|chat [default: the run's]")
+    ] = None,
+    max_examples: Annotated[
+        int | None, typer.Option(min=1, help="Cap on exact-match examples.")
+    ] = None,
+    max_new_tokens: Annotated[
+        int | None, typer.Option(min=1, help="Tokens generated per exact-match example.")
+    ] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    model: BaseModelOpt = None,
+) -> None:
+    """Loss, perplexity and exact match of a run (and with --base, of its base) on a dataset."""
+    import json
+
+    from finetune.inference import evaluate_target
+
+    result = evaluate_target(
+        target,
+        str(data),
+        base=base,
+        fmt=format,
+        model=model,
+        max_examples=max_examples,
+        max_new_tokens=max_new_tokens,
+    )
+    if json_out:
+        out.print_json(json.dumps(result))
+        return
+    from rich.table import Table
+
+    names = [n for n in ("base", "adapter", "model") if n in result]
+    table = Table(title=f"{result['data']} ({result['examples']} examples, {result['format']})")
+    table.add_column("")
+    for name in names:
+        table.add_column(name, justify="right")
+    rows = [("loss", "loss", "{:.4f}"), ("perplexity", "perplexity", "{:.3f}")]
+    rows.append(("tokens", "tokens", "{:,}"))
+    for label, key, fmt in rows:
+        table.add_row(label, *[fmt.format(result[n][key]) for n in names])
+    if "exact_match" in result[names[0]]:
+        table.add_row(
+            "exact match",
+            *[
+                f"{result[n]['exact_match']['accuracy']:.1%} "
+                f"({result[n]['exact_match']['correct']}/{result[n]['exact_match']['total']})"
+                for n in names
+            ],
+        )
+    out.print(table)
+
+
+@app.command()
+def merge(
+    run: RunArg,
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the merged model.")],
+    dtype: Annotated[str, typer.Option(help="float32|bfloat16|float16")] = "float32",
+    match_quantized: MatchQuantizedOpt = False,
+    max_shard_size: Annotated[str, typer.Option(help="Largest safetensors shard.")] = "2GB",
+    tolerance: ToleranceOpt = None,
+    force: ForceOpt = False,
+    model: BaseModelOpt = None,
+) -> None:
+    """Fold a LoRA, DoRA or IA3 adapter into its base; check logits; save with a README."""
+    from finetune.export import merge as run_merge
+
+    report = _checked(
+        lambda: run_merge(
+            run,
+            out_dir,
+            dtype=dtype,
+            match_quantized=match_quantized,
+            force=force,
+            max_shard_size=max_shard_size,
+            tolerance=tolerance,
+            model=model,
+        )
+    )
+    _show_merge(report)
+    out.print(f"merged model: {out_dir}  (README.md, merge.json)")
+
+
+def _show_merge(report) -> None:
+    out.print(
+        f"merged the {report.method} adapter into {report.folded_into}; check: max |logit "
+        f"difference| {report.max_logit_diff:.3g} (tolerance {report.tolerance:g})",
+        highlight=False,
+    )
+    if report.max_logit_diff_vs_trained is not None:
+        out.print(
+            f"against the adapter on the {report.trained_quantization} base it was trained with: "
+            f"max |logit difference| {report.max_logit_diff_vs_trained:.3g}"
+            + ("" if report.match_quantized else " (--match-quantized folds into those weights)"),
+            highlight=False,
+        )
+
+
+@app.command()
+def export(
+    run: RunArg,
+    out_path: Annotated[Path, typer.Option("--out", help="Output folder, or .gguf file.")],
+    format: Annotated[str, typer.Option(help="adapter|merged|gguf")] = "adapter",
+    gguf_type: Annotated[str, typer.Option(help="GGUF tensor type: f16|f32|q8_0")] = "f16",
+    dtype: Annotated[str, typer.Option(help="Merged dtype (format merged).")] = "float32",
+    match_quantized: MatchQuantizedOpt = False,
+    tolerance: ToleranceOpt = None,
+    force: ForceOpt = False,
+    model: BaseModelOpt = None,
+) -> None:
+    """Export a run as its adapter (with a model card), a merged model, or a GGUF file."""
+    from finetune.export import export as run_export
+
+    report = _checked(
+        lambda: run_export(
+            run,
+            out_path,
+            format,
+            gguf_type=gguf_type,
+            dtype=dtype,
+            match_quantized=match_quantized,
+            force=force,
+            tolerance=tolerance,
+            model=model,
+        )
+    )
+    if report.merge is not None:
+        _show_merge(report.merge)
+    if report.format == "gguf":
+        out.print(
+            f"GGUF ({report.gguf_type}) loaded back with transformers: max |logit difference| "
+            f"{report.round_trip_max_logit_diff:.3g} (tolerance {report.round_trip_tolerance:g}); "
+            f"tokenizer {'identical' if report.tokenizer_round_trip else 'DIFFERS'}",
+            highlight=False,
+        )
+    out.print(f"{report.format}: {report.out} ({report.size_bytes / 1e6:.1f} MB)", highlight=False)
+
+
+@app.command()
+def combine(
+    runs: Annotated[
+        list[str], typer.Argument(help="Two or more runs or adapter folders.", show_default=False)
+    ],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the combined adapter.")],
+    method: Annotated[str, typer.Option(help="linear|ties|dare_linear|dare_ties")] = "linear",
+    weights: Annotated[
+        str | None, typer.Option(help="Comma-separated, one per adapter [default: equal].")
+    ] = None,
+    density: Annotated[
+        float | None, typer.Option(help="Kept fraction for ties/dare [default: 1 / 0.5].")
+    ] = None,
+    force: ForceOpt = False,
+) -> None:
+    """Combine LoRA adapters of one base into one adapter folder (peft's weighted merging)."""
+    from finetune.export import combine as run_combine
+
+    report = run_combine(
+        runs, out_dir, method=method, weights=weights, density=density, force=force
+    )
+    weights_text = ", ".join(f"{w:g}" for w in report.weights)
+    out.print(
+        f"combined {len(report.sources)} adapters ({report.method}, weights {weights_text}): "
+        f"{report.out}  (generate, eval, merge and export accept it)",
+        highlight=False,
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning user errors into one line and exit code 2."""
     try:

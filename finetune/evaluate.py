@@ -94,3 +94,61 @@ def exact_match(
     ]
     correct = sum(s["prediction"] == s["reference"] for s in samples)
     return ExactMatch(correct / len(pairs) if pairs else 0.0, correct, len(pairs), samples)
+
+
+# ------------------------------------------------------------------ finetune eval
+
+
+@dataclass
+class DatasetEval:
+    """Loss, perplexity and (for instruction or chat data) exact match of one model on a file."""
+
+    loss: float
+    perplexity: float
+    tokens: int
+    exact_match: ExactMatch | None
+
+    def as_dict(self) -> dict[str, Any]:
+        result: dict[str, Any] = {
+            "loss": self.loss,
+            "perplexity": self.perplexity,
+            "tokens": self.tokens,
+        }
+        if self.exact_match is not None:
+            em = self.exact_match
+            result["exact_match"] = {
+                "accuracy": em.accuracy,
+                "correct": em.correct,
+                "total": em.total,
+                "samples": em.samples[:5],
+            }
+        return result
+
+
+def evaluate_dataset(
+    model: Any,
+    tokenizer: Any,
+    rows: list[dict[str, Any]],
+    spec: Any,
+    path: str,
+    *,
+    max_examples: int | None = None,
+    max_new_tokens: int = 32,
+    batch_size: int = 8,
+) -> DatasetEval:
+    """Evaluate `model` on `rows` formatted as the data section `spec` says.
+
+    Loss and perplexity cover every row; exact match (instruction and chat formats only)
+    the first `max_examples` rows.
+    """
+    from finetune.data import generation_prompt, tokenize_rows
+
+    data = tokenize_rows(rows, spec, tokenizer, path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    loss = evaluate_loss(model, data, pad_id, batch_size)
+    em = None
+    if spec.format != "text":
+        chosen = rows[:max_examples] if max_examples else rows
+        pairs = [generation_prompt(r, spec, tokenizer, path) for r in chosen]
+        em = exact_match(model, tokenizer, pairs, max_new_tokens)
+    return DatasetEval(loss.loss, loss.perplexity, loss.tokens, em)

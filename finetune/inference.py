@@ -1,0 +1,426 @@
+"""What generate, chat, eval, merge and export run on: a run, an adapter folder or a model.
+
+A target is one of
+- a run directory (`runs/<name>/`): the base model from its `recipe.yaml`, the adapter from
+  `adapter/`;
+- an adapter folder (`adapter_config.json` inside, e.g. `runs/<name>/adapter`, a checkpoint's
+  adapter, or what `finetune combine` writes): the base from a `recipe.yaml` beside it or one
+  folder up, else from `base_model_name_or_path` in its `adapter_config.json`;
+- a model, in any form `model.path` accepts (folder, .gguf file, hub id, embedded name).
+
+Before an adapter is attached, the base is checked against the one it was trained on, so a
+mismatch is one clear line instead of a size-mismatch traceback from torch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from finetune import models
+from finetune.errors import UserError
+from finetune.recipe import ModelSection, Recipe, validate
+
+PEFT_TYPES = {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt"}
+# Config fields that must agree between the base an adapter was trained on and the one given.
+SHAPE_FIELDS = (
+    "model_type",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+)
+PROBE_PROMPTS = (
+    "Convert 3 March 2024 to ISO.",
+    "The capital of France is",
+    "Write one sentence about the sea.",
+)
+
+
+@dataclass
+class Target:
+    """A resolved RUN_OR_MODEL argument: the base model, and the adapter if there is one."""
+
+    given: str
+    kind: str  # "run", "adapter" or "model"
+    model: ModelSection
+    adapter_dir: Path | None = None
+    recipe: Recipe | None = None
+    run_dir: Path | None = None
+    trained_quantization: str = "none"
+
+    @property
+    def method(self) -> str | None:
+        return adapter_method(self.adapter_dir) if self.adapter_dir else None
+
+
+@dataclass
+class Session:
+    """A model ready to generate: the peft model (or plain model), its tokenizer, its target."""
+
+    model: Any
+    tokenizer: Any
+    target: Target
+    loaded: models.LoadedModel
+
+
+def read_recipe(path: Path) -> Recipe:
+    """Reload a resolved `recipe.yaml` written by a run (or by combine)."""
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise UserError(
+            f"{path}: cannot read the run's recipe ({models.first_line(err)})"
+        ) from None
+    return validate(raw, source=str(path))
+
+
+def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
+    path = adapter_dir / "adapter_config.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"{path}: unreadable adapter config ({models.first_line(err)})") from None
+
+
+def adapter_method(adapter_dir: Path) -> str:
+    """The finetune method name (lora, dora, ia3, prefix, prompt) of an adapter folder."""
+    config = read_adapter_config(adapter_dir)
+    kind = PEFT_TYPES.get(str(config.get("peft_type", "")).upper())
+    if kind is None:
+        raise UserError(
+            f"{adapter_dir}: peft type {config.get('peft_type')!r} is not one finetune handles "
+            f"({', '.join(sorted(PEFT_TYPES))})"
+        )
+    return "dora" if kind == "lora" and config.get("use_dora") else kind
+
+
+def trained_quantization(run_dir: Path | None, recipe: Recipe | None) -> str:
+    """The quantization the adapter was trained against: the report's record, else the recipe's."""
+    if run_dir is not None and (run_dir / "report.json").is_file():
+        try:
+            report = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
+            return str(report["model"]["quantization"])
+        except (ValueError, KeyError, TypeError):
+            pass
+    if recipe is None:
+        return "none"
+    return models.choose_quantization(recipe.model.quantization, models.default_device())
+
+
+def resolve_target(given: str, model: str | None = None) -> Target:
+    """Resolve RUN_OR_MODEL; `model` replaces the base model the run or adapter names.
+
+    Raises:
+        UserError: a run directory without an adapter, or a path that is none of the three.
+    """
+    path = Path(given).expanduser()
+    recipe: Recipe | None = None
+    run_dir: Path | None = None
+    if path.is_dir() and (path / "adapter_config.json").is_file():
+        adapter_dir = path
+        for candidate in (path / "recipe.yaml", path.parent / "recipe.yaml"):
+            if candidate.is_file():
+                recipe, run_dir = read_recipe(candidate), candidate.parent
+                break
+        kind = "adapter"
+    elif path.is_dir() and (path / "recipe.yaml").is_file():
+        adapter_dir, run_dir, kind = path / "adapter", path, "run"
+        if not (adapter_dir / "adapter_config.json").is_file():
+            raise UserError(
+                f"{path}: the run directory has no adapter/ (did training finish?); finish it with "
+                f"`finetune train {path / 'recipe.yaml'} --resume`, or give a checkpoint's adapter "
+                "folder (checkpoints/step-N/adapter)"
+            )
+        recipe = read_recipe(path / "recipe.yaml")
+    elif path.is_dir() and not (path / "config.json").is_file():
+        raise UserError(
+            f"{path}: not a run directory (no recipe.yaml), an adapter folder (no "
+            "adapter_config.json) or a model folder (no config.json)"
+        )
+    else:
+        spec = ModelSection(path=model or given)
+        return Target(given, "model", spec)
+
+    if recipe is not None:
+        spec = recipe.model
+    else:
+        base = read_adapter_config(adapter_dir).get("base_model_name_or_path")
+        if not base and not model:
+            raise UserError(
+                f"{adapter_dir}: the adapter does not name its base model; pass --model PATH"
+            )
+        spec = ModelSection(path=str(base or model))
+    if model:
+        spec = spec.model_copy(update={"path": model})
+    quant = trained_quantization(run_dir, recipe)
+    return Target(given, kind, spec, adapter_dir, recipe, run_dir, quant)
+
+
+# ------------------------------------------------------------------------ loading
+
+
+def check_base(adapter_dir: Path, base_config: Any, base_label: str) -> None:
+    """Refuse a base whose shape differs from the base named in the adapter's config.
+
+    Raises:
+        UserError: a config field (hidden size, layers, vocabulary...) differs.
+    """
+    named = read_adapter_config(adapter_dir).get("base_model_name_or_path")
+    original = Path(str(named)) / "config.json" if named else None
+    if original is None or not original.is_file():
+        return
+    try:
+        trained_on = json.loads(original.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return
+    for key in SHAPE_FIELDS:
+        want, got = trained_on.get(key), getattr(base_config, key, None)
+        if want is not None and got is not None and want != got:
+            raise UserError(
+                f"{adapter_dir}: trained on {named} ({key}={want}), but the base model "
+                f"{base_label} has {key}={got}; use the base model the adapter was trained on"
+            )
+
+
+def attach_adapter(model: Any, adapter_dir: Path, base_label: str) -> Any:
+    """Load the adapter in `adapter_dir` onto `model` after checking they belong together.
+
+    Raises:
+        UserError: the base is not the one the adapter was trained on.
+    """
+    from peft import PeftModel
+
+    check_base(adapter_dir, model.config, base_label)
+    try:
+        return PeftModel.from_pretrained(model, str(adapter_dir))
+    except RuntimeError as err:
+        if "size mismatch" not in str(err):
+            raise
+        detail = next(
+            (line.strip() for line in str(err).splitlines() if "size mismatch" in line), ""
+        )
+        raise UserError(
+            f"{adapter_dir}: does not fit the base model {base_label} ({detail[:200]}); use the "
+            "base model the adapter was trained on"
+        ) from None
+    except ValueError as err:
+        if "not found in the base model" in str(err) or "Target modules" in str(err):
+            raise UserError(
+                f"{adapter_dir}: its target modules are not in the base model {base_label}; use "
+                "the base model the adapter was trained on"
+            ) from None
+        raise
+
+
+def quiet_loading() -> None:
+    """No per-file progress bars from transformers: commands print their own one-line results."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
+def load(
+    target: Target,
+    *,
+    device: str | None = None,
+    with_adapter: bool = True,
+    spec: ModelSection | None = None,
+) -> Session:
+    """Load the target's base (as `spec` says, default the target's) and attach its adapter."""
+    spec = spec or target.model
+    quiet_loading()
+    loaded = models.load_model(spec, device)
+    model = loaded.model
+    if with_adapter and target.adapter_dir is not None:
+        model = attach_adapter(model, target.adapter_dir, spec.path)
+    model.eval()
+    return Session(model, loaded.tokenizer, target, loaded)
+
+
+# ------------------------------------------------------------------------ prompts
+
+
+def render_prompt(tokenizer: Any, prompt: str, chat_template: bool = True) -> str:
+    """A user prompt as the model expects it: through the chat template when it has one."""
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    return prompt
+
+
+def probe_batch(tokenizer: Any) -> dict[str, torch.Tensor]:
+    """A few fixed prompts, rendered and padded, for comparing two models' logits."""
+    texts = [render_prompt(tokenizer, p) for p in PROBE_PROMPTS]
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "right"
+    try:
+        return dict(tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False))
+    finally:
+        tokenizer.padding_side = side
+
+
+@torch.no_grad()
+def probe_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """float32 logits of `model` on `batch`, on the CPU."""
+    device = next(p.device for p in model.parameters())
+    out = model(**{k: v.to(device) for k, v in batch.items()})
+    return out.logits.float().cpu()
+
+
+def max_logit_diff(a: torch.Tensor, b: torch.Tensor, attention_mask: torch.Tensor) -> float:
+    """Largest absolute difference between two logit tensors over real (unpadded) positions."""
+    keep = attention_mask.bool()
+    return float((a[keep] - b[keep]).abs().max())
+
+
+# ------------------------------------------------------------------------ commands
+
+
+def sampling_options(
+    sample: bool, temperature: float | None, top_p: float | None
+) -> dict[str, Any]:
+    """generate() keyword arguments: greedy unless sampling is asked for (or implied)."""
+    if temperature is not None and temperature <= 0:
+        raise UserError(f"--temperature must be above 0 (got {temperature}); omit it for greedy")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1] (got {top_p})")
+    if not (sample or temperature is not None or top_p is not None):
+        return {}
+    options: dict[str, Any] = {"do_sample": True}
+    if temperature is not None:
+        options["temperature"] = temperature
+    if top_p is not None:
+        options["top_p"] = top_p
+    return options
+
+
+def generate_text(
+    given: str,
+    prompts: list[str],
+    *,
+    max_new_tokens: int = 64,
+    sampling: dict[str, Any] | None = None,
+    chat_template: bool = True,
+    model: str | None = None,
+    seed: int | None = None,
+) -> list[str]:
+    """Complete each prompt with the run's base plus adapter (or a plain model)."""
+    from finetune.evaluate import generate
+
+    session = load(resolve_target(given, model))
+    if seed is not None:
+        torch.manual_seed(seed)
+    rendered = [render_prompt(session.tokenizer, p, chat_template) for p in prompts]
+    return generate(session.model, session.tokenizer, rendered, max_new_tokens, **(sampling or {}))
+
+
+def chat_loop(
+    given: str,
+    read: Any,
+    write: Any,
+    *,
+    max_new_tokens: int = 128,
+    sampling: dict[str, Any] | None = None,
+    model: str | None = None,
+    system: str | None = None,
+) -> int:
+    """An interactive conversation: `read()` returns a user line (None at the end of input),
+    `write(text)` shows a reply. `/reset` starts over, `/exit` or end of input stops.
+    Returns the number of replies."""
+    from finetune.evaluate import generate
+
+    session = load(resolve_target(given, model))
+    tokenizer = session.tokenizer
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    start = [{"role": "system", "content": system}] if system else []
+    messages = list(start)
+    replies = 0
+    while True:
+        line = read()
+        if line is None or line.strip() in ("/exit", "/quit"):
+            return replies
+        line = line.strip()
+        if not line:
+            continue
+        if line == "/reset":
+            messages = list(start)
+            write("(conversation reset)")
+            continue
+        messages.append({"role": "user", "content": line})
+        if has_template:
+            prompt = tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
+        else:
+            prompt = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        reply = generate(session.model, tokenizer, [prompt], max_new_tokens, **(sampling or {}))[0]
+        messages.append({"role": "assistant", "content": reply})
+        write(reply)
+        replies += 1
+
+
+def evaluate_target(
+    given: str,
+    data_path: str,
+    *,
+    base: bool = False,
+    fmt: str | None = None,
+    model: str | None = None,
+    max_examples: int | None = None,
+    max_new_tokens: int | None = None,
+) -> dict[str, Any]:
+    """`finetune eval`: loss, perplexity and exact match of the run (and optionally its base).
+
+    The data format comes from the run's recipe (`fmt` overrides it); for a plain model or an
+    adapter without a recipe the defaults of the recipe schema apply.
+
+    Raises:
+        UserError: unreadable data, bad format, or `base` asked of a plain model.
+    """
+    from finetune.data import load_rows
+    from finetune.evaluate import evaluate_dataset
+    from finetune.recipe import DataSection, EvalSection
+
+    if fmt is not None and fmt not in ("text", "instruction", "chat"):
+        raise UserError(f"--format must be text, instruction or chat (got {fmt!r})")
+    target = resolve_target(given, model)
+    if base and target.adapter_dir is None:
+        raise UserError(f"--base: {given} is a model, not a run; it is the base already")
+    recipe = target.recipe
+    spec = recipe.data if recipe is not None else DataSection(path=data_path)
+    update: dict[str, Any] = {"path": data_path, "eval_path": None, "eval_fraction": 0.0}
+    if fmt is not None:
+        update["format"] = fmt
+    spec = spec.model_copy(update=update)
+    evaluation = recipe.eval if recipe is not None else EvalSection()
+    rows = load_rows(data_path, "--data")
+    session = load(target)
+    options = {
+        "max_examples": max_examples or evaluation.max_examples,
+        "max_new_tokens": max_new_tokens or evaluation.max_new_tokens,
+    }
+    result: dict[str, Any] = {
+        "target": given,
+        "data": data_path,
+        "format": spec.format,
+        "examples": len(rows),
+    }
+    name = "adapter" if target.adapter_dir is not None else "model"
+    result[name] = evaluate_dataset(
+        session.model, session.tokenizer, rows, spec, data_path, **options
+    ).as_dict()
+    if base:
+        with session.model.disable_adapter():
+            result["base"] = evaluate_dataset(
+                session.model, session.tokenizer, rows, spec, data_path, **options
+            ).as_dict()
+    return result

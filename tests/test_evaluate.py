@@ -1,0 +1,92 @@
+"""finetune eval: loss, perplexity and exact match of a run, and of its base beside it."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from helpers import date_rows, write_jsonl
+
+from finetune import inference
+from finetune.cli import main
+from finetune.recipe import load_recipe
+from finetune.train import train
+
+
+@pytest.fixture(scope="module")
+def run_and_data(tmp_path_factory, tiny_model_dir):
+    import yaml
+
+    root = tmp_path_factory.mktemp("eval")
+    data = write_jsonl(root / "train.jsonl", date_rows(24))
+    test = write_jsonl(root / "test.jsonl", date_rows(6, offset=40))
+    recipe = {
+        "model": {"path": str(tiny_model_dir)},
+        "adapter": {"method": "lora", "r": 4, "alpha": 8},
+        "data": {"path": str(data), "format": "instruction", "max_length": 64},
+        "train": {"max_steps": 6, "lr": 5e-3, "micro_batch_size": 4, "seed": 0},
+        "output": {"dir": str(root / "run")},
+        "eval": {"max_new_tokens": 6},
+    }
+    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    train(load_recipe(root / "recipe.yaml"))
+    return root / "run", test
+
+
+def independent_perplexity(model, tokenizer, rows):
+    """exp(mean loss per response token), from logits and the chat template directly."""
+    total, count = 0.0, 0
+    for row in rows:
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": row["prompt"]}], tokenize=False, add_generation_prompt=True
+        )
+        full = tokenizer.apply_chat_template(
+            [
+                {"role": "user", "content": row["prompt"]},
+                {"role": "assistant", "content": row["response"]},
+            ],
+            tokenize=False,
+        )
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        answer_ids = tokenizer(full[len(prompt) :], add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([prompt_ids + answer_ids])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0].double()
+        logprobs = torch.log_softmax(logits[:-1], dim=-1)
+        targets = ids[0, 1:]
+        start = len(prompt_ids) - 1  # the first answer token is predicted at the last prompt one
+        picked = logprobs[torch.arange(start, len(targets)), targets[start:]]
+        total -= float(picked.sum())
+        count += len(answer_ids)
+    return math.exp(total / count), count
+
+
+def test_perplexity_is_exp_of_the_mean_loss_computed_independently(run_and_data):
+    run, test = run_and_data
+    result = inference.evaluate_target(str(run), str(test), base=True)
+    session = inference.load(inference.resolve_target(str(run)), device="cpu")
+    rows = [json.loads(line) for line in test.read_text().splitlines()]
+    expected, tokens = independent_perplexity(session.model, session.tokenizer, rows)
+    assert result["adapter"]["tokens"] == tokens
+    assert result["adapter"]["perplexity"] == pytest.approx(expected, rel=1e-4)
+    assert result["adapter"]["perplexity"] == pytest.approx(math.exp(result["adapter"]["loss"]))
+    with session.model.disable_adapter():
+        base_expected, _ = independent_perplexity(session.model, session.tokenizer, rows)
+    assert result["base"]["perplexity"] == pytest.approx(base_expected, rel=1e-4)
+    assert result["base"]["loss"] > result["adapter"]["loss"]
+    assert result["adapter"]["exact_match"]["total"] == 6
+
+
+def test_cli_eval_json_and_table(run_and_data, capsys):
+    run, test = run_and_data
+    main(["eval", str(run), "--data", str(test), "--base", "--json", "--max-examples", "2"])
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert set(result) >= {"adapter", "base", "format", "examples"}
+    assert result["format"] == "instruction" and result["adapter"]["exact_match"]["total"] == 2
+    with pytest.raises(SystemExit):
+        main(["eval", str(run), "--data", str(test), "--format", "text"])
+    err = capsys.readouterr().err
+    assert "no column 'text'" in err and len(err.strip().splitlines()) == 1

@@ -1,0 +1,124 @@
+"""finetune generate and chat on a run (every adapter kind), an adapter folder and a model."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from helpers import ROOT, date_rows, write_jsonl
+
+from finetune import evaluate, inference
+from finetune.cli import main
+from finetune.recipe import load_recipe
+from finetune.train import train
+
+SETTINGS = {
+    "lora": ({"method": "lora", "r": 4, "alpha": 8}, 5e-3),
+    "prefix": ({"method": "prefix", "num_virtual_tokens": 4}, 3e-2),
+    "prompt": ({"method": "prompt", "num_virtual_tokens": 4}, 1e-1),
+}
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("gen")
+    data = write_jsonl(root / "train.jsonl", date_rows(16))
+    runs = {}
+    for method, (adapter, lr) in SETTINGS.items():
+        recipe = {
+            "model": {"path": str(tiny_model_dir)},
+            "adapter": adapter,
+            "data": {"path": str(data), "format": "instruction", "max_length": 64},
+            "train": {"max_steps": 3, "lr": lr, "micro_batch_size": 4, "seed": 0},
+            "output": {"dir": str(root / method)},
+            "eval": {"max_examples": 1, "max_new_tokens": 2},
+        }
+        (root / f"{method}.yaml").write_text(yaml.safe_dump(recipe))
+        train(load_recipe(root / f"{method}.yaml"))
+        runs[method] = root / method
+    return runs
+
+
+def run_main(capsys, *args):
+    """Run the CLI in-process: (exit code, stdout, stderr); main() returns on success."""
+    capsys.readouterr()  # drop what building the runs printed
+    code = 0
+    try:
+        main(list(args))
+    except SystemExit as exit_info:
+        code = exit_info.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err.strip()
+
+
+@pytest.mark.parametrize("method", list(SETTINGS))
+def test_generate_is_greedy_through_the_chat_template(method, made, capsys):
+    code, out, err = run_main(
+        capsys,
+        "generate",
+        str(made[method]),
+        "Convert 3 March 2024 to ISO.",
+        "--max-new-tokens",
+        "5",
+    )
+    assert code == 0, err
+    session = inference.load(inference.resolve_target(str(made[method])), device="cpu")
+    prompt = session.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Convert 3 March 2024 to ISO."}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    expected = evaluate.generate(session.model, session.tokenizer, [prompt], 5)[0]
+    assert out.strip() == expected.strip()
+
+
+def test_generate_accepts_adapter_folders_and_models_and_samples(made, tiny_model_dir, capsys):
+    code, out, err = run_main(
+        capsys, "generate", str(made["lora"] / "adapter"), "a", "b", "--max-new-tokens", "3"
+    )
+    assert code == 0, err
+    assert out.count("> ") == 2
+    code, out, err = run_main(
+        capsys, "generate", str(tiny_model_dir), "hello", "--sample", "--temperature", "0.7",
+        "--top-p", "0.9", "--seed", "1", "--raw", "--max-new-tokens", "3",
+    )  # fmt: skip
+    assert code == 0, err
+    code, _, err = run_main(capsys, "generate", str(tiny_model_dir), "x", "--temperature", "0")
+    assert code == 2 and "--temperature must be above 0" in err
+
+
+def test_chat_loop_reads_turns_from_stdin(made):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "finetune", "chat", str(made["lora"]), "--max-new-tokens", "4"],
+        input="Convert 3 March 2024 to ISO.\n/reset\nAnd 4 May 2024?\n/exit\nnever read\n",
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("(conversation reset)") == 1
+
+
+def test_chat_loop_keeps_the_conversation(made):
+    lines = iter(["Convert 3 March 2024 to ISO.", "", "And 4 May 2024?"])
+    shown = []
+    replies = inference.chat_loop(
+        str(made["lora"]), lambda: next(lines, None), shown.append, max_new_tokens=4
+    )
+    assert replies == 2 and len(shown) == 2
+    session = inference.load(inference.resolve_target(str(made["lora"])), device="cpu")
+    messages = [
+        {"role": "user", "content": "Convert 3 March 2024 to ISO."},
+        {"role": "assistant", "content": shown[0]},
+        {"role": "user", "content": "And 4 May 2024?"},
+    ]
+    prompt = session.tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
+    assert evaluate.generate(session.model, session.tokenizer, [prompt], 4)[0] == shown[1]
