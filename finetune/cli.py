@@ -71,8 +71,9 @@ def train(
 def show_report(run_dir: Path, report: dict) -> None:
     from rich.markdown import Markdown
 
-    out.print(Markdown((run_dir / "report.md").read_text().replace("![loss](loss.png)", "")))
-    out.print(f"run directory: {run_dir}  (report.md, report.json, loss.png, adapter/)")
+    text = (run_dir / "report.md").read_text()
+    out.print(Markdown(text.replace("![loss](loss.png)", "").replace("![memory](memory.png)", "")))
+    out.print(f"run directory: {run_dir}  (report.md, report.json, loss.png, memory.png, adapter/)")
 
 
 @app.command()

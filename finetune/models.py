@@ -31,6 +31,15 @@ CACHE_ENV = "FINETUNE_CACHE"
 warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
 
 
+def quiet_transformers() -> None:
+    """Silence transformers' per-load progress bars and info logs: our own output says what
+    happens, and a user error should be the only line on the screen."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
 @dataclass
 class LoadedModel:
     """A loaded decoder with the facts later stages and the report need."""
@@ -192,7 +201,7 @@ def load_tokenizer(source: Path | str, trust_remote_code: bool = False) -> Any:
     return tokenizer
 
 
-def load_model(spec: ModelSection, device: str | None = None) -> LoadedModel:
+def load_model(spec: ModelSection, device: str | None = None, tokenizer: Any = None) -> LoadedModel:
     """Load tokenizer and model as the recipe's `model` section says.
 
     Raises:
@@ -200,6 +209,7 @@ def load_model(spec: ModelSection, device: str | None = None) -> LoadedModel:
     """
     from transformers import AutoModelForCausalLM
 
+    quiet_transformers()
     device = device or default_device()
     notes: list[str] = []
     source = resolve_source(spec.path, notes)
@@ -220,7 +230,7 @@ def load_model(spec: ModelSection, device: str | None = None) -> LoadedModel:
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
         kwargs["device_map"] = {"": 0} if device == "cuda" else "cpu"
-    tokenizer = load_tokenizer(source, spec.trust_remote_code)
+    tokenizer = tokenizer or load_tokenizer(source, spec.trust_remote_code)
     model = hub_call(source, lambda: AutoModelForCausalLM.from_pretrained(source, **kwargs))
     if qconfig is None:
         model.to(device)
@@ -228,8 +238,22 @@ def load_model(spec: ModelSection, device: str | None = None) -> LoadedModel:
     return LoadedModel(model, tokenizer, folder, quantization, dtype, device, notes)
 
 
+def offline() -> bool:
+    """HF_HUB_OFFLINE read now, not at import, so a setting made after start-up counts."""
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
 def hub_call(source: Path | str, load: Any) -> Any:
     """Run a from_pretrained call, turning hub and file failures into one-line errors."""
+    if isinstance(source, str) and offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(source, "config.json"), str):
+            raise UserError(
+                f"model.path: '{source}' is not a local folder and HF_HUB_OFFLINE is set, "
+                "so the hub cannot be asked; download it while online or point model.path "
+                "to a local folder"
+            )
     try:
         return load()
     except OSError as err:

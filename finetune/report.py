@@ -57,7 +57,7 @@ def build_report(result: RunResult, wall_time_s: float) -> dict[str, Any]:
         },
         "eval": evals[-1] if evals else None,
         "exact_match": exact_match_section(result),
-        "memory": result.memory,
+        "memory": memory_section(result),
         "notes": p.notes,
         "versions": {
             "python": platform.python_version(),
@@ -67,6 +67,30 @@ def build_report(result: RunResult, wall_time_s: float) -> dict[str, Any]:
         },
     }
     return report
+
+
+def run_estimate(result: RunResult) -> Any:
+    """Our estimate for this very run: its recipe, model and longest training example."""
+    from dataclasses import replace
+
+    from finetune.memory import estimate, from_config, setup_from_recipe
+
+    p = result.prepared
+    longest = max(len(e.input_ids) for e in p.splits.train.examples)
+    setup = replace(setup_from_recipe(p.recipe, p.loaded.device), seq=longest)
+    return estimate(from_config(p.loaded.model.config, name=p.recipe.model.path), setup)
+
+
+def memory_section(result: RunResult) -> dict[str, Any]:
+    from finetune.memory.render import to_markdown
+
+    est = run_estimate(result)
+    return {
+        "measured": result.memory,
+        "estimate": est.to_dict(),
+        "full_fp16_budget_bytes": est.full_fp16_budget_bytes,
+        "markdown": to_markdown(est, result.memory),
+    }
 
 
 def exact_match_section(result: RunResult) -> dict[str, Any] | None:
@@ -124,7 +148,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["", "## Memory", "", report["memory"]["markdown"]]
     if report["notes"]:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
-    lines += ["", "![loss](loss.png)", ""]
+    lines += ["", "![loss](loss.png)", "", "![memory](memory.png)", ""]
     return "\n".join(lines)
 
 
@@ -171,4 +195,18 @@ def write_report(result: RunResult, wall_time_s: float) -> dict[str, Any]:
     runs.write_text_atomically(run_dir / "report.md", render_markdown(report))
     if result.history:
         plot_loss(result.history, result.evals, run_dir / "loss.png")
+    plot_memory_use(result, report["memory"], run_dir / "memory.png")
     return report
+
+
+def plot_memory_use(result: RunResult, memory: dict[str, Any], path: Path) -> None:
+    from finetune.memory.render import plot_memory
+
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    plot_memory(
+        memory["measured"]["peak_bytes"],
+        run_estimate(result),
+        memory["full_fp16_budget_bytes"],
+        tmp,
+    )
+    tmp.replace(path)

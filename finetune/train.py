@@ -20,6 +20,7 @@ import torch
 
 from finetune import adapters, data, evaluate, models, runs
 from finetune.errors import UserError
+from finetune.memory.measure import PeakMemory
 from finetune.recipe import Recipe, dump_recipe
 
 
@@ -68,9 +69,13 @@ def seed_everything(seed: int) -> None:
 def prepare(recipe: Recipe, device: str | None = None) -> Prepared:
     """Load model, attach the adapter and tokenize the data; raise on any bad input."""
     seed_everything(recipe.train.seed)
-    loaded = models.load_model(recipe.model, device)
+    # Data first: a broken row should not wait for a model to load.
+    tokenizer = models.load_tokenizer(
+        models.resolve_source(recipe.model.path), recipe.model.trust_remote_code
+    )
+    splits = data.prepare(recipe.data, tokenizer, recipe.train.seed)
+    loaded = models.load_model(recipe.model, device, tokenizer=tokenizer)
     notes = list(loaded.notes)
-    splits = data.prepare(recipe.data, loaded.tokenizer, recipe.train.seed)
     checkpointing = recipe.train.gradient_checkpointing
     allowed, why = adapters.gradient_checkpointing_allowed(recipe.adapter.method)
     if checkpointing and not allowed:
@@ -138,6 +143,8 @@ def train(recipe: Recipe, *, resume: bool = False, prepared: Prepared | None = N
     checkpoint = runs.latest_checkpoint(run_dir) if resume else None
     if resume and checkpoint is None:
         raise UserError(f"--resume: {run_dir} has no complete checkpoint to resume from")
+    # The baseline is taken before the model loads, so the peak is what this run added.
+    peak = PeakMemory(device=models.default_device()).start()
     prepared = prepared or prepare(recipe)
     device = prepared.loaded.device
     accelerator = Accelerator(
@@ -146,7 +153,7 @@ def train(recipe: Recipe, *, resume: bool = False, prepared: Prepared | None = N
     )
     if accelerator.is_main_process:
         runs.start_run_dir(run_dir, fresh=not resume, recipe_yaml=dump_recipe(recipe))
-    return Loop(recipe, prepared, accelerator, run_dir, checkpoint).run()
+    return Loop(recipe, prepared, accelerator, run_dir, checkpoint, peak).run()
 
 
 class Loop:
@@ -159,8 +166,10 @@ class Loop:
         accelerator: Any,
         run_dir: Path,
         checkpoint: Path | None,
+        peak: PeakMemory,
     ) -> None:
         self.recipe = recipe
+        self.peak = peak
         self.prepared = prepared
         self.accelerator = accelerator
         self.run_dir = run_dir
@@ -204,13 +213,21 @@ class Loop:
                 if t.save_every and self.state.step % t.save_every == 0:
                     self.save_checkpoint()
         self.run_eval()
+        self.peak.stop()
         if t.save_every and self.state.step % t.save_every:
             self.save_checkpoint()
         self.save_adapter()
         after = self.exact_match("after")
         self.metrics.close()
         return RunResult(
-            self.run_dir, self.state, self.history, self.evals, before, after, self.prepared
+            self.run_dir,
+            self.state,
+            self.history,
+            self.evals,
+            before,
+            after,
+            self.prepared,
+            self.peak.to_dict(),
         )
 
     def step(self, micro_batches: list[list[int]]) -> dict[str, Any]:

@@ -126,7 +126,7 @@ def test_hub_id_offline(capsys, tmp_path, recipe_file, monkeypatch):
         capsys,
         tmp_path,
         ["train", str(path)],
-        r"model\.path: 'some-org/some-model-that-is-not-cached' .*offline",
+        r"model\.path: .some-org/some-model-that-is-not-cached. .*(offline|HF_HUB_OFFLINE)",
     )
 
 

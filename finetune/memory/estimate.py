@@ -29,8 +29,9 @@ DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
 OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
 ATTENTIONS = ("sdpa", "eager", "flash")
 
-# The metric the total stands for.
+# The metric the total stands for, on a GPU and on the CPU (where no allocator counts it).
 METRIC = "peak memory allocated by tensors (torch.cuda.max_memory_allocated)"
+CPU_METRIC = "peak bytes of live tensors (compare with the process's resident-memory growth)"
 # CUDA context plus kernels: hundreds of MB to over 1 GB; never part of max allocated.
 CUDA_CONTEXT_BYTES = 600 * 10**6
 # bitsandbytes: 4-bit blocks of 64 weights; double quantization groups 256 absmax values.
@@ -343,6 +344,7 @@ def estimate(arch: Architecture, setup: Setup) -> Estimate:
         total_params=arch.total_params(),
         trainable_params=trainable,
         detail=detail,
+        metric=METRIC if setup.device == "cuda" else CPU_METRIC,
     )
 
 
