@@ -149,6 +149,11 @@ class TrainSection(Section):
     save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: never).")
     log_every: int = Field(1, ge=1, description="Write metrics every N steps.")
     keep_last: int | None = Field(None, ge=1, description="Keep only the newest N checkpoints.")
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop",
+        description="On a NaN or infinite loss or gradient: stop (keeping the last good "
+        "checkpoint and writing the report) or skip that batch's update and go on.",
+    )
 
 
 class OutputSection(Section):
