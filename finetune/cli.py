@@ -66,6 +66,8 @@ def train(
     result = run_training(spec, resume=resume)
     report = write_report(result, time.perf_counter() - started)
     show_report(result.run_dir, report)
+    if result.stopped:
+        raise UserError(result.stopped)
 
 
 def show_report(run_dir: Path, report: dict) -> None:
@@ -403,6 +405,12 @@ def _show_merge(report) -> None:
         f"difference| {report.max_logit_diff:.3g} (tolerance {report.tolerance:g})",
         highlight=False,
     )
+    if report.sixteen_bit_noise is not None:
+        out.print(
+            f"(the unmerged adapter model in {report.dtype} is itself "
+            f"{report.sixteen_bit_noise:.3g} from float32; the tolerance allows twice that)",
+            highlight=False,
+        )
     if report.max_logit_diff_vs_trained is not None:
         out.print(
             f"against the adapter on the {report.trained_quantization} base it was trained with: "

@@ -54,7 +54,9 @@ def build_report(result: RunResult, wall_time_s: float) -> dict[str, Any]:
             "first_loss": history[0]["loss"] if history else None,
             "final_loss": history[-1]["loss"] if history else None,
             "gradient_checkpointing": p.gradient_checkpointing,
+            "skipped_steps": state.skipped_steps,
         },
+        "stopped": result.stopped,
         "eval": evals[-1] if evals else None,
         "exact_match": exact_match_section(result),
         "memory": memory_section(result),
@@ -120,6 +122,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"({t['tokens_per_s']:.0f} tokens/s, {t['trained_tokens_per_s']:.0f} trained tokens/s); "
         f"wall time {t['wall_time_s']:.1f} s",
     ]
+    if report["stopped"]:
+        lines.insert(2, f"**Stopped early:** {report['stopped']}\n")
+    if t["skipped_steps"]:
+        lines.append(f"- skipped {t['skipped_steps']} steps with a non-finite loss or gradient")
     if t["first_loss"] is not None:
         lines.append(f"- loss: {t['first_loss']:.4f} at step 1 -> {t['final_loss']:.4f} at the end")
     if report["eval"]:

@@ -78,6 +78,18 @@ def write_text_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def remove_partial_writes(run_dir: Path) -> None:
+    """Delete what a killed write left behind: temporary folders and files (dot-prefixed)."""
+    for folder in (run_dir, run_dir / "checkpoints"):
+        if not folder.is_dir():
+            continue
+        for leftover in folder.glob(".*"):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            elif leftover.name.endswith((".tmp", ".tmp.png")):
+                leftover.unlink(missing_ok=True)
+
+
 # ------------------------------------------------------------------------ checkpoints
 
 
@@ -113,10 +125,17 @@ def prune_checkpoints(run_dir: Path, keep_last: int | None) -> None:
 
 
 def read_records(run_dir: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl's records; a line cut short by a kill mid-write is dropped."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
 
 
 def read_history(run_dir: Path, up_to_step: int) -> list[dict[str, Any]]:

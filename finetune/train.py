@@ -24,6 +24,10 @@ from finetune.memory.measure import PeakMemory
 from finetune.recipe import Recipe, dump_recipe
 
 
+class NonFinite(Exception):
+    """A NaN or infinite loss or gradient norm at some step."""
+
+
 @dataclass
 class Prepared:
     """Everything a run needs, built and validated before anything is written."""
@@ -46,6 +50,7 @@ class RunState:
     tokens: int = 0
     trained_tokens: int = 0
     elapsed: float = 0.0
+    skipped_steps: int = 0
 
 
 @dataclass
@@ -58,6 +63,7 @@ class RunResult:
     exact_match_after: evaluate.ExactMatch | None
     prepared: Prepared
     memory: dict[str, Any] = field(default_factory=dict)
+    stopped: str | None = None  # why the run stopped early (divergence), else None
 
 
 def seed_everything(seed: int) -> None:
@@ -141,8 +147,6 @@ def train(recipe: Recipe, *, resume: bool = False, prepared: Prepared | None = N
     run_dir = Path(recipe.output.dir)
     runs.check_output_dir(run_dir, overwrite=recipe.output.overwrite, resume=resume)
     checkpoint = runs.latest_checkpoint(run_dir) if resume else None
-    if resume and checkpoint is None:
-        raise UserError(f"--resume: {run_dir} has no complete checkpoint to resume from")
     # The baseline is taken before the model loads, so the peak is what this run added.
     peak = PeakMemory(device=models.default_device()).start()
     prepared = prepared or prepare(recipe)
@@ -151,8 +155,15 @@ def train(recipe: Recipe, *, resume: bool = False, prepared: Prepared | None = N
         mixed_precision=mixed_precision(recipe.train.mixed_precision, device),
         cpu=device == "cpu",
     )
+    if resume:
+        prepared.notes.append(
+            f"resumed from {checkpoint}"
+            if checkpoint
+            else f"--resume found no complete checkpoint in {run_dir}; started from step 0"
+        )
     if accelerator.is_main_process:
         runs.start_run_dir(run_dir, fresh=not resume, recipe_yaml=dump_recipe(recipe))
+        runs.remove_partial_writes(run_dir)
     return Loop(recipe, prepared, accelerator, run_dir, checkpoint, peak).run()
 
 
@@ -200,24 +211,28 @@ class Loop:
             start=self.state.micro_step,
         )
         self.model.train()
+        stopped = None
         with TrainProgress(self.steps, self.state.step, self.accelerator.is_main_process) as bar:
             while self.state.step < self.steps:
-                record = self.step([next(batches) for _ in range(t.grad_accum)])
+                try:
+                    record = self.step([next(batches) for _ in range(t.grad_accum)])
+                except NonFinite as err:
+                    stopped = str(err)
+                    break
                 bar.update(self.state.step, record)
-                if (
-                    t.eval_every
-                    and self.state.step % t.eval_every == 0
-                    and self.state.step < self.steps
-                ):
-                    self.run_eval()
+                if t.eval_every and self.state.step % t.eval_every == 0:
+                    if self.state.step < self.steps:
+                        self.run_eval()
                 if t.save_every and self.state.step % t.save_every == 0:
                     self.save_checkpoint()
-        self.run_eval()
         self.peak.stop()
-        if t.save_every and self.state.step % t.save_every:
-            self.save_checkpoint()
-        self.save_adapter()
-        after = self.exact_match("after")
+        after = None
+        if stopped is None:
+            self.run_eval()
+            if t.save_every and self.state.step % t.save_every:
+                self.save_checkpoint()
+            self.save_adapter()
+            after = self.exact_match("after")
         self.metrics.close()
         return RunResult(
             self.run_dir,
@@ -228,10 +243,15 @@ class Loop:
             after,
             self.prepared,
             self.peak.to_dict(),
+            stopped,
         )
 
     def step(self, micro_batches: list[list[int]]) -> dict[str, Any]:
-        """One optimizer step over `grad_accum` micro-batches, loss normalised by trained tokens."""
+        """One optimizer step over `grad_accum` micro-batches, loss normalised by trained tokens.
+
+        Raises:
+            NonFinite: the loss or gradient norm is NaN or infinite and on_nonfinite is stop.
+        """
         started = time.perf_counter()
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         batches = [
@@ -252,15 +272,22 @@ class Loop:
             self.accelerator.backward(loss)
             loss_sum += float(loss.detach()) / world
         grad_norm = self.clip()
-        if not math.isfinite(loss_sum):
-            raise UserError(
-                f"training diverged: loss is {loss_sum} at step {self.state.step + 1}; lower "
-                "train.lr or check the data"
+        loss_total = float(self.accelerator.reduce(torch.tensor(loss_sum), reduction="sum"))
+        finite = math.isfinite(loss_total) and math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+        elif self.recipe.train.on_nonfinite == "stop":
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFinite(
+                f"training diverged at step {self.state.step + 1}: loss {loss_total}, gradient "
+                f"norm {grad_norm}; the adapter keeps its last good weights"
+                f"{self.last_checkpoint_note()}. Lower train.lr, check the data, or set "
+                "train.on_nonfinite=skip"
             )
-        self.optimizer.step()
+        else:
+            self.state.skipped_steps += 1
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        loss_total = float(self.accelerator.reduce(torch.tensor(loss_sum), reduction="sum"))
         tokens = int(
             self.accelerator.reduce(
                 torch.tensor(sum(int(b["attention_mask"].sum()) for b in batches)), reduction="sum"
@@ -282,10 +309,16 @@ class Loop:
             "tokens_per_s": tokens / elapsed if elapsed else 0.0,
             "elapsed_s": self.state.elapsed,
         }
+        if not finite:
+            record["skipped"] = True
         self.history.append(record)
         if self.state.step % self.recipe.train.log_every == 0 or self.state.step == self.steps:
             self.metrics.write(record)
         return record
+
+    def last_checkpoint_note(self) -> str:
+        latest = runs.latest_checkpoint(self.run_dir)
+        return f"; the last good checkpoint is {latest}" if latest else ""
 
     def sync(self, last: bool) -> Any:
         import contextlib

@@ -1,0 +1,202 @@
+"""Reliability: a run killed with SIGKILL anywhere resumes to the same result, divergence
+stops cleanly or skips, and checkpoints are pruned only after a new one is complete."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import ROOT
+from safetensors.torch import load_file
+
+from finetune.cli import main
+from finetune.recipe import load_recipe
+from finetune.train import train
+
+STEPS = 12
+TRAIN = {
+    "max_steps": STEPS,
+    "save_every": 4,
+    "grad_accum": 2,
+    "micro_batch_size": 3,
+    "lr": 5e-3,
+    "log_every": 1,
+}
+
+
+def start(recipe: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "finetune", "train", str(recipe), *extra],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(proc: subprocess.Popen) -> None:
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+
+
+def losses(run: Path) -> list[float]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    return [r["loss"] for r in records if "loss" in r]
+
+
+def kill_when(proc: subprocess.Popen, ready, timeout: float = 120) -> bool:
+    """SIGKILL the process as soon as `ready()` is true; False if it ended first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ready():
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.0005)
+    proc.kill()
+    raise AssertionError("kill point never reached")
+
+
+def steps_logged(run: Path) -> int:
+    path = run / "metrics.jsonl"
+    return path.read_text().count("\n") if path.exists() else 0
+
+
+def checkpoint_names(run: Path, hidden: bool = False) -> list[str]:
+    folder = run / "checkpoints"
+    if not folder.is_dir():
+        return []
+    return [p.name for p in folder.iterdir() if p.name.startswith(".") == hidden]
+
+
+KILL_POINTS = {
+    "before the first checkpoint": lambda run: steps_logged(run) >= 2 and not checkpoint_names(run),
+    "just after a checkpoint": lambda run: "step-4" in checkpoint_names(run),
+    "during a checkpoint write": lambda run: bool(checkpoint_names(run, hidden=True)),
+    "mid run, after two checkpoints": lambda run: steps_logged(run) >= 9,
+}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_model_dir):
+    """An uninterrupted run, in a subprocess like the killed ones."""
+    import yaml
+    from helpers import date_rows, write_jsonl
+
+    folder = tmp_path_factory.mktemp("reference")
+    data = write_jsonl(folder / "train.jsonl", date_rows(30))
+    recipe = {
+        "model": {"path": str(tiny_model_dir)},
+        "adapter": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.1},
+        "data": {"path": str(data), "template": "{prompt} ", "max_length": 64},
+        "train": TRAIN,
+        "output": {"dir": str(folder / "run")},
+    }
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    finish(start(path))
+    return recipe, folder / "run"
+
+
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_sigkill_then_resume_matches_an_uninterrupted_run(point, reference, tmp_path):
+    import yaml
+
+    recipe, reference_run = reference
+    run = tmp_path / "run"
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({**recipe, "output": {"dir": str(run)}}))
+    for _attempt in range(5):  # a checkpoint write lasts milliseconds: try until we land in one
+        proc = start(path, "output.overwrite=true")
+        assert kill_when(proc, lambda: KILL_POINTS[point](run)), "run ended before the kill"
+        if point != "during a checkpoint write" or checkpoint_names(run, hidden=True):
+            break
+    else:
+        pytest.fail("never caught a checkpoint write in progress")
+    assert not (run / "adapter").exists()  # the run really was cut short
+    finish(start(path, "--resume"))
+
+    assert losses(run) == losses(reference_run)  # bitwise, per step
+    ours = load_file(run / "adapter" / "adapter_model.safetensors")
+    theirs = load_file(reference_run / "adapter" / "adapter_model.safetensors")
+    assert ours.keys() == theirs.keys()
+    assert max(float((ours[k] - theirs[k]).abs().max()) for k in ours) == 0.0
+    assert checkpoint_names(run, hidden=True) == []  # leftovers of the killed write are gone
+
+
+def poisoned_model(tiny_model_dir: Path, tmp_path: Path, token: str) -> tuple[Path, int]:
+    """A copy of the tiny model whose embedding row for `token` is NaN: any batch holding that
+    token has a NaN loss, the others are fine (like a corrupt row in real weights)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    token_id = tokenizer(token, add_special_tokens=False)["input_ids"][0]
+    with torch.no_grad():
+        model.get_input_embeddings().weight[token_id] = float("nan")
+    folder = tmp_path / "poisoned"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder, token_id
+
+
+def poisoned_data(tmp_path: Path) -> Path:
+    from helpers import date_rows, write_jsonl
+
+    rows = date_rows(12)
+    rows[5]["prompt"] = "Convert ☃ " + rows[5]["prompt"]  # only this row holds the poisoned token
+    return write_jsonl(tmp_path / "train.jsonl", rows)
+
+
+def test_divergence_stops_naming_the_step_and_keeps_the_checkpoint(
+    capsys, recipe_file, tiny_model_dir, tmp_path
+):
+    model, _ = poisoned_model(tiny_model_dir, tmp_path, "☃")
+    path = recipe_file(
+        model={"path": str(model)},
+        data={"path": str(poisoned_data(tmp_path)), "shuffle": False},
+        train={"micro_batch_size": 2, "max_steps": 6, "save_every": 1},
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", str(path)])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2
+    assert "error: training diverged at step 3" in err  # rows 5-6 form the third micro-batch
+    run = tmp_path / "run"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-1", "step-2"]
+    report = json.loads((run / "report.json").read_text())
+    assert report["stopped"].startswith("training diverged at step 3")
+    weights = load_file(run / "checkpoints" / "step-2" / "adapter" / "adapter_model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_skip_goes_past_the_bad_batch(recipe_file, tiny_model_dir, tmp_path):
+    model, _ = poisoned_model(tiny_model_dir, tmp_path, "☃")
+    path = recipe_file(
+        model={"path": str(model)},
+        data={"path": str(poisoned_data(tmp_path)), "shuffle": False},
+        train={"micro_batch_size": 2, "max_steps": 9, "on_nonfinite": "skip"},
+    )
+    result = train(load_recipe(path))
+    assert result.stopped is None and result.state.step == 9
+    # 6 micro-batches an epoch, unshuffled: the bad one is the 3rd of each epoch.
+    assert [r["step"] for r in result.history if r.get("skipped")] == [3, 9]
+    final = result.prepared.model
+    assert all(torch.isfinite(p).all() for p in final.parameters() if p.requires_grad)
+
+
+def test_keep_last_prunes_old_checkpoints(recipe_file, tmp_path):
+    path = recipe_file(train={"max_steps": 6, "save_every": 1, "keep_last": 2})
+    train(load_recipe(path))
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert names == ["step-5", "step-6"]
