@@ -220,10 +220,9 @@ class Loop:
                     stopped = str(err)
                     break
                 bar.update(self.state.step, record)
-                if t.eval_every and self.state.step % t.eval_every == 0:
-                    if self.state.step < self.steps:
-                        self.run_eval()
-                if t.save_every and self.state.step % t.save_every == 0:
+                if self.due(t.eval_every) and self.state.step < self.steps:
+                    self.run_eval()  # the final evaluation comes after the loop
+                if self.due(t.save_every):
                     self.save_checkpoint()
         self.peak.stop()
         after = None
@@ -315,6 +314,10 @@ class Loop:
         if self.state.step % self.recipe.train.log_every == 0 or self.state.step == self.steps:
             self.metrics.write(record)
         return record
+
+    def due(self, every: int) -> bool:
+        """Whether an every-N-steps action is due at the current step (0 means never)."""
+        return bool(every) and self.state.step % every == 0
 
     def last_checkpoint_note(self) -> str:
         latest = runs.latest_checkpoint(self.run_dir)
