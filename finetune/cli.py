@@ -64,8 +64,9 @@ def train(
     started = time.perf_counter()
     spec = load_recipe(recipe, overrides or [])
     result = run_training(spec, resume=resume)
-    report = write_report(result, time.perf_counter() - started)
-    show_report(result.run_dir, report)
+    if result.main_process:
+        report = write_report(result, time.perf_counter() - started)
+        show_report(result.run_dir, report)
     if result.stopped:
         raise UserError(result.stopped)
 
@@ -492,7 +493,7 @@ def combine(
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning user errors into one line and exit code 2."""
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv, standalone_mode=False, prog_name="finetune")
     except UserError as err:
         if os.environ.get("FINETUNE_DEBUG"):
             raise
@@ -501,12 +502,16 @@ def main(argv: list[str] | None = None) -> None:
     except (typer.Abort, KeyboardInterrupt):
         console.print("aborted")
         sys.exit(130)
-    except Exception as err:  # click's usage errors carry their own exit code
-        import click
+    except typer.Exit as err:
+        sys.exit(err.exit_code)
+    except typer.TyperException as err:  # typer's own (vendored) click errors
+        if type(err).__name__ == "NoArgsIsHelpError":
+            err.show()  # the help text
+        else:  # a usage error: one line, like every other user error
+            from rich.markup import escape
 
-        if isinstance(err, click.exceptions.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
-        if isinstance(err, click.exceptions.Exit):
-            sys.exit(err.exit_code)
-        raise
+            ctx = getattr(err, "ctx", None)
+            hint = f"; see '{ctx.command_path} --help'" if ctx is not None else ""
+            message = escape(err.format_message().rstrip("."))
+            console.print(f"[bold red]error:[/] {message}{hint}", highlight=False, soft_wrap=True)
+        sys.exit(err.exit_code)

@@ -64,6 +64,7 @@ class RunResult:
     prepared: Prepared
     memory: dict[str, Any] = field(default_factory=dict)
     stopped: str | None = None  # why the run stopped early (divergence), else None
+    main_process: bool = True  # under data parallelism, only the main process reports
 
 
 def seed_everything(seed: int) -> None:
@@ -243,6 +244,7 @@ class Loop:
             self.prepared,
             self.peak.to_dict(),
             stopped,
+            self.accelerator.is_main_process,
         )
 
     def step(self, micro_batches: list[list[int]]) -> dict[str, Any]:

@@ -38,5 +38,6 @@ def test_validate_shows_the_trained_tokens_of_the_embedded_model(cli):
     assert "train: 500 examples" in proc.stdout
     assert "0 truncated" in proc.stdout
     # The answer and the end-of-turn token are trained; the question is not.
-    assert "⟦2010-03-24<|im_end|>" in proc.stdout
-    assert "⟦" not in proc.stdout.split("assistant")[0]
+    shown = proc.stdout.split("between ⟦ and ⟧:", 1)[1]
+    assert "⟦2010-03-24<|im_end|>" in shown
+    assert "⟦" not in shown.split("assistant")[0]
