@@ -265,3 +265,44 @@ def test_bad_input_is_one_line_and_writes_nothing(made, tmp_path, capsys):
     expect_error(capsys, ["merge", str(run), "--out", str(out)], r"already exists; pass --force")
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "small-base", "unfinished"]
+
+
+# ------------------------------------------------------------------------ embedded model
+
+
+@pytest.mark.slow
+def test_embedded_model_trains_merges_and_exports_gguf(tmp_path):
+    """SmolLM2-135M-Instruct: train two steps, merge, export GGUF, load it back."""
+    pytest.importorskip("gguf")
+    from helpers import ROOT
+    from transformers import AutoModelForCausalLM
+
+    recipe = load_recipe(
+        ROOT / "recipes" / "quickstart.yaml",
+        [
+            "train.max_steps=2",
+            "train.eval_every=0",
+            "train.save_every=0",
+            "eval.max_examples=2",
+            f"output.dir={tmp_path / 'run'}",
+        ],
+    )
+    train(recipe)
+    merged = export.merge(str(tmp_path / "run"), tmp_path / "merged")
+    assert merged.max_logit_diff < export.MERGE_TOLERANCE["float32"]
+    report = export.export(str(tmp_path / "run"), tmp_path / "model.gguf", "gguf")
+    assert report.round_trip_max_logit_diff < export.GGUF_TOLERANCE["f16"]
+    assert report.tokenizer_round_trip
+    assert 200e6 < report.size_bytes < 400e6  # 135M parameters in f16 plus the vocabulary
+    reloaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path, gguf_file="model.gguf", dtype=torch.float32
+    )
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    session = inference.load(inference.resolve_target(str(tmp_path / "run")), device="cpu")
+    batch = inference.probe_batch(session.tokenizer)
+    diff = inference.max_logit_diff(
+        inference.probe_logits(plain, batch),
+        inference.probe_logits(reloaded, batch),
+        batch["attention_mask"],
+    )
+    assert diff < export.GGUF_TOLERANCE["f16"]
