@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,8 +55,19 @@ def load_rows(path: str | Path, field_name: str = "data.path") -> list[dict[str,
     return rows
 
 
+BOMS = {
+    b"\xff\xfe\x00\x00": "UTF-32",
+    b"\x00\x00\xfe\xff": "UTF-32",
+    b"\xff\xfe": "UTF-16",
+    b"\xfe\xff": "UTF-16",
+}
+
+
 def _read_text(path: Path) -> str:
     raw = path.read_bytes()
+    for bom, encoding in BOMS.items():
+        if raw.startswith(bom):
+            raise UserError(f"{path}: the file is {encoding} text; re-save it as UTF-8")
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
@@ -84,8 +94,16 @@ def _load_jsonl(path: Path) -> list[dict[str, Any]]:
             )
         row["_row"] = number
         rows.append(row)
-    # Round-trip through datasets so the column types are the ones every other format gets.
-    return _rows_from_dataset(Dataset.from_list(rows), path) if rows else []
+    if not rows:
+        return []
+    # Round-trip through datasets so the column types are the ones every other format gets;
+    # rows that arrow cannot put in one table (a number in a text column, a string where
+    # other rows have a list) stay as they are, and the row checks then name the bad row.
+    try:
+        dataset = Dataset.from_list(rows)
+    except Exception:  # pyarrow's ArrowInvalid / ArrowTypeError, among others
+        return rows
+    return _rows_from_dataset(dataset, path)
 
 
 def _load_json(path: Path) -> list[dict[str, Any]]:
@@ -103,14 +121,37 @@ def _load_json(path: Path) -> list[dict[str, Any]]:
 
 
 def _load_tabular(path: Path) -> list[dict[str, Any]]:
-    from datasets import Dataset
+    if path.suffix.lower() == ".csv":
+        return _load_csv(path)
+    import pyarrow.parquet as pq
 
     try:
-        loader = Dataset.from_csv if path.suffix.lower() == ".csv" else Dataset.from_parquet
-        dataset = loader(str(path), keep_in_memory=True)
+        rows = pq.read_table(path).to_pylist()
     except Exception as err:  # pyarrow raises many kinds; all mean a file we can't read
         raise UserError(f"{path}: cannot read ({str(err).splitlines()[0][:200]})") from None
-    return _rows_from_dataset(dataset, path)
+    for number, row in enumerate(rows, start=1):
+        row["_row"] = number
+    return rows
+
+
+def _load_csv(path: Path) -> list[dict[str, Any]]:
+    """Every cell as text (a response "42" stays a string); rows numbered from 1 after the
+    header. Read with the csv module, so no cache is written and no progress bar shown."""
+    import csv
+    import io
+
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""), restval="")
+    rows = []
+    try:
+        for number, row in enumerate(reader, start=1):
+            if row.get(None):
+                raise UserError(f"{path} row {number}: more cells than the header has columns")
+            row.pop(None, None)
+            if any(value.strip() for value in row.values()):
+                rows.append({**row, "_row": number})
+    except csv.Error as err:
+        raise UserError(f"{path}:{reader.line_num}: not valid CSV ({err})") from None
+    return rows
 
 
 def _load_saved_dataset(path: Path, field_name: str) -> list[dict[str, Any]]:
@@ -153,6 +194,8 @@ def require_column(row: dict[str, Any], column: str, key: str, where: str) -> An
 
 
 def require_text(value: Any, column: str, where: str) -> str:
+    if value is None:
+        raise UserError(f"{where}: column '{column}' is missing (null); fill it or remove the row")
     if not isinstance(value, str):
         raise UserError(f"{where}: column '{column}' must be a string, got {type(value).__name__}")
     if not value.strip():
@@ -197,7 +240,10 @@ def check_messages(value: Any, column: str, where: str) -> list[dict[str, str]]:
             raise UserError(
                 f"{where}: turn {turn} has role {role!r}; use one of {', '.join(ROLES)}"
             )
-        require_text(message.get("content"), f"{column}[{turn}].content", where)
+        content = message.get("content")
+        if content is None:
+            raise UserError(f"{where}: turn {turn} ({role}) has no 'content'")
+        require_text(content, f"{column}[{turn}].content", where)
     if not any(m["role"] == "assistant" for m in value):
         raise UserError(f"{where}: no assistant turn, so there is nothing to train on")
     return [{"role": m["role"], "content": m["content"]} for m in value]
@@ -399,27 +445,6 @@ def collate(examples: list[TokenizedExample], pad_id: int) -> dict[str, Any]:
         labels[i, :n] = torch.tensor(e.labels)
         attention[i, :n] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
-
-
-def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
-    """The example order of one epoch: a pure function of seed and epoch, so resume is exact."""
-    order = list(range(n))
-    if shuffle:
-        random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return order
-
-
-def micro_batches(
-    n: int, batch_size: int, seed: int, shuffle: bool, start: int = 0
-) -> Iterator[list[int]]:
-    """Yield index lists forever, epoch after epoch, skipping the first `start` micro-batches."""
-    per_epoch = max(1, n // batch_size) if n >= batch_size else 1
-    position = start
-    while True:
-        epoch, index = divmod(position, per_epoch)
-        order = epoch_order(n, seed, epoch, shuffle)
-        yield order[index * batch_size : (index + 1) * batch_size]
-        position += 1
 
 
 def render_marked(example: TokenizedExample, tokenizer: Any) -> list[tuple[str, bool]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -98,16 +99,72 @@ def looks_like_hub_id(path: str) -> bool:
 
 
 def check_model_folder(folder: Path) -> None:
-    if not (folder / "config.json").is_file():
+    """A transformers model folder: a readable config.json and intact safetensors weights.
+
+    Pickled weights (`*.bin`, `*.pt`) are refused: unpickling can run code.
+    """
+    config = folder / "config.json"
+    if not config.is_file():
         raise UserError(
             f"model.path: {folder} has no config.json; is it a transformers model folder?"
         )
-    weights = list(folder.glob("*.safetensors")) + list(folder.glob("*.bin"))
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UserError(
+            f"model.path: {config} is not valid JSON ({first_line(err)}); restore the file"
+        ) from None
+    weights = sorted(folder.glob("*.safetensors"))
     if not weights:
+        pickled = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+        if pickled:
+            raise UserError(
+                f"model.path: {folder} has only pickled weights ({', '.join(pickled[:3])}), "
+                "which can run code when loaded; convert them to safetensors "
+                "(save_pretrained(folder, safe_serialization=True)) and try again"
+            )
         raise UserError(
             f"model.path: {folder} has a config.json but no weights (*.safetensors); "
             "save the model with save_pretrained"
         )
+    from safetensors import safe_open
+
+    for file in weights:
+        try:
+            with safe_open(str(file), "pt"):
+                pass  # parses the header and checks it covers the whole file
+        except Exception as err:  # SafetensorError: truncated, empty or not safetensors
+            raise UserError(
+                f"model.path: {file} is corrupt or cut short ({first_line(err)}); "
+                "download or save the model again"
+            ) from None
+
+
+def needs_remote_code(folder: Path, trust_remote_code: bool) -> str | None:
+    """Refuse a folder whose model exists only as its own Python code, unless trusted.
+
+    Returns a note when config.json asks for custom code (`auto_map`) that will not run
+    because transformers has its own implementation of the model type.
+
+    Raises:
+        UserError: the model type is unknown to transformers and the code is not trusted.
+    """
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    auto_map = config.get("auto_map") if isinstance(config, dict) else None
+    if not auto_map or trust_remote_code:
+        return None
+    from transformers import CONFIG_MAPPING
+
+    code = ", ".join(sorted({str(v) for v in auto_map.values()}))
+    if config.get("model_type") in CONFIG_MAPPING:
+        return (
+            f"{folder}/config.json names custom code ({code}); it did not run: transformers' "
+            f"own {config['model_type']} code is used (model.trust_remote_code is false)"
+        )
+    raise UserError(
+        f"model.path: {folder} needs its own custom code to load ({code}); set "
+        "model.trust_remote_code: true only if you trust that code"
+    )
 
 
 def embedded_gguf_path() -> Path:
@@ -192,6 +249,8 @@ def quantization_config(quantization: str, dtype: torch.dtype, double_quant: boo
 def load_tokenizer(source: Path | str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
+    if isinstance(source, Path):
+        needs_remote_code(source, trust_remote_code)
     tokenizer = hub_call(
         source,
         lambda: AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code),
@@ -213,6 +272,9 @@ def load_model(spec: ModelSection, device: str | None = None, tokenizer: Any = N
     device = device or default_device()
     notes: list[str] = []
     source = resolve_source(spec.path, notes)
+    if isinstance(source, Path):
+        note = needs_remote_code(source, spec.trust_remote_code)
+        notes += [note] if note else []
     quantization = choose_quantization(spec.quantization, device)
     if spec.quantization == "auto":
         notes.append(f"model.quantization auto -> {quantization} on {device}")
@@ -265,6 +327,13 @@ def hub_call(source: Path | str, load: Any) -> Any:
         ) from None
     except ValueError as err:
         raise UserError(f"model.path: cannot load {source}: {first_line(err)}") from None
+    except Exception as err:
+        if type(err).__name__ != "SafetensorError":
+            raise
+        raise UserError(
+            f"model.path: cannot load {source}: a safetensors file is corrupt "
+            f"({first_line(err)}); download or save the model again"
+        ) from None
 
 
 def first_line(err: BaseException) -> str:

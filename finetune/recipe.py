@@ -116,12 +116,44 @@ class DataSection(Section):
         0.0, ge=0, lt=1, description="Hold out this fraction of the training data for evaluation."
     )
     shuffle: bool = Field(True, description="Shuffle the training examples every epoch.")
+    packing: bool = Field(
+        False,
+        description="Pack several examples into each sequence of max_length tokens, with "
+        "position ids restarting per example so attention stays inside each one (LoRA, DoRA, "
+        "IA3; not prefix or prompt tuning).",
+    )
+    group_by_length: bool = Field(
+        True, description="Batch examples of similar length together so padding stays small."
+    )
 
     @model_validator(mode="after")
     def _one_eval_source(self) -> DataSection:
         if self.eval_path and self.eval_fraction > 0:
             raise ValueError("set data.eval_path or data.eval_fraction, not both")
+        if self.format == "instruction" and self.template != "chat":
+            check_template(self.template)
         return self
+
+
+def check_template(template: str) -> None:
+    """An instruction template must hold `{prompt}` and no other placeholder."""
+    import string
+
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as err:
+        raise ValueError(f"data.template: {err}; double literal braces ({{{{ and }}}})") from None
+    unknown = sorted(f"{{{f}}}" for f in fields - {"prompt"})
+    if unknown:
+        raise ValueError(
+            f"data.template: unknown placeholder {', '.join(unknown)}; the prompt goes in "
+            "{prompt}, and literal braces are doubled ({{ and }})"
+        )
+    if "prompt" not in fields:
+        raise ValueError(
+            "data.template has no {prompt} placeholder, so the prompt would be dropped; "
+            "add {prompt} (or use template: chat)"
+        )
 
 
 class TrainSection(Section):
@@ -179,6 +211,11 @@ class Recipe(Section):
         method = self.adapter.method
         if method == "prompt" and self.adapter.prefix_projection:
             raise ValueError("adapter.prefix_projection applies to prefix tuning, not prompt")
+        if self.data.packing and method in ("prefix", "prompt"):
+            raise ValueError(
+                f"data.packing cannot be used with adapter.method {method}: its virtual "
+                "tokens would be shared by every packed example; set data.packing: false"
+            )
         if method != "prompt" and self.adapter.prompt_init_text:
             raise ValueError("adapter.prompt_init_text needs adapter.method: prompt")
         return self
@@ -194,6 +231,8 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         UserError: the file is missing or malformed, a key is unknown, a value is invalid.
     """
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder; give a recipe file (.yaml)")
     if not path.is_file():
         raise UserError(f"{path}: recipe file not found")
     try:

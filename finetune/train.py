@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from finetune import adapters, data, evaluate, models, runs
+from finetune import adapters, batching, data, evaluate, models, runs
 from finetune.errors import UserError
 from finetune.memory.measure import PeakMemory
 from finetune.recipe import Recipe, dump_recipe
@@ -187,7 +187,11 @@ class Loop:
         self.run_dir = run_dir
         self.train_data = prepared.splits.train
         self.pad_id = prepared.loaded.tokenizer.pad_token_id
-        self.steps = total_steps(recipe, len(self.train_data), accelerator.num_processes)
+        self.packed = recipe.data.packing
+        self.items = batching.build_items(
+            self.train_data.examples, self.packed, recipe.data.max_length, recipe.train.seed
+        )
+        self.steps = total_steps(recipe, len(self.items), accelerator.num_processes)
         optimizer, self.scheduler = make_optimizer(prepared.model, recipe, self.steps)
         self.model, self.optimizer = accelerator.prepare(prepared.model, optimizer)
         self.state = RunState()
@@ -204,11 +208,12 @@ class Loop:
 
         t = self.recipe.train
         before = self.exact_match("before") if self.state.step == 0 else None
-        batches = data.micro_batches(
-            len(self.train_data),
+        batches = batching.micro_batches(
+            [len(item) for item in self.items],
             t.micro_batch_size * self.accelerator.num_processes,
             t.seed,
             self.recipe.data.shuffle,
+            self.recipe.data.group_by_length,
             start=self.state.micro_step,
         )
         self.model.train()
@@ -255,10 +260,8 @@ class Loop:
         """
         started = time.perf_counter()
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        batches = [
-            data.collate([self.train_data.examples[i] for i in idx[rank::world]], self.pad_id)
-            for idx in micro_batches
-        ]
+        shards = [[self.items[i] for i in idx[rank::world]] for idx in micro_batches]
+        batches = [batching.collate(items, self.pad_id, self.packed) for items in shards]
         method = self.recipe.adapter.method
         local = sum(count_trained(b["labels"], method) for b in batches)
         n_trained = int(self.accelerator.reduce(torch.tensor(local), reduction="sum"))
@@ -268,7 +271,8 @@ class Loop:
             last = i == len(batches) - 1
             # DDP averages gradients over processes, so scale by world size to get a sum.
             with self.sync(last), self.accelerator.autocast():
-                out = self.model(**batch, num_items_in_batch=max(n_trained, 1))
+                # No KV cache: with one, transformers would not build the packed mask.
+                out = self.model(**batch, use_cache=False, num_items_in_batch=max(n_trained, 1))
                 loss = out.loss * world
             self.accelerator.backward(loss)
             loss_sum += float(loss.detach()) / world
@@ -289,11 +293,8 @@ class Loop:
             self.state.skipped_steps += 1
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        tokens = int(
-            self.accelerator.reduce(
-                torch.tensor(sum(int(b["attention_mask"].sum()) for b in batches)), reduction="sum"
-            )
-        )
+        local_tokens = sum(len(item) for items in shards for item in items)
+        tokens = int(self.accelerator.reduce(torch.tensor(local_tokens), reduction="sum"))
         elapsed = time.perf_counter() - started
         self.state.step += 1
         self.state.micro_step += len(micro_batches)

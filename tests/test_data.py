@@ -5,11 +5,11 @@ import json
 import pytest
 from helpers import build_tokenizer, date_rows, write_jsonl
 
+from finetune.batching import micro_batches
 from finetune.data import (
     IGNORE_INDEX,
     collate,
     load_rows,
-    micro_batches,
     prepare,
     require_trained_tokens,
     tokenize_rows,
@@ -161,8 +161,24 @@ def test_collate_pads_and_masks(tmp_path, tok):
 
 
 def test_micro_batches_resume_at_any_position():
-    full = micro_batches(10, 3, seed=7, shuffle=True)
+    lengths = [3, 9, 4, 8, 1, 7, 2, 6, 5, 10]
+    full = micro_batches(lengths, 3, seed=7, shuffle=True, group_by_length=True)
     first = [next(full) for _ in range(8)]
-    resumed = micro_batches(10, 3, seed=7, shuffle=True, start=5)
+    resumed = micro_batches(lengths, 3, seed=7, shuffle=True, group_by_length=True, start=5)
     assert [next(resumed) for _ in range(3)] == first[5:8]
-    assert sorted(sum(first[:3], [])) == sorted(set(sum(first[:3], [])))  # no repeats in an epoch
+    epoch = [i for batch in first[:3] for i in batch]
+    assert len(epoch) == len(set(epoch)) == 9  # no repeats within an epoch
+
+
+def test_group_by_length_keeps_padding_small():
+    rng = __import__("random").Random(0)
+    lengths = [rng.randint(5, 500) for _ in range(400)]
+
+    def padding(group):
+        batches = micro_batches(lengths, 8, seed=1, shuffle=True, group_by_length=group)
+        return sum(
+            8 * max(lengths[i] for i in b) - sum(lengths[i] for i in b)
+            for b in (next(batches) for _ in range(50))
+        )
+
+    assert padding(True) < 0.2 * padding(False)
