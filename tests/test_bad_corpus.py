@@ -1,0 +1,737 @@
+"""The bad-input corpus: every broken recipe, dataset, model folder, checkpoint and command
+line in `CASES` must end with exit code 2 and one line naming the file, row or field, with
+no traceback and nothing written or changed in the output folder.
+
+The broken files live in tests/bad_inputs/ (recipes resolve their paths relative to
+themselves, so a recipe there reaches the datasets beside it); the few inputs that need
+the tiny model (a corrupt safetensors file, a run with a corrupt checkpoint) are built
+here. Placeholders in the arguments: <bad> is tests/bad_inputs, <model> the tiny model
+folder, <tmp> this case's scratch folder, <run> the output folder (<tmp>/run).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from finetune.cli import main
+
+BAD = Path(__file__).resolve().parent / "bad_inputs"
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    args: tuple[str, ...]
+    expect: str  # a regex the one stderr line must match
+    why: str
+    setup: Callable[[Path, Path, Path], None] | None = None  # (tmp, tiny model, trained run)
+
+
+def run(recipe: str, *overrides: str, command: str = "train") -> tuple[str, ...]:
+    """A command line over a recipe in tests/bad_inputs, with the tiny model and <run>."""
+    return (command, f"<bad>/{recipe}", "model.path=<model>", "output.dir=<run>", *overrides)
+
+
+def validate(recipe: str, *overrides: str) -> tuple[str, ...]:
+    return run(recipe, *overrides, command="validate")
+
+
+def data(path: str, *overrides: str, command: str = "train") -> tuple[str, ...]:
+    return run("base.yaml", f"data.path={path}", *overrides, command=command)
+
+
+def chat(path: str, *overrides: str, command: str = "validate") -> tuple[str, ...]:
+    return run("chat.yaml", f"data.path={path}", *overrides, command=command)
+
+
+# ----------------------------------------------------------------- inputs built per case
+
+
+def copy_model(tiny: Path, target: Path) -> Path:
+    shutil.copytree(tiny, target)
+    return target
+
+
+def corrupt_safetensors(tmp: Path, tiny: Path, trained: Path) -> None:
+    weights = copy_model(tiny, tmp / "model") / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+
+
+def garbage_safetensors(tmp: Path, tiny: Path, trained: Path) -> None:
+    (copy_model(tiny, tmp / "model") / "model.safetensors").write_bytes(b"\x00" * 64)
+
+
+def pickle_weights_only(tmp: Path, tiny: Path, trained: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    folder = copy_model(tiny, tmp / "model")
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+
+
+def remote_code_model(tmp: Path, tiny: Path, trained: Path) -> None:
+    folder = copy_model(tiny, tmp / "model")
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "custom.CustomModel"}
+    config["model_type"] = "tiny-custom"
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "custom.py").write_text("raise SystemExit('custom code ran')\n")
+
+
+def output_is_file(tmp: Path, tiny: Path, trained: Path) -> None:
+    (tmp / "run").write_text("not a folder\n")
+
+
+def existing_run(tmp: Path, tiny: Path, trained: Path) -> None:
+    (tmp / "run").mkdir()
+    (tmp / "run" / "recipe.yaml").write_text("precious: true\n")
+    (tmp / "run" / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+
+
+def checkpoint_file(name: str, content: bytes | None = None, keep: int | None = None):
+    """A copy of the trained run whose latest checkpoint has `name` replaced or truncated."""
+
+    def setup(tmp: Path, tiny: Path, trained: Path) -> None:
+        shutil.copytree(trained, tmp / "run")
+        latest = max((tmp / "run" / "checkpoints").glob("step-*"), key=lambda p: int(p.name[5:]))
+        target = latest / name
+        target.write_bytes(content if content is not None else target.read_bytes()[:keep])
+
+    return setup
+
+
+CASES = [
+    # ------------------------------------------------------------------- recipes
+    Case(
+        "yaml-unclosed-brace",
+        run("malformed.yaml"),
+        r"malformed\.yaml: line \d+, column \d+: malformed YAML",
+        "a flow mapping left open",
+    ),
+    Case(
+        "yaml-bad-indent",
+        run("bad_indent.yaml"),
+        r"bad_indent\.yaml: line 3, column \d+: malformed YAML",
+        "a key indented under a scalar",
+    ),
+    Case(
+        "recipe-is-a-list",
+        run("list.yaml"),
+        r"list\.yaml: a recipe is a mapping of sections",
+        "top level is a YAML list",
+    ),
+    Case(
+        "recipe-is-a-scalar",
+        run("scalar.yaml"),
+        r"scalar\.yaml: a recipe is a mapping of sections",
+        "top level is a string",
+    ),
+    Case(
+        "recipe-empty",
+        ("train", "<bad>/empty.yaml", "output.dir=<run>"),
+        r"empty\.yaml: 'data' is required",
+        "an empty file has no data section",
+    ),
+    Case(
+        "recipe-missing",
+        ("train", "<tmp>/nope.yaml"),
+        r"nope\.yaml: recipe file not found",
+        "a typo in the recipe path",
+    ),
+    Case(
+        "recipe-is-a-folder",
+        ("validate", "<bad>/not_a_dataset"),
+        r"not_a_dataset: is a folder; give a recipe file",
+        "a folder given where the recipe file goes",
+    ),
+    Case(
+        "recipe-latin1",
+        run("latin1_recipe.yaml"),
+        r"latin1_recipe\.yaml: not UTF-8 text",
+        "a recipe saved in latin-1",
+    ),
+    Case(
+        "recipe-python-tag",
+        run("python_tag.yaml"),
+        r"python_tag\.yaml: line 2, column \d+: .*python/object/apply",
+        "a YAML tag that would run code: safe_load refuses it",
+    ),
+    Case(
+        "unknown-section",
+        run("unknown_section.yaml"),
+        r"unknown_section\.yaml: unknown key 'adpater' \(did you mean 'adapter'\?\)",
+        "a misspelt section",
+    ),
+    Case(
+        "unknown-key",
+        run("unknown_key.yaml"),
+        r"unknown_key\.yaml: unknown key 'train\.learning_rate'",
+        "a key from another tool",
+    ),
+    Case(
+        "wrong-type-int",
+        run("wrong_type.yaml"),
+        r"wrong_type\.yaml: adapter\.r: .*'eight'",
+        "a word where a number goes",
+    ),
+    Case(
+        "section-is-a-scalar",
+        run("section_is_scalar.yaml"),
+        r"section_is_scalar\.yaml: adapter: .*'lora'",
+        "adapter: lora instead of adapter: {method: lora}",
+    ),
+    Case(
+        "no-data-path",
+        run("no_data_path.yaml"),
+        r"no_data_path\.yaml: 'data\.path' is required",
+        "a data section without its path",
+    ),
+    Case(
+        "eval-path-and-fraction",
+        run("eval_path_and_fraction.yaml"),
+        r"eval_path_and_fraction\.yaml: data: set data\.eval_path or data\.eval_fraction",
+        "two evaluation sources",
+    ),
+    Case(
+        "prompt-init-text-with-lora",
+        run("prompt_init_with_lora.yaml"),
+        r"prompt_init_with_lora\.yaml: .*adapter\.prompt_init_text needs adapter\.method: prompt",
+        "an option of another method",
+    ),
+    Case(
+        "prefix-projection-with-prompt",
+        run("prefix_projection_with_prompt.yaml"),
+        r"prefix_projection_with_prompt\.yaml: .*adapter\.prefix_projection applies to prefix",
+        "an option of another method",
+    ),
+    Case(
+        "negative-lr",
+        run("base.yaml", "train.lr=-1e-4"),
+        r"base\.yaml: train\.lr: .*greater than 0 \(got '-1e-4'\)",
+        "a sign slip",
+    ),
+    Case(
+        "lr-above-one",
+        run("base.yaml", "train.lr=3"),
+        r"base\.yaml: train\.lr: .*less than 1",
+        "a learning rate of 3",
+    ),
+    Case(
+        "zero-batch",
+        run("base.yaml", "train.micro_batch_size=0"),
+        r"base\.yaml: train\.micro_batch_size: .*greater than or equal to 1",
+        "batch size 0",
+    ),
+    Case(
+        "max-length-too-small",
+        run("base.yaml", "data.max_length=2"),
+        r"base\.yaml: data\.max_length: .*greater than or equal to 8",
+        "out of range",
+    ),
+    Case(
+        "dropout-out-of-range",
+        run("base.yaml", "adapter.dropout=1.5"),
+        r"base\.yaml: adapter\.dropout: .*less than 1",
+        "a percentage written as a fraction's inverse",
+    ),
+    Case(
+        "eval-fraction-one",
+        run("base.yaml", "data.eval_fraction=1"),
+        r"base\.yaml: data\.eval_fraction: .*less than 1",
+        "all data held out",
+    ),
+    Case(
+        "unknown-method",
+        run("base.yaml", "adapter.method=lorra"),
+        r"base\.yaml: adapter\.method: .*'lorra'",
+        "a typo in a choice",
+    ),
+    Case(
+        "dtype-not-offered",
+        run("base.yaml", "model.dtype=float64"),
+        r"base\.yaml: model\.dtype: .*'float64'",
+        "a dtype outside the list",
+    ),
+    Case(
+        "template-unknown-placeholder",
+        run("template_unknown_placeholder.yaml"),
+        r"data\.template: .*\{question\}.*\{prompt\}",
+        "a placeholder other than {prompt}",
+    ),
+    Case(
+        "template-without-prompt",
+        run("base.yaml", "data.template=Answer the question."),
+        r"base\.yaml: data: data\.template has no \{prompt\} placeholder",
+        "the prompt would be silently dropped",
+    ),
+    # ----------------------------------------------------------------- overrides
+    Case(
+        "override-without-equals",
+        run("base.yaml", "train.lr"),
+        r"override 'train\.lr': write it as section\.key=value",
+        "a forgotten '='",
+    ),
+    Case(
+        "override-into-non-section",
+        run("base.yaml", "data.path.name=x"),
+        r"override 'data\.path\.name=x': 'path' is not a section",
+        "a dotted key through a plain value",
+    ),
+    Case(
+        "override-empty-key",
+        run("base.yaml", "=3"),
+        r"override '=3': write it as section\.key=value",
+        "no key at all",
+    ),
+    Case(
+        "override-unknown-key",
+        run("base.yaml", "adapter.rank=4"),
+        r"base\.yaml: unknown key 'adapter\.rank'",
+        "a key that does not exist",
+    ),
+    # -------------------------------------------------------------- command lines
+    Case(
+        "cli-missing-recipe",
+        ("train",),
+        r"^error: .*(recipe|RECIPE)",
+        "no recipe argument",
+    ),
+    Case(
+        "cli-unknown-option",
+        (*run("base.yaml"), "--resum"),
+        r"^error: .*--resum",
+        "a misspelt flag",
+    ),
+    Case(
+        "cli-unknown-command",
+        ("trian", "<bad>/base.yaml"),
+        r"^error: .*trian",
+        "a misspelt command",
+    ),
+    # ------------------------------------------------------------------ datasets
+    Case(
+        "data-missing",
+        data("missing.jsonl"),
+        r"data\.path: .*missing\.jsonl not found",
+        "a file that is not there",
+    ),
+    Case(
+        "jsonl-invalid-row",
+        data("invalid_row.jsonl"),
+        r"invalid_row\.jsonl:3: not valid JSON",
+        "an unquoted value on line 3",
+    ),
+    Case(
+        "jsonl-row-is-a-list",
+        data("list_row.jsonl", command="validate"),
+        r"list_row\.jsonl:2: each line must be a JSON object",
+        "an array where an object goes",
+    ),
+    Case(
+        "jsonl-latin1",
+        data("latin1.jsonl"),
+        r"latin1\.jsonl:3: not UTF-8",
+        "latin-1 bytes on line 3",
+    ),
+    Case(
+        "jsonl-utf16",
+        data("utf16.jsonl", command="validate"),
+        r"utf16\.jsonl: .*UTF-16.*UTF-8",
+        "saved as UTF-16 (with a byte-order mark)",
+    ),
+    Case(
+        "csv-utf16",
+        data("utf16.csv"),
+        r"utf16\.csv: .*UTF-16.*UTF-8",
+        "a spreadsheet export in UTF-16",
+    ),
+    Case(
+        "jsonl-only-blank-lines",
+        data("blank_lines.jsonl"),
+        r"blank_lines\.jsonl: the dataset is empty",
+        "nothing but newlines",
+    ),
+    Case(
+        "jsonl-misnamed-columns",
+        data("misnamed_columns.jsonl", command="validate"),
+        r"misnamed_columns\.jsonl row 1: no column 'prompt' \(found: question, answer\)",
+        "question/answer instead of prompt/response",
+    ),
+    Case(
+        "column-override-wrong",
+        data("good.jsonl", "data.response_column=answer"),
+        r"good\.jsonl row 1: no column 'answer' \(found: prompt, response\); "
+        r"set data\.response_column",
+        "a column setting that names no column",
+    ),
+    Case(
+        "jsonl-empty-response",
+        data("empty_response.jsonl"),
+        r"empty_response\.jsonl row 2: column 'response' is empty",
+        "an empty string",
+    ),
+    Case(
+        "jsonl-blank-prompt",
+        data("blank_prompt.jsonl", command="validate"),
+        r"blank_prompt\.jsonl row 3: column 'prompt' is empty",
+        "whitespace only",
+    ),
+    Case(
+        "jsonl-null-response",
+        data("null_response.jsonl"),
+        r"null_response\.jsonl row 2: column 'response' is missing \(null\)",
+        "a JSON null",
+    ),
+    Case(
+        "jsonl-number-response",
+        data("number_response.jsonl", command="validate"),
+        r"number_response\.jsonl row 2: column 'response' must be a string, got int",
+        "a number where text goes (mixed types in one column)",
+    ),
+    Case(
+        "text-format-missing-column",
+        data("good.jsonl", "data.format=text", command="validate"),
+        r"good\.jsonl row 1: no column 'text' \(found: prompt, response\); set data\.text_column",
+        "format text on instruction data",
+    ),
+    Case(
+        "too-long-nothing-trained",
+        data("too_long.jsonl", "data.max_length=16"),
+        r"too_long\.jsonl row 1, 2: no trained tokens left .*data\.max_length=16",
+        "prompts longer than max_length: the responses are cut away",
+    ),
+    Case(
+        "eval-file-missing",
+        data("good.jsonl", "data.eval_path=nope.jsonl"),
+        r"data\.eval_path: .*nope\.jsonl not found",
+        "an evaluation file that is not there",
+    ),
+    Case(
+        "eval-file-invalid-row",
+        data("good.jsonl", "data.eval_path=invalid_row.jsonl", command="validate"),
+        r"invalid_row\.jsonl:3: not valid JSON",
+        "the evaluation file is checked like the training file",
+    ),
+    Case(
+        "data-unknown-extension",
+        data("data.txt"),
+        r"data\.path: .*data\.txt has an unknown extension",
+        "a .txt file",
+    ),
+    Case(
+        "data-folder-not-saved-dataset",
+        data("not_a_dataset"),
+        r"data\.path: .*not_a_dataset is a folder but not one saved with datasets' save_to_disk",
+        "a folder of files",
+    ),
+    Case(
+        "json-object-without-data",
+        data("object_without_data.json", command="validate"),
+        r"object_without_data\.json: a \.json dataset is a list of objects",
+        'an object keyed "rows", not "data"',
+    ),
+    Case(
+        "json-invalid",
+        data("invalid.json"),
+        r"invalid\.json:3: not valid JSON",
+        "a double comma on line 3",
+    ),
+    Case(
+        "json-list-of-strings",
+        data("list_of_strings.json"),
+        r"list_of_strings\.json: a \.json dataset is a list of objects",
+        "strings instead of objects",
+    ),
+    Case(
+        "csv-missing-columns",
+        data("missing_columns.csv", command="validate"),
+        r"missing_columns\.csv row 1: no column 'prompt' \(found: question, answer\)",
+        "a CSV with other headers",
+    ),
+    Case(
+        "csv-header-only",
+        data("header_only.csv"),
+        r"header_only\.csv: the dataset is empty",
+        "a header and no rows",
+    ),
+    Case(
+        "parquet-wrong-type",
+        data("int_prompt.parquet"),
+        r"int_prompt\.parquet row 1: column 'prompt' must be a string, got int",
+        "an int64 prompt column",
+    ),
+    Case(
+        "parquet-not-parquet",
+        data("not_parquet.parquet", command="validate"),
+        r"not_parquet\.parquet: cannot read",
+        "a CSV renamed .parquet",
+    ),
+    # ---------------------------------------------------------------- chat data
+    Case(
+        "chat-wrong-role",
+        chat("chat_wrong_role.jsonl"),
+        r"chat_wrong_role\.jsonl row 2: turn 1 has role 'human'; use one of system, user, "
+        r"assistant",
+        "ShareGPT role names",
+    ),
+    Case(
+        "chat-messages-not-list",
+        chat("chat_not_list.jsonl"),
+        r"chat_not_list\.jsonl row 1: column 'messages' must be a non-empty list of turns",
+        "a transcript string",
+    ),
+    Case(
+        "chat-messages-mixed-types",
+        chat("chat_mixed_messages.jsonl", command="train"),
+        r"chat_mixed_messages\.jsonl row 2: column 'messages' must be a non-empty list",
+        "a list on row 1, a string on row 2",
+    ),
+    Case(
+        "chat-no-assistant-turn",
+        chat("chat_no_assistant.jsonl", command="train"),
+        r"chat_no_assistant\.jsonl row 2: no assistant turn",
+        "nothing to train on",
+    ),
+    Case(
+        "chat-turn-missing-content",
+        chat("chat_missing_content.jsonl"),
+        r"chat_missing_content\.jsonl row 2: turn 2 \(assistant\) has no 'content'",
+        "an assistant turn without content",
+    ),
+    Case(
+        "chat-empty-list",
+        chat("chat_empty_list.jsonl", command="train"),
+        r"chat_empty_list\.jsonl row 1: column 'messages' must be a non-empty list",
+        "no turns",
+    ),
+    Case(
+        "chat-turn-is-string",
+        chat("chat_turn_is_string.jsonl"),
+        r"chat_turn_is_string\.jsonl row 1: turn 1 must be an object with 'role' and 'content'",
+        "bare strings as turns",
+    ),
+    Case(
+        "chat-sharegpt-column",
+        chat("conversations.jsonl"),
+        r"conversations\.jsonl row 1: no column 'messages' \(found: conversations\); "
+        r"set data\.messages_column",
+        "ShareGPT's column name",
+    ),
+    # ------------------------------------------------------------------ models
+    Case(
+        "model-missing",
+        run("base.yaml", "model.path=<tmp>/no-model"),
+        r"model\.path: .*no-model does not exist",
+        "a typo in the model path",
+    ),
+    Case(
+        "model-is-a-file",
+        run("base.yaml", "model.path=<bad>/base.yaml"),
+        r"model\.path: .*base\.yaml is a file",
+        "a file where the model folder goes",
+    ),
+    Case(
+        "model-no-config",
+        run("base.yaml", "model.path=model_no_config"),
+        r"model\.path: .*model_no_config has no config\.json",
+        "a folder without config.json",
+    ),
+    Case(
+        "model-no-weights",
+        run("base.yaml", "model.path=model_no_weights"),
+        r"model\.path: .*model_no_weights has a config\.json but no weights",
+        "config.json alone",
+    ),
+    Case(
+        "model-bad-config",
+        run("base.yaml", "model.path=model_bad_config", command="validate"),
+        r"model\.path: .*model_bad_config/config\.json is not valid JSON",
+        "a config.json cut off mid-object",
+    ),
+    Case(
+        "model-corrupt-safetensors",
+        run("base.yaml", "model.path=<tmp>/model"),
+        r"model\.path: .*model\.safetensors.*(corrupt|cannot read)",
+        "a safetensors file cut short (an interrupted download)",
+        corrupt_safetensors,
+    ),
+    Case(
+        "model-garbage-safetensors",
+        run("base.yaml", "model.path=<tmp>/model"),
+        r"model\.path: .*model\.safetensors.*(corrupt|cannot read)",
+        "zeros where the safetensors header goes",
+        garbage_safetensors,
+    ),
+    Case(
+        "model-pickle-weights-only",
+        run("base.yaml", "model.path=<tmp>/model"),
+        r"model\.path: .*pytorch_model\.bin.*safetensors",
+        "pickled weights are not read (they can run code); convert to safetensors",
+        pickle_weights_only,
+    ),
+    Case(
+        "model-remote-code",
+        run("base.yaml", "model.path=<tmp>/model"),
+        r"model\.path: .*model needs its own custom code .*custom\.CustomModel.*"
+        r"model\.trust_remote_code: true",
+        "a folder whose config asks to run its own Python code",
+        remote_code_model,
+    ),
+    # --------------------------------------------------------- output and resume
+    Case(
+        "output-dir-is-a-file",
+        run("base.yaml"),
+        r"output\.dir: .*run is a file",
+        "output.dir names an existing file",
+        output_is_file,
+    ),
+    Case(
+        "output-dir-holds-a-run",
+        run("base.yaml"),
+        r"output\.dir: .*run already holds a run",
+        "no overwrite without output.overwrite=true",
+        existing_run,
+    ),
+    Case(
+        "resume-nothing-there",
+        (*run("base.yaml"), "--resume"),
+        r"--resume: .*run holds no run to resume",
+        "--resume on a fresh folder",
+    ),
+    Case(
+        "resume-changed-adapter",
+        (*run("base.yaml", "adapter.r=8"), "--resume"),
+        r"step-2: .*adapter\.r",
+        "resuming with another adapter shape than the checkpoint's",
+        checkpoint_file("state.json", keep=None),
+    ),
+    Case(
+        "resume-truncated-optimizer",
+        (*run("base.yaml"), "--resume"),
+        r"step-2: corrupt checkpoint .*delete it",
+        "optimizer.pt cut short",
+        checkpoint_file("optimizer.pt", keep=100),
+    ),
+    Case(
+        "resume-truncated-adapter",
+        (*run("base.yaml"), "--resume"),
+        r"step-2: corrupt checkpoint .*delete it",
+        "the checkpoint's adapter weights cut short",
+        checkpoint_file("adapter/adapter_model.safetensors", keep=100),
+    ),
+    Case(
+        "resume-garbage-state",
+        (*run("base.yaml"), "--resume"),
+        r"step-2: corrupt checkpoint .*delete it",
+        "state.json overwritten with garbage",
+        checkpoint_file("state.json", content=b"{not json"),
+    ),
+    Case(
+        "resume-empty-scheduler",
+        (*run("base.yaml"), "--resume"),
+        r"step-2: corrupt checkpoint .*delete it",
+        "a zero-byte scheduler.pt",
+        checkpoint_file("scheduler.pt", content=b""),
+    ),
+]
+
+
+# ---------------------------------------------------------------------------- running
+
+
+def snapshot(path: Path) -> dict[str, str] | None:
+    """Hashes of every file under `path` (or of `path` itself); None when it does not exist."""
+    if path.is_file():
+        return {".": hashlib.sha256(path.read_bytes()).hexdigest()}
+    if not path.exists():
+        return None
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
+
+
+CORPUS_BEFORE = snapshot(BAD)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_model_dir) -> Path:
+    """A real two-step run with a checkpoint after each step, for the resume cases."""
+    folder = tmp_path_factory.mktemp("trained") / "run"
+    args = [f"model.path={tiny_model_dir}", f"output.dir={folder}", "train.save_every=1"]
+    main(["train", str(BAD / "base.yaml"), *args])
+    assert (folder / "checkpoints" / "step-2" / "optimizer.pt").is_file()
+    return folder
+
+
+def expand(arg: str, tmp: Path, model: Path) -> str:
+    return (
+        arg.replace("<bad>", str(BAD))
+        .replace("<model>", str(model))
+        .replace("<run>", str(tmp / "run"))
+        .replace("<tmp>", str(tmp))
+    )
+
+
+# Cases that do not end cleanly yet because of finetune/train.py (owned elsewhere); strict,
+# so the fix turns them into failures that ask for the mark to go.
+REWRITES_RECIPE = (
+    "train() rewrites recipe.yaml (start_run_dir) before Loop.restore reads the checkpoint, "
+    "so a corrupt checkpoint still changes the run folder"
+)
+KNOWN = {
+    "resume-truncated-optimizer": REWRITES_RECIPE,
+    "resume-truncated-adapter": REWRITES_RECIPE,
+    "resume-garbage-state": REWRITES_RECIPE,
+    "resume-empty-scheduler": REWRITES_RECIPE,
+    "resume-changed-adapter": "a checkpoint that does not fit the recipe's adapter is called "
+    "corrupt and the user is told to delete it; the line should name the changed field",
+}
+
+
+def params():
+    for case in CASES:
+        marks = [pytest.mark.xfail(strict=True, reason=KNOWN[case.id])] if case.id in KNOWN else []
+        yield pytest.param(case, id=case.id, marks=marks)
+
+
+@pytest.mark.parametrize("case", params())
+def test_bad_input_ends_cleanly(case, capsys, tmp_path, tiny_model_dir, request):
+    trained = request.getfixturevalue("trained_run") if "resume-" in case.id else None
+    if case.setup is not None:
+        case.setup(tmp_path, tiny_model_dir, trained)
+    capsys.readouterr()
+    before = snapshot(tmp_path / "run")
+    args = [expand(a, tmp_path, tiny_model_dir) for a in case.args]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2, f"exit {exit_info.value.code}: {err}"
+    assert "Traceback" not in err, err
+    assert len(err.splitlines()) == 1, err
+    assert re.search(case.expect, err), err
+    assert snapshot(tmp_path / "run") == before, "the output folder changed"
+
+
+def test_the_corpus_is_large_and_documented():
+    assert len(CASES) >= 40
+    assert len({c.id for c in CASES}) == len(CASES)
+    assert all(c.why and c.expect for c in CASES)
+    files = {a.split("/", 1)[1].split("=")[-1] for c in CASES for a in c.args if "<bad>/" in a}
+    files |= {a.split("=", 1)[1] for c in CASES for a in c.args if a.startswith("data.path=")}
+    missing = [f for f in files if not (BAD / f).exists() and "missing" not in f]
+    assert not missing, missing
+
+
+def test_nothing_was_written_beside_the_corpus():
+    assert snapshot(BAD) == CORPUS_BEFORE
