@@ -493,7 +493,10 @@ def combine(
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning user errors into one line and exit code 2."""
     try:
-        app(args=argv, standalone_mode=False, prog_name="finetune")
+        code = app(args=argv, standalone_mode=False, prog_name="finetune")
+        # Without standalone mode, click returns a typer.Exit's code instead of exiting.
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except UserError as err:
         if os.environ.get("FINETUNE_DEBUG"):
             raise

