@@ -243,6 +243,14 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        if isinstance(err, yaml.constructor.ConstructorError) and "tag" in problem:
+            # !!python/object/apply:os.system and friends: safe_load never builds objects.
+            tag = problem.split("tag", 1)[1].strip().strip("'")
+            tag = tag.replace("tag:yaml.org,2002:", "!!")
+            raise UserError(
+                f"{path}:{where}: the YAML tag {tag} is not allowed; a recipe is plain data "
+                "(mappings, lists, strings, numbers) and never runs code"
+            ) from None
         raise UserError(f"{path}:{where}: malformed YAML: {problem}") from None
     if raw is None:
         raw = {}
