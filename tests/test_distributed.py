@@ -1,0 +1,64 @@
+"""Data parallel on the CPU (gloo): two processes with the same global batch as one process
+give the same run, and only the main process writes the run directory."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from helpers import ROOT
+from safetensors.torch import load_file
+
+from finetune.cli import main
+
+
+def losses(run):
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_two_processes_match_one(launcher, recipe_file, tmp_path):
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    common = {"max_steps": 4, "lr": 5e-3, "seed": 0}
+    single = recipe_file(
+        "one.yaml", train={**common, "micro_batch_size": 4}, output={"dir": str(tmp_path / "one")}
+    )
+    main(["train", str(single)])
+    double = recipe_file(
+        "two.yaml", train={**common, "micro_batch_size": 2}, output={"dir": str(tmp_path / "two")}
+    )
+    if launcher == "torchrun":
+        command = [torchrun, "--nproc_per_node", "2", "-m", "finetune", "train", str(double)]
+    else:  # on a machine without GPUs, accelerate's multi-GPU launcher runs gloo on the CPU
+        command = [
+            accelerate,
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "finetune",
+            "train",
+            str(double),
+        ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
+    a = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    report = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert report["training"]["steps"] == 4
+    assert proc.stdout.count("run directory:") == 1  # one process reports
