@@ -700,6 +700,9 @@ KNOWN = {
 }
 
 
+OUTCOMES: dict[str, bool] = {}  # case id -> ended cleanly, filled as the cases run
+
+
 def params():
     for case in CASES:
         marks = [pytest.mark.xfail(strict=True, reason=KNOWN[case.id])] if case.id in KNOWN else []
@@ -714,6 +717,7 @@ def test_bad_input_ends_cleanly(case, capsys, tmp_path, tiny_model_dir, request)
     capsys.readouterr()
     before = snapshot(tmp_path / "run")
     args = [expand(a, tmp_path, tiny_model_dir) for a in case.args]
+    OUTCOMES[case.id] = False
     with pytest.raises(SystemExit) as exit_info:
         main(args)
     err = capsys.readouterr().err.strip()
@@ -722,6 +726,7 @@ def test_bad_input_ends_cleanly(case, capsys, tmp_path, tiny_model_dir, request)
     assert len(err.splitlines()) == 1, err
     assert re.search(case.expect, err), err
     assert snapshot(tmp_path / "run") == before, "the output folder changed"
+    OUTCOMES[case.id] = True
 
 
 def test_the_corpus_is_large_and_documented():
@@ -734,5 +739,11 @@ def test_the_corpus_is_large_and_documented():
     assert not missing, missing
 
 
-def test_nothing_was_written_beside_the_corpus():
+def test_nothing_was_written_beside_the_corpus(capsys):
     assert snapshot(BAD) == CORPUS_BEFORE
+    if OUTCOMES:
+        clean = sum(OUTCOMES.values())
+        not_clean = ", ".join(sorted(k for k, ok in OUTCOMES.items() if not ok))
+        with capsys.disabled():
+            print(f"\nbad-input corpus: {clean} of {len(OUTCOMES)} cases end cleanly", end="")
+            print(f" (not yet: {not_clean})" if not_clean else "")
