@@ -141,6 +141,30 @@ def count_trained(labels: torch.Tensor, method: str) -> int:
     return int((labels[:, 1:] != data.IGNORE_INDEX).sum())
 
 
+def trained_positions_loss(model: Any, batch: dict[str, Any], n_trained: int) -> torch.Tensor:
+    """Sum of the token losses of `batch`, divided by the trained tokens of the whole step.
+
+    The vocabulary projection and the fp32 log-softmax are the costliest per-token work of a
+    small model (profiled: BENCHMARKS.md), so logits are computed only at positions whose
+    next token is trained: with the prompt masked that is a fraction of them. Equal to the
+    model's own loss with `num_items_in_batch=n_trained` (tested).
+    """
+    # No KV cache: with one, transformers would not build the packed mask.
+    targets = batch["labels"][:, 1:]
+    keep = (targets != data.IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+    if keep.numel() == 0:
+        return model(**batch, use_cache=False, num_items_in_batch=n_trained).loss
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
+    loss = torch.nn.functional.cross_entropy(
+        logits.float().flatten(0, 1),
+        targets[:, keep].flatten(),
+        ignore_index=data.IGNORE_INDEX,
+        reduction="sum",
+    )
+    return loss / n_trained
+
+
 def train(recipe: Recipe, *, resume: bool = False, prepared: Prepared | None = None) -> RunResult:
     """Run the recipe end to end and return what happened; the report is written by the caller."""
     from accelerate import Accelerator
@@ -271,9 +295,7 @@ class Loop:
             last = i == len(batches) - 1
             # DDP averages gradients over processes, so scale by world size to get a sum.
             with self.sync(last), self.accelerator.autocast():
-                # No KV cache: with one, transformers would not build the packed mask.
-                out = self.model(**batch, use_cache=False, num_items_in_batch=max(n_trained, 1))
-                loss = out.loss * world
+                loss = self.forward_loss(batch, max(n_trained, 1)) * world
             self.accelerator.backward(loss)
             loss_sum += float(loss.detach()) / world
         grad_norm = self.clip()
@@ -317,6 +339,11 @@ class Loop:
         if self.state.step % self.recipe.train.log_every == 0 or self.state.step == self.steps:
             self.metrics.write(record)
         return record
+
+    def forward_loss(self, batch: dict[str, Any], n_trained: int) -> torch.Tensor:
+        if self.recipe.adapter.method == "prompt":  # its virtual tokens shift every position
+            return self.model(**batch, use_cache=False, num_items_in_batch=n_trained).loss
+        return trained_positions_loss(self.model, batch, n_trained)
 
     def due(self, every: int) -> bool:
         """Whether an every-N-steps action is due at the current step (0 means never)."""

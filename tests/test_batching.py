@@ -8,7 +8,7 @@ from helpers import build_model, build_tokenizer, date_rows, write_jsonl
 from finetune.batching import build_items, collate, pack
 from finetune.data import IGNORE_INDEX, load_rows, tokenize_rows
 from finetune.recipe import DataSection, load_recipe
-from finetune.train import train
+from finetune.train import count_trained, train, trained_positions_loss
 
 
 @pytest.fixture(scope="module")
@@ -90,3 +90,20 @@ def test_packed_training_runs_end_to_end(recipe_file):
     path = recipe_file(data={"packing": True}, train={"max_steps": 4})
     result = train(load_recipe(path))
     assert result.history[-1]["loss"] < result.history[0]["loss"]
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_logits_only_at_trained_positions_give_the_models_own_loss(tokenized, packed):
+    tokenizer, examples = tokenized
+    model = build_model(tokenizer)
+    batch = collate(build_items(examples, packed, 128, 0), tokenizer.pad_token_id, packed)
+    n = count_trained(batch["labels"], "lora")
+    ours = trained_positions_loss(model, batch, n)
+    theirs = model(**batch, use_cache=False, num_items_in_batch=n).loss
+    assert float(ours) == pytest.approx(float(theirs), rel=1e-6)
+    ours.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    theirs.backward()
+    for a, p in zip(grads, model.parameters()):
+        assert torch.allclose(a, p.grad, atol=1e-6)
