@@ -172,6 +172,9 @@ def train(recipe: Recipe, *, resume: bool = False, prepared: Prepared | None = N
     run_dir = Path(recipe.output.dir)
     runs.check_output_dir(run_dir, overwrite=recipe.output.overwrite, resume=resume)
     checkpoint = runs.latest_checkpoint(run_dir) if resume else None
+    if resume:
+        check_resumable(recipe, run_dir)
+    saved = read_checkpoint(checkpoint) if checkpoint else None
     # The baseline is taken before the model loads, so the peak is what this run added.
     peak = PeakMemory(device=models.default_device()).start()
     prepared = prepared or prepare(recipe)
@@ -189,7 +192,7 @@ def train(recipe: Recipe, *, resume: bool = False, prepared: Prepared | None = N
     if accelerator.is_main_process:
         runs.start_run_dir(run_dir, fresh=not resume, recipe_yaml=dump_recipe(recipe))
         runs.remove_partial_writes(run_dir)
-    return Loop(recipe, prepared, accelerator, run_dir, checkpoint, peak).run()
+    return Loop(recipe, prepared, accelerator, run_dir, saved, peak).run()
 
 
 class Loop:
@@ -201,7 +204,7 @@ class Loop:
         prepared: Prepared,
         accelerator: Any,
         run_dir: Path,
-        checkpoint: Path | None,
+        saved: SavedCheckpoint | None,
         peak: PeakMemory,
     ) -> None:
         self.recipe = recipe
@@ -221,8 +224,8 @@ class Loop:
         self.state = RunState()
         self.history: list[dict[str, Any]] = []
         self.evals: list[dict[str, Any]] = []
-        if checkpoint is not None:
-            self.restore(checkpoint)
+        if saved is not None:
+            self.restore(saved)
         self.metrics = runs.MetricsWriter(run_dir, accelerator.is_main_process, self.state.step)
 
     # ------------------------------------------------------------------ the loop
@@ -435,33 +438,89 @@ class Loop:
         (folder / "rng.json").write_text(json.dumps(rng))
         (folder / "state.json").write_text(json.dumps(self.state.__dict__, indent=2))
 
-    def restore(self, checkpoint: Path) -> None:
+    def restore(self, saved: SavedCheckpoint) -> None:
         from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
 
-        try:
-            weights = load_file(checkpoint / "adapter" / "adapter_model.safetensors")
-            set_peft_model_state_dict(self.unwrapped(), weights)
-            self.optimizer.load_state_dict(
-                torch.load(checkpoint / "optimizer.pt", weights_only=True)
-            )
-            self.scheduler.load_state_dict(
-                torch.load(checkpoint / "scheduler.pt", weights_only=True)
-            )
-            rng = json.loads((checkpoint / "rng.json").read_text())
-            torch.set_rng_state(torch.load(checkpoint / "rng_torch.pt", weights_only=True)["torch"])
-            state = json.loads((checkpoint / "state.json").read_text())
-        except Exception as err:  # any unreadable part means this checkpoint is unusable
-            raise UserError(
-                f"{checkpoint}: corrupt checkpoint ({models.first_line(err)[:120]}); delete it "
-                "to resume from an earlier one"
-            ) from None
-        random.setstate(_tupled(rng["python"]))
-        kind, keys, *rest = rng["numpy"]
+        set_peft_model_state_dict(self.unwrapped(), saved.weights)
+        self.optimizer.load_state_dict(saved.optimizer)
+        self.scheduler.load_state_dict(saved.scheduler)
+        torch.set_rng_state(saved.torch_rng)
+        random.setstate(_tupled(saved.rng["python"]))
+        kind, keys, *rest = saved.rng["numpy"]
         np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
-        self.state = RunState(**state)
+        self.state = RunState(**saved.state)
         self.history = runs.read_history(self.run_dir, self.state.step)
         self.evals = runs.read_evals(self.run_dir, self.state.step)
+
+
+@dataclass
+class SavedCheckpoint:
+    """A checkpoint read into memory, so a broken one is found before anything is written."""
+
+    path: Path
+    weights: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    torch_rng: torch.Tensor
+    rng: dict[str, Any]
+    state: dict[str, Any]
+
+
+def read_checkpoint(checkpoint: Path) -> SavedCheckpoint:
+    """Read every part of a checkpoint (tensors only: `weights_only=True`, no pickled code).
+
+    Raises:
+        UserError: a part is missing or unreadable.
+    """
+    from safetensors.torch import load_file
+
+    try:
+        saved = SavedCheckpoint(
+            path=checkpoint,
+            weights=load_file(checkpoint / "adapter" / "adapter_model.safetensors"),
+            optimizer=torch.load(checkpoint / "optimizer.pt", weights_only=True),
+            scheduler=torch.load(checkpoint / "scheduler.pt", weights_only=True),
+            torch_rng=torch.load(checkpoint / "rng_torch.pt", weights_only=True)["torch"],
+            rng=json.loads((checkpoint / "rng.json").read_text()),
+            state=json.loads((checkpoint / "state.json").read_text()),
+        )
+        RunState(**saved.state)
+    except Exception as err:  # any unreadable part means this checkpoint is unusable
+        raise UserError(
+            f"{checkpoint}: corrupt checkpoint ({models.first_line(err)[:120]}); delete it "
+            "to resume from an earlier one"
+        ) from None
+    return saved
+
+
+# What a resumed run must share with the run it continues: anything else (max_steps, eval
+# and save intervals, output options) may change between the two.
+RESUME_MUST_MATCH = {
+    "model": None,
+    "adapter": None,
+    "data": None,
+    "train": ("micro_batch_size", "grad_accum", "seed"),
+}
+
+
+def check_resumable(recipe: Recipe, run_dir: Path) -> None:
+    """Refuse to resume a run with a recipe that changes what its checkpoints mean."""
+    import yaml
+
+    try:
+        before = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return  # no readable record of the old recipe: the checkpoint itself is checked
+    now = recipe.model_dump(mode="json")
+    for section, keys in RESUME_MUST_MATCH.items():
+        old_section = before.get(section) or {}
+        for key in keys or now[section]:
+            if key in old_section and old_section[key] != now[section][key]:
+                raise UserError(
+                    f"--resume: {section}.{key} is {now[section][key]!r} but the run in "
+                    f"{run_dir} was made with {old_section[key]!r}; resume with the same "
+                    "value, or start a new run (adapter.init_from can start from its adapter)"
+                )
 
 
 def _jsonable(value: Any) -> Any:
