@@ -234,6 +234,7 @@ class Loop:
         from finetune.progress import TrainProgress
 
         t = self.recipe.train
+        self.announce()
         before = self.exact_match("before") if self.state.step == 0 else None
         batches = batching.micro_batches(
             [len(item) for item in self.items],
@@ -277,6 +278,23 @@ class Loop:
             self.peak.to_dict(),
             stopped,
             self.accelerator.is_main_process,
+        )
+
+    def announce(self) -> None:
+        """Say what is about to run: parameter counts, choices made for the user, the plan."""
+        if not self.accelerator.is_main_process:
+            return
+        from rich.console import Console
+
+        console = Console(stderr=True, highlight=False)
+        p = self.prepared
+        console.print(f"{self.recipe.adapter.method}: {p.params}")
+        for note in p.notes:
+            console.print(f"note: {note}")
+        console.print(
+            f"{len(self.train_data)} examples in {len(self.items)} sequences; "
+            f"{self.steps} steps of {self.recipe.train.micro_batch_size} x "
+            f"{self.recipe.train.grad_accum} x {self.accelerator.num_processes} process(es)"
         )
 
     def step(self, micro_batches: list[list[int]]) -> dict[str, Any]:
