@@ -30,11 +30,47 @@ from pathlib import Path
 import torch
 
 MODULES = [
-    "os", "os.path", "json", "re", "collections", "itertools", "functools", "string",
-    "textwrap", "math", "random", "statistics", "datetime", "pathlib", "shutil", "subprocess",
-    "heapq", "bisect", "difflib", "csv", "zipfile", "tarfile", "hashlib", "base64", "struct",
-    "fractions", "decimal", "operator", "copy", "pprint", "enum", "typing", "contextlib",
-    "argparse", "logging", "socket", "threading", "queue", "tempfile", "glob", "fnmatch",
+    "os",
+    "os.path",
+    "json",
+    "re",
+    "collections",
+    "itertools",
+    "functools",
+    "string",
+    "textwrap",
+    "math",
+    "random",
+    "statistics",
+    "datetime",
+    "pathlib",
+    "shutil",
+    "subprocess",
+    "heapq",
+    "bisect",
+    "difflib",
+    "csv",
+    "zipfile",
+    "tarfile",
+    "hashlib",
+    "base64",
+    "struct",
+    "fractions",
+    "decimal",
+    "operator",
+    "copy",
+    "pprint",
+    "enum",
+    "typing",
+    "contextlib",
+    "argparse",
+    "logging",
+    "socket",
+    "threading",
+    "queue",
+    "tempfile",
+    "glob",
+    "fnmatch",
 ]
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
 LR, WARMUP, SEED, MICRO, MAX_LENGTH = 5e-4, 3, 0, 8, 256
@@ -65,16 +101,32 @@ def run_finetune(workdir: Path, train_file: Path, eval_file: Path, steps: int, p
     from finetune.train import train
 
     recipe = workdir / f"recipe-{packing}.yaml"
-    recipe.write_text(json.dumps({
-        "model": {"path": "smollm2-135m-instruct"},
-        "adapter": {"method": "lora", **LORA},
-        "data": {"path": str(train_file), "eval_path": str(eval_file), "template": "chat",
-                 "max_length": MAX_LENGTH, "packing": packing, "group_by_length": True},
-        "train": {"max_steps": steps, "lr": LR, "micro_batch_size": MICRO if not packing else 2,
-                  "warmup_steps": WARMUP, "seed": SEED, "schedule": "cosine"},
-        "output": {"dir": str(workdir / f"finetune-{packing}"), "overwrite": True},
-        "eval": {"max_examples": 1, "max_new_tokens": 1},
-    }))
+    recipe.write_text(
+        json.dumps(
+            {
+                "model": {"path": "smollm2-135m-instruct"},
+                "adapter": {"method": "lora", **LORA},
+                "data": {
+                    "path": str(train_file),
+                    "eval_path": str(eval_file),
+                    "template": "chat",
+                    "max_length": MAX_LENGTH,
+                    "packing": packing,
+                    "group_by_length": True,
+                },
+                "train": {
+                    "max_steps": steps,
+                    "lr": LR,
+                    "micro_batch_size": MICRO if not packing else 2,
+                    "warmup_steps": WARMUP,
+                    "seed": SEED,
+                    "schedule": "cosine",
+                },
+                "output": {"dir": str(workdir / f"finetune-{packing}"), "overwrite": True},
+                "eval": {"max_examples": 1, "max_new_tokens": 1},
+            }
+        )
+    )
     result = train(load_recipe(recipe))
     history = result.history
     return {
@@ -115,7 +167,7 @@ def run_trainer(workdir: Path, rows: list[dict], eval_rows: list[dict], steps: i
             [*messages, {"role": "assistant", "content": row["response"]}], tokenize=False
         )
         p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        r = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+        r = tokenizer(full[len(prompt) :], add_special_tokens=False)["input_ids"]
         ids = (p + r)[:MAX_LENGTH]
         labels = ([-100] * len(p) + r)[:MAX_LENGTH]
         return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
@@ -124,9 +176,16 @@ def run_trainer(workdir: Path, rows: list[dict], eval_rows: list[dict], steps: i
     torch.manual_seed(SEED)
     peak = PeakMemory(device="cpu").start()
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(
-        r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-        target_modules="all-linear", task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=LORA["r"],
+            lora_alpha=LORA["alpha"],
+            lora_dropout=LORA["dropout"],
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        ),
+    )
     args = TrainingArguments(
         output_dir=str(workdir / "trainer"),
         per_device_train_batch_size=MICRO,
@@ -193,11 +252,15 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="bench-"))
     train_file = write_jsonl(workdir / "train.jsonl", train_rows)
     eval_file = write_jsonl(workdir / "eval.jsonl", eval_rows)
-    print(f"{len(train_rows)} training pairs, {len(eval_rows)} held out; {args.steps} steps of "
-          f"{MICRO} examples; threads {torch.get_num_threads()}")
+    print(
+        f"{len(train_rows)} training pairs, {len(eval_rows)} held out; {args.steps} steps of "
+        f"{MICRO} examples; threads {torch.get_num_threads()}"
+    )
     results = {
         "transformers.Trainer + peft": run_trainer(workdir, train_rows, eval_rows, args.steps),
-        "finetune (length-grouped)": run_finetune(workdir, train_file, eval_file, args.steps, False),
+        "finetune (length-grouped)": run_finetune(
+            workdir, train_file, eval_file, args.steps, packing=False
+        ),
     }
     print_table(results)
 
@@ -209,18 +272,38 @@ def print_table(results: dict[str, dict]) -> None:
     base = results["transformers.Trainer + peft"]
     base_tps = base["trained_tokens"] / base["train_s"]
     table = Table(title="LoRA r16 on SmolLM2-135M-Instruct, CPU fp32")
-    for column in ("run", "steps", "trained tokens", "wall s", "trained tok/s", "speed-up",
-                   "peak RSS MB", "final loss (last 5)", "held-out loss", "loss vs base"):
+    for column in (
+        "run",
+        "steps",
+        "trained tokens",
+        "wall s",
+        "trained tok/s",
+        "speed-up",
+        "peak RSS MB",
+        "final loss (last 5)",
+        "held-out loss",
+        "loss vs base",
+    ):
         table.add_column(column, justify="right")
     for name, r in results.items():
         tps = r["trained_tokens"] / r["train_s"]
         table.add_row(
-            name, str(r["steps"]), f"{r['trained_tokens']:,}", f"{r['train_s']:.1f}",
-            f"{tps:.0f}", f"{tps / base_tps:.2f}x", f"{r['peak_bytes'] / 1e6:.0f}",
-            f"{r['final_loss']:.4f}", f"{r['eval_loss']:.4f}",
+            name,
+            str(r["steps"]),
+            f"{r['trained_tokens']:,}",
+            f"{r['train_s']:.1f}",
+            f"{tps:.0f}",
+            f"{tps / base_tps:.2f}x",
+            f"{r['peak_bytes'] / 1e6:.0f}",
+            f"{r['final_loss']:.4f}",
+            f"{r['eval_loss']:.4f}",
             f"{100 * (r['eval_loss'] / base['eval_loss'] - 1):+.2f}%",
         )
-    Console().print(table)
+    Console(width=200).print(table)
+    print("\nmarkdown:\n| " + " | ".join(c.header for c in table.columns) + " |")
+    print("|" + "---|" * len(table.columns))
+    for row in zip(*(c._cells for c in table.columns), strict=True):
+        print("| " + " | ".join(row) + " |")
     assert all(math.isfinite(r["eval_loss"]) for r in results.values())
 
 
