@@ -28,8 +28,9 @@ def build(method: str, setup: Setup):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(to_hf_config(get_preset("smollm2-135m")),
-                                             dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_config(
+        to_hf_config(get_preset("smollm2-135m")), dtype=torch.float32, attn_implementation="sdpa"
+    )
     config = {
         "lora": LoraConfig(task_type=TaskType.CAUSAL_LM, r=8, target_modules="all-linear"),
         "prefix": PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=20),
@@ -39,8 +40,9 @@ def build(method: str, setup: Setup):
 
 
 def measure(method: str, batch: int, seq: int) -> tuple[Setup, int, int]:
-    setup = Setup(method=method, dtype="float32", batch=batch, seq=seq, virtual_tokens=20,
-                  device="cpu")
+    setup = Setup(
+        method=method, dtype="float32", batch=batch, seq=seq, virtual_tokens=20, device="cpu"
+    )
     model = build(method, setup)
     ids = torch.randint(0, 49152, (batch, seq))
     with saved_tensors(model) as found:
@@ -58,20 +60,28 @@ def measure(method: str, batch: int, seq: int) -> tuple[Setup, int, int]:
 
 def main() -> None:
     torch.set_num_threads(2)
-    print("| method | batch x seq | saved: estimate | saved: measured | error "
-          "| RSS peak growth: estimate | measured | error |")
+    print(
+        "| method | batch x seq | saved: estimate | saved: measured | error "
+        "| RSS peak growth: estimate | measured | error |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for method in METHODS:
         for batch, seq in SHAPES:
             setup, saved, rss = measure(method, batch, seq)
             est = estimate(get_preset("smollm2-135m"), setup)
             est_saved = est.detail["saved_total"]
-            est_peak = (est.components["activations"] + est.components["logits and loss"]
-                        + est.components["gradients"])
-            print(f"| {method} | {batch} x {seq} | {est_saved / 1e6:.1f} MB | "
-                  f"{saved / 1e6:.1f} MB | {100 * (est_saved - saved) / saved:+.2f}% | "
-                  f"{est_peak / 1e6:.0f} MB | {rss / 1e6:.0f} MB | "
-                  f"{100 * (est_peak - rss) / rss:+.0f}% |", flush=True)
+            est_peak = (
+                est.components["activations"]
+                + est.components["logits and loss"]
+                + est.components["gradients"]
+            )
+            print(
+                f"| {method} | {batch} x {seq} | {est_saved / 1e6:.1f} MB | "
+                f"{saved / 1e6:.1f} MB | {100 * (est_saved - saved) / saved:+.2f}% | "
+                f"{est_peak / 1e6:.0f} MB | {rss / 1e6:.0f} MB | "
+                f"{100 * (est_peak - rss) / rss:+.0f}% |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":
