@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import logging
 import json
+import logging
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,8 @@ class _DropMatmulCastNotice(logging.Filter):
 
 
 logging.getLogger("bitsandbytes.autograd._functions").addFilter(_DropMatmulCastNotice())
+# peft 0.21 still asks transformers 5 the old name; the warning is for peft, not our users.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
 
 
 def quiet_transformers() -> None:
