@@ -78,9 +78,40 @@ def run_estimate(result: RunResult) -> Any:
     from finetune.memory import estimate, from_config, setup_from_recipe
 
     p = result.prepared
-    longest = max(len(e.input_ids) for e in p.splits.train.examples)
-    setup = replace(setup_from_recipe(p.recipe, p.loaded.device), seq=longest)
+    seq, logit_positions = batch_shape(p)
+    setup = replace(
+        setup_from_recipe(p.recipe, p.loaded.device), seq=seq, logit_positions=logit_positions
+    )
     return estimate(from_config(p.loaded.model.config, name=p.recipe.model.path), setup)
+
+
+def batch_shape(p: Any) -> tuple[int, int | None]:
+    """The widest micro-batch of the run's first epoch, and the most positions at which any
+    micro-batch computed logits (None when the loop computes them everywhere)."""
+    from finetune import batching
+    from finetune.data import IGNORE_INDEX
+
+    recipe = p.recipe
+    items = batching.build_items(
+        p.splits.train.examples, recipe.data.packing, recipe.data.max_length, recipe.train.seed
+    )
+    seq = max(len(item) for item in items)
+    if recipe.adapter.method == "prompt":
+        return seq, None
+    size = recipe.train.micro_batch_size
+    order = batching.micro_batches(
+        [len(i) for i in items],
+        size,
+        recipe.train.seed,
+        recipe.data.shuffle,
+        recipe.data.group_by_length,
+    )
+    most = 0
+    for _ in range(max(1, len(items) // size)):
+        batch = batching.collate([items[i] for i in next(order)], 0, recipe.data.packing)
+        kept = (batch["labels"][:, 1:] != IGNORE_INDEX).any(dim=0).sum()
+        most = max(most, int(kept))
+    return seq, most
 
 
 def memory_section(result: RunResult) -> dict[str, Any]:

@@ -167,8 +167,6 @@ def trained_positions_loss(model: Any, batch: dict[str, Any], n_trained: int) ->
 
 def train(recipe: Recipe, *, resume: bool = False, prepared: Prepared | None = None) -> RunResult:
     """Run the recipe end to end and return what happened; the report is written by the caller."""
-    from accelerate import Accelerator
-
     run_dir = Path(recipe.output.dir)
     runs.check_output_dir(run_dir, overwrite=recipe.output.overwrite, resume=resume)
     checkpoint = runs.latest_checkpoint(run_dir) if resume else None
@@ -177,6 +175,22 @@ def train(recipe: Recipe, *, resume: bool = False, prepared: Prepared | None = N
     saved = read_checkpoint(checkpoint) if checkpoint else None
     # The baseline is taken before the model loads, so the peak is what this run added.
     peak = PeakMemory(device=models.default_device()).start()
+    try:
+        return run_with_peak(recipe, run_dir, resume, saved, prepared, peak)
+    finally:
+        peak.stop()  # also on errors: the sampling thread must not outlive the run
+
+
+def run_with_peak(
+    recipe: Recipe,
+    run_dir: Path,
+    resume: bool,
+    saved: SavedCheckpoint | None,
+    prepared: Prepared | None,
+    peak: PeakMemory,
+) -> RunResult:
+    from accelerate import Accelerator
+
     prepared = prepared or prepare(recipe)
     device = prepared.loaded.device
     accelerator = Accelerator(
@@ -185,8 +199,8 @@ def train(recipe: Recipe, *, resume: bool = False, prepared: Prepared | None = N
     )
     if resume:
         prepared.notes.append(
-            f"resumed from {checkpoint}"
-            if checkpoint
+            f"resumed from {saved.path}"
+            if saved
             else f"--resume found no complete checkpoint in {run_dir}; started from step 0"
         )
     if accelerator.is_main_process:

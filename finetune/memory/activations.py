@@ -238,6 +238,7 @@ def activation_bytes(arch: Architecture, setup: Setup) -> dict[str, int]:
 def logits_bytes(arch: Architecture, setup: Setup) -> int:
     """Logits (b·s·V in the head's dtype, kept in the model output), the fp32 log-softmax
     saved for backward, and in its backward the fp32 gradients of both, alive together."""
-    tokens = setup.batch * (setup.seq + (setup.virtual_tokens if setup.method == "prompt" else 0))
+    positions = setup.seq if setup.logit_positions is None else setup.logit_positions
+    tokens = setup.batch * (positions + (setup.virtual_tokens if setup.method == "prompt" else 0))
     head = 4 if setup.quantized else setup.dtype_bytes  # lm_head is upcast with kbit training
     return tokens * arch.vocab * (head + 4 + 8) + tokens * 8

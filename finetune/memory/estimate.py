@@ -72,6 +72,9 @@ class Setup:
     lora_dropout: float = 0.0
     batch: int = 1
     seq: int = 512
+    # Positions per sequence at which logits are computed; None: all of them. finetune's own
+    # loop computes them only where the next token is trained (see train.py).
+    logit_positions: int | None = None
     grad_ckpt: bool = False
     optimizer: Optimizer = "adamw"
     attn: Attention = "sdpa"
