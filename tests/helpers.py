@@ -96,3 +96,17 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
         env=full_env,
         timeout=timeout,
     )
+
+
+def run_main(capsys, *args):
+    """Run the CLI in-process: (exit code, stdout, stderr); main() returns on success."""
+    capsys.readouterr()  # drop what building the runs printed
+    code = 0
+    from finetune.cli import main
+
+    try:
+        main(list(args))
+    except SystemExit as exit_info:
+        code = exit_info.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err.strip()

@@ -9,10 +9,9 @@ import re
 import pytest
 import torch
 import yaml
-from helpers import build_model, build_tokenizer, date_rows, write_jsonl
+from helpers import build_model, build_tokenizer, date_rows, run_main, write_jsonl
 
 from finetune import export, inference
-from finetune.cli import main
 from finetune.recipe import load_recipe
 from finetune.train import train
 
@@ -60,18 +59,6 @@ def adapter_logits(run):
     session = inference.load(inference.resolve_target(str(run)), device="cpu")
     batch = inference.probe_batch(session.tokenizer)
     return inference.probe_logits(session.model, batch), batch
-
-
-def run_main(capsys, *args):
-    """Run the CLI in-process: (exit code, stdout, stderr); main() returns on success."""
-    capsys.readouterr()  # drop what building the runs printed
-    code = 0
-    try:
-        main(list(args))
-    except SystemExit as exit_info:
-        code = exit_info.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err.strip()
 
 
 def expect_error(capsys, args, pattern, code=2):

@@ -8,10 +8,9 @@ import sys
 
 import pytest
 import yaml
-from helpers import ROOT, date_rows, write_jsonl
+from helpers import ROOT, date_rows, run_main, write_jsonl
 
 from finetune import evaluate, inference
-from finetune.cli import main
 from finetune.recipe import load_recipe
 from finetune.train import train
 
@@ -40,18 +39,6 @@ def made(tmp_path_factory, tiny_model_dir):
         train(load_recipe(root / f"{method}.yaml"))
         runs[method] = root / method
     return runs
-
-
-def run_main(capsys, *args):
-    """Run the CLI in-process: (exit code, stdout, stderr); main() returns on success."""
-    capsys.readouterr()  # drop what building the runs printed
-    code = 0
-    try:
-        main(list(args))
-    except SystemExit as exit_info:
-        code = exit_info.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err.strip()
 
 
 @pytest.mark.parametrize("method", list(SETTINGS))

@@ -14,7 +14,7 @@ from finetune.memory import Setup, estimate, from_config
 from finetune.memory.activations import activation_bytes
 from finetune.memory.arch import to_hf_config
 from finetune.memory.estimate import trainable_tensors
-from finetune.memory.measure import PeakMemory, saved_tensors
+from finetune.memory.measure import saved_tensors
 from finetune.memory.presets import PRESETS, get_preset
 
 METHODS = ("lora", "dora", "ia3", "prefix", "prompt")
@@ -218,10 +218,26 @@ def test_setup_rejects_bad_shapes():
         estimate(get_preset("smollm2-135m"), Setup(targets=("qkv",)))
 
 
+PEAK_PROBE = """
+import torch
+from finetune.memory.measure import PeakMemory
+with PeakMemory("cpu") as peak:
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    block += 1
+    peak.update()
+print(peak.peak_bytes, peak.baseline_bytes, "resident" in peak.metric)
+"""
+
+
 def test_peak_memory_cpu_sees_an_allocation():
-    with PeakMemory("cpu") as peak:
-        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-        block += 1
-        peak.update()
-    assert peak.peak_bytes >= 60 * 2**20
-    assert "resident" in peak.metric and peak.baseline_bytes > 0
+    # A fresh process: in a long-lived one the C allocator may hand back pages freed by
+    # earlier work, which never show up as resident-memory growth (docs/memory.md).
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", PEAK_PROBE], capture_output=True, text=True, check=True
+    ).stdout.split()
+    peak, baseline, named = int(out[0]), int(out[1]), out[2] == "True"
+    assert peak >= 60 * 2**20
+    assert named and baseline > 0
