@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import build_model, build_tokenizer, date_rows, run_cli, write_jsonl
+from helpers import build_model, build_tokenizer, date_rows, run_cli, tiny_recipe, write_jsonl
 
 
 @pytest.fixture(scope="session")
@@ -31,13 +31,7 @@ def recipe_file(tmp_path, tiny_model_dir, instruction_data):
     def make(name: str = "recipe.yaml", **sections) -> Path:
         import yaml
 
-        recipe = {
-            "model": {"path": str(tiny_model_dir)},
-            "adapter": {"method": "lora", "r": 4, "alpha": 8},
-            "data": {"path": str(instruction_data), "format": "instruction", "max_length": 64},
-            "train": {"max_steps": 6, "lr": 5e-3, "micro_batch_size": 4, "seed": 0},
-            "output": {"dir": str(tmp_path / "run")},
-        }
+        recipe = tiny_recipe(tiny_model_dir, instruction_data, tmp_path / "run")
         for section, values in sections.items():
             recipe.setdefault(section, {}).update(values)
         path = tmp_path / name

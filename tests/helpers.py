@@ -110,3 +110,14 @@ def run_main(capsys, *args):
         code = exit_info.code or 0
     captured = capsys.readouterr()
     return code, captured.out, captured.err.strip()
+
+
+def tiny_recipe(model_dir: Path, data: Path, out: Path) -> dict:
+    """The recipe the tests train the tiny model with: LoRA r4, six steps of four examples."""
+    return {
+        "model": {"path": str(model_dir)},
+        "adapter": {"method": "lora", "r": 4, "alpha": 8},
+        "data": {"path": str(data), "format": "instruction", "max_length": 64},
+        "train": {"max_steps": 6, "lr": 5e-3, "micro_batch_size": 4, "seed": 0},
+        "output": {"dir": str(out)},
+    }

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers import date_rows, write_jsonl
+from helpers import date_rows, tiny_recipe, write_jsonl
 
 from finetune import inference
 from finetune.cli import main
@@ -22,14 +22,7 @@ def run_and_data(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("eval")
     data = write_jsonl(root / "train.jsonl", date_rows(24))
     test = write_jsonl(root / "test.jsonl", date_rows(6, offset=40))
-    recipe = {
-        "model": {"path": str(tiny_model_dir)},
-        "adapter": {"method": "lora", "r": 4, "alpha": 8},
-        "data": {"path": str(data), "format": "instruction", "max_length": 64},
-        "train": {"max_steps": 6, "lr": 5e-3, "micro_batch_size": 4, "seed": 0},
-        "output": {"dir": str(root / "run")},
-        "eval": {"max_new_tokens": 6},
-    }
+    recipe = {**tiny_recipe(tiny_model_dir, data, root / "run"), "eval": {"max_new_tokens": 6}}
     (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     train(load_recipe(root / "recipe.yaml"))
     return root / "run", test

@@ -76,11 +76,10 @@ def test_preset_total_equals_meta_instantiation(name):
     assert arch.total_params() == sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("projection", [False, True])
+@pytest.mark.parametrize(
+    ("method", "projection"), [(m, False) for m in METHODS] + [("prefix", True)]
+)
 def test_trainable_count_equals_peft_on_tiny_llama(method, projection):
-    if projection and method != "prefix":
-        pytest.skip("prefix_projection is a prefix option")
     setup = Setup(method=method, r=4, virtual_tokens=7, prefix_projection=projection)
     model = peft_model(tiny_config(), method, setup)
     trainable, total = model.get_nb_trainable_parameters()
@@ -89,16 +88,21 @@ def test_trainable_count_equals_peft_on_tiny_llama(method, projection):
     assert est.total_params + est.trainable_params == total or method in ("prefix", "prompt")
 
 
+EAGER_PREFIX_GAP = pytest.mark.xfail(
+    strict=True, reason="known gap: eager + prefix over-counts one k-sized tensor per layer"
+)
+
+
 @pytest.mark.parametrize("method", ["lora", "ia3", "prefix", "prompt", "full"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_saved_activations_equal_autograd(method, dtype, attn):
+def test_saved_activations_equal_autograd(request, method, dtype, attn):
     """Every byte autograd saves for backward is predicted (tiny GQA Llama)."""
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
     if method == "prefix" and attn == "eager":
-        pytest.skip("known gap: eager + prefix, see docs/memory.md")
+        request.applymarker(EAGER_PREFIX_GAP)  # see docs/memory.md
     config = tiny_config()
     setup = Setup(
         method=method, dtype=dtype, batch=2, seq=16, virtual_tokens=10, attn=attn, device="cpu"
