@@ -41,7 +41,10 @@ def run_estimate(
     device = "cuda"
     if resolved.measured and str(resolved.measured.get("device", "")).startswith("cpu"):
         device = "cpu"  # estimate the run as it was made
-    base = setup_from_recipe(resolved.recipe, device) if resolved.recipe else Setup()
+    if resolved.setup is not None:
+        base = resolved.setup
+    else:
+        base = setup_from_recipe(resolved.recipe, device) if resolved.recipe else Setup()
     given = {k: v for k, v in options.items() if v is not None and k in SETUP_FIELDS}
     if isinstance(given.get("targets"), str) and given["targets"] != "all-linear":
         given["targets"] = tuple(t.strip() for t in given["targets"].split(",") if t.strip())

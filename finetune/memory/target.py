@@ -26,6 +26,7 @@ class Target:
     arch: Architecture
     recipe: Any = None
     measured: dict[str, Any] | None = None
+    setup: Any = None  # the exact setup a run's report was estimated with, if any
 
 
 def resolve(target: str, overrides: list[str] | tuple[str, ...] = ()) -> Target:
@@ -141,10 +142,28 @@ def run_directory(run: Path, overrides: list[str] | tuple[str, ...] = ()) -> Tar
     report = run / "report.json"
     if report.is_file():
         try:
-            target.measured = find_measured(json.loads(report.read_text(encoding="utf-8")))
+            data = json.loads(report.read_text(encoding="utf-8"))
         except json.JSONDecodeError:
-            target.measured = None
+            return target
+        target.measured = find_measured(data)
+        if not overrides:  # overrides describe another run than the one recorded
+            target.setup = recorded_setup(data)
     return target
+
+
+def recorded_setup(report: dict[str, Any]) -> Any:
+    """The setup the run's own report estimated (its real sequence length and the logits
+    positions its loop computed), so `estimate RUN` shows the same figure as the report."""
+    from finetune.memory.estimate import Setup
+
+    fields = (report.get("memory") or {}).get("estimate", {}).get("setup")
+    if not isinstance(fields, dict):
+        return None
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+    try:
+        return Setup(**fields)
+    except (TypeError, UserError):
+        return None
 
 
 def find_measured(report: Any) -> dict[str, Any] | None:
