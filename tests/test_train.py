@@ -122,3 +122,13 @@ def test_init_from_starts_a_new_run_from_adapter_weights(recipe_file, tmp_path):
     second = train(load_recipe(second_recipe))
     # It starts from the trained weights, so its first loss is the first run's last level.
     assert second.history[0]["loss"] < first.history[0]["loss"]
+
+
+def test_estimate_of_a_run_matches_its_report(recipe_file, tmp_path, capsys):
+    main(["train", str(recipe_file(train={"max_steps": 2}))])
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    capsys.readouterr()
+    main(["estimate", str(tmp_path / "run"), "--format", "json"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["total_bytes"] == report["memory"]["estimate"]["total_bytes"]
+    assert report["memory"]["estimate"]["setup"]["logit_positions"] is not None
