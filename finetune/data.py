@@ -431,22 +431,6 @@ def prepare(spec: DataSection, tokenizer: Any, seed: int) -> Splits:
     return Splits(train, evaluation, rows, eval_rows, eval_source)
 
 
-def collate(examples: list[TokenizedExample], pad_id: int) -> dict[str, Any]:
-    """Pad a micro-batch on the right; padding is masked from attention and loss."""
-    import torch
-
-    width = max(len(e.input_ids) for e in examples)
-    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    attention = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e.input_ids)
-        input_ids[i, :n] = torch.tensor(e.input_ids)
-        labels[i, :n] = torch.tensor(e.labels)
-        attention[i, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
-
-
 def render_marked(example: TokenizedExample, tokenizer: Any) -> list[tuple[str, bool]]:
     """Decode an example into runs of text, each flagged trained or not, for display."""
     runs: list[tuple[list[int], bool]] = []

@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from finetune.data import IGNORE_INDEX, TokenizedData, collate
+from finetune.batching import collate, single
+from finetune.data import IGNORE_INDEX, TokenizedData
 
 
 @dataclass
@@ -26,7 +27,8 @@ def evaluate_loss(model: Any, data: TokenizedData, pad_id: int, batch_size: int 
     device = next(p.device for p in model.parameters())
     total, tokens = 0.0, 0
     for start in range(0, len(data.examples), batch_size):
-        batch = collate(data.examples[start : start + batch_size], pad_id)
+        chunk = data.examples[start : start + batch_size]
+        batch = collate([single(e) for e in chunk], pad_id, packed=False)
         batch = {k: v.to(device) for k, v in batch.items()}
         n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         if n == 0:

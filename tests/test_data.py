@@ -5,10 +5,9 @@ import json
 import pytest
 from helpers import build_tokenizer, date_rows, write_jsonl
 
-from finetune.batching import micro_batches
+from finetune.batching import collate, micro_batches, single
 from finetune.data import (
     IGNORE_INDEX,
-    collate,
     load_rows,
     prepare,
     require_trained_tokens,
@@ -153,7 +152,7 @@ def test_eval_fraction_holds_out_rows(tmp_path, tok):
 def test_collate_pads_and_masks(tmp_path, tok):
     path = write_jsonl(tmp_path / "d.jsonl", date_rows(3))
     data = tokenize_rows(load_rows(path), spec(path, template="{prompt}"), tok, path)
-    batch = collate(data.examples, tok.pad_token_id)
+    batch = collate([single(e) for e in data.examples], tok.pad_token_id, packed=False)
     lengths = [len(e.input_ids) for e in data.examples]
     assert batch["input_ids"].shape == (3, max(lengths))
     assert batch["attention_mask"].sum(1).tolist() == lengths
