@@ -99,11 +99,13 @@ def prepare(recipe: Recipe, device: str | None = None) -> Prepared:
     return Prepared(recipe, loaded, model, splits, params, checkpointing, notes)
 
 
-def total_steps(recipe: Recipe, n_examples: int, world_size: int = 1) -> int:
+def total_steps(recipe: Recipe, n_items: int, world_size: int = 1) -> int:
+    """Optimizer steps: max_steps, or enough for `epochs` passes over the items (examples or
+    packed sequences), counting whole micro-batches as batching.micro_batches draws them."""
     if recipe.train.max_steps:
         return recipe.train.max_steps
-    per_step = recipe.train.micro_batch_size * recipe.train.grad_accum * world_size
-    return max(1, math.ceil(recipe.train.epochs * n_examples / per_step))
+    per_epoch = max(1, n_items // (recipe.train.micro_batch_size * world_size))
+    return max(1, math.ceil(recipe.train.epochs * per_epoch / recipe.train.grad_accum))
 
 
 def mixed_precision(requested: str, device: str) -> str:
