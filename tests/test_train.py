@@ -132,3 +132,15 @@ def test_estimate_of_a_run_matches_its_report(recipe_file, tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert printed["total_bytes"] == report["memory"]["estimate"]["total_bytes"]
     assert report["memory"]["estimate"]["setup"]["logit_positions"] is not None
+
+
+def test_epochs_count_whole_micro_batches(recipe_file):
+    from finetune.train import total_steps
+
+    recipe = load_recipe(
+        recipe_file(train={"max_steps": None, "epochs": 2, "micro_batch_size": 3, "grad_accum": 2})
+    )
+    # 10 items make 3 whole micro-batches an epoch (the 10th item waits for the next shuffle):
+    # 6 micro-batches in two epochs, 3 optimizer steps of 2.
+    assert total_steps(recipe, 10) == 3
+    assert total_steps(recipe, 10, world_size=2) == 1  # 1 micro-batch of 6 an epoch
