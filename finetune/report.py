@@ -11,7 +11,7 @@ from finetune import runs
 from finetune.train import RunResult
 
 
-def build_report(result: RunResult, wall_time_s: float) -> dict[str, Any]:
+def build_report(result: RunResult, wall_time_s: float, estimate: Any) -> dict[str, Any]:
     """Everything worth knowing about a finished run, as plain data."""
     import peft
     import torch
@@ -59,7 +59,7 @@ def build_report(result: RunResult, wall_time_s: float) -> dict[str, Any]:
         "stopped": result.stopped,
         "eval": evals[-1] if evals else None,
         "exact_match": exact_match_section(result),
-        "memory": memory_section(result),
+        "memory": memory_section(result, estimate),
         "notes": p.notes,
         "versions": {
             "python": platform.python_version(),
@@ -114,10 +114,9 @@ def batch_shape(p: Any) -> tuple[int, int | None]:
     return seq, most
 
 
-def memory_section(result: RunResult) -> dict[str, Any]:
+def memory_section(result: RunResult, est: Any) -> dict[str, Any]:
     from finetune.memory.render import to_markdown
 
-    est = run_estimate(result)
     return {
         "measured": result.memory,
         "estimate": est.to_dict(),
@@ -226,23 +225,24 @@ def plot_loss(history: list[dict[str, Any]], evals: list[dict[str, Any]], path: 
 
 def write_report(result: RunResult, wall_time_s: float) -> dict[str, Any]:
     """Write report.json, report.md and loss.png into the run directory; return the report."""
-    report = build_report(result, wall_time_s)
+    est = run_estimate(result)
+    report = build_report(result, wall_time_s, est)
     run_dir = result.run_dir
     runs.write_text_atomically(run_dir / "report.json", json.dumps(report, indent=2, default=str))
     runs.write_text_atomically(run_dir / "report.md", render_markdown(report))
     if result.history:
         plot_loss(result.history, result.evals, run_dir / "loss.png")
-    plot_memory_use(result, report["memory"], run_dir / "memory.png")
+    plot_memory_use(est, report["memory"], run_dir / "memory.png")
     return report
 
 
-def plot_memory_use(result: RunResult, memory: dict[str, Any], path: Path) -> None:
+def plot_memory_use(est: Any, memory: dict[str, Any], path: Path) -> None:
     from finetune.memory.render import plot_memory
 
     tmp = path.with_name(f".{path.name}.tmp.png")
     plot_memory(
         memory["measured"]["peak_bytes"],
-        run_estimate(result),
+        est,
         memory["full_fp16_budget_bytes"],
         tmp,
     )
