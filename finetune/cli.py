@@ -160,6 +160,9 @@ def estimate(
     ] = None,
     format: Annotated[str, typer.Option(help="table|json|markdown")] = "table",
     plot: Annotated[Path | None, typer.Option(help="Write the method comparison as a PNG.")] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an existing --plot file.")
+    ] = False,
 ) -> None:
     """Estimate the memory a fine-tuning run needs, component by component, before it starts."""
     from finetune.memory.command import run_estimate
@@ -180,7 +183,7 @@ def estimate(
         "optimizer": optimizer,
         "attn": attn,
     }
-    run_estimate(target, overrides or [], options, format, gpu, plot, out)
+    run_estimate(target, overrides or [], options, format, gpu, plot, out, force)
 
 
 # ------------------------------------------------------------- after training (issue 4)

@@ -24,6 +24,7 @@ import torch
 from finetune import inference, models, runs
 from finetune.adapters import MERGEABLE, VIRTUAL_TOKEN_METHODS
 from finetune.errors import UserError, closest
+from finetune.outputs import claim_output
 
 FORMATS = ("adapter", "merged", "gguf")
 GGUF_TYPES = ("f16", "f32", "q8_0")
@@ -47,23 +48,46 @@ class CheckFailed(Exception):
 # ------------------------------------------------------------------------ shared checks
 
 
-def check_output(out: Path, force: bool, target: inference.Target | None = None) -> None:
-    """Refuse an existing output without --force, and never write over the source run.
+# What an existing --out folder must hold for --force to replace it: the files each kind of
+# output is written with (finetune.outputs refuses every other folder).
+OUTPUT_SIGNS = {
+    "merged": ("merge.json", "a model written by finetune merge (merge.json)"),
+    "adapter": ("adapter_config.json", "an adapter folder (adapter_config.json)"),
+    "combined": ("adapter_config.json", "an adapter folder (adapter_config.json)"),
+}
+
+
+def check_output(
+    out: Path, force: bool, targets: list[inference.Target], output: str = "gguf"
+) -> None:
+    """Check `out` with the one rule for outputs (`finetune.outputs.claim_output`): never the
+    source run, adapter or base model, and an existing output only with --force.
+
+    Args:
+        out: the --out path.
+        force: --force was given.
+        targets: the command's sources (their run, adapter and model folders are inputs).
+        output: "merged", "adapter", "combined" (folders) or "gguf" (a file).
 
     Raises:
-        UserError: the output exists and force is off, or it is the run or adapter itself.
+        UserError: `out` may not be written.
     """
-    if target is not None:
-        resolved = out.resolve()
-        for source in (target.run_dir, target.adapter_dir):
-            if source is not None and (
-                resolved == source.resolve() or source.resolve().is_relative_to(resolved)
-            ):
-                raise UserError(f"--out {out}: that is the source {source}; choose another path")
-    if out.exists() and not force:
-        raise UserError(
-            f"--out {out} already exists; pass --force to replace it or choose another path"
-        )
+    sources = [folder for t in targets for folder in (t.run_dir, t.adapter_dir)]
+    models_ = [t.model.path for t in targets if Path(t.model.path).expanduser().exists()]
+    if output == "gguf":
+        claim_output(out, option="--out", kind="file", force=force, inputs=models_, sealed=sources)
+        return
+    sign, words = OUTPUT_SIGNS[output]
+    claim_output(
+        out,
+        option="--out",
+        kind="folder",
+        force=force,
+        inputs=models_,
+        sealed=sources,
+        replaceable=lambda folder: (folder / sign).is_file(),
+        what_it_holds=words,
+    )
 
 
 def require_adapter(target: inference.Target, what: str) -> str:
@@ -252,7 +276,7 @@ def merge(
         CheckFailed: the merged model does not reproduce the adapter model.
     """
     target = inference.resolve_target(run, model)
-    check_output(out, force, target)
+    check_output(out, force, [target], "merged")
     check_dtype(dtype)
     require_adapter(target, "merge")
     merged = build_merged(target, dtype=dtype, match_quantized=match_quantized, tolerance=tolerance)
@@ -363,14 +387,12 @@ def export(
         )
         return ExportReport("merged", str(out), folder_size(out), merge=report)
     target = inference.resolve_target(run, model)
-    check_output(out, force, target)
+    check_output(out, force, [target], "adapter" if fmt == "adapter" else "gguf")
     if fmt == "adapter":
         method = require_adapter(target, "export --format adapter")
         runs.write_atomically(out, lambda tmp: copy_adapter(target, method, tmp))
         return ExportReport("adapter", str(out), folder_size(out))
     require_adapter(target, "export --format gguf")
-    if out.is_dir():
-        raise UserError(f"--out {out} is a folder; give a file name such as model.gguf")
     merged = build_merged(target, dtype="float32", match_quantized=match_quantized)
     return write_checked_gguf(merged, out, gguf_type, tolerance)
 
@@ -687,8 +709,7 @@ def combine(
         density = 1.0 if method == "ties" else 0.5
     targets = [inference.resolve_target(s) for s in sources]
     numbers = parse_weights(weights, len(targets))
-    for t in targets:
-        check_output(out, force, t)
+    check_output(out, force, targets, "combined")
     check_compatible(targets)
 
     from peft import PeftModel

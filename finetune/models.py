@@ -30,7 +30,6 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "FINETUNE_CACHE"
 
 
-
 class _DropMatmulCastNotice(logging.Filter):
     """bitsandbytes logs a cast notice on every int8 matmul on the CPU; it is expected there."""
 

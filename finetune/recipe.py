@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from finetune.errors import UserError, closest
 
@@ -192,6 +200,13 @@ class OutputSection(Section):
     dir: str = Field("runs/run", description="Run directory (relative to where you run).")
     overwrite: bool = Field(False, description="Replace an existing run in `dir`.")
 
+    @field_validator("dir")
+    @classmethod
+    def _named(cls, value: str) -> str:
+        if not value.strip():  # Path("") is the current directory
+            raise ValueError("is empty; give a new folder such as runs/<name>")
+        return value
+
 
 class EvalSection(Section):
     max_new_tokens: int = Field(32, ge=1, description="Tokens generated per exact-match example.")
@@ -205,6 +220,21 @@ class Recipe(Section):
     train: TrainSection = TrainSection()
     output: OutputSection = OutputSection()
     eval: EvalSection = EvalSection()
+    # The file this recipe was loaded from (None when built in code): an input of the run,
+    # so the run may not be written over it.
+    _source: Path | None = PrivateAttr(None)
+
+    def input_paths(self) -> list[Path]:
+        """Every file or folder the run reads: recipe, data, local model, initial adapter."""
+        found = [self._source, Path(self.data.path)]
+        found += [Path(p) for p in (self.data.eval_path, self.adapter.init_from) if p]
+        if Path(self.model.path).expanduser().exists():
+            found.append(Path(self.model.path).expanduser())
+        return [p for p in found if p is not None]
+
+    def sealed_paths(self) -> list[Path]:
+        """Input folders a run may not be written into: the adapter it starts from."""
+        return [Path(self.adapter.init_from)] if self.adapter.init_from else []
 
     @model_validator(mode="after")
     def _compatible(self) -> Recipe:
@@ -258,8 +288,9 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise UserError(f"{path}: a recipe is a mapping of sections (model, adapter, data, ...)")
     for item in overrides:
         apply_override(raw, item)
-    recipe = validate(raw, source=str(path))
-    return resolve_paths(recipe, path.parent)
+    recipe = resolve_paths(validate(raw, source=str(path)), path.parent)
+    recipe._source = path.resolve()
+    return recipe
 
 
 def validate(raw: dict[str, Any], source: str) -> Recipe:

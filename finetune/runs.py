@@ -20,34 +20,73 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import UserError
+from finetune.outputs import claim_output
 
-RUN_MARKERS = ("recipe.yaml", "adapter", "checkpoints", "metrics.jsonl", "report.json")
+# Every entry a run directory holds. A fresh run over an old one (output.overwrite) removes
+# these and nothing else: a file the user put beside them is never finetune's to delete.
+RUN_LAYOUT = (
+    "recipe.yaml",
+    "adapter",
+    "checkpoints",
+    "metrics.jsonl",
+    "tb",
+    "report.md",
+    "report.json",
+    "loss.png",
+    "memory.png",
+)
+# What only a started run leaves beside its recipe.yaml (a user's folder may hold a recipe).
+RUN_MARKERS = ("adapter", "checkpoints", "metrics.jsonl", "report.json")
 
 
 def holds_run(run_dir: Path) -> bool:
-    return run_dir.is_dir() and any((run_dir / m).exists() for m in RUN_MARKERS)
+    """Whether `run_dir` is a finetune run: its resolved recipe and something a run writes."""
+    return (
+        run_dir.is_dir()
+        and (run_dir / "recipe.yaml").is_file()
+        and any((run_dir / m).exists() for m in RUN_MARKERS)
+    )
 
 
-def check_output_dir(run_dir: Path, *, overwrite: bool, resume: bool) -> None:
-    """Refuse to write into a folder that already holds a run, unless told to."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"output.dir: {run_dir} is a file; choose a folder")
+def claim_run_dir(
+    run_dir: Path, *, overwrite: bool, resume: bool, inputs: list, sealed: list
+) -> None:
+    """Check that a run may be written to `run_dir` (see `finetune.outputs`), before any work.
+
+    A fresh run goes into a new or empty folder, or replaces a run with output.overwrite;
+    --resume continues the run already there.
+
+    Raises:
+        UserError: the folder may not be written, or --resume finds no run there.
+    """
     if resume:
         if not holds_run(run_dir):
             raise UserError(f"--resume: {run_dir} holds no run to resume; drop --resume")
         return
-    if holds_run(run_dir) and not overwrite:
-        raise UserError(
-            f"output.dir: {run_dir} already holds a run; pass --resume to continue it, "
-            "output.overwrite=true to replace it, or choose another output.dir"
-        )
+    claim_output(
+        run_dir,
+        option="output.dir",
+        kind="folder",
+        force=overwrite,
+        inputs=inputs,
+        sealed=sealed,
+        replaceable=holds_run,
+        what_it_holds="a finetune run",
+        force_hint="pass --resume to continue it, output.overwrite=true to replace it",
+        exists_words="already holds a run",
+    )
 
 
 def start_run_dir(run_dir: Path, *, fresh: bool, recipe_yaml: str) -> None:
-    """Create (or, for a fresh run, empty) the run directory and write the resolved recipe."""
+    """Create the run directory (a fresh run first removes an old run's entries, and only
+    those) and write the resolved recipe."""
     if fresh and run_dir.exists():
-        for child in run_dir.iterdir():
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
+        for name in RUN_LAYOUT:
+            entry = run_dir / name
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            elif entry.exists() or entry.is_symlink():
+                entry.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomically(run_dir / "recipe.yaml", recipe_yaml)
 
@@ -79,11 +118,16 @@ def write_text_atomically(path: Path, text: str) -> None:
 
 
 def remove_partial_writes(run_dir: Path) -> None:
-    """Delete what a killed write left behind: temporary folders and files (dot-prefixed)."""
-    for folder in (run_dir, run_dir / "checkpoints"):
+    """Delete what a killed write left behind: the temporary names `write_atomically`,
+    `write_text_atomically` and the report give their entries (`.adapter.x1y2`,
+    `.step-3.ab12`, `.report.md.tmp`), and nothing else that starts with a dot."""
+    for folder, names in ((run_dir, RUN_LAYOUT), (run_dir / "checkpoints", ("step-",))):
         if not folder.is_dir():
             continue
+        prefixes = tuple(f".{name}" for name in names)
         for leftover in folder.glob(".*"):
+            if not leftover.name.startswith(prefixes) or leftover.is_symlink():
+                continue
             if leftover.is_dir():
                 shutil.rmtree(leftover, ignore_errors=True)
             elif leftover.name.endswith((".tmp", ".tmp.png")):

@@ -170,7 +170,13 @@ def trained_positions_loss(model: Any, batch: dict[str, Any], n_trained: int) ->
 def train(recipe: Recipe, *, resume: bool = False, prepared: Prepared | None = None) -> RunResult:
     """Run the recipe end to end and return what happened; the report is written by the caller."""
     run_dir = Path(recipe.output.dir)
-    runs.check_output_dir(run_dir, overwrite=recipe.output.overwrite, resume=resume)
+    runs.claim_run_dir(
+        run_dir,
+        overwrite=recipe.output.overwrite,
+        resume=resume,
+        inputs=recipe.input_paths(),
+        sealed=recipe.sealed_paths(),
+    )
     checkpoint = runs.latest_checkpoint(run_dir) if resume else None
     if resume:
         check_resumable(recipe, run_dir)

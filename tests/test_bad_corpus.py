@@ -33,6 +33,7 @@ class Case:
     expect: str  # a regex the one stderr line must match
     why: str
     setup: Callable[[Path, Path, Path], None] | None = None  # (tmp, tiny model, trained run)
+    trained: bool = False  # the setup copies the trained run (the resume-* cases do too)
 
 
 def run(recipe: str, *overrides: str, command: str = "train") -> tuple[str, ...]:
@@ -95,6 +96,57 @@ def existing_run(tmp: Path, tiny: Path, trained: Path) -> None:
     (tmp / "run").mkdir()
     (tmp / "run" / "recipe.yaml").write_text("precious: true\n")
     (tmp / "run" / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+
+
+def user_folder(tmp: Path, tiny: Path, trained: Path) -> None:
+    """A folder of someone's work that is no run: files and a subfolder."""
+    victim = tmp / "victim"
+    (victim / "notes").mkdir(parents=True)
+    (victim / "thesis.tex").write_text("years of work\n")
+    (victim / "notes" / "ideas.md").write_text("- one\n")
+    (victim / "recipe.yaml").write_text("precious: true\n")  # a recipe alone is no run
+
+
+def recipe_folder(tmp: Path, tiny: Path, trained: Path) -> None:
+    """A user's recipe beside its data, as in recipes/."""
+    (tmp / "recipes").mkdir()
+    for name in ("base.yaml", "good.jsonl"):
+        shutil.copy(BAD / name, tmp / "recipes" / name)
+
+
+def cwd_with_files(tmp: Path, tiny: Path, trained: Path) -> None:
+    """The tests run each case in <tmp>: give it something to lose."""
+    (tmp / "work.txt").write_text("unsaved work\n")
+    (tmp / "home").mkdir()
+    (tmp / "home" / ".bashrc").write_text("alias ll='ls -l'\n")
+
+
+def copy_run(tmp: Path, tiny: Path, trained: Path) -> None:
+    shutil.copytree(trained, tmp / "run")
+
+
+def copy_two_runs(tmp: Path, tiny: Path, trained: Path) -> None:
+    shutil.copytree(trained, tmp / "run")
+    shutil.copytree(trained, tmp / "run2")
+
+
+def run_beside_user_folder(tmp: Path, tiny: Path, trained: Path) -> None:
+    copy_run(tmp, tiny, trained)
+    user_folder(tmp, tiny, trained)
+
+
+def run_and_link(tmp: Path, tiny: Path, trained: Path) -> None:
+    run_beside_user_folder(tmp, tiny, trained)
+    (tmp / "link").symlink_to(tmp / "victim", target_is_directory=True)
+
+
+def precious_png(tmp: Path, tiny: Path, trained: Path) -> None:
+    (tmp / "precious.png").write_bytes(b"\x89PNG a picture someone made\n")
+
+
+def model_config(tmp: Path, tiny: Path, trained: Path) -> None:
+    (tmp / "cfg").mkdir()
+    shutil.copy(tiny / "config.json", tmp / "cfg" / "config.json")
 
 
 def checkpoint_file(name: str, content: bytes | None = None, keep: int | None = None):
@@ -602,6 +654,168 @@ CASES = [
         "no overwrite without output.overwrite=true",
         existing_run,
     ),
+    # ------------------------------------ data loss: outputs over what is not theirs
+    Case(
+        "output-dir-user-folder",
+        run("base.yaml", "output.dir=<tmp>/victim"),
+        r"output\.dir: .*victim exists and does not hold a finetune run; nothing in it",
+        "output.dir names someone's folder: it used to be emptied",
+        user_folder,
+    ),
+    Case(
+        "output-dir-user-folder-overwrite",
+        run("base.yaml", "output.dir=<tmp>/victim", "output.overwrite=true"),
+        r"output\.dir: .*victim exists and does not hold a finetune run",
+        "overwrite replaces runs only, never another folder",
+        user_folder,
+    ),
+    Case(
+        "output-dir-recipe-folder",
+        ("train", "<tmp>/recipes/base.yaml", "model.path=<model>", "output.dir=<tmp>/recipes"),
+        r"output\.dir: .*recipes holds this command's input .*base\.yaml",
+        "output.dir is the recipe's own folder: recipe and data were deleted after loading",
+        recipe_folder,
+    ),
+    Case(
+        "output-dir-recipe-folder-overwrite",
+        (
+            "train",
+            "<tmp>/recipes/base.yaml",
+            "model.path=<model>",
+            "output.dir=<tmp>/recipes",
+            "output.overwrite=true",
+        ),
+        r"output\.dir: .*recipes holds this command's input",
+        "the same with output.overwrite=true",
+        recipe_folder,
+    ),
+    Case(
+        "output-dir-data-folder",
+        run("base.yaml", "data.path=<tmp>/recipes/good.jsonl", "output.dir=<tmp>/recipes"),
+        r"output\.dir: .*recipes holds this command's input .*good\.jsonl",
+        "output.dir holds the training data",
+        recipe_folder,
+    ),
+    Case(
+        "output-dir-empty",
+        run("base.yaml", "output.dir="),
+        r"base\.yaml: output\.dir: is empty; give a new folder such as runs/<name>",
+        "output.dir= (empty) used to wipe the current directory",
+        cwd_with_files,
+    ),
+    Case(
+        "output-dir-current",
+        run("base.yaml", "output.dir=.", "output.overwrite=true"),
+        r"output\.dir: \. is the current directory",
+        "output.dir=. names the folder the user works in",
+        cwd_with_files,
+    ),
+    Case(
+        "output-dir-parent-of-current",
+        run("base.yaml", "output.dir=.."),
+        r"output\.dir: \.\. contains the current directory",
+        "a parent of the current directory",
+        cwd_with_files,
+    ),
+    Case(
+        "output-dir-home",
+        run("base.yaml", "output.dir=~/"),
+        r"output\.dir: ~/? is the home folder",
+        "the home folder (HOME is <tmp>/home here)",
+        cwd_with_files,
+    ),
+    Case(
+        "export-adapter-over-own-checkpoints",
+        ("export", "<run>", "--format", "adapter", "--out", "<run>/checkpoints", "--force"),
+        r"--out: .*run/checkpoints lies inside this command's input .*run; writing there",
+        "used to delete every checkpoint of the source run",
+        copy_run,
+        trained=True,
+    ),
+    Case(
+        "merge-over-own-checkpoint",
+        ("merge", "<run>", "--out", "<run>/checkpoints/step-2", "--force"),
+        r"--out: .*step-2 lies inside this command's input",
+        "used to replace a checkpoint with a merged model",
+        copy_run,
+        trained=True,
+    ),
+    Case(
+        "export-adapter-into-own-adapter",
+        ("export", "<run>", "--format", "adapter", "--out", "<run>/adapter/exported"),
+        r"--out: .*adapter/exported lies inside this command's input",
+        "used to write into the source adapter, with a nested temporary copy",
+        copy_run,
+        trained=True,
+    ),
+    Case(
+        "export-adapter-is-the-run",
+        ("export", "<run>", "--format", "adapter", "--out", "<run>", "--force"),
+        r"--out: .*run is this command's input",
+        "--out names the source run itself",
+        copy_run,
+        trained=True,
+    ),
+    Case(
+        "export-force-over-user-folder",
+        ("export", "<run>", "--format", "adapter", "--out", "<tmp>/victim", "--force"),
+        r"--out: .*victim exists and does not hold an adapter folder",
+        "--force replaces an earlier export, never someone's folder",
+        run_beside_user_folder,
+        trained=True,
+    ),
+    Case(
+        "merge-force-over-user-folder",
+        ("merge", "<run>", "--out", "<tmp>/victim", "--force"),
+        r"--out: .*victim exists and does not hold a model written by finetune merge",
+        "--force replaces an earlier merge, never someone's folder",
+        run_beside_user_folder,
+        trained=True,
+    ),
+    Case(
+        "merge-out-symlink",
+        ("merge", "<run>", "--out", "<tmp>/link", "--force"),
+        r"--out: .*link is a symbolic link",
+        "a link would be followed into what it points to",
+        run_and_link,
+        trained=True,
+    ),
+    Case(
+        "gguf-out-is-a-folder",
+        ("export", "<run>", "--format", "gguf", "--out", "<tmp>/victim", "--force"),
+        r"--out: .*victim is a folder; give a file name",
+        "a GGUF is a file",
+        run_beside_user_folder,
+        trained=True,
+    ),
+    Case(
+        "combine-into-a-source",
+        ("combine", "<run>", "<tmp>/run2", "--out", "<tmp>/run2/adapter", "--force"),
+        r"--out: .*run2/adapter (is|lies inside) this command's input",
+        "combining into one of the adapters being combined",
+        copy_two_runs,
+        trained=True,
+    ),
+    Case(
+        "estimate-plot-exists",
+        ("estimate", "llama-2-7b", "--plot", "<tmp>/precious.png"),
+        r"--plot: .*precious\.png already exists; pass --force to replace it",
+        "used to replace the file without --force",
+        precious_png,
+    ),
+    Case(
+        "estimate-plot-no-folder",
+        ("estimate", "llama-2-7b", "--plot", "<tmp>/no/such/dir/x.png"),
+        r"--plot: .*x\.png: its folder .*no/such/dir does not exist; create it first",
+        "used to end in a traceback after estimating",
+    ),
+    Case(
+        "estimate-plot-is-the-input",
+        ("estimate", "<tmp>/cfg/config.json", "--plot", "<tmp>/cfg/config.json", "--force"),
+        r"--plot: .*config\.json is this command's input",
+        "--force never replaces the command's own input",
+        model_config,
+    ),
     Case(
         "resume-nothing-there",
         (*run("base.yaml"), "--resume"),
@@ -650,16 +864,21 @@ CASES = [
 
 
 def snapshot(path: Path) -> dict[str, str] | None:
-    """Hashes of every file under `path` (or of `path` itself); None when it does not exist."""
+    """Hashes of every file under `path` (or of `path` itself), and its folders and links;
+    None when it does not exist."""
     if path.is_file():
         return {".": hashlib.sha256(path.read_bytes()).hexdigest()}
     if not path.exists():
         return None
-    return {
-        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(path.rglob("*"))
-        if p.is_file()
-    }
+    found = {}
+    for p in sorted(path.rglob("*")):
+        if p.is_symlink():
+            found[str(p.relative_to(path))] = f"link to {p.readlink()}"
+        elif p.is_file():
+            found[str(p.relative_to(path))] = hashlib.sha256(p.read_bytes()).hexdigest()
+        elif p.is_dir():
+            found[str(p.relative_to(path))] = "folder"
+    return found
 
 
 CORPUS_BEFORE = snapshot(BAD)
@@ -699,12 +918,17 @@ def params():
 
 
 @pytest.mark.parametrize("case", params())
-def test_bad_input_ends_cleanly(case, capsys, tmp_path, tiny_model_dir, request):
-    trained = request.getfixturevalue("trained_run") if "resume-" in case.id else None
+def test_bad_input_ends_cleanly(case, capsys, tmp_path, tiny_model_dir, request, monkeypatch):
+    needs_run = case.trained or "resume-" in case.id
+    trained = request.getfixturevalue("trained_run") if needs_run else None
     if case.setup is not None:
         case.setup(tmp_path, tiny_model_dir, trained)
+    # Each case runs inside its scratch folder, with its home there: a case that names the
+    # current directory or the home folder can only ever reach that folder.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     capsys.readouterr()
-    before = snapshot(tmp_path / "run")
+    before = snapshot(tmp_path)
     args = [expand(a, tmp_path, tiny_model_dir) for a in case.args]
     OUTCOMES[case.id] = False
     with pytest.raises(SystemExit) as exit_info:
@@ -714,7 +938,7 @@ def test_bad_input_ends_cleanly(case, capsys, tmp_path, tiny_model_dir, request)
     assert "Traceback" not in err, err
     assert len(err.splitlines()) == 1, err
     assert re.search(case.expect, err), err
-    assert snapshot(tmp_path / "run") == before, "the output folder changed"
+    assert snapshot(tmp_path) == before, "a file or folder changed"
     OUTCOMES[case.id] = True
 
 
@@ -724,7 +948,7 @@ def test_the_corpus_is_large_and_documented():
     assert all(c.why and c.expect for c in CASES)
     files = {a.split("/", 1)[1].split("=")[-1] for c in CASES for a in c.args if "<bad>/" in a}
     files |= {a.split("=", 1)[1] for c in CASES for a in c.args if a.startswith("data.path=")}
-    missing = [f for f in files if not (BAD / f).exists() and "missing" not in f]
+    missing = [f for f in files if not (BAD / f).exists() and "missing" not in f and "<" not in f]
     assert not missing, missing
 
 

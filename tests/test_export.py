@@ -249,7 +249,9 @@ def test_bad_input_is_one_line_and_writes_nothing(made, tmp_path, capsys):
     )
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    expect_error(capsys, ["merge", str(run), "--out", str(out)], r"already exists; pass --force")
+    for force in ([], ["--force"]):  # someone's folder, not an earlier merge: never replaced
+        args = ["merge", str(run), "--out", str(out), *force]
+        expect_error(capsys, args, r"out exists and does not hold a model written by finetune")
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "small-base", "unfinished"]
 

@@ -20,6 +20,7 @@ from finetune.memory.render import (
     to_markdown,
 )
 from finetune.memory.target import resolve
+from finetune.outputs import claim_output
 
 SETUP_FIELDS = {f.name for f in fields(Setup)}
 
@@ -32,11 +33,15 @@ def run_estimate(
     gpu: float | None,
     plot: Path | None,
     out: Any,
+    force: bool = False,
 ) -> None:
     """Estimate `target` with the given options (None means "not given") and print it.
 
     Options given on the command line win over a recipe's values, which win over defaults.
     """
+    if plot is not None:  # checked before any work, like every output
+        source = Path(target).expanduser()
+        claim_output(plot, option="--plot", kind="file", force=force, inputs=[source])
     resolved = resolve(target, overrides)
     device = "cuda"
     if resolved.measured and str(resolved.measured.get("device", "")).startswith("cpu"):

@@ -1,0 +1,177 @@
+"""May this path be written? The one place that decides, for every command that writes.
+
+train (`output.dir`), merge, export, combine (`--out`) and `estimate --plot` all call
+`claim_output` before any work starts. The rules, in the order they are checked:
+
+1. The path is not empty, not a symbolic link, and not the root folder, a home folder,
+   the current directory or a folder that contains one of them.
+2. It neither is nor holds one of the command's own inputs (the recipe and its data, the
+   source run or adapter, the base model folder), and it does not lie inside a source run
+   or adapter folder (writing there would change the source).
+3. A path that exists is replaced only with `force` (`--force`, `output.overwrite=true`),
+   only when it is of the kind the command writes (a file for a file, a folder for a
+   folder), and a folder only when it holds what the command itself makes (`replaceable`).
+   An empty folder counts as new.
+4. A file's folder must exist; a folder's missing parents are created when it is written.
+
+A refusal is one `UserError` line naming the option, the path and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Literal
+
+from finetune.errors import UserError
+
+Kind = Literal["file", "folder"]
+
+
+def claim_output(
+    path: str | Path,
+    *,
+    option: str,
+    kind: Kind,
+    force: bool = False,
+    inputs: Iterable[str | Path | None] = (),
+    sealed: Iterable[str | Path | None] = (),
+    replaceable: Callable[[Path], bool] | None = None,
+    what_it_holds: str = "what this command writes",
+    force_hint: str = "pass --force to replace it",
+    exists_words: str = "already exists",
+) -> Path:
+    """Check that `path` may be written by a command and return it as given.
+
+    Args:
+        path: the output path the user gave.
+        option: how the user named it (`--out`, `output.dir`, `--plot`), for messages.
+        kind: "file" or "folder": what the command writes there.
+        force: the user asked to replace an existing output at exactly this path.
+        inputs: the command's inputs (files or folders; None entries are skipped): the
+            output may not be one of them or hold one.
+        sealed: input folders nothing may be written into either (a source run or adapter:
+            a new file inside would change what it is).
+        replaceable: for folders, whether an existing non-empty folder holds what this
+            command makes (and so may be replaced with `force`); None: never replaceable.
+        what_it_holds: words for a replaceable folder's contents, for the refusal.
+        force_hint: how this command spells "replace it" (`--force`, `output.overwrite=true`).
+        exists_words: how to say that the path exists ("already holds a run").
+
+    Raises:
+        UserError: the path may not be written; the message names it and the fix.
+    """
+    text = str(path)
+    if not text.strip():
+        raise UserError(f"{option} is empty; give a new file or folder name such as runs/<name>")
+    given = Path(text).expanduser()
+    where = f"{option}: {text}"
+    if given.is_symlink():
+        raise UserError(f"{where} is a symbolic link; give the real path it points to")
+    target = absolute(given)
+    refuse_protected(target, where)
+    sealed = [item for item in sealed if item is not None]
+    refuse_inputs(target, where, [*inputs, *sealed], sealed)
+    if given.exists():
+        holds = (what_it_holds, force_hint, exists_words)
+        refuse_existing(given, where, kind, force, replaceable, holds)
+    refuse_missing_parent(given, where, kind)
+    return given
+
+
+def absolute(path: Path) -> Path:
+    """`path` made absolute with every symbolic link in it followed, existing or not."""
+    return Path(os.path.realpath(path))
+
+
+def protected_folders() -> list[Path]:
+    """Folders no command may replace or write a run over: root, home, the current one."""
+    found = [Path(os.path.abspath(os.sep)), absolute(Path.cwd())]
+    for home in (os.environ.get("HOME"), os.path.expanduser("~")):
+        if home and home != "~":
+            found.append(absolute(Path(home)))
+    return found
+
+
+def refuse_protected(target: Path, where: str) -> None:
+    for folder in protected_folders():
+        if target == folder or target in folder.parents:
+            name = "the root folder" if folder.parent == folder else describe_folder(folder)
+            holds = "is" if target == folder else "contains"
+            raise UserError(
+                f"{where} {holds} {name}; give a new folder for the output, such as runs/<name>"
+            )
+
+
+def describe_folder(folder: Path) -> str:
+    if folder == absolute(Path.cwd()):
+        return f"the current directory ({folder})"
+    return f"the home folder ({folder})"
+
+
+def refuse_inputs(
+    target: Path, where: str, inputs: Iterable[str | Path | None], sealed: list[str | Path]
+) -> None:
+    """Refuse an output that is or holds one of the command's inputs, or lies inside a sealed
+    one."""
+    sealed_folders = {absolute(Path(item).expanduser()) for item in sealed}
+    for item in inputs:
+        if item is None or not str(item).strip():
+            continue
+        source = absolute(Path(item).expanduser())
+        if target == source or target in source.parents:
+            holds = "is" if target == source else "holds"
+            raise UserError(
+                f"{where} {holds} this command's input {source}; writing there would "
+                "destroy it; choose another path"
+            )
+        if source in sealed_folders and source in target.parents:
+            raise UserError(
+                f"{where} lies inside this command's input {source}; writing there would "
+                "change the input; choose a path outside it"
+            )
+
+
+def refuse_existing(
+    given: Path,
+    where: str,
+    kind: Kind,
+    force: bool,
+    replaceable: Callable[[Path], bool] | None,
+    words: tuple[str, str, str],
+) -> None:
+    what_it_holds, force_hint, exists_words = words
+    if kind == "file" and given.is_dir():
+        raise UserError(f"{where} is a folder; give a file name")
+    if kind == "file" and not given.is_file():
+        raise UserError(f"{where} is not a regular file (a pipe or device); give a file name")
+    if kind == "folder" and not given.is_dir():
+        raise UserError(f"{where} is a file, not a folder; give a folder name")
+    if kind == "folder" and is_empty_folder(given):
+        return
+    if kind == "folder" and (replaceable is None or not replaceable(given)):
+        raise UserError(
+            f"{where} exists and does not hold {what_it_holds}; nothing in it "
+            "is touched; choose a new or empty folder"
+        )
+    if not force:
+        raise UserError(f"{where} {exists_words}; {force_hint}, or choose another path")
+
+
+def is_empty_folder(folder: Path) -> bool:
+    return folder.is_dir() and next(folder.iterdir(), None) is None
+
+
+def refuse_missing_parent(given: Path, where: str, kind: Kind) -> None:
+    """A file needs an existing folder; a folder needs no file in the way of its parents."""
+    parent = absolute(given).parent
+    if kind == "file":
+        if not parent.is_dir():
+            raise UserError(f"{where}: its folder {parent} does not exist; create it first")
+        return
+    for ancestor in (parent, *parent.parents):
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise UserError(f"{where}: {ancestor} is a file, so no folder can be made there")
+            return
