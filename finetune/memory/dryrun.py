@@ -189,7 +189,7 @@ def quantize(model: Any, setup: Any) -> tuple[int, int]:
     """
     head = model.get_output_embeddings()
     scales = 0
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, torch.nn.Linear) and child is not head:
                 stand_in = StandInLinear(child, setup.quant, setup.double_quant, setup.device)
@@ -309,9 +309,9 @@ class _KnownSizes(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         if func is torch.ops.aten.nonzero.default and args[0].is_meta:
             return torch.empty(self.rows, args[0].dim(), dtype=torch.long, device="meta")
-        if func is torch.ops.aten._local_scalar_dense.default and args[0].is_meta:
-            if args[0].dtype == torch.bool:
-                return True
+        is_item = func is torch.ops.aten._local_scalar_dense.default
+        if is_item and args[0].is_meta and args[0].dtype == torch.bool:
+            return True
         return func(*args, **(kwargs or {}))
 
 
@@ -408,3 +408,74 @@ def dry_run(config: Any, setup: Any) -> DryRun:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+# ------------------------------------------------------------------ the estimate
+
+
+def estimate_from_config(config: Any, setup: Any, name: str = "") -> Any:
+    """`Estimate` (the shape render.py and report.py read) from one dry run of `setup`.
+
+    Components: the tracker's breakdown at the peak; `allocated_bytes` is the dry run's
+    peak; `reserved_bytes` replays its allocation stream through `allocator.replay`.
+    """
+    from finetune.memory.allocator import replay
+    from finetune.memory.estimate import CPU_METRIC, CUDA_CONTEXT_BYTES, METRIC, Estimate
+
+    run = dry_run(config, setup)
+    b = run.breakdown
+    components = {
+        "frozen base weights": b["weights"] - run.quantization_scale_bytes - run.upcast_bytes,
+        "quantization scales": run.quantization_scale_bytes,
+        "kept/upcast in higher precision": run.upcast_bytes,
+        "trainable parameters": b["adapter"],
+        "gradients": b["gradients"],
+        "optimizer states": b["optimizer"],
+        "master weights": 0,
+        "activations": b["activations"],
+        "backward temporaries": b["backward temporaries"],
+        "logits and loss": b["logits"],
+        "runtime overhead": CUDA_CONTEXT_BYTES if setup.device == "cuda" else 0,
+    }
+    peaks = replay(run.events)
+    return Estimate(
+        arch=describe(config, name),
+        setup=setup,
+        components=components,
+        notes={
+            "activations": f"alive at the peak ({run.peak_phase}); "
+            f"{run.saved_for_backward_bytes:,} B saved for backward at most",
+            "runtime overhead": "CUDA context (not in max allocated)"
+            if setup.device == "cuda"
+            else "",
+        },
+        total_params=run.total_params,
+        trainable_params=run.trainable_params,
+        metric=METRIC if setup.device == "cuda" else CPU_METRIC,
+        detail={"dry_run_seconds_x1000": int(run.seconds * 1000)},
+        reserved_bytes=peaks.reserved_bytes,
+        config=config,
+    )
+
+
+def describe(config: Any, name: str = "") -> Any:
+    """An `Architecture` naming the model (descriptive only: counts come from the dry run)."""
+    from finetune.memory.arch import Architecture
+
+    def get(*names: str) -> int:
+        return next((int(v) for n in names if isinstance(v := getattr(config, n, None), int)), 0)
+
+    heads = get("num_attention_heads", "n_head")
+    hidden = get("hidden_size", "n_embd")
+    return Architecture(
+        model_type=str(getattr(config, "model_type", "")),
+        hidden=hidden,
+        intermediate=get("intermediate_size", "ffn_hidden_size", "n_inner"),
+        layers=get("num_hidden_layers", "n_layer"),
+        heads=heads,
+        kv_heads=get("num_key_value_heads") or heads,
+        head_dim=get("head_dim") or (hidden // heads if heads else 0),
+        vocab=get("vocab_size"),
+        tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        name=name or str(getattr(config, "_name_or_path", "") or getattr(config, "model_type", "")),
+    )
