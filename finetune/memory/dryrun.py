@@ -373,6 +373,12 @@ def dry_run(config: Any, setup: Any) -> DryRun:
         )
     model.train()
     counts = count_parameters(model)
+    # 4-bit weights are packed two per byte; count them unpacked, as peft does Params4bit.
+    packed = sum(
+        m.in_features * m.out_features - m.weight.numel()
+        for m in model.modules()
+        if isinstance(m, StandInLinear)
+    )
     batch = meta_batch(setup, config.vocab_size)
     trained = setup.logit_positions or setup.seq - 1
     optimizer = make_optimizer(model, setup)
@@ -395,7 +401,7 @@ def dry_run(config: Any, setup: Any) -> DryRun:
         peak_bytes=tracker.peak_bytes,
         breakdown=dict(tracker.peak_breakdown),
         peak_phase=tracker.peak_phase,
-        total_params=counts.total,
+        total_params=counts.total + packed,
         trainable_params=counts.trainable,
         saved_for_backward_bytes=tracker.peak_saved_bytes,
         quantization_scale_bytes=scales,
