@@ -66,12 +66,17 @@ def build_config(raw: dict[str, Any], name: str = "config") -> Any:
     Raises:
         UserError: transformers does not know the model type or rejects the fields.
     """
-    from transformers import AutoConfig
+    from transformers import CONFIG_MAPPING, AutoConfig
 
     fields = dict(raw)
     model_type = fields.pop("model_type", None)
     if not model_type:
         raise UserError(f"{name}: no model_type; transformers cannot tell which model this is")
+    if model_type not in CONFIG_MAPPING:
+        raise UserError(
+            f"{name}: transformers cannot build model_type {model_type!r}: not a model type "
+            "this transformers version knows"
+        )
     try:
         return AutoConfig.for_model(model_type, **fields)
     except (ValueError, KeyError, TypeError) as err:
@@ -413,7 +418,7 @@ def dry_run(config: Any, setup: Any) -> DryRun:
 
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    return text.splitlines()[0][:200] if text else type(err).__name__
 
 
 # ------------------------------------------------------------------ the estimate
