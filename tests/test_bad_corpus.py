@@ -161,7 +161,31 @@ def checkpoint_file(name: str, content: bytes | None = None, keep: int | None = 
     return setup
 
 
+def mystery_config(tmp: Path, tiny: Path, trained: Path) -> None:
+    (tmp / "config.json").write_text(json.dumps({"model_type": "mystery", "hidden_size": 8}))
+
+
 CASES = [
+    # ------------------------------------------------------------------- estimate
+    Case(
+        "estimate-override-on-preset",
+        ("estimate", "llama-2-7b", "nonsense.key=1"),
+        r"nonsense\.key=1: dotted overrides change a recipe",
+        "overrides apply to recipes and runs only; a preset refuses them",
+    ),
+    Case(
+        "estimate-unknown-target",
+        ("estimate", "smollm2-135m", "--targets", "q_proj,v_proj,typo_proj"),
+        r"typo_proj match no Linear layer.*q_proj",
+        "an unknown target module name is refused, naming the model's real ones",
+    ),
+    Case(
+        "estimate-unbuildable-architecture",
+        ("estimate", "<tmp>/config.json"),
+        r"transformers cannot build model_type 'mystery'",
+        "a model type transformers does not know",
+        mystery_config,
+    ),
     # ------------------------------------------------------------------- recipes
     Case(
         "yaml-unclosed-brace",

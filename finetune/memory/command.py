@@ -1,4 +1,7 @@
-"""`finetune estimate`: resolve the target, build the setup, estimate, render.
+"""`finetune estimate`: resolve the target, build the setup, dry-run it, render.
+
+The printed estimate always comes from the dry run (dryrun.py); the analytic model
+(estimate.estimate) is no longer on this path.
 
 Kept here so that the CLI only parses and dispatches.
 """
@@ -9,8 +12,10 @@ from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
+from finetune.errors import UserError
 from finetune.memory import setup_from_recipe
-from finetune.memory.estimate import Setup, estimate
+from finetune.memory.dryrun import estimate_from_config
+from finetune.memory.estimate import Setup
 from finetune.memory.render import (
     GB,
     fit_advice,
@@ -43,6 +48,11 @@ def run_estimate(
         source = Path(target).expanduser()
         claim_output(plot, option="--plot", kind="file", force=force, inputs=[source])
     resolved = resolve(target, overrides)
+    if overrides and resolved.recipe is None:
+        raise UserError(
+            f"{overrides[0]}: dotted overrides change a recipe, and {target} is not a recipe "
+            "or run directory; use the options (--method, --seq, ...) instead"
+        )
     device = "cuda"
     if resolved.measured and str(resolved.measured.get("device", "")).startswith("cpu"):
         device = "cpu"  # estimate the run as it was made
@@ -54,7 +64,7 @@ def run_estimate(
     if isinstance(given.get("targets"), str) and given["targets"] != "all-linear":
         given["targets"] = tuple(t.strip() for t in given["targets"].split(",") if t.strip())
     setup = replace(base, **given)
-    est = estimate(resolved.arch, setup)
+    est = estimate_from_config(resolved.hf_config(), setup, resolved.arch.name)
     fit = fit_advice(est, gpu * GB) if gpu is not None else None
     if fmt == "json":
         out.print_json(to_json(est, fit))

@@ -50,6 +50,7 @@ COMPONENTS = (
     "optimizer states",
     "master weights",
     "activations",
+    "backward temporaries",
     "logits and loss",
     "runtime overhead",
 )
@@ -133,6 +134,10 @@ class Estimate:
     trainable_params: int
     metric: str = METRIC
     detail: dict[str, int] = field(default_factory=dict)
+    # The allocator model's peak reserved bytes (dry-run estimates only), and the
+    # transformers config a dry run re-estimates variants from.
+    reserved_bytes: int | None = None
+    config: object = None
 
     @property
     def total_bytes(self) -> int:
@@ -152,7 +157,21 @@ class Estimate:
     @property
     def full_fp16_budget_bytes(self) -> int:
         """The 12 bytes/param budget of full fp16 fine-tuning for the same model."""
-        return full_fp16_budget_bytes(self.arch)
+        return 12 * self.total_params
+
+    @property
+    def verdict_bytes(self) -> int:
+        """What the --gpu verdict compares: reserved + CUDA context when the allocator was
+        modelled, else the total."""
+        if self.reserved_bytes is None:
+            return self.total_bytes
+        return self.reserved_bytes + self.components["runtime overhead"]
+
+    @property
+    def verdict_metric(self) -> str:
+        if self.reserved_bytes is None:
+            return "allocated + CUDA context"
+        return "reserved (caching allocator model) + CUDA context"
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -166,6 +185,7 @@ class Estimate:
             "total_params": self.total_params,
             "trainable_params": self.trainable_params,
             "full_fp16_budget_bytes": self.full_fp16_budget_bytes,
+            "reserved_bytes": self.reserved_bytes,
             "setup": asdict(self.setup),
             "architecture": self.arch.to_dict(),
         }
@@ -337,6 +357,7 @@ def estimate(arch: Architecture, setup: Setup) -> Estimate:
     components["master weights"] = 4 * trainable if sixteen_bit_full and setup.master_weights else 0
     detail = activation_bytes(arch, setup)
     components["activations"] = detail["total"]
+    components["backward temporaries"] = 0  # counted inside activations by this model
     components["logits and loss"] = logits_bytes(arch, setup)
     components["runtime overhead"] = CUDA_CONTEXT_BYTES if setup.device == "cuda" else 0
     return Estimate(
@@ -405,8 +426,11 @@ COMPARISON = (
 )
 
 
-def compare_methods(arch: Architecture, setup: Setup) -> list[tuple[str, Estimate]]:
-    """The same model and shape under full fine-tuning and each adapter method."""
+def compare_methods(
+    arch: Architecture, setup: Setup, config: object = None
+) -> list[tuple[str, Estimate]]:
+    """The same model and shape under full fine-tuning and each adapter method (dry runs
+    when `config` is given)."""
     rows = []
     for label, change in COMPARISON:
         variant = dict(change)
@@ -414,7 +438,7 @@ def compare_methods(arch: Architecture, setup: Setup) -> list[tuple[str, Estimat
             variant.setdefault("dtype", "bfloat16")
         elif variant["method"] != "full":
             variant.setdefault("dtype", setup.dtype)
-        rows.append((label, estimate(arch, replace(setup, **variant))))
+        rows.append((label, reestimate(arch, config, replace(setup, **variant))))
     return rows
 
 
@@ -431,3 +455,12 @@ def rule_of_thumb_bytes(params: float, setup: Setup) -> dict[str, float] | None:
             "optimizer": 4e9 * scale,
         }
     return None
+
+
+def reestimate(arch: Architecture, config: object, setup: Setup) -> Estimate:
+    """Estimate a variant the way the original was made: a dry run when there is a config."""
+    if config is None:
+        return estimate(arch, setup)
+    from finetune.memory.dryrun import estimate_from_config
+
+    return estimate_from_config(config, setup, arch.name)

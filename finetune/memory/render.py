@@ -15,7 +15,7 @@ from finetune.memory.estimate import (
     Estimate,
     Setup,
     compare_methods,
-    estimate,
+    reestimate,
     rule_of_thumb_bytes,
 )
 from finetune.memory.presets import nominal_params
@@ -54,6 +54,12 @@ def headline(est: Estimate) -> list[str]:
         f"weights + gradients + optimizer states: {human(est.state_bytes)}; "
         f"estimated peak: {human(est.total_bytes)} ({est.metric}, plus runtime overhead)",
     ]
+    if est.reserved_bytes is not None and est.setup.device == "cuda":
+        lines.append(
+            f"allocated peak {human(est.allocated_bytes)}; reserved by the caching allocator "
+            f"(modelled) {human(est.reserved_bytes)}; with the CUDA context "
+            f"{human(est.verdict_bytes)}"
+        )
     nominal = nominal_params(arch.name) or est.total_params
     thumb = rule_of_thumb_bytes(nominal, setup)
     if thumb is None:
@@ -82,7 +88,7 @@ def comparison_rows(est: Estimate) -> list[tuple[str, int, int, int]]:
     """(method, trainable params, weights+states bytes, total bytes) for the same model."""
     return [
         (label, e.trainable_params, e.state_bytes, e.total_bytes)
-        for label, e in compare_methods(est.arch, est.setup)
+        for label, e in compare_methods(est.arch, est.setup, est.config)
     ]
 
 
@@ -170,27 +176,33 @@ def fit_advice(est: Estimate, gpu_bytes: float) -> list[str]:
     Each candidate change is re-estimated; single changes are tried first, then the
     changes accumulated in order.
     """
-    if est.total_bytes <= gpu_bytes:
-        return [f"fits: {human(est.total_bytes)} of {human(gpu_bytes)}"]
-    lines = [f"does not fit: {human(est.total_bytes)} needed, {human(gpu_bytes)} available"]
+    metric = est.verdict_metric
+    if est.verdict_bytes <= gpu_bytes:
+        return [f"fits: {human(est.verdict_bytes)} of {human(gpu_bytes)} ({metric})"]
+    lines = [
+        f"does not fit: {human(est.verdict_bytes)} needed ({metric}), {human(gpu_bytes)} available"
+    ]
     changes = candidate_changes(est.setup)
     for label, change in changes:
-        trial = estimate(est.arch, replace(est.setup, **change))
-        if trial.total_bytes <= gpu_bytes:
-            return [*lines, f"fits with {label}: {human(trial.total_bytes)}"]
+        try:
+            trial = reestimate(est.arch, est.config, replace(est.setup, **change))
+        except Exception:  # an incompatible combination or one the dry run refuses
+            continue
+        if trial.verdict_bytes <= gpu_bytes:
+            return [*lines, f"fits with {label}: {human(trial.verdict_bytes)}"]
     applied: dict[str, Any] = {}
     labels = []
     for label, change in changes:
         applied.update(change)
         labels.append(label)
         try:
-            trial = estimate(est.arch, replace(est.setup, **applied))
+            trial = reestimate(est.arch, est.config, replace(est.setup, **applied))
         except Exception:  # an incompatible combination (full + quant): skip it
             applied = {k: v for k, v in applied.items() if k not in change}
             labels.pop()
             continue
-        if trial.total_bytes <= gpu_bytes:
-            return [*lines, f"fits with {' + '.join(labels)}: {human(trial.total_bytes)}"]
+        if trial.verdict_bytes <= gpu_bytes:
+            return [*lines, f"fits with {' + '.join(labels)}: {human(trial.verdict_bytes)}"]
     return [*lines, "no combination of the usual changes fits; use a smaller model"]
 
 

@@ -27,6 +27,13 @@ class Target:
     recipe: Any = None
     measured: dict[str, Any] | None = None
     setup: Any = None  # the exact setup a run's report was estimated with, if any
+    config: Any = None  # the transformers config the dry run builds
+
+    def hf_config(self) -> Any:
+        """The transformers config to build (a preset's is made from its numbers)."""
+        from finetune.memory.arch import to_hf_config
+
+        return self.config if self.config is not None else to_hf_config(self.arch)
 
 
 def resolve(target: str, overrides: list[str] | tuple[str, ...] = ()) -> Target:
@@ -42,15 +49,44 @@ def resolve(target: str, overrides: list[str] | tuple[str, ...] = ()) -> Target:
     if path.suffix in (".yaml", ".yml"):
         return from_recipe(path, overrides)
     if path.is_dir() or path.suffix == ".json" or path.suffix == ".gguf":
-        return Target(arch_from_path(path))
+        return target_from_path(path)
     if is_preset(target):
         return Target(get_preset(target))
     if "/" in target and not path.exists() and not target.startswith((".", "/", "~")):
-        return Target(from_hub(target))
+        arch = from_hub(target)
+        return Target(arch, config=arch_config_from_hub(target))
     raise UserError(
         f"unknown preset '{target}' (and no such file); closest presets: "
         f"{', '.join(closest_names(target))}"
     )
+
+
+def target_from_path(path: Path, recipe: Any = None) -> Target:
+    """A model folder, config.json or .gguf file: its transformers config and a summary."""
+    from finetune.memory.dryrun import build_config, describe
+
+    raw, name = raw_config(path)
+    config = build_config(raw, name)
+    return Target(describe(config, name), recipe=recipe, config=config)
+
+
+def raw_config(path: Path) -> tuple[dict[str, Any], str]:
+    """The config dict of a model folder, a config.json or a .gguf file, and its label."""
+    if path.suffix == ".gguf":
+        return gguf_config(path), path.name
+    config = path / "config.json" if path.is_dir() else path
+    if not config.is_file():
+        raise UserError(
+            f"{config}: not found (give a preset, a model folder with config.json, "
+            "a .gguf file, a recipe or a run directory)"
+        )
+    try:
+        raw = json.loads(config.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{config}: malformed JSON ({err})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{config}: a config.json holds one JSON object")
+    return raw, str(config)
 
 
 def arch_from_path(path: Path) -> Architecture:
@@ -86,8 +122,20 @@ def from_hub(repo_id: str) -> Architecture:
     return from_config(config, name=repo_id)
 
 
+def arch_config_from_hub(repo_id: str) -> Any:
+    """The hub model's transformers config (cached by transformers after from_hub)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(repo_id)
+
+
 def from_gguf(path: Path) -> Architecture:
     """Architecture from a GGUF file's metadata (llama.cpp's key names)."""
+    return from_config(gguf_config(path), name=path.name)
+
+
+def gguf_config(path: Path) -> dict[str, Any]:
+    """A transformers config dict from a GGUF file's metadata (llama.cpp's key names)."""
     if not path.is_file():
         raise UserError(f"{path}: GGUF file not found")
     from gguf import GGUFReader
@@ -117,7 +165,7 @@ def from_gguf(path: Path) -> Architecture:
         "vocab_size": value(f"{arch}.vocab_size") or (len(tokens.data) if tokens else None),
         "tie_word_embeddings": "output.weight" not in tensor_names,
     }
-    return from_config(config, name=path.name)
+    return {k: v for k, v in config.items() if v is not None}
 
 
 def from_recipe(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Target:
@@ -130,10 +178,10 @@ def from_recipe(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Targ
         return Target(get_preset(EMBEDDED_PRESET), recipe=recipe)
     candidate = Path(source).expanduser()
     if candidate.exists():
-        return Target(arch_from_path(candidate), recipe=recipe)
+        return target_from_path(candidate, recipe)
     if is_preset(source):
         return Target(get_preset(source), recipe=recipe)
-    return Target(from_hub(source), recipe=recipe)
+    return Target(from_hub(source), recipe=recipe, config=arch_config_from_hub(source))
 
 
 def run_directory(run: Path, overrides: list[str] | tuple[str, ...] = ()) -> Target:

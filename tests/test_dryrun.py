@@ -1,0 +1,118 @@
+"""The dry run: exact counts on meta, the same tracker on a real CPU step, the allocator model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from finetune.errors import UserError
+from finetune.memory import dryrun
+from finetune.memory.allocator import replay
+from finetune.memory.estimate import Setup
+from finetune.memory.tracker import MemoryTracker
+from finetune.train import trained_positions_loss
+
+SMALL = dict(num_hidden_layers=2, num_attention_heads=4, vocab_size=500)
+CONFIGS = {
+    "llama": dict(hidden_size=64, intermediate_size=160, num_key_value_heads=2),
+    "qwen2": dict(hidden_size=64, intermediate_size=160, num_key_value_heads=2),
+    "gemma": dict(hidden_size=64, intermediate_size=160, num_key_value_heads=2, head_dim=16),
+    "phi": dict(hidden_size=64, intermediate_size=160),
+    "gpt_neox": dict(hidden_size=64, intermediate_size=160),
+}
+
+
+def config(kind: str):
+    return dryrun.build_config({"model_type": kind, **SMALL, **CONFIGS[kind]})
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_parameter_counts_equal_transformers(kind):
+    from transformers import AutoModelForCausalLM
+
+    cfg = config(kind)
+    real = sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters())
+    run = dryrun.dry_run(cfg, Setup(method="full", dtype="float32", seq=16, device="cpu"))
+    assert run.total_params == real == run.trainable_params
+
+
+def real_step(cfg, setup: Setup) -> MemoryTracker:
+    """The dry run's step on real CPU tensors, measured by the same tracker."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(
+        cfg, dtype=dryrun.DTYPES[setup.dtype], attn_implementation="sdpa"
+    )
+    model = dryrun.prepare(model, setup)
+    model.train()
+    ids = torch.randint(0, cfg.vocab_size, (setup.batch, setup.seq))
+    labels = ids.clone()
+    labels[:, : setup.seq - setup.logit_positions] = -100
+    batch = {"input_ids": ids, "labels": labels}
+    optimizer = dryrun.make_optimizer(model, setup)
+    tracker = MemoryTracker(model)
+    for tensor in batch.values():
+        tracker.track(tensor, "activations")
+    with tracker:
+        with tracker.phase("forward"):
+            if setup.method == "prompt":
+                loss = model(**batch, use_cache=False, num_items_in_batch=3).loss
+            else:
+                loss = trained_positions_loss(model, batch, 3)
+        with tracker.phase("backward"):
+            loss.backward()
+        del loss, batch, ids, labels
+        with tracker.phase("optimizer"):
+            optimizer.step()
+    tracker.remove_hooks()
+    tracker.kept_alive = (model, optimizer)  # `current` counts the model after the step
+    return tracker
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "prefix", "prompt", "full"])
+def test_real_cpu_step_equals_dry_run(method):
+    cfg = config("llama")
+    setup = Setup(method=method, dtype="float32", batch=2, seq=48, logit_positions=20, device="cpu")
+    real = real_step(cfg, setup)
+    run = dryrun.dry_run(cfg, setup)
+    assert run.peak_bytes == pytest.approx(real.peak_bytes, rel=0.05)
+    # After the step: parameters, gradients and optimizer states only.
+    assert real.current["activations"] + real.current["logits"] < 0.01 * real.peak_bytes
+    assert real.current["gradients"] == real.current["adapter"]
+    if method != "full":
+        assert real.current["optimizer"] >= 2 * real.current["adapter"]
+
+
+def test_tracker_peak_at_least_hand_computed_lower_bound():
+    cfg = config("llama")
+    setup = Setup(method="lora", dtype="float32", batch=2, seq=48, logit_positions=20, device="cpu")
+    tracker = real_step(cfg, setup)
+    weights = tracker.current["weights"]
+    layer = 64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 160 + 2 * 64  # q,o + k,v + MLP + 2 norms
+    assert weights >= 4 * (2 * 500 * 64 + 2 * layer + 64)  # + the rotary buffer
+    logits = 2 * 20 * 500 * 4  # fp32 logits at the trained positions
+    assert tracker.peak_bytes > weights + tracker.current["adapter"] + logits
+
+
+def test_allocator_rounding_and_segments():
+    small = replay([(0, 1), (1, 1000), (0, -1), (2, 512)])
+    assert small.allocated_bytes == 512 + 1024 and small.reserved_bytes == 2 << 20
+    mid = replay([(0, 3 << 20)])  # 1-10 MiB: a 20 MiB segment
+    assert mid.reserved_bytes == 20 << 20
+    big = replay([(0, (12 << 20) + 5)])  # large: rounded up to 2 MiB
+    assert big.reserved_bytes == 14 << 20 and big.allocated_bytes == (12 << 20) + 512
+    reuse = replay([(0, 12 << 20), (0, -1), (1, 4 << 20), (2, 4 << 20)])
+    assert reuse.reserved_bytes == 12 << 20  # split from the cached block, no new segment
+
+
+def test_unknown_targets_and_architecture_are_refused():
+    with pytest.raises(UserError, match="typo_proj.*q_proj"):
+        dryrun.dry_run(config("llama"), Setup(targets=("q_proj", "typo_proj"), seq=8))
+    with pytest.raises(UserError, match="mystery"):
+        dryrun.build_config({"model_type": "mystery", "hidden_size": 8})
+
+
+def test_gpt_neox_query_key_value_is_a_target():
+    run = dryrun.dry_run(config("gpt_neox"), Setup(targets=("query_key_value",), seq=8))
+    assert run.trainable_params == 2 * 8 * (64 + 3 * 64)
