@@ -36,14 +36,16 @@ def test_parameter_counts_equal_transformers(kind):
     assert run.total_params == real == run.trainable_params
 
 
-def real_step(cfg, setup: Setup) -> MemoryTracker:
-    """The dry run's step on real CPU tensors, measured by the same tracker."""
+def real_step(cfg, setup: Setup, model=None) -> MemoryTracker:
+    """The dry run's step on real CPU tensors (a fresh model, or `model`), measured by the
+    same tracker."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(
-        cfg, dtype=dryrun.DTYPES[setup.dtype], attn_implementation="sdpa"
-    )
+    if model is None:
+        model = AutoModelForCausalLM.from_config(
+            cfg, dtype=dryrun.DTYPES[setup.dtype], attn_implementation="sdpa"
+        )
     model = dryrun.prepare(model, setup)
     model.train()
     ids = torch.randint(0, cfg.vocab_size, (setup.batch, setup.seq))
@@ -116,3 +118,27 @@ def test_unknown_targets_and_architecture_are_refused():
 def test_gpt_neox_query_key_value_is_a_target():
     run = dryrun.dry_run(config("gpt_neox"), Setup(targets=("query_key_value",), seq=8))
     assert run.trainable_params == 2 * 8 * (64 + 3 * 64)
+
+
+@pytest.mark.parametrize("quant", ["int8", "nf4"])
+def test_real_bitsandbytes_step_equals_dry_run(quant, tiny_model_dir):
+    """The quantized stand-in holds and saves what bitsandbytes' real layers do on the CPU."""
+    from finetune import models
+    from finetune.recipe import ModelSection
+
+    spec = ModelSection(path=str(tiny_model_dir), quantization=quant, dtype="float32")
+    loaded = models.load_model(spec, "cpu")
+    assert any(type(m).__name__ in ("Linear8bitLt", "Linear4bit") for m in loaded.model.modules())
+    setup = Setup(
+        method="lora",
+        quant=quant,
+        dtype="float32",
+        batch=2,
+        seq=48,
+        logit_positions=20,
+        device="cpu",
+    )
+    real = real_step(loaded.model.config, setup, model=loaded.model)
+    run = dryrun.dry_run(loaded.model.config, setup)
+    assert run.peak_bytes == real.peak_bytes
+    assert run.breakdown == dict(real.peak_breakdown)

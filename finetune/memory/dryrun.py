@@ -110,6 +110,10 @@ def build_model(config: Any, setup: Any) -> Any:
 class StandInLinear(torch.nn.Linear):
     """What bitsandbytes' Linear8bitLt / Linear4bit hold and compute, on any device.
 
+    Measured against the real layers on the CPU with the same tracker (tests/test_dryrun.py,
+    `test_real_bitsandbytes_step_equals_dry_run`): int8 equal to the byte in every
+    category, nf4 with double quantization equal to the byte.
+
     From bitsandbytes 0.50 (autograd/_functions.py, nn/modules.py):
     - int8: weight `CB` int8 [out, in] plus `SCB`, one fp32 scale per output row.
       CUDA training (MatMul8bitLt): the input is cast to fp16 and quantized to int8 (CA)
@@ -118,8 +122,9 @@ class StandInLinear(torch.nn.Linear):
       CPU training (MatMul8bitFp): CB is dequantized into A's dtype for the matmul (a
       temporary of out x in); A is kept; backward dequantizes again.
     - nf4/fp4: weight packed two codes per uint8, ceil(out*in/2) bytes, plus the
-      QuantState: fp32 absmax per 64 weights, or with double quantization uint8 absmax
-      plus an fp32 absmax per 256 blocks and the 256-entry fp32 code. MatMul4Bit keeps
+      QuantState: fp32 absmax per 64 weights and a 16-entry fp32 code, or with double
+      quantization uint8 absmax plus an fp32 absmax per 256 blocks, the 256-entry fp32
+      code and an fp32 offset (not shared between layers). MatMul4Bit keeps
       only the packed weight (not the input); forward and backward dequantize it into the
       compute dtype, a temporary of out x in.
     """
@@ -136,14 +141,17 @@ class StandInLinear(torch.nn.Linear):
         else:
             weight = torch.empty((numel + 1) // 2, 1, dtype=torch.uint8, device=meta)
             blocks = -(-numel // 64)
-            if double_quant:
+            code = torch.empty(16, dtype=torch.float32, device=meta)  # the nf4/fp4 code table
+            if double_quant:  # absmax quantized again: uint8 codes, their absmax, code, offset
                 scales = [
                     torch.empty(blocks, dtype=torch.uint8, device=meta),
                     torch.empty(-(-blocks // 256), dtype=torch.float32, device=meta),
                     torch.empty(256, dtype=torch.float32, device=meta),
+                    torch.empty((), dtype=torch.float32, device=meta),
+                    code,
                 ]
             else:
-                scales = [torch.empty(blocks, dtype=torch.float32, device=meta)]
+                scales = [torch.empty(blocks, dtype=torch.float32, device=meta), code]
         self.weight = torch.nn.Parameter(weight, requires_grad=False)
         for i, scale in enumerate(scales):
             self.register_buffer(f"scale{i}", scale)
