@@ -508,11 +508,16 @@ def combine(
 
 
 def fail(message: str, code: int) -> NoReturn:
-    """Print one error line and exit. The message is escaped: "[q_proj, v_proj]" in it is
-    text to show, not rich markup to swallow."""
+    """Print one error line and exit.
+
+    The message may quote the user's input: a key or column name holding a newline or a
+    control character is shown escaped (one line, always), and "[q_proj, v_proj]" is text
+    to show, not rich markup to swallow.
+    """
     from rich.markup import escape
 
-    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+    console.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
     sys.exit(code)
 
 

@@ -1082,6 +1082,12 @@ CASES = [
         deep_yaml,
     ),
     Case(
+        "unknown-key-with-newline",
+        validate("base.yaml", "train.lr\nx=1"),
+        r"base\.yaml: unknown key 'train\.lr\\nx'",
+        "found by the property test: a key holding a newline made the error two lines",
+    ),
+    Case(
         "recipe-duplicate-section",
         validate("duplicate_data.yaml"),
         r"duplicate_data\.yaml: line 5, .*the key 'data' appears twice \(lines 3 and 5\)",
