@@ -79,8 +79,6 @@ REGISTRY: dict[str, ConfigBuilder] = {
 
 # Methods whose weights live beside Linear layers and can be folded into the base.
 MERGEABLE = frozenset({"lora", "dora", "ia3"})
-# Methods that feed virtual tokens in front of the sequence.
-VIRTUAL_TOKEN_METHODS = frozenset({"prefix", "prompt"})
 
 
 @dataclass(frozen=True)
@@ -132,10 +130,10 @@ def attach(
         return get_peft_model(model, build_config(spec, tokenizer_path))
     except ValueError as err:
         if "not found in the base model" in str(err) or "Target modules" in str(err):
-            names = sorted({n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n})
             raise UserError(
-                f"adapter.target_modules {spec.target_modules} match no layer; "
-                f"module names in this model: {', '.join(names[:20])}"
+                f"adapter.target_modules {spec.target_modules} match no layer; the Linear "
+                f"layers of this model are {', '.join(linear_module_names(model))} "
+                "(or use all-linear)"
             ) from None
         raise
 
@@ -158,26 +156,54 @@ def linear_module_names(model: Any) -> list[str]:
 
 
 def load_init_adapter(model: Any, spec: AdapterSection) -> Any:
-    from peft import PeftConfig, PeftModel
+    from peft import PeftModel
 
-    folder = Path(spec.init_from)
-    if not (folder / "adapter_config.json").is_file():
-        raise UserError(f"adapter.init_from: {folder} has no adapter_config.json")
-    config = PeftConfig.from_pretrained(str(folder))
-    kind = str(config.peft_type).rsplit(".", 1)[-1].lower()
-    expected = {
-        "lora": "lora",
-        "dora": "lora",
-        "ia3": "ia3",
-        "prefix": "prefix_tuning",
-        "prompt": "prompt_tuning",
-    }[spec.method]
-    if kind != expected:
-        raise UserError(
-            f"adapter.init_from: {folder} holds a {kind} adapter but adapter.method is "
-            f"{spec.method}; set adapter.method to match"
-        )
-    return PeftModel.from_pretrained(model, str(folder), is_trainable=True)
+    check_init_from(spec)
+    return PeftModel.from_pretrained(model, str(spec.init_from), is_trainable=True)
+
+
+# peft's names for the methods, as adapter_config.json records them.
+PEFT_TYPES = {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt"}
+
+
+def check_init_from(spec: AdapterSection) -> None:
+    """The adapter in `adapter.init_from` must be the one the recipe describes.
+
+    Its weights are loaded as they are, so a different method, rank or target list would
+    train that adapter while the run's recipe.yaml records another.
+
+    Raises:
+        UserError: no readable adapter_config.json, or a method, r or target that differs.
+    """
+    import json
+
+    from finetune.inputs import require_file
+
+    if not spec.init_from:
+        return
+    path = Path(spec.init_from) / "adapter_config.json"
+    require_file(path, "adapter.init_from", "an adapter folder (with adapter_config.json)")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+        kind = PEFT_TYPES.get(str(config.get("peft_type", "")).upper(), config.get("peft_type"))
+    except (ValueError, UnicodeDecodeError, RecursionError, AttributeError):
+        raise UserError(f"adapter.init_from: {path} is not a valid adapter config") from None
+    method = "dora" if kind == "lora" and config.get("use_dora") else kind
+    found = {"method": method}
+    if method in ("lora", "dora"):
+        found["r"] = config.get("r")
+    if method in MERGEABLE and isinstance(spec.target_modules, list):  # all-linear: any
+        targets = config.get("target_modules")
+        found["target_modules"] = sorted(targets) if isinstance(targets, list) else targets
+    targets = sorted(spec.target_modules) if isinstance(spec.target_modules, list) else None
+    wanted = {"method": spec.method, "r": spec.r, "target_modules": targets}
+    for key, value in found.items():
+        if value != wanted[key]:
+            raise UserError(
+                f"adapter.init_from: {spec.init_from} holds a {method} adapter with {key} "
+                f"{value}, but the recipe says adapter.{key} {wanted[key]}; set adapter.{key} "
+                "to match, or start without init_from"
+            )
 
 
 def count_parameters(model: Any) -> ParameterCount:

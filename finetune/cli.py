@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
@@ -18,6 +18,9 @@ from finetune.errors import UserError
 
 app = typer.Typer(
     add_completion=False,
+    # Plain help text: with rich markup on, "[default: 8]" in a help string is read as a
+    # markup tag and vanishes, leaving "LoRA/DoRA rank ." in --help.
+    rich_markup_mode=None,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     help="Parameter-efficient fine-tuning of decoder language models, with memory you can "
@@ -57,12 +60,14 @@ def train(
     """Fine-tune a model as RECIPE says and write the run directory and its report."""
     import time
 
+    from finetune.adapters import check_init_from
     from finetune.recipe import load_recipe
     from finetune.report import write_report
     from finetune.train import train as run_training
 
     started = time.perf_counter()
     spec = load_recipe(recipe, overrides or [])
+    check_init_from(spec.adapter)
     result = run_training(spec, resume=resume)
     if result.main_process:
         report = write_report(result, time.perf_counter() - started)
@@ -76,7 +81,10 @@ def show_report(run_dir: Path, report: dict) -> None:
 
     text = (run_dir / "report.md").read_text()
     out.print(Markdown(text.replace("![loss](loss.png)", "").replace("![memory](memory.png)", "")))
-    out.print(f"run directory: {run_dir}  (report.md, report.json, loss.png, memory.png, adapter/)")
+    # Only what is there: a run that stopped early has no adapter/ (and maybe no plot).
+    names = ("report.md", "report.json", "loss.png", "memory.png", "adapter/")
+    written = ", ".join(n for n in names if (run_dir / n.rstrip("/")).exists())
+    out.print(f"run directory: {run_dir}  ({written})", highlight=False)
 
 
 @app.command()
@@ -84,10 +92,12 @@ def validate(recipe: RecipeArg, overrides: Overrides = None) -> None:
     """Check RECIPE's schema and data; show one example with its trained tokens marked."""
     from rich.text import Text
 
+    from finetune.adapters import check_init_from
     from finetune.data import check_recipe_data
     from finetune.recipe import load_recipe
 
     spec = load_recipe(recipe, overrides or [])
+    check_init_from(spec.adapter)
     check = check_recipe_data(spec)
     train_data, eval_data = check.splits.train, check.splits.eval
     out.print(f"[green]recipe ok[/]: {recipe}")
@@ -226,8 +236,7 @@ def _checked(call):
     try:
         return call()
     except CheckFailed as err:
-        console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-        raise SystemExit(err.exit_code) from None
+        fail(str(err), err.exit_code)
 
 
 def _sampling(sample: bool, temperature: float | None, top_p: float | None) -> dict:
@@ -247,7 +256,9 @@ TopPOpt = Annotated[float | None, typer.Option(help="Nucleus sampling mass (impl
 def generate(
     target: RunOrModel,
     prompts: Annotated[list[str], typer.Argument(help="One or more prompts.", show_default=False)],
-    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate.")] = 64,
+    max_new_tokens: Annotated[
+        int, typer.Option(min=1, max=1_000_000, help="Tokens to generate.")
+    ] = 64,
     sample: SampleOpt = False,
     temperature: TemperatureOpt = None,
     top_p: TopPOpt = None,
@@ -279,7 +290,9 @@ def generate(
 @app.command()
 def chat(
     target: RunOrModel,
-    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens per reply.")] = 128,
+    max_new_tokens: Annotated[
+        int, typer.Option(min=1, max=1_000_000, help="Tokens per reply.")
+    ] = 128,
     sample: SampleOpt = False,
     temperature: TemperatureOpt = None,
     top_p: TopPOpt = None,
@@ -325,10 +338,11 @@ def eval_(
         str | None, typer.Option(help="text|instruction|chat [default: the run's]")
     ] = None,
     max_examples: Annotated[
-        int | None, typer.Option(min=1, help="Cap on exact-match examples.")
+        int | None, typer.Option(min=1, max=1_000_000, help="Cap on exact-match examples.")
     ] = None,
     max_new_tokens: Annotated[
-        int | None, typer.Option(min=1, help="Tokens generated per exact-match example.")
+        int | None,
+        typer.Option(min=1, max=1_000_000, help="Tokens generated per exact-match example."),
     ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     model: BaseModelOpt = None,
@@ -493,6 +507,20 @@ def combine(
     )
 
 
+def fail(message: str, code: int) -> NoReturn:
+    """Print one error line and exit.
+
+    The message may quote the user's input: a key or column name holding a newline or a
+    control character is shown escaped (one line, always), and "[q_proj, v_proj]" is text
+    to show, not rich markup to swallow.
+    """
+    from rich.markup import escape
+
+    line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+    console.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning user errors into one line and exit code 2."""
     try:
@@ -503,8 +531,7 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as err:
         if os.environ.get("FINETUNE_DEBUG"):
             raise
-        console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-        sys.exit(err.exit_code)
+        fail(str(err), err.exit_code)
     except (typer.Abort, KeyboardInterrupt):
         console.print("aborted")
         sys.exit(130)
@@ -514,10 +541,7 @@ def main(argv: list[str] | None = None) -> None:
         if type(err).__name__ == "NoArgsIsHelpError":
             err.show()  # the help text
         else:  # a usage error: one line, like every other user error
-            from rich.markup import escape
-
             ctx = getattr(err, "ctx", None)
             hint = f"; see '{ctx.command_path} --help'" if ctx is not None else ""
-            message = escape(err.format_message().rstrip("."))
-            console.print(f"[bold red]error:[/] {message}{hint}", highlight=False, soft_wrap=True)
+            fail(f"{err.format_message().rstrip('.')}{hint}", err.exit_code)
         sys.exit(err.exit_code)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import UserError
+from finetune.inputs import refuse_special
 from finetune.recipe import DataSection
 
 IGNORE_INDEX = -100
@@ -21,6 +22,8 @@ ROLES = ("system", "user", "assistant")
 SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 Segment = tuple[str, bool]
+# json raises RecursionError, not JSONDecodeError, on arrays or objects nested thousands deep.
+TOO_DEEP = "JSON nested too deeply to be an example (thousands of levels)"
 
 
 # ------------------------------------------------------------------------------ loading
@@ -33,9 +36,10 @@ def load_rows(path: str | Path, field_name: str = "data.path") -> list[dict[str,
         UserError: missing file, unknown format, bad encoding, invalid JSON line, empty data.
     """
     path = Path(path)
-    if not path.exists():
+    kind = refuse_special(path, field_name, "a data file or a save_to_disk folder")
+    if kind == "missing":
         raise UserError(f"{field_name}: {path} not found")
-    if path.is_dir():
+    if kind == "folder":
         rows = _load_saved_dataset(path, field_name)
     else:
         kind = SUFFIXES.get(path.suffix.lower())
@@ -88,6 +92,8 @@ def _load_jsonl(path: Path) -> list[dict[str, Any]]:
             raise UserError(
                 f"{path}:{number}: not valid JSON ({err.msg}); fix or remove the line"
             ) from None
+        except RecursionError:
+            raise UserError(f"{path}:{number}: {TOO_DEEP}; fix or remove the line") from None
         if not isinstance(row, dict):
             raise UserError(
                 f"{path}:{number}: each line must be a JSON object, got {type(row).__name__}"
@@ -111,6 +117,8 @@ def _load_json(path: Path) -> list[dict[str, Any]]:
         data = json.loads(_read_text(path))
     except json.JSONDecodeError as err:
         raise UserError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    except RecursionError:
+        raise UserError(f"{path}: {TOO_DEEP}; fix the file") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
@@ -162,6 +170,11 @@ def _load_saved_dataset(path: Path, field_name: str) -> list[dict[str, Any]]:
     except FileNotFoundError:
         raise UserError(
             f"{field_name}: {path} is a folder but not one saved with datasets' save_to_disk"
+        ) from None
+    except Exception as err:  # a damaged save: bad JSON, arrow or fingerprint files, ...
+        raise UserError(
+            f"{field_name}: {path}: cannot read the saved dataset ({str(err)[:200]}); "
+            "save it again with save_to_disk"
         ) from None
     if isinstance(dataset, DatasetDict):
         if "train" not in dataset:

@@ -143,9 +143,11 @@ def evaluate_dataset(
     Loss and perplexity cover every row; exact match (instruction and chat formats only)
     the first `max_examples` rows.
     """
-    from finetune.data import generation_prompt, tokenize_rows
+    from finetune.data import generation_prompt, require_trained_tokens, tokenize_rows
 
     data = tokenize_rows(rows, spec, tokenizer, path)
+    # As train does: a row cut to nothing by max_length would make the loss nan.
+    require_trained_tokens(data, spec)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     loss = evaluate_loss(model, data, pad_id, batch_size)
     em = None

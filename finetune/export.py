@@ -22,9 +22,11 @@ from typing import Any
 import torch
 
 from finetune import inference, models, runs
-from finetune.adapters import MERGEABLE, VIRTUAL_TOKEN_METHODS
+from finetune.adapters import MERGEABLE
 from finetune.errors import UserError, closest
+from finetune.inputs import check_number, parse_size
 from finetune.outputs import claim_output
+from finetune.recipe import VIRTUAL_TOKEN_METHODS
 
 FORMATS = ("adapter", "merged", "gguf")
 GGUF_TYPES = ("f16", "f32", "q8_0")
@@ -275,13 +277,22 @@ def merge(
         UserError: bad input (see `build_merged`, `check_output`).
         CheckFailed: the merged model does not reproduce the adapter model.
     """
+    # Every option first: a typo must not wait for a model to load and merge.
+    parse_size(max_shard_size, "--max-shard-size")
+    check_tolerance(tolerance)
+    check_dtype(dtype)
     target = inference.resolve_target(run, model)
     check_output(out, force, [target], "merged")
-    check_dtype(dtype)
     require_adapter(target, "merge")
     merged = build_merged(target, dtype=dtype, match_quantized=match_quantized, tolerance=tolerance)
     runs.write_atomically(out, lambda tmp: save_merged(merged, tmp, max_shard_size))
     return merged.report
+
+
+def check_tolerance(tolerance: float | None) -> None:
+    """--tolerance is a finite, non-negative logit difference (omitted: by dtype or type)."""
+    if tolerance is not None:
+        check_number("--tolerance", tolerance, ge=0)
 
 
 def save_merged(merged: Merged, folder: Path, max_shard_size: str) -> None:
@@ -375,6 +386,8 @@ def export(
             f"--gguf-type must be one of {', '.join(GGUF_TYPES)} (got {gguf_type!r})"
             f"{closest(gguf_type, GGUF_TYPES)}"
         )
+    check_tolerance(tolerance)
+    check_dtype(dtype)
     if fmt == "merged":
         report = merge(
             run,
@@ -661,6 +674,11 @@ class CombineReport:
 
 
 def parse_weights(text: str | None, n: int) -> list[float]:
+    """One finite number per adapter from "0.6,0.4"; equal weights when omitted.
+
+    Raises:
+        UserError: not numbers, nan or infinite, or not one per adapter.
+    """
     if text is None:
         return [1.0 / n] * n
     try:
@@ -673,7 +691,8 @@ def parse_weights(text: str | None, n: int) -> list[float]:
         raise UserError(
             f"--weights has {len(weights)} numbers for {n} adapters; give one per adapter"
         )
-    return weights
+    # nan or inf would make every tensor of the combined adapter nan, silently.
+    return [check_number("--weights", w, ge=-1e6, le=1e6) for w in weights]
 
 
 def combine(
@@ -703,12 +722,12 @@ def combine(
         raise UserError("combine needs at least two runs or adapter folders")
     if method == "linear" and density is not None:
         raise UserError("--density applies to ties, dare_linear and dare_ties, not linear")
-    if density is not None and not 0 < density <= 1:
-        raise UserError(f"--density must be in (0, 1] (got {density})")
+    if density is not None:
+        check_number("--density", density, gt=0, le=1)
     if method != "linear" and density is None:
         density = 1.0 if method == "ties" else 0.5
+    numbers = parse_weights(weights, len(sources))
     targets = [inference.resolve_target(s) for s in sources]
-    numbers = parse_weights(weights, len(targets))
     check_output(out, force, targets, "combined")
     check_compatible(targets)
 

