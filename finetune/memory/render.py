@@ -268,37 +268,40 @@ def plot_memory(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    peak = (measured or {}).get("peak_bytes") or 0
+    budget = run.full_fp16_budget_bytes
+    unit, size = ("GB", GB) if max(full.allocated_bytes, budget) >= GB else ("MB", 1e6)
     fig, ax = plt.subplots(figsize=(9, 4.8))
     method = run.setup.method
-    stacked_bar(ax, 0, run)
-    labels = [f"{method}: estimate"]
-    if measured is not None:
-        ax.bar(1, measured["peak_bytes"] / GB, width=0.6, color="black")
-        label_bar(ax, 1, measured["peak_bytes"])
-        labels.append(f"{method}: measured")
-    stacked_bar(ax, len(labels), full)
-    labels.append("full fine-tuning:\nestimate")
-    budget = run.full_fp16_budget_bytes / GB
-    ax.axhline(budget, color="crimson", linestyle="--", linewidth=1.2)
-    ax.annotate(
-        f"seed budget, full fp16: 12 B/param = {human(run.full_fp16_budget_bytes)}\n"
+    bars = [(f"{method}: estimate", run), (f"{method}: measured", peak)] if measured else []
+    bars = bars or [(f"{method}: estimate", run)]
+    bars.append(("full fine-tuning:\nestimate", full))
+    for x, (_, value) in enumerate(bars):
+        if isinstance(value, Estimate):
+            stacked_bar(ax, x, value, size)
+        else:
+            ax.bar(x, value / size, width=0.6, color="black", label="measured (same metric)")
+            label_bar(ax, x, value, size)
+    ax.axhline(budget / size, color="crimson", linestyle="--", linewidth=1.2)
+    ax.text(
+        0.99,
+        budget / size,
+        f"seed budget, full fp16 at 12 B/param: {human(budget)}\n"
         "(weights + gradients + Adam states only, no activations)",
-        (len(labels) - 0.5, budget),
-        xytext=(0, 4),
-        textcoords="offset points",
+        transform=ax.get_yaxis_transform(),
         ha="right",
         va="bottom",
         fontsize=7,
         color="crimson",
     )
-    ax.set_xticks(range(len(labels)), labels, fontsize=8)
-    top = max(full.allocated_bytes, run.allocated_bytes, (measured or {}).get("peak_bytes", 0))
-    ax.set_ylim(0, 1.25 * max(top / GB, budget))
-    ax.set_ylabel(f"GB (1e9 bytes): {metric_name(measured, run)}", fontsize=8)
+    ax.set_xticks(range(len(bars)), [label for label, _ in bars], fontsize=8)
+    ax.set_ylim(0, 1.25 * max(full.allocated_bytes, run.allocated_bytes, peak, budget) / size)
+    ax.set_ylabel(f"{unit} (1e{9 if unit == 'GB' else 6} bytes)")
     setup = run.setup
     ax.set_title(
-        f"{run.arch.name}: peak memory, batch {setup.batch} x seq {setup.seq}, {setup.dtype}",
-        fontsize=10,
+        f"{metric_name(run)}: {Path(run.arch.name).name}, batch {setup.batch} x seq "
+        f"{setup.seq}, {setup.dtype}",
+        fontsize=9,
     )
     handles = dict(zip(*reversed(ax.get_legend_handles_labels()), strict=True))  # unique
     ax.legend(
@@ -321,28 +324,21 @@ def plot_memory(
 COMPONENT_COLORS = dict(zip(COMPONENTS, [f"C{i}" for i in range(len(COMPONENTS))], strict=True))
 
 
-def stacked_bar(ax: Any, x: int, est: Estimate) -> None:
+def stacked_bar(ax: Any, x: int, est: Estimate, size: float) -> None:
     """The estimate's allocated components stacked at `x` (runtime overhead is not a tensor)."""
     bottom = 0.0
     for name in COMPONENTS:
-        value = est.components[name] / GB
+        value = est.components[name] / size
         if value > 0 and name != "runtime overhead":
-            ax.bar(
-                x,
-                value,
-                width=0.6,
-                bottom=bottom,
-                color=COMPONENT_COLORS[name],
-                label=name,
-            )
+            ax.bar(x, value, width=0.6, bottom=bottom, color=COMPONENT_COLORS[name], label=name)
             bottom += value
-    label_bar(ax, x, est.allocated_bytes)
+    label_bar(ax, x, est.allocated_bytes, size)
 
 
-def label_bar(ax: Any, x: int, nbytes: float) -> None:
+def label_bar(ax: Any, x: int, nbytes: float, size: float) -> None:
     ax.annotate(
         human(nbytes),
-        (x, nbytes / GB),
+        (x, nbytes / size),
         xytext=(0, 2),
         textcoords="offset points",
         ha="center",
@@ -351,11 +347,11 @@ def label_bar(ax: Any, x: int, nbytes: float) -> None:
     )
 
 
-def metric_name(measured: dict[str, Any] | None, run: Estimate) -> str:
-    """The y axis's metric: live tensor bytes on the CPU, max allocated on CUDA."""
+def metric_name(run: Estimate) -> str:
+    """The chart's metric: live tensor bytes on the CPU, max allocated on CUDA."""
     if run.setup.device == "cuda":
-        return "peak allocated (torch.cuda.max_memory_allocated)"
-    return "peak bytes of live tensors"
+        return "Peak allocated (torch.cuda.max_memory_allocated)"
+    return "Peak bytes of live tensors"
 
 
 def plot_comparison(est: Estimate, path: str | Path) -> Path:
