@@ -11,7 +11,7 @@ from finetune import runs
 from finetune.train import RunResult
 
 
-def build_report(result: RunResult, wall_time_s: float, estimate: Any) -> dict[str, Any]:
+def build_report(result: RunResult, wall_time_s: float, estimates: Any) -> dict[str, Any]:
     """Everything worth knowing about a finished run, as plain data."""
     import peft
     import torch
@@ -59,7 +59,7 @@ def build_report(result: RunResult, wall_time_s: float, estimate: Any) -> dict[s
         "stopped": result.stopped,
         "eval": evals[-1] if evals else None,
         "exact_match": exact_match_section(result),
-        "memory": memory_section(result, estimate),
+        "memory": memory_section(result, estimates),
         "notes": p.notes,
         "versions": {
             "python": platform.python_version(),
@@ -71,18 +71,29 @@ def build_report(result: RunResult, wall_time_s: float, estimate: Any) -> dict[s
     return report
 
 
-def run_estimate(result: RunResult) -> Any:
-    """Our estimate for this very run: its recipe, model and longest training example."""
-    from dataclasses import replace
-
-    from finetune.memory import estimate, from_config, setup_from_recipe
+def run_estimates(result: RunResult) -> Any:
+    """The dry-run estimates for this very run (see `finetune.memory.runmemory`)."""
+    from finetune.memory.runmemory import run_estimates as estimates
 
     p = result.prepared
+    return estimates(p.loaded.model.config, run_setup(p), p.recipe.model.path)
+
+
+def run_setup(p: Any) -> Any:
+    """The run's exact setup: its recipe on its device, at its widest micro-batch."""
+    from dataclasses import replace
+
+    from finetune.memory import setup_from_recipe
+
     seq, logit_positions = batch_shape(p)
-    setup = replace(
-        setup_from_recipe(p.recipe, p.loaded.device), seq=seq, logit_positions=logit_positions
+    setup = setup_from_recipe(p.recipe, p.loaded.device)
+    return replace(
+        setup,
+        seq=seq,
+        logit_positions=logit_positions,
+        grad_ckpt=p.gradient_checkpointing,
+        dtype=str(p.loaded.dtype).removeprefix("torch."),
     )
-    return estimate(from_config(p.loaded.model.config, name=p.recipe.model.path), setup)
 
 
 def batch_shape(p: Any) -> tuple[int, int | None]:
@@ -114,15 +125,37 @@ def batch_shape(p: Any) -> tuple[int, int | None]:
     return seq, most
 
 
-def memory_section(result: RunResult, est: Any) -> dict[str, Any]:
+def memory_section(result: RunResult, estimates: Any) -> dict[str, Any]:
+    """Estimate and measurement of the same metric, full fine-tuning beside them, and the
+    process's resident-memory growth as a separate, named figure."""
     from finetune.memory.render import to_markdown
 
+    est = estimates.run
+    measured = result.memory.get("measured")
     return {
-        "measured": result.memory,
+        "measured": measured,
+        "resident": result.memory.get("resident"),
         "estimate": est.to_dict(),
+        "model_config": est.config.to_dict(),
+        "full_finetuning": estimates.full.to_dict(),
         "full_fp16_budget_bytes": est.full_fp16_budget_bytes,
-        "markdown": to_markdown(est, result.memory),
+        "markdown": to_markdown(est, measured, resident=result.memory.get("resident"))
+        + full_line(estimates),
     }
+
+
+def full_line(estimates: Any) -> str:
+    """One line setting the run beside full fine-tuning of the same shape, same metric."""
+    from finetune.memory.render import human
+
+    run, full = estimates.run, estimates.full
+    return (
+        f"\nFull fine-tuning of the same model at the same batch, sequence and dtype "
+        f"(dry run, same metric): {human(full.allocated_bytes)}; this run's estimate "
+        f"{human(run.allocated_bytes)} ({run.allocated_bytes / full.allocated_bytes:.0%} of "
+        f"it). The seed's 12 B/param budget (fp16 weights, gradients, Adam states; no "
+        f"activations) for this model: {human(run.full_fp16_budget_bytes)}.\n"
+    )
 
 
 def exact_match_section(result: RunResult) -> dict[str, Any] | None:
@@ -225,25 +258,20 @@ def plot_loss(history: list[dict[str, Any]], evals: list[dict[str, Any]], path: 
 
 def write_report(result: RunResult, wall_time_s: float) -> dict[str, Any]:
     """Write report.json, report.md and loss.png into the run directory; return the report."""
-    est = run_estimate(result)
-    report = build_report(result, wall_time_s, est)
+    estimates = run_estimates(result)
+    report = build_report(result, wall_time_s, estimates)
     run_dir = result.run_dir
     runs.write_text_atomically(run_dir / "report.json", json.dumps(report, indent=2, default=str))
     runs.write_text_atomically(run_dir / "report.md", render_markdown(report))
     if result.history:
         plot_loss(result.history, result.evals, run_dir / "loss.png")
-    plot_memory_use(est, report["memory"], run_dir / "memory.png")
+    plot_memory_use(estimates, report["memory"], run_dir / "memory.png")
     return report
 
 
-def plot_memory_use(est: Any, memory: dict[str, Any], path: Path) -> None:
+def plot_memory_use(estimates: Any, memory: dict[str, Any], path: Path) -> None:
     from finetune.memory.render import plot_memory
 
     tmp = path.with_name(f".{path.name}.tmp.png")
-    plot_memory(
-        memory["measured"]["peak_bytes"],
-        est,
-        memory["full_fp16_budget_bytes"],
-        tmp,
-    )
+    plot_memory(memory["measured"], estimates.run, estimates.full, tmp)
     tmp.replace(path)

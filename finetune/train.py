@@ -20,7 +20,7 @@ import torch
 
 from finetune import adapters, batching, data, evaluate, models, runs
 from finetune.errors import UserError
-from finetune.memory.measure import PeakMemory
+from finetune.memory.measure import RSS_NAME, LiveTensorPeak, PeakMemory
 from finetune.recipe import Recipe, dump_recipe
 
 
@@ -243,6 +243,9 @@ class Loop:
         self.steps = total_steps(recipe, len(self.items), accelerator.num_processes)
         optimizer, self.scheduler = make_optimizer(prepared.model, recipe, self.steps)
         self.model, self.optimizer = accelerator.prepare(prepared.model, optimizer)
+        # On the CPU the measured peak is the estimate's metric, live tensor bytes; on CUDA
+        # torch's allocator statistics (PeakMemory) are the measurement.
+        self.live = LiveTensorPeak(self.unwrapped(), enabled=prepared.loaded.device == "cpu")
         self.state = RunState()
         self.history: list[dict[str, Any]] = []
         self.evals: list[dict[str, Any]] = []
@@ -281,6 +284,7 @@ class Loop:
                 if self.due(t.save_every):
                     self.save_checkpoint()
         self.peak.stop()
+        self.live.close()
         after = None
         if stopped is None:
             self.run_eval()
@@ -297,7 +301,7 @@ class Loop:
             before,
             after,
             self.prepared,
-            self.peak.to_dict(),
+            self.measured_memory(),
             stopped,
             self.accelerator.is_main_process,
         )
@@ -332,21 +336,13 @@ class Loop:
         method = self.recipe.adapter.method
         local = sum(count_trained(b["labels"], method) for b in batches)
         n_trained = int(self.accelerator.reduce(torch.tensor(local), reduction="sum"))
-        loss_sum = 0.0
-        for i, batch in enumerate(batches):
-            batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
-            last = i == len(batches) - 1
-            # DDP averages gradients over processes, so scale by world size to get a sum.
-            with self.sync(last), self.accelerator.autocast():
-                loss = self.forward_loss(batch, max(n_trained, 1)) * world
-            self.accelerator.backward(loss)
-            loss_sum += float(loss.detach()) / world
-        grad_norm = self.clip()
-        loss_total = float(self.accelerator.reduce(torch.tensor(loss_sum), reduction="sum"))
-        finite = math.isfinite(loss_total) and math.isfinite(grad_norm)
-        if finite:
-            self.optimizer.step()
-        elif self.recipe.train.on_nonfinite == "stop":
+        with self.live.step(self.state.step + 1, batches, method):
+            loss_total, grad_norm = self.accumulate(batches, max(n_trained, 1))
+            finite = math.isfinite(loss_total) and math.isfinite(grad_norm)
+            if finite:
+                with self.live.phase("optimizer"):
+                    self.optimizer.step()
+        if not finite and self.recipe.train.on_nonfinite == "stop":
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFinite(
                 f"training diverged at step {self.state.step + 1}: loss {loss_total}, gradient "
@@ -354,7 +350,7 @@ class Loop:
                 f"{self.last_checkpoint_note()}. Lower train.lr, check the data, or set "
                 "train.on_nonfinite=skip"
             )
-        else:
+        if not finite:
             self.state.skipped_steps += 1
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -382,6 +378,32 @@ class Loop:
         if self.state.step % self.recipe.train.log_every == 0 or self.state.step == self.steps:
             self.metrics.write(record)
         return record
+
+    def accumulate(self, batches: list[dict[str, Any]], n_trained: int) -> tuple[float, float]:
+        """Forward and backward over the step's micro-batches: (summed loss, gradient norm)."""
+        world = self.accelerator.num_processes
+        loss_sum = 0.0
+        for i, batch in enumerate(batches):
+            batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
+            last = i == len(batches) - 1
+            # DDP averages gradients over processes, so scale by world size to get a sum.
+            with self.sync(last), self.accelerator.autocast(), self.live.phase("forward"):
+                loss = self.forward_loss(batch, n_trained) * world
+            with self.live.phase("backward"):
+                self.accelerator.backward(loss)
+            loss_sum += float(loss.detach()) / world
+            del loss, batch  # freed before the next micro-batch, as in the dry run
+        grad_norm = self.clip()
+        loss_total = float(self.accelerator.reduce(torch.tensor(loss_sum), reduction="sum"))
+        return loss_total, grad_norm
+
+    def measured_memory(self) -> dict[str, Any]:
+        """The run's measured memory: live-tensor peak on the CPU (the estimate's metric),
+        allocator statistics on CUDA, and the process's RSS growth as a separate figure."""
+        live = self.live.to_dict()
+        if live is None:
+            return {"measured": self.peak.to_dict()}
+        return {"measured": live, "resident": {**self.peak.to_dict(), "metric": RSS_NAME}}
 
     def forward_loss(self, batch: dict[str, Any], n_trained: int) -> torch.Tensor:
         if self.recipe.adapter.method == "prompt":  # its virtual tokens shift every position

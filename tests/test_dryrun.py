@@ -57,6 +57,7 @@ def real_step(cfg, setup: Setup, model=None) -> MemoryTracker:
     for tensor in batch.values():
         tracker.track(tensor, "activations")
     with tracker:
+        dryrun.first_optimizer_step(model, optimizer, tracker)  # a steady-state step
         with tracker.phase("forward"):
             if setup.method == "prompt":
                 loss = model(**batch, use_cache=False, num_items_in_batch=3).loss

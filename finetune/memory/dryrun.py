@@ -399,6 +399,7 @@ def dry_run(config: Any, setup: Any) -> DryRun:
     for tensor in batch.values():
         tracker.track(tensor, "activations")
     with tracker, _KnownSizes(min(trained, setup.seq - 1)):
+        first_optimizer_step(model, optimizer, tracker)
         with tracker.phase("forward"):
             if setup.method == "prompt":  # as train.Loop.forward_loss
                 loss = model(**batch, use_cache=False, num_items_in_batch=trained).loss
@@ -422,6 +423,21 @@ def dry_run(config: Any, setup: Any) -> DryRun:
         seconds=time.perf_counter() - started,
         events=[(e.key, e.nbytes) for e in tracker.events],
     )
+
+
+def first_optimizer_step(model: Any, optimizer: Any, tracker: MemoryTracker) -> None:
+    """Step the optimizer once on zero gradients, so that the tracked training step is a
+    steady-state one: from a run's second step on, AdamW's states stay alive through forward
+    and backward (for full fine-tuning, twice the weights). This step's own peak (weights,
+    gradients, states being created) is the peak of a real first step's optimizer phase,
+    so the dry run's peak is the larger of a run's first and later steps."""
+    with tracker.phase("optimizer"):
+        for param in model.parameters():
+            if param.requires_grad:
+                param.grad = torch.zeros_like(param)
+                tracker.track(param.grad, "gradients")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
 
 def _first_line(err: BaseException) -> str:

@@ -146,3 +146,96 @@ def saved_tensors(model: Any) -> Iterator[dict[int, int]]:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         yield found
+
+
+LIVE_METRIC = "peak bytes of live tensors (MemoryTracker: the metric the estimate predicts)"
+RSS_NAME = "peak resident memory minus baseline (process RSS; not comparable to the estimate)"
+
+
+def batch_shape(batch: dict[str, Any], method: str) -> tuple[int, int, int]:
+    """(rows, padded length, logits positions) of a micro-batch: what a step's peak grows
+    with. Logits positions are those `train.trained_positions_loss` computes (every position
+    for prompt tuning, whose loss is the model's own)."""
+    from finetune.data import IGNORE_INDEX
+
+    labels = batch["labels"]
+    rows, width = labels.shape
+    if method == "prompt":
+        return rows, width, width
+    return rows, width, int((labels[:, 1:] != IGNORE_INDEX).any(dim=0).sum())
+
+
+class LiveTensorPeak:
+    """The peak bytes of live tensors during real training, by the dry run's `MemoryTracker`.
+
+    Tracking costs a Python call per torch op, so only the steps that can set the peak are
+    tracked: step 1 (its optimizer step creates the AdamW states) and, from step 2 on (the
+    steady state, with those states alive through forward and backward), every step whose
+    widest micro-batch has more rows, more padded tokens or more logits positions than any
+    steady step tracked before. A step no larger in any of these holds the same tensors at
+    most, so it cannot exceed the peak already seen.
+
+    Args:
+        model: the model being trained (parameters are registered before the first step).
+        enabled: False on CUDA, where torch's allocator statistics are the measurement.
+    """
+
+    def __init__(self, model: Any, enabled: bool = True) -> None:
+        from finetune.memory.tracker import MemoryTracker
+
+        self.tracker = MemoryTracker(model, record_events=False) if enabled else None
+        self.widest = (0, 0, 0)
+        self.tracked_steps: list[int] = []
+        self.active = False
+
+    def wants(self, step: int, shape: tuple[int, int, int]) -> bool:
+        """Whether step `step` (1-based) with widest micro-batch `shape` is tracked."""
+        if self.tracker is None:
+            return False
+        if step == 1:
+            return True
+        return any(new > old for new, old in zip(shape, self.widest, strict=True))
+
+    @contextlib.contextmanager
+    def step(self, step: int, batches: list[dict[str, Any]], method: str) -> Iterator[None]:
+        """Track this optimizer step if it can set the peak (see the class docstring)."""
+        shapes = [batch_shape(b, method) for b in batches]
+        shape = tuple(max(s[i] for s in shapes) for i in range(3))
+        if not self.wants(step, shape):
+            yield
+            return
+        for batch in batches:  # made by collate before the step, as the dry run's batch
+            for tensor in batch.values():
+                self.tracker.track(tensor, "activations")
+        if step > 1:
+            self.widest = tuple(max(a, b) for a, b in zip(shape, self.widest, strict=True))
+        self.tracked_steps.append(step)
+        self.active = True
+        try:
+            with self.tracker:
+                yield
+        finally:
+            self.active = False
+
+    def phase(self, name: str) -> Any:
+        """The tracker's phase while a tracked step runs, else nothing."""
+        return self.tracker.phase(name) if self.active else contextlib.nullcontext()
+
+    def to_dict(self) -> dict[str, Any] | None:
+        """Plain data for the report: metric, peak, its breakdown, the steps tracked."""
+        if self.tracker is None:
+            return None
+        summary = self.tracker.summary()
+        return {
+            "device": "cpu",
+            "metric": LIVE_METRIC,
+            "peak_bytes": summary["peak_bytes"],
+            "breakdown": summary["peak_breakdown"],
+            "peak_phase": summary["peak_phase"],
+            "tracked_steps": list(self.tracked_steps),
+        }
+
+    def close(self) -> None:
+        """Remove the tracker's hooks from the model."""
+        if self.tracker is not None:
+            self.tracker.remove_hooks()

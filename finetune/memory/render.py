@@ -105,18 +105,41 @@ def to_json(est: Estimate, fit: list[str] | None = None) -> str:
     return json.dumps(data, indent=2)
 
 
-def to_markdown(
-    est: Estimate, measured: dict[str, Any] | None = None, fit: list[str] | None = None
-) -> str:
-    """The estimate as markdown (for report.md), with a measured peak beside it if given.
+def measured_lines(
+    est: Estimate, measured: dict[str, Any] | None, resident: dict[str, Any] | None = None
+) -> list[str]:
+    """The measured peak beside the estimate (metric named, error when the metric is the
+    estimate's), and the process's resident-memory growth as its own, uncompared line.
 
-    `measured` is a `PeakMemory.to_dict()`: metric, peak_bytes and reserved_bytes.
+    `measured`: `LiveTensorPeak.to_dict()` on the CPU or `PeakMemory.to_dict()` on CUDA;
+    `resident`: `PeakMemory.to_dict()` of the CPU run's RSS.
     """
+    if not measured:
+        return []
+    peak = measured["peak_bytes"]
+    lines = [f"measured: {human(peak)} ({measured['metric']})"]
+    if "live tensors" in measured["metric"] and peak:
+        error = (est.allocated_bytes - peak) / peak
+        lines[0] += f"; estimate {human(est.allocated_bytes)}, {error:+.1%} of measured"
+    if measured.get("reserved_bytes"):
+        lines.append(f"measured max reserved: {human(measured['reserved_bytes'])}")
+    if resident:
+        lines.append(
+            f"process resident memory: {human(resident['peak_bytes'])} ({resident['metric']})"
+        )
+    return lines
+
+
+def to_markdown(
+    est: Estimate,
+    measured: dict[str, Any] | None = None,
+    fit: list[str] | None = None,
+    resident: dict[str, Any] | None = None,
+) -> str:
+    """The estimate as markdown (for report.md), with a measured peak beside it if given
+    (see `measured_lines`)."""
     lines = [f"- {line}" for line in headline(est)]
-    if measured:
-        lines.append(f"- measured: {human(measured['peak_bytes'])} ({measured['metric']})")
-        if measured.get("reserved_bytes"):
-            lines.append(f"- measured max reserved: {human(measured['reserved_bytes'])}")
+    lines += [f"- {line}" for line in measured_lines(est, measured, resident)]
     lines.append(
         f"- full fp16 budget (12 B/param) for this model: {human(est.full_fp16_budget_bytes)}"
     )
@@ -142,10 +165,8 @@ def print_tables(
 
     for line in headline(est):
         console.print(line, highlight=False)
-    if measured:
-        console.print(
-            f"measured: {human(measured['peak_bytes'])} ({measured['metric']})", highlight=False
-        )
+    for line in measured_lines(est, measured):
+        console.print(line, highlight=False)
     table = Table(
         title=f"memory estimate: {est.setup.method}, quant {est.setup.quant}, {est.setup.dtype}"
     )
@@ -230,14 +251,16 @@ def candidate_changes(setup: Setup) -> list[tuple[str, dict[str, Any]]]:
 
 
 def plot_memory(
-    measured: float | None, estimate_: Estimate, budget: float | None, path: str | Path
+    measured: dict[str, Any] | None, run: Estimate, full: Estimate, path: str | Path
 ) -> Path:
-    """Bar chart (PNG) of the measured peak, the estimate by component, and the budget.
+    """Bar chart (PNG) of one metric: the run's estimate by component, its measured peak,
+    and full fine-tuning of the same model and shape; the seed's 12 B/param budget is a
+    labelled line, since it counts state only (no activations) and is not the same kind.
 
     Args:
-        measured: measured peak in bytes (None when there is no run).
-        estimate_: the estimate for the same run; its components are stacked.
-        budget: the full fp16 budget (12 B/param) in bytes, or None.
+        measured: `LiveTensorPeak.to_dict()` (CPU) or `PeakMemory.to_dict()` (CUDA), or None.
+        run: the dry-run estimate of the run.
+        full: the dry-run estimate of full fine-tuning at the same batch, sequence, dtype.
         path: the PNG to write.
     """
     import matplotlib
@@ -245,25 +268,90 @@ def plot_memory(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    bottom = 0.0
-    for name in COMPONENTS:
-        value = estimate_.components[name] / GB
-        if value > 0:
-            ax.bar("estimate", value, bottom=bottom, label=name)
-            bottom += value
-    if measured is not None:
-        ax.bar("measured", measured / GB, color="black")
-    if budget is not None:
-        ax.bar("full fp16 budget", budget / GB, color="grey")
-    ax.set_ylabel("GB (1e9 bytes)")
-    ax.set_title(f"{estimate_.arch.name}: {estimate_.setup.method} memory")
-    ax.legend(fontsize=7)
+    peak = (measured or {}).get("peak_bytes") or 0
+    budget = run.full_fp16_budget_bytes
+    unit, size = ("GB", GB) if max(full.allocated_bytes, budget) >= GB else ("MB", 1e6)
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    method = run.setup.method
+    bars = [(f"{method}: estimate", run), (f"{method}: measured", peak)] if measured else []
+    bars = bars or [(f"{method}: estimate", run)]
+    bars.append(("full fine-tuning:\nestimate", full))
+    for x, (_, value) in enumerate(bars):
+        if isinstance(value, Estimate):
+            stacked_bar(ax, x, value, size)
+        else:
+            ax.bar(x, value / size, width=0.6, color="black", label="measured (same metric)")
+            label_bar(ax, x, value, size)
+    ax.axhline(budget / size, color="crimson", linestyle="--", linewidth=1.2)
+    ax.text(
+        0.99,
+        budget / size,
+        f"seed budget, full fp16 at 12 B/param: {human(budget)}\n"
+        "(weights + gradients + Adam states only, no activations)",
+        transform=ax.get_yaxis_transform(),
+        ha="right",
+        va="bottom",
+        fontsize=7,
+        color="crimson",
+    )
+    ax.set_xticks(range(len(bars)), [label for label, _ in bars], fontsize=8)
+    ax.set_ylim(0, 1.25 * max(full.allocated_bytes, run.allocated_bytes, peak, budget) / size)
+    ax.set_ylabel(f"{unit} (1e{9 if unit == 'GB' else 6} bytes)")
+    setup = run.setup
+    ax.set_title(
+        f"{metric_name(run)}: {Path(run.arch.name).name}, batch {setup.batch} x seq "
+        f"{setup.seq}, {setup.dtype}",
+        fontsize=9,
+    )
+    handles = dict(zip(*reversed(ax.get_legend_handles_labels()), strict=True))  # unique
+    ax.legend(
+        handles.values(),
+        handles.keys(),
+        fontsize=7,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        title="estimate by component",
+        title_fontsize=7,
+    )
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+# One colour per component, the same in every stacked bar.
+COMPONENT_COLORS = dict(zip(COMPONENTS, [f"C{i}" for i in range(len(COMPONENTS))], strict=True))
+
+
+def stacked_bar(ax: Any, x: int, est: Estimate, size: float) -> None:
+    """The estimate's allocated components stacked at `x` (runtime overhead is not a tensor)."""
+    bottom = 0.0
+    for name in COMPONENTS:
+        value = est.components[name] / size
+        if value > 0 and name != "runtime overhead":
+            ax.bar(x, value, width=0.6, bottom=bottom, color=COMPONENT_COLORS[name], label=name)
+            bottom += value
+    label_bar(ax, x, est.allocated_bytes, size)
+
+
+def label_bar(ax: Any, x: int, nbytes: float, size: float) -> None:
+    ax.annotate(
+        human(nbytes),
+        (x, nbytes / size),
+        xytext=(0, 2),
+        textcoords="offset points",
+        ha="center",
+        va="bottom",
+        fontsize=8,
+    )
+
+
+def metric_name(run: Estimate) -> str:
+    """The chart's metric: live tensor bytes on the CPU, max allocated on CUDA."""
+    if run.setup.device == "cuda":
+        return "Peak allocated (torch.cuda.max_memory_allocated)"
+    return "Peak bytes of live tensors"
 
 
 def plot_comparison(est: Estimate, path: str | Path) -> Path:

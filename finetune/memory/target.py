@@ -196,7 +196,20 @@ def run_directory(run: Path, overrides: list[str] | tuple[str, ...] = ()) -> Tar
         target.measured = find_measured(data)
         if not overrides:  # overrides describe another run than the one recorded
             target.setup = recorded_setup(data)
+            recorded_model(target, data, report)
     return target
+
+
+def recorded_model(target: Target, report: dict[str, Any], path: Path) -> None:
+    """Use the transformers config the run's report was estimated with, when it has one, so
+    `estimate RUN` dry-runs exactly the model the report did (runmemory.run_estimates)."""
+    from finetune.memory.dryrun import describe
+    from finetune.memory.runmemory import config_from_record
+
+    raw = (report.get("memory") or {}).get("model_config")
+    if isinstance(raw, dict):
+        target.config = config_from_record(raw, str(path))
+        target.arch = describe(target.config, target.arch.name)
 
 
 def recorded_setup(report: dict[str, Any]) -> Any:
@@ -215,17 +228,26 @@ def recorded_setup(report: dict[str, Any]) -> Any:
 
 
 def find_measured(report: Any) -> dict[str, Any] | None:
+    """The run's measured peak: report.json's memory.measured (the live-tensor peak on the
+    CPU, max allocated on CUDA); in older reports, the first mapping with `peak_bytes`."""
+    measured = (report.get("memory") or {}).get("measured") if isinstance(report, dict) else None
+    if isinstance(measured, dict) and isinstance(measured.get("peak_bytes"), int):
+        return measured
+    return first_with_peak(report)
+
+
+def first_with_peak(report: Any) -> dict[str, Any] | None:
     """The first mapping in a report that carries `peak_bytes` (PeakMemory.to_dict())."""
     if isinstance(report, dict):
         if isinstance(report.get("peak_bytes"), int):
             return report
         for value in report.values():
-            found = find_measured(value)
+            found = first_with_peak(value)
             if found:
                 return found
     if isinstance(report, list):
         for value in report:
-            found = find_measured(value)
+            found = first_with_peak(value)
             if found:
                 return found
     return None

@@ -103,6 +103,9 @@ class MemoryTracker(TorchDispatchMode):
         self._phase = "forward"
         self._hooks: list[Any] = []
         self._saved_hooks: Any = None
+        # The model's hooks act only inside the mode: between tracked training steps
+        # (train.py tracks a few) the model runs untracked.
+        self._inside = False
         if model is not None:
             self.track_model(model)
 
@@ -181,9 +184,11 @@ class MemoryTracker(TorchDispatchMode):
         # Saved-for-backward: a no-op pack hook marks the storages autograd keeps.
         self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
         self._saved_hooks.__enter__()
+        self._inside = True
         return super().__enter__()
 
     def __exit__(self, *exc: Any) -> None:
+        self._inside = False
         super().__exit__(*exc)
         self._saved_hooks.__exit__(*exc)
 
@@ -229,11 +234,11 @@ class MemoryTracker(TorchDispatchMode):
             self.events.append(Event(entry.key, -entry.nbytes, entry.device))
 
     def _grad_landed(self, param: torch.Tensor) -> None:
-        if param.grad is not None:
+        if self._inside and param.grad is not None:
             self.track(param.grad, "gradients")
 
     def _enter_logits(self, module: Any, args: Any) -> None:
-        if self._phase == "forward":
+        if self._inside and self._phase == "forward":
             self._phase = "logits"  # restored when the caller's forward phase ends
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:

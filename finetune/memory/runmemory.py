@@ -1,0 +1,63 @@
+"""A finished run's memory, estimated and measured the same way: the one owner of both.
+
+The run report (report.py) and `finetune estimate RUN` (command.py) call `run_estimates`
+with the same inputs: the run's transformers config and the exact setup the run trained
+with (its widest micro-batch, the most logits positions its loop computed), both recorded
+in report.json. Each estimate is a dry run (dryrun.py) measured by the tracker that also
+measured the run's CPU steps (train.py, `LiveTensorPeak`), so estimate and measurement
+are the same metric: the peak bytes of live tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from finetune.memory.estimate import Estimate, Setup
+
+
+@dataclass
+class RunEstimates:
+    """The run's estimate and, beside it, full fine-tuning of the same model and shape.
+
+    Attributes:
+        run: the dry run of the run's own setup.
+        full: the dry run of full fine-tuning at the same batch, sequence, dtype,
+            checkpointing and logits positions (all components, activations included).
+    """
+
+    run: Estimate
+    full: Estimate
+
+
+def full_finetuning_setup(setup: Setup) -> Setup:
+    """Full fine-tuning of the same model at the same batch, sequence and dtype.
+
+    Unquantized (full fine-tuning cannot train quantized weights), no adapter; gradient
+    checkpointing and the logits positions as the run had them, so only the method differs.
+    """
+    return replace(setup, method="full", quant="none")
+
+
+def run_estimates(config: Any, setup: Setup, name: str = "") -> RunEstimates:
+    """Dry-run `setup` and full fine-tuning of the same shape on the model of `config`.
+
+    Args:
+        config: the run's transformers `PretrainedConfig`.
+        setup: the run's exact setup (see report.run_setup).
+        name: the model's label in the rendered estimate.
+    """
+    from finetune.memory.dryrun import estimate_from_config
+
+    return RunEstimates(
+        run=estimate_from_config(config, setup, name),
+        full=estimate_from_config(config, full_finetuning_setup(setup), name),
+    )
+
+
+def config_from_record(raw: dict[str, Any], name: str = "report.json") -> Any:
+    """The transformers config a report recorded (`PretrainedConfig.to_dict()`)."""
+    from finetune.memory.dryrun import build_config
+
+    keep = {k: v for k, v in raw.items() if k not in ("transformers_version", "architectures")}
+    return build_config(keep, name)

@@ -1,0 +1,64 @@
+"""The run report's memory: measured the way it is estimated, and the same estimate as
+`finetune estimate RUN`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from finetune.cli import main
+from finetune.memory.measure import LIVE_METRIC, RSS_NAME
+
+SETTINGS = {
+    "lora": {"method": "lora", "r": 4, "alpha": 8},
+    "prompt": {"method": "prompt", "num_virtual_tokens": 4},
+}
+
+
+@pytest.fixture(params=list(SETTINGS))
+def run_report(request, recipe_file, tmp_path):
+    """A tiny run's report.json (three steps: step 1 and the steady state are tracked)."""
+    path = recipe_file(adapter=SETTINGS[request.param], train={"max_steps": 3})
+    main(["train", str(path)])
+    return tmp_path / "run", json.loads((tmp_path / "run" / "report.json").read_text())
+
+
+def test_measured_figure_is_the_live_tensor_peak_with_its_metric(run_report):
+    _, report = run_report
+    memory = report["memory"]
+    assert memory["measured"]["metric"] == LIVE_METRIC
+    assert memory["measured"]["tracked_steps"][:2] == [1, 2]
+    assert memory["resident"]["metric"] == RSS_NAME
+    text = memory["markdown"]
+    assert f"({LIVE_METRIC})" in text and f"({RSS_NAME})" in text
+
+
+def test_measured_peak_is_close_to_the_estimate(run_report):
+    _, report = run_report
+    measured = report["memory"]["measured"]["peak_bytes"]
+    estimated = report["memory"]["estimate"]["allocated_bytes"]
+    assert estimated == pytest.approx(measured, rel=0.10)
+
+
+def test_estimate_of_a_run_shows_the_reports_estimate_and_measurement(run_report, capsys):
+    run, report = run_report
+    capsys.readouterr()
+    main(["estimate", str(run), "--format", "json"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["total_bytes"] == report["memory"]["estimate"]["total_bytes"]
+    assert printed["components"] == report["memory"]["estimate"]["components"]
+    main(["estimate", str(run)])
+    table = capsys.readouterr().out
+    assert LIVE_METRIC in " ".join(table.split())
+
+
+def test_full_finetuning_is_estimated_beside_the_run(run_report):
+    _, report = run_report
+    memory = report["memory"]
+    full, run = memory["full_finetuning"], memory["estimate"]
+    assert full["setup"]["method"] == "full"
+    for key in ("batch", "seq", "dtype", "logit_positions"):
+        assert full["setup"][key] == run["setup"][key]
+    assert full["components"]["optimizer states"] > run["components"]["optimizer states"]
+    assert full["allocated_bytes"] > run["allocated_bytes"]
