@@ -56,11 +56,16 @@ def train(
         bool,
         typer.Option("--resume", help="Continue the run in output.dir from its latest checkpoint."),
     ] = False,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Train on CUDA even when the estimate says it cannot fit."),
+    ] = False,
 ) -> None:
     """Fine-tune a model as RECIPE says and write the run directory and its report."""
     import time
 
     from finetune.adapters import check_init_from
+    from finetune.memory.fit import check_recipe_fits_device
     from finetune.recipe import load_recipe
     from finetune.report import write_report
     from finetune.train import train as run_training
@@ -68,6 +73,7 @@ def train(
     started = time.perf_counter()
     spec = load_recipe(recipe, overrides or [])
     check_init_from(spec.adapter)
+    check_recipe_fits_device(spec, force)  # before the model loads; a no-op on the CPU
     result = run_training(spec, resume=resume)
     if result.main_process:
         report = write_report(result, time.perf_counter() - started)
@@ -168,6 +174,12 @@ def estimate(
             help="GPU memory in GB (1e9 bytes): say whether it fits and what makes it fit."
         ),
     ] = None,
+    fit: Annotated[
+        bool,
+        typer.Option(
+            "--fit", help="With --gpu: the largest micro-batch and longest sequence that fit."
+        ),
+    ] = False,
     format: Annotated[str, typer.Option(help="table|json|markdown")] = "table",
     plot: Annotated[Path | None, typer.Option(help="Write the method comparison as a PNG.")] = None,
     force: Annotated[
@@ -193,7 +205,7 @@ def estimate(
         "optimizer": optimizer,
         "attn": attn,
     }
-    run_estimate(target, overrides or [], options, format, gpu, plot, out, force)
+    run_estimate(target, overrides or [], options, format, gpu, plot, out, force, fit)
 
 
 # ------------------------------------------------------------- after training (issue 4)

@@ -226,6 +226,36 @@ CASES = [
         "a model type transformers does not know",
         mystery_config,
     ),
+    Case(
+        "estimate-gpu-nan",
+        ("estimate", "llama-2-7b", "--gpu", "nan"),
+        r"--gpu must be a positive number of GB.*nan",
+        "a GPU size that is not a number",
+    ),
+    Case(
+        "estimate-gpu-zero",
+        ("estimate", "llama-2-7b", "--gpu", "0"),
+        r"--gpu must be a positive number of GB.*0",
+        "a GPU of no memory",
+    ),
+    Case(
+        "estimate-gpu-negative",
+        ("estimate", "llama-2-7b", "--gpu", "-24"),
+        r"--gpu must be a positive number of GB.*-24",
+        "a negative GPU size",
+    ),
+    Case(
+        "estimate-gpu-infinite",
+        ("estimate", "llama-2-7b", "--gpu", "inf"),
+        r"--gpu must be a positive number of GB.*inf",
+        "an infinite GPU",
+    ),
+    Case(
+        "estimate-fit-without-gpu",
+        ("estimate", "llama-2-7b", "--fit"),
+        r"--fit needs --gpu",
+        "--fit has nothing to fit in without --gpu",
+    ),
     # ------------------------------------------------------------------- recipes
     Case(
         "yaml-unclosed-brace",

@@ -37,8 +37,8 @@ def test_parameter_counts_equal_transformers(kind):
 
 
 def real_step(cfg, setup: Setup, model=None) -> MemoryTracker:
-    """The dry run's step on real CPU tensors (a fresh model, or `model`), measured by the
-    same tracker."""
+    """The dry run's steps (dryrun.STEPS of them) on real CPU tensors (a fresh model, or
+    `model`), measured by the same tracker."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -48,26 +48,28 @@ def real_step(cfg, setup: Setup, model=None) -> MemoryTracker:
         )
     model = dryrun.prepare(model, setup)
     model.train()
-    ids = torch.randint(0, cfg.vocab_size, (setup.batch, setup.seq))
-    labels = ids.clone()
-    labels[:, : setup.seq - setup.logit_positions] = -100
-    batch = {"input_ids": ids, "labels": labels}
     optimizer = dryrun.make_optimizer(model, setup)
     tracker = MemoryTracker(model)
-    for tensor in batch.values():
-        tracker.track(tensor, "activations")
     with tracker:
-        dryrun.first_optimizer_step(model, optimizer, tracker)  # a steady-state step
-        with tracker.phase("forward"):
-            if setup.method == "prompt":
-                loss = model(**batch, use_cache=False, num_items_in_batch=3).loss
-            else:
-                loss = trained_positions_loss(model, batch, 3)
-        with tracker.phase("backward"):
-            loss.backward()
-        del loss, batch, ids, labels
-        with tracker.phase("optimizer"):
-            optimizer.step()
+        for _ in range(dryrun.STEPS):
+            ids = torch.randint(0, cfg.vocab_size, (setup.batch, setup.seq))
+            labels = ids.clone()
+            labels[:, : setup.seq - setup.logit_positions] = -100
+            batch = {"input_ids": ids, "labels": labels}
+            for tensor in batch.values():
+                tracker.track(tensor, "activations")
+            with tracker.phase("forward"):
+                if setup.method == "prompt":
+                    loss = model(**batch, use_cache=False, num_items_in_batch=3).loss
+                else:
+                    loss = trained_positions_loss(model, batch, 3)
+            with tracker.phase("backward"):
+                loss.backward()
+            del loss, batch, ids, labels, tensor
+            with tracker.phase("optimizer"):
+                optimizer.step()
+            if _ < dryrun.STEPS - 1:
+                optimizer.zero_grad(set_to_none=True)
     tracker.remove_hooks()
     tracker.kept_alive = (model, optimizer)  # `current` counts the model after the step
     return tracker

@@ -16,6 +16,7 @@ from finetune.errors import UserError
 from finetune.memory import setup_from_recipe
 from finetune.memory.dryrun import estimate_from_config
 from finetune.memory.estimate import Setup
+from finetune.memory.fit import FitSearch, check_gpu_gb, fit_lines
 from finetune.memory.render import (
     GB,
     fit_advice,
@@ -39,11 +40,15 @@ def run_estimate(
     plot: Path | None,
     out: Any,
     force: bool = False,
+    fit_search: bool = False,
 ) -> None:
     """Estimate `target` with the given options (None means "not given") and print it.
 
     Options given on the command line win over a recipe's values, which win over defaults.
     """
+    check_gpu_gb(gpu)
+    if fit_search and gpu is None:
+        raise UserError("--fit needs --gpu GB: the memory to fit in")
     if plot is not None:  # checked before any work, like every output
         source = Path(target).expanduser()
         claim_output(plot, option="--plot", kind="file", force=force, inputs=[source])
@@ -65,7 +70,12 @@ def run_estimate(
         given["targets"] = tuple(t.strip() for t in given["targets"].split(",") if t.strip())
     setup = replace(base, **given)
     est = estimate_from_config(resolved.hf_config(), setup, resolved.arch.name)
-    fit = fit_advice(est, gpu * GB) if gpu is not None else None
+    fit = None
+    if gpu is not None:
+        search = FitSearch(est, gpu * GB)
+        fit = fit_advice(est, gpu * GB, search)
+        if fit_search:
+            fit += fit_lines(est, gpu * GB, search)
     if fmt == "json":
         out.print_json(to_json(est, fit))
     elif fmt == "markdown":

@@ -1,4 +1,4 @@
-"""The dry run: one real training step on the meta device, measured by `MemoryTracker`.
+"""The dry run: real training steps on the meta device, measured by `MemoryTracker`.
 
 The model is built from its transformers config with no memory behind it, the adapter is
 attached by `finetune.adapters.attach` (the code training uses), and the step is the one
@@ -14,6 +14,16 @@ Decisions that differ from a real run, and why:
 - bitsandbytes layers do not run on meta: `StandInLinear` stores and computes what
   Linear8bitLt / Linear4bit store and compute (see its docstring).
 - Gradient clipping (a norm per parameter, a few bytes) and `float(loss)` are skipped.
+- Mixed precision (full fine-tuning with `master_weights`): torch.autocast does not act on
+  meta tensors, so the dry run does what autocast does by hand: parameters are fp32 (the
+  master weights, so gradients and AdamW states are fp32 too), and every Linear casts its
+  input, weight and bias to the 16-bit dtype before the matmul, as autocast's
+  lower-precision op list does; autograd records the casts, so the 16-bit weight copies
+  stay saved for backward and gradients come back to fp32, as under real autocast. SDPA
+  casts q, k, v the same way. Other ops follow torch's type promotion, as under autocast
+  (RMSNorm's fp32 math, the fp32 residual stream, the fp32 loss). Not emulated: eager
+  attention's matmuls (left fp32, an overcount) and autocast's weight-cast cache (each
+  Linear runs once per forward, so it would hit only for tied weights).
 """
 
 from __future__ import annotations
@@ -30,6 +40,16 @@ from finetune.errors import UserError
 from finetune.memory.tracker import MemoryTracker
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# The 16-bit dtype the by-hand autocast casts to during a mixed-precision dry run, else
+# None. A plain global, not a mode: backward (checkpoint recomputation) must see it too.
+_autocast_dtype: torch.dtype | None = None
+
+
+def mixed_precision(setup: Any) -> bool:
+    """Full fine-tuning with fp32 master weights under 16-bit autocast."""
+    return setup.method == "full" and setup.master_weights and setup.dtype != "float32"
 
 
 @dataclass
@@ -94,11 +114,10 @@ def build_model(config: Any, setup: Any) -> Any:
     from transformers import AutoModelForCausalLM
 
     attn = "eager" if setup.attn == "eager" else register_fused_sdpa()
+    dtype = torch.float32 if mixed_precision(setup) else DTYPES[setup.dtype]
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(
-                config, dtype=DTYPES[setup.dtype], attn_implementation=attn
-            )
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
     except Exception as err:  # transformers raises ValueError, KeyError, ImportError, ...
         kind = getattr(config, "model_type", "?")
         raise UserError(
@@ -278,7 +297,7 @@ class _FusedAttention(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         if func is torch.nn.functional.scaled_dot_product_attention and args[0].is_meta:
-            q, k, v = args[:3]
+            q, k, v = (_autocast(t) for t in args[:3])
             return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 q,
                 k,
@@ -289,6 +308,28 @@ class _FusedAttention(TorchFunctionMode):
                 scale=kwargs.get("scale"),
             )[0]
         return func(*args, **kwargs)
+
+
+def _autocast(tensor: Any) -> Any:
+    """What autocast's lower-precision ops do to a floating input: cast it to 16 bits."""
+    if _autocast_dtype is None or tensor is None or not tensor.is_floating_point():
+        return tensor
+    return tensor.to(_autocast_dtype)
+
+
+def _autocast_linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.linear(
+        _autocast(x), _autocast(module.weight), _autocast(module.bias)
+    )
+
+
+def emulate_autocast(model: Any) -> None:
+    """Make every Linear of `model` (the head included) cast as autocast would."""
+    import functools
+
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            module.forward = functools.partial(_autocast_linear, module)
 
 
 FUSED_SDPA = "finetune_meta_sdpa"
@@ -359,7 +400,7 @@ def make_optimizer(model: Any, setup: Any) -> Any:
 
 
 def dry_run(config: Any, setup: Any) -> DryRun:
-    """Build `config`'s model on meta, attach `setup`'s adapter, take one tracked step.
+    """Build `config`'s model on meta, attach `setup`'s adapter, take two tracked steps.
 
     Args:
         config: a transformers `PretrainedConfig` of a decoder.
@@ -370,7 +411,6 @@ def dry_run(config: Any, setup: Any) -> DryRun:
             cannot run on meta tensors.
     """
     from finetune.adapters import count_parameters
-    from finetune.train import trained_positions_loss
 
     started = time.perf_counter()
     model = build_model(config, setup)
@@ -378,6 +418,8 @@ def dry_run(config: Any, setup: Any) -> DryRun:
     if setup.quant != "none":
         scales, _ = quantize(model, setup)
     model = prepare(model, setup)
+    if mixed_precision(setup):
+        emulate_autocast(model)
     if setup.quant != "none":
         upcast = sum(
             p.numel() * 4
@@ -392,24 +434,15 @@ def dry_run(config: Any, setup: Any) -> DryRun:
         for m in model.modules()
         if isinstance(m, StandInLinear)
     )
-    batch = meta_batch(setup, config.vocab_size)
     trained = setup.logit_positions or setup.seq - 1
     optimizer = make_optimizer(model, setup)
     tracker = MemoryTracker(model)
-    for tensor in batch.values():
-        tracker.track(tensor, "activations")
-    with tracker, _KnownSizes(min(trained, setup.seq - 1)):
-        first_optimizer_step(model, optimizer, tracker)
-        with tracker.phase("forward"):
-            if setup.method == "prompt":  # as train.Loop.forward_loss
-                loss = model(**batch, use_cache=False, num_items_in_batch=trained).loss
-            else:
-                loss = trained_positions_loss(model, batch, trained)
-        with tracker.phase("backward"):
-            loss.backward()
-        del loss, batch
-        with tracker.phase("optimizer"):
-            optimizer.step()
+    global _autocast_dtype
+    _autocast_dtype = DTYPES[setup.dtype] if mixed_precision(setup) else None
+    try:
+        step(model, optimizer, tracker, setup, trained, config.vocab_size)
+    finally:
+        _autocast_dtype = None
     tracker.remove_hooks()
     return DryRun(
         peak_bytes=tracker.peak_bytes,
@@ -425,19 +458,34 @@ def dry_run(config: Any, setup: Any) -> DryRun:
     )
 
 
-def first_optimizer_step(model: Any, optimizer: Any, tracker: MemoryTracker) -> None:
-    """Step the optimizer once on zero gradients, so that the tracked training step is a
-    steady-state one: from a run's second step on, AdamW's states stay alive through forward
-    and backward (for full fine-tuning, twice the weights). This step's own peak (weights,
-    gradients, states being created) is the peak of a real first step's optimizer phase,
-    so the dry run's peak is the larger of a run's first and later steps."""
-    with tracker.phase("optimizer"):
-        for param in model.parameters():
-            if param.requires_grad:
-                param.grad = torch.zeros_like(param)
-                tracker.track(param.grad, "gradients")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+# Two steps, not one: AdamW creates its states lazily in the first step, so only from the
+# second step on do forward and backward run with the states alive (and the allocator's
+# cached blocks laid out by a previous step). For full fine-tuning that second step sets
+# the peak of a whole run; one step would miss it.
+STEPS = 2
+
+
+def step(model: Any, optimizer: Any, tracker: Any, setup: Any, trained: int, vocab: int) -> None:
+    """`STEPS` tracked training steps: forward and loss, backward, optimizer, zero_grad
+    (set_to_none, as train.Loop does)."""
+    from finetune.train import trained_positions_loss
+
+    with tracker, _KnownSizes(min(trained, setup.seq - 1)):
+        for _ in range(STEPS):
+            batch = meta_batch(setup, vocab)
+            for tensor in batch.values():
+                tracker.track(tensor, "activations")
+            with tracker.phase("forward"):
+                if setup.method == "prompt":  # as train.Loop.forward_loss
+                    loss = model(**batch, use_cache=False, num_items_in_batch=trained).loss
+                else:
+                    loss = trained_positions_loss(model, batch, trained)
+            with tracker.phase("backward"):
+                loss.backward()
+            del loss, batch, tensor
+            with tracker.phase("optimizer"):
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
 
 def _first_line(err: BaseException) -> str:
@@ -459,14 +507,16 @@ def estimate_from_config(config: Any, setup: Any, name: str = "") -> Any:
 
     run = dry_run(config, setup)
     b = run.breakdown
+    mixed = mixed_precision(setup)
     components = {
         "frozen base weights": b["weights"] - run.quantization_scale_bytes - run.upcast_bytes,
         "quantization scales": run.quantization_scale_bytes,
         "kept/upcast in higher precision": run.upcast_bytes,
-        "trainable parameters": b["adapter"],
+        # Under mixed precision the fp32 parameters are the master weights.
+        "trainable parameters": 0 if mixed else b["adapter"],
         "gradients": b["gradients"],
         "optimizer states": b["optimizer"],
-        "master weights": 0,
+        "master weights": b["adapter"] if mixed else 0,
         "activations": b["activations"],
         "backward temporaries": b["backward temporaries"],
         "logits and loss": b["logits"],
@@ -480,6 +530,9 @@ def estimate_from_config(config: Any, setup: Any, name: str = "") -> Any:
         notes={
             "activations": f"alive at the peak ({run.peak_phase}); "
             f"{run.saved_for_backward_bytes:,} B saved for backward at most",
+            "master weights": "fp32 parameters; AdamW steps them (16-bit copies: activations)"
+            if mixed
+            else "",
             "runtime overhead": "CUDA context (not in max allocated)"
             if setup.device == "cuda"
             else "",

@@ -155,6 +155,12 @@ class Estimate:
         return sum(self.components[name] for name in STATE_COMPONENTS)
 
     @property
+    def base_params(self) -> int:
+        """The base model's parameters: adapters (trainable, outside full) excluded."""
+        added = 0 if self.setup.method == "full" else self.trainable_params
+        return self.total_params - added
+
+    @property
     def full_fp16_budget_bytes(self) -> int:
         """The 12 bytes/param budget of full fp16 fine-tuning for the same model."""
         return 12 * self.total_params
@@ -409,36 +415,37 @@ def component_notes(arch: Architecture, setup: Setup) -> dict[str, str]:
     }
 
 
+# Each row is labelled by what the dry run does: "{dt}" is the 16-bit dtype of the setup
+# (bf16 unless it is fp16). The seed's 12 B/param budget is not a row: it has no
+# activations and matches neither full row; render.budget_line prints it under the table.
 COMPARISON = (
     (
-        "full fp16 (12 B/param budget)",
-        {"method": "full", "dtype": "float16", "master_weights": False, "quant": "none"},
+        "full, pure {dt} (weights, gradients, AdamW states {dt})",
+        {"method": "full", "master_weights": False, "quant": "none"},
     ),
     (
-        "full mixed precision (16 B/param)",
-        {"method": "full", "dtype": "float16", "master_weights": True, "quant": "none"},
+        "full, mixed precision (fp32 master weights, gradients, AdamW; {dt} autocast)",
+        {"method": "full", "master_weights": True, "quant": "none"},
     ),
-    ("LoRA 16-bit", {"method": "lora", "quant": "none"}),
-    ("LoRA int8", {"method": "lora", "quant": "int8"}),
-    ("QLoRA nf4", {"method": "lora", "quant": "nf4", "double_quant": True}),
-    ("prefix", {"method": "prefix", "quant": "none", "grad_ckpt": False}),
-    ("prompt", {"method": "prompt", "quant": "none"}),
+    ("LoRA, {dt} base", {"method": "lora", "quant": "none"}),
+    ("LoRA, int8 base", {"method": "lora", "quant": "int8"}),
+    ("QLoRA, nf4 base", {"method": "lora", "quant": "nf4", "double_quant": True}),
+    ("prefix, {dt} base", {"method": "prefix", "quant": "none", "grad_ckpt": False}),
+    ("prompt, {dt} base", {"method": "prompt", "quant": "none"}),
 )
+SHORT_DTYPE = {"bfloat16": "bf16", "float16": "fp16"}
 
 
 def compare_methods(
     arch: Architecture, setup: Setup, config: object = None
 ) -> list[tuple[str, Estimate]]:
     """The same model and shape under full fine-tuning and each adapter method (dry runs
-    when `config` is given)."""
+    when `config` is given), all in the setup's 16-bit dtype (bf16 for an fp32 setup)."""
+    dtype = setup.dtype if setup.dtype in SHORT_DTYPE else "bfloat16"
     rows = []
     for label, change in COMPARISON:
-        variant = dict(change)
-        if variant["method"] != "full" and setup.dtype == "float32":
-            variant.setdefault("dtype", "bfloat16")
-        elif variant["method"] != "full":
-            variant.setdefault("dtype", setup.dtype)
-        rows.append((label, reestimate(arch, config, replace(setup, **variant))))
+        variant = replace(setup, **change, dtype=dtype)
+        rows.append((label.format(dt=SHORT_DTYPE[dtype]), reestimate(arch, config, variant)))
     return rows
 
 

@@ -10,14 +10,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from finetune.errors import UserError
 from finetune.memory.estimate import (
     COMPONENTS,
     Estimate,
     Setup,
     compare_methods,
-    reestimate,
     rule_of_thumb_bytes,
 )
+from finetune.memory.fit import FitSearch
 from finetune.memory.presets import nominal_params
 
 GB = 1e9
@@ -67,13 +68,7 @@ def headline(est: Estimate) -> list[str]:
     parts = " + ".join(f"{human(v)} {k}" for k, v in thumb.items())
     size = f"{nominal / 1e9:g}B nominal"
     if setup.method == "full":
-        exact = 12 * est.total_params
-        lines.append(
-            f"12 B/param budget (full fp16): {parts} = {human(sum(thumb.values()))} "
-            f"at {size}; {human(exact)} for the exact {est.total_params / 1e9:.3g}B; "
-            f"mixed precision adds fp32 master weights: 16 B/param = "
-            f"{human(16 * est.total_params)}"
-        )
+        lines.append(budget_line(est))
     else:
         lines.append(
             f"rule of thumb (LoRA on int8): {parts} = {human(sum(thumb.values()))} at "
@@ -82,6 +77,21 @@ def headline(est: Estimate) -> list[str]:
             " activations and logits"
         )
     return lines
+
+
+def budget_line(est: Estimate) -> str:
+    """The seed's 12 B/param budget, labelled as what it is: arithmetic, not a dry run."""
+    base = est.base_params
+    nominal = nominal_params(est.arch.name) or base
+    parts = rule_of_thumb_bytes(nominal, Setup(method="full")) or {}
+    terms = " + ".join(f"{human(v)} {k}" for k, v in parts.items())
+    return (
+        f"seed's budget for full fp16 fine-tuning, 12 B/param (fp16 weights 2 + fp16 "
+        f"gradients 2 + fp32 Adam m, v 8; no activations, not a dry run): {terms} = "
+        f"{human(sum(parts.values()))} at {nominal / 1e9:g}B nominal; "
+        f"{human(12 * base)} at the exact {base / 1e9:.4g}B. "
+        "Pure 16-bit AdamW keeps 8 B/param of state, mixed precision 16 (rows above)"
+    )
 
 
 def comparison_rows(est: Estimate) -> list[tuple[str, int, int, int]]:
@@ -99,6 +109,7 @@ def to_json(est: Estimate, fit: list[str] | None = None) -> str:
         {"method": m, "trainable_params": t, "state_bytes": s, "total_bytes": tot}
         for m, t, s, tot in comparison_rows(est)
     ]
+    data["budget"] = budget_line(est)
     data["headline"] = headline(est)
     if fit is not None:
         data["fit"] = fit
@@ -140,9 +151,6 @@ def to_markdown(
     (see `measured_lines`)."""
     lines = [f"- {line}" for line in headline(est)]
     lines += [f"- {line}" for line in measured_lines(est, measured, resident)]
-    lines.append(
-        f"- full fp16 budget (12 B/param) for this model: {human(est.full_fp16_budget_bytes)}"
-    )
     lines += ["", "| component | bytes | share | note |", "|---|---:|---:|---|"]
     for name, nbytes, share, note in component_rows(est):
         lines.append(f"| {name} | {human(nbytes)} | {100 * share:.1f}% | {note} |")
@@ -150,6 +158,7 @@ def to_markdown(
     lines += ["", "| method | trainable | weights + states | total |", "|---|---:|---:|---:|"]
     for label, trainable, state, total in comparison_rows(est):
         lines.append(f"| {label} | {trainable:,} | {human(state)} | {human(total)} |")
+    lines += ["", f"- {budget_line(est)}"]
     lines += [f"- {line}" for line in fit or []]
     return "\n".join(lines) + "\n"
 
@@ -187,16 +196,20 @@ def print_tables(
     for label, trainable, state, total in comparison_rows(est):
         compare.add_row(label, f"{trainable:,}", human(state), human(total))
     console.print(compare)
+    console.print(budget_line(est), highlight=False)
     for line in fit or []:
         console.print(line, highlight=False)
 
 
-def fit_advice(est: Estimate, gpu_bytes: float) -> list[str]:
+def fit_advice(est: Estimate, gpu_bytes: float, search: FitSearch | None = None) -> list[str]:
     """Whether the estimate fits in `gpu_bytes`, and if not, which change makes it fit.
 
-    Each candidate change is re-estimated; single changes are tried first, then the
-    changes accumulated in order.
+    The verdict is on `Estimate.verdict_bytes`: the caching allocator's modelled reserved
+    peak plus the CUDA context. Each candidate change is re-estimated by a dry run (when
+    the estimate came from one); single changes are tried first, then the changes
+    accumulated in order.
     """
+    search = search or FitSearch(est, gpu_bytes)
     metric = est.verdict_metric
     if est.verdict_bytes <= gpu_bytes:
         return [f"fits: {human(est.verdict_bytes)} of {human(gpu_bytes)} ({metric})"]
@@ -206,8 +219,8 @@ def fit_advice(est: Estimate, gpu_bytes: float) -> list[str]:
     changes = candidate_changes(est.setup)
     for label, change in changes:
         try:
-            trial = reestimate(est.arch, est.config, replace(est.setup, **change))
-        except Exception:  # an incompatible combination or one the dry run refuses
+            trial = search.estimate(replace(est.setup, **change))
+        except UserError:  # an incompatible combination or one the dry run refuses
             continue
         if trial.verdict_bytes <= gpu_bytes:
             return [*lines, f"fits with {label}: {human(trial.verdict_bytes)}"]
@@ -217,8 +230,8 @@ def fit_advice(est: Estimate, gpu_bytes: float) -> list[str]:
         applied.update(change)
         labels.append(label)
         try:
-            trial = reestimate(est.arch, est.config, replace(est.setup, **applied))
-        except Exception:  # an incompatible combination (full + quant): skip it
+            trial = search.estimate(replace(est.setup, **applied))
+        except UserError:  # an incompatible combination (full + quant): skip it
             applied = {k: v for k, v in applied.items() if k not in change}
             labels.pop()
             continue

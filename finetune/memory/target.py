@@ -170,9 +170,15 @@ def gguf_config(path: Path) -> dict[str, Any]:
 
 def from_recipe(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Target:
     """A recipe's model architecture, with the recipe kept for its setup."""
-    from finetune.recipe import EMBEDDED_MODEL, load_recipe
+    from finetune.recipe import load_recipe
 
-    recipe = load_recipe(path, overrides)
+    return target_for_recipe(load_recipe(path, overrides))
+
+
+def target_for_recipe(recipe: Any) -> Target:
+    """The model a loaded recipe trains, with the recipe kept for its setup."""
+    from finetune.recipe import EMBEDDED_MODEL
+
     source = recipe.model.path
     if source == EMBEDDED_MODEL:
         return Target(get_preset(EMBEDDED_PRESET), recipe=recipe)

@@ -1,0 +1,169 @@
+"""Does a run fit a GPU: the largest micro-batch and sequence, and the check before training.
+
+Every verdict here compares the same quantity: the caching allocator's modelled reserved
+peak plus the CUDA context (`Estimate.verdict_bytes`), because reserved memory, not
+allocated, is what runs out first and what nvidia-smi shows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from finetune.errors import UserError
+from finetune.memory.estimate import Estimate, Setup, reestimate
+
+# A bound on the search: each 7B dry run takes 1-4 s on a 2-core CPU.
+MAX_BATCH = 1024
+SEQ_QUANTUM = 64  # sequence lengths are searched in steps of 64 tokens
+FALLBACK_MAX_SEQ = 32768  # when the config names no context length
+GB = 1e9
+
+
+def check_gpu_gb(gpu: float | None) -> None:
+    """Refuse a --gpu that is not a finite, positive number of GB.
+
+    Raises:
+        UserError: nan, inf, zero or negative.
+    """
+    if gpu is not None and not (math.isfinite(gpu) and gpu > 0):
+        raise UserError(f"--gpu must be a positive number of GB (1e9 bytes), got {gpu}")
+
+
+def largest_fitting(fits: Callable[[int], bool], start: int, cap: int, quantum: int = 1) -> int:
+    """The largest multiple of `quantum` in [start, cap] for which `fits` holds, or 0.
+
+    Assumes `fits` is monotone (true up to some value, false beyond). Doubles from `start`
+    until `fits` fails or `cap` is passed, then bisects the last bracket: about
+    2·log2(answer / start) calls.
+    """
+    if start > cap or not fits(start):
+        return 0
+    low = start
+    while low < cap:
+        high = min(2 * low, cap)
+        if not fits(high):
+            break
+        low = high
+    else:
+        return low
+    while high - low > quantum:  # invariant: fits(low), not fits(high)
+        mid = (low + high) // 2 // quantum * quantum
+        if mid <= low:
+            break
+        if fits(mid):
+            low = mid
+        else:
+            high = mid
+    return low
+
+
+class FitSearch:
+    """Dry runs of variants of one estimate, cached by setup, judged against one GPU."""
+
+    def __init__(self, est: Estimate, gpu_bytes: float) -> None:
+        self.est, self.gpu_bytes = est, gpu_bytes
+        self._cache: dict[Setup, Estimate] = {est.setup: est}
+
+    def estimate(self, setup: Setup) -> Estimate:
+        if setup not in self._cache:
+            self._cache[setup] = reestimate(self.est.arch, self.est.config, setup)
+        return self._cache[setup]
+
+    def fits(self, **change: Any) -> bool:
+        return self.estimate(replace(self.est.setup, **change)).verdict_bytes <= self.gpu_bytes
+
+    def largest_batch(self) -> int:
+        return largest_fitting(lambda b: self.fits(batch=b), 1, MAX_BATCH)
+
+    def longest_seq(self) -> int:
+        cap = max_seq(self.est.config)
+        return largest_fitting(lambda s: self.fits(seq=s), SEQ_QUANTUM, cap, SEQ_QUANTUM)
+
+
+def max_seq(config: Any) -> int:
+    """The model's context length (rounded down to the search quantum)."""
+    length = getattr(config, "max_position_embeddings", None) or FALLBACK_MAX_SEQ
+    return max(SEQ_QUANTUM, int(length) // SEQ_QUANTUM * SEQ_QUANTUM)
+
+
+def fit_lines(est: Estimate, gpu_bytes: float, search: FitSearch | None = None) -> list[str]:
+    """`--fit`: the largest micro-batch at this sequence, the longest sequence at this batch."""
+    search = search or FitSearch(est, gpu_bytes)
+    setup, gpu = est.setup, f"{gpu_bytes / GB:g} GB"
+    what = "reserved (caching allocator model) + CUDA context"
+    batch = search.largest_batch()
+    seq = search.longest_seq()
+    lines = [f"fit on {gpu} ({what}):"]
+    lines.append(
+        f"  largest micro-batch at seq {setup.seq}: {batch}"
+        if batch
+        else f"  no micro-batch fits at seq {setup.seq}"
+    )
+    limit = f" (the model's limit {max_seq(est.config)})" if seq == max_seq(est.config) else ""
+    lines.append(
+        f"  longest sequence at batch {setup.batch}: {seq}{limit} (searched in steps of "
+        f"{SEQ_QUANTUM})"
+        if seq
+        else f"  no sequence of {SEQ_QUANTUM}+ tokens fits at batch {setup.batch}"
+    )
+    return lines
+
+
+# ------------------------------------------------------------------ before training
+
+
+@dataclass(frozen=True)
+class DeviceVerdict:
+    """Whether a run needing `need_bytes` fits in `free_bytes` of device memory."""
+
+    fits: bool
+    need_bytes: int
+    free_bytes: int
+
+    @property
+    def shortfall_bytes(self) -> int:
+        return max(0, self.need_bytes - self.free_bytes)
+
+
+def device_verdict(need_bytes: int, free_bytes: int) -> DeviceVerdict:
+    """Pure: the estimate (reserved + CUDA context) against the free device memory."""
+    return DeviceVerdict(need_bytes <= free_bytes, int(need_bytes), int(free_bytes))
+
+
+def refusal(verdict: DeviceVerdict, fix: str) -> str:
+    """The one line `finetune train` refuses a run with."""
+    return (
+        f"this run needs about {verdict.need_bytes / GB:.1f} GB of GPU memory (reserved + CUDA "
+        f"context, estimated) but {verdict.free_bytes / GB:.1f} GB is free: "
+        f"{verdict.shortfall_bytes / GB:.1f} GB short; {fix}, or pass --force to run anyway"
+    )
+
+
+def check_recipe_fits_device(recipe: Any, force: bool = False) -> None:
+    """Before the model loads: refuse a CUDA run the estimate says cannot fit.
+
+    A no-op on the CPU (no device memory to compare with) and with `force`.
+
+    Raises:
+        UserError: the estimate exceeds `torch.cuda.mem_get_info()`'s free bytes.
+    """
+    import torch
+
+    if force or not torch.cuda.is_available():
+        return
+    from finetune.memory import setup_from_recipe
+    from finetune.memory.dryrun import estimate_from_config
+    from finetune.memory.render import fit_advice
+    from finetune.memory.target import target_for_recipe
+
+    target = target_for_recipe(recipe)
+    est = estimate_from_config(target.hf_config(), setup_from_recipe(recipe, "cuda"))
+    free, _total = torch.cuda.mem_get_info()
+    verdict = device_verdict(est.verdict_bytes, free)
+    if not verdict.fits:
+        advice = fit_advice(est, free)[-1]
+        fix = advice.removeprefix("fits with ").split(":")[0]
+        raise UserError(refusal(verdict, f"try {fix}" if advice.startswith("fits") else advice))
