@@ -93,19 +93,8 @@ def arch_from_path(path: Path) -> Architecture:
     """Architecture of a model folder, a config.json or a .gguf file."""
     if path.suffix == ".gguf":
         return from_gguf(path)
-    config = path / "config.json" if path.is_dir() else path
-    if not config.is_file():
-        raise UserError(
-            f"{config}: not found (give a preset, a model folder with config.json, "
-            "a .gguf file, a recipe or a run directory)"
-        )
-    try:
-        raw = json.loads(config.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{config}: malformed JSON ({err})") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{config}: a config.json holds one JSON object")
-    return from_config(raw, name=str(config))
+    raw, label = raw_config(path)
+    return from_config(raw, name=label)
 
 
 def from_hub(repo_id: str) -> Architecture:
