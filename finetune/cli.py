@@ -6,6 +6,7 @@ traceback instead.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -315,6 +316,11 @@ def chat(
     from finetune.inference import chat_loop
 
     interactive = sys.stdin.isatty()
+    if interactive:
+        # input() gains line editing and history: arrow keys no longer reach the model.
+        # Windows has no readline; its console does its own line editing.
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401
 
     def read() -> str | None:
         try:
@@ -325,8 +331,13 @@ def chat(
     def write(text: str) -> None:
         out.print(f"[bold]model>[/] {text}" if interactive else text, highlight=False)
 
+    def notify(text: str) -> None:  # on stderr: stdout holds only what the model said
+        console.print(f"[dim]{text}[/]", highlight=False)
+
     if interactive:
-        console.print("loading... (type /exit or press Ctrl-D to end, /reset to start over)")
+        console.print(
+            "loading... (type /exit or press Ctrl-D to end, /reset to start over)", highlight=False
+        )
     options = _sampling(sample, temperature, top_p)
     chat_loop(
         target,
@@ -336,6 +347,7 @@ def chat(
         sampling=options,
         model=model,
         system=system,
+        notify=notify,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,8 +21,15 @@ class LossResult:
 
 
 @torch.no_grad()
-def evaluate_loss(model: Any, data: TokenizedData, pad_id: int, batch_size: int = 8) -> LossResult:
-    """Mean loss per trained token over `data`, and its perplexity exp(loss)."""
+def evaluate_loss(
+    model: Any,
+    data: TokenizedData,
+    pad_id: int,
+    batch_size: int = 8,
+    advance: Callable[[int], None] | None = None,
+) -> LossResult:
+    """Mean loss per trained token over `data`, and its perplexity exp(loss).
+    `advance(n)` is told of every n examples scored."""
     was_training = model.training
     model.eval()
     device = next(p.device for p in model.parameters())
@@ -31,11 +39,12 @@ def evaluate_loss(model: Any, data: TokenizedData, pad_id: int, batch_size: int 
         batch = collate([single(e) for e in chunk], pad_id, packed=False)
         batch = {k: v.to(device) for k, v in batch.items()}
         n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-        if n == 0:
-            continue
-        out = model(**batch, num_items_in_batch=n)
-        total += float(out.loss) * n
-        tokens += n
+        if n > 0:
+            out = model(**batch, num_items_in_batch=n)
+            total += float(out.loss) * n
+            tokens += n
+        if advance is not None:
+            advance(len(chunk))
     model.train(was_training)
     loss = total / tokens if tokens else float("nan")
     return LossResult(loss, math.exp(loss) if tokens and loss < 700 else float("inf"), tokens)
@@ -48,9 +57,11 @@ def generate(
     prompts: list[str],
     max_new_tokens: int = 32,
     batch_size: int = 16,
+    advance: Callable[[int], None] | None = None,
     **sampling: Any,
 ) -> list[str]:
-    """Generate a completion for each already-rendered prompt (greedy unless told otherwise)."""
+    """Generate a completion for each already-rendered prompt (greedy unless told otherwise).
+    `advance(n)` is told of every n prompts answered."""
     was_training = model.training
     model.eval()
     device = next(p.device for p in model.parameters())
@@ -71,6 +82,8 @@ def generate(
             )
             new = gen[:, enc["input_ids"].shape[1] :]
             outputs += tokenizer.batch_decode(new, skip_special_tokens=True)
+            if advance is not None:
+                advance(len(chunk))
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
@@ -86,10 +99,15 @@ class ExactMatch:
 
 
 def exact_match(
-    model: Any, tokenizer: Any, pairs: list[tuple[str, str]], max_new_tokens: int
+    model: Any,
+    tokenizer: Any,
+    pairs: list[tuple[str, str]],
+    max_new_tokens: int,
+    advance: Callable[[int], None] | None = None,
 ) -> ExactMatch:
     """Share of greedy generations equal to the reference (surrounding whitespace ignored)."""
-    predictions = generate(model, tokenizer, [p for p, _ in pairs], max_new_tokens)
+    prompts = [p for p, _ in pairs]
+    predictions = generate(model, tokenizer, prompts, max_new_tokens, advance=advance)
     samples = [
         {"prompt": p, "reference": ref, "prediction": pred}
         for (p, ref), pred in zip(pairs, predictions, strict=True)
@@ -137,22 +155,27 @@ def evaluate_dataset(
     max_examples: int | None = None,
     max_new_tokens: int = 32,
     batch_size: int = 8,
+    label: str = "model",
 ) -> DatasetEval:
-    """Evaluate `model` on `rows` formatted as the data section `spec` says.
+    """Evaluate `model` on `rows` formatted as the data section `spec` says, showing a
+    progress bar per stage named after `label`.
 
     Loss and perplexity cover every row; exact match (instruction and chat formats only)
     the first `max_examples` rows.
     """
     from finetune.data import generation_prompt, require_trained_tokens, tokenize_rows
+    from finetune.progress import stage_progress
 
     data = tokenize_rows(rows, spec, tokenizer, path)
     # As train does: a row cut to nothing by max_length would make the loss nan.
     require_trained_tokens(data, spec)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    loss = evaluate_loss(model, data, pad_id, batch_size)
+    with stage_progress(f"{label}: loss", len(data.examples)) as advance:
+        loss = evaluate_loss(model, data, pad_id, batch_size, advance)
     em = None
     if spec.format != "text":
         chosen = rows[:max_examples] if max_examples else rows
         pairs = [generation_prompt(r, spec, tokenizer, path) for r in chosen]
-        em = exact_match(model, tokenizer, pairs, max_new_tokens)
+        with stage_progress(f"{label}: exact match", len(pairs)) as advance:
+            em = exact_match(model, tokenizer, pairs, max_new_tokens, advance)
     return DatasetEval(loss.loss, loss.perplexity, loss.tokens, em)

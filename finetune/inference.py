@@ -338,10 +338,12 @@ def chat_loop(
     sampling: dict[str, Any] | None = None,
     model: str | None = None,
     system: str | None = None,
+    notify: Any = None,
 ) -> int:
     """An interactive conversation: `read()` returns a user line (None at the end of input),
-    `write(text)` shows a reply. `/reset` starts over, `/exit` or end of input stops.
-    Returns the number of replies."""
+    `write(text)` shows a reply, `notify(text)` a note from finetune itself (kept apart so it
+    is never mistaken for something the model said). `/reset` starts over, `/exit` or end
+    of input stops. Returns the number of replies."""
     from finetune.evaluate import generate
 
     session = load(resolve_target(given, model))
@@ -359,7 +361,8 @@ def chat_loop(
             continue
         if line == "/reset":
             messages = list(start)
-            write("(conversation reset)")
+            if notify is not None:
+                notify("(conversation reset)")
             continue
         messages.append({"role": "user", "content": line})
         if has_template:
@@ -422,11 +425,11 @@ def evaluate_target(
     }
     name = "adapter" if target.adapter_dir is not None else "model"
     result[name] = evaluate_dataset(
-        session.model, session.tokenizer, rows, spec, data_path, **options
+        session.model, session.tokenizer, rows, spec, data_path, label=name, **options
     ).as_dict()
     if base:
         with session.model.disable_adapter():
             result["base"] = evaluate_dataset(
-                session.model, session.tokenizer, rows, spec, data_path, **options
+                session.model, session.tokenizer, rows, spec, data_path, label="base", **options
             ).as_dict()
     return result

@@ -1,7 +1,10 @@
-"""A rich progress bar for training: step, loss, learning rate, tokens per second."""
+"""Rich progress bars: training (step, loss, learning rate, tokens per second) and the
+counted stages of evaluation (rows scored, prompts answered)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
@@ -46,3 +49,21 @@ class TrainProgress:
             lr=f"{record['lr']:.2e}",
             tps=f"{record['tokens_per_s']:.0f}",
         )
+
+
+@contextmanager
+def stage_progress(label: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A bar on stderr for one counted stage; yields `advance(n)`. Evaluating a base model
+    and then its adapter can take minutes on a CPU, and silence looks like a hang."""
+    progress = Progress(
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
+    task = progress.add_task(label, total=total)
+    with progress:
+        yield lambda n: progress.advance(task, n)

@@ -98,6 +98,37 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     )
 
 
+def run_in_terminal(*args: str, keys: bytes = b"", timeout: int = 120) -> tuple[int, str]:
+    """Run `python -m finetune ARGS` attached to a real pseudo-terminal, as a user at a
+    keyboard would: `keys` are typed once it starts. Returns (exit code, all it displayed)."""
+    import pty
+    import select
+    import time
+
+    leader, follower = pty.openpty()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TERM": "xterm", "COLUMNS": "120"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "finetune", *args],
+        stdin=follower, stdout=follower, stderr=follower, cwd=ROOT, env=env, close_fds=True,
+    )  # fmt: skip
+    os.close(follower)
+    os.write(leader, keys)  # the terminal buffers them until the program reads
+    shown, deadline = b"", time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if select.select([leader], [], [], 0.2)[0]:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # the program closed the terminal: it has ended
+                break
+            shown += chunk
+        elif proc.poll() is not None:
+            break
+    else:
+        proc.kill()
+    os.close(leader)
+    return proc.wait(timeout=10), shown.decode(errors="replace")
+
+
 def run_main(capsys, *args):
     """Run the CLI in-process: (exit code, stdout, stderr); main() returns on success."""
     capsys.readouterr()  # drop what building the runs printed

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from helpers import date_rows, tiny_recipe, write_jsonl
+from helpers import date_rows, run_in_terminal, tiny_recipe, write_jsonl
 
 from finetune import inference
 from finetune.cli import main
@@ -83,3 +83,27 @@ def test_cli_eval_json_and_table(run_and_data, capsys):
         main(["eval", str(run), "--data", str(test), "--format", "text"])
     err = capsys.readouterr().err
     assert "no column 'text'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_eval_base_shows_progress_for_each_model_and_stage(run_and_data):
+    run, test = run_and_data
+    code, shown = run_in_terminal("eval", str(run), "--data", str(test), "--base")
+    assert code == 0, shown[-2000:]
+    for bar in ("adapter: loss", "adapter: exact match", "base: loss", "base: exact match"):
+        assert bar in shown, f"{bar!r} never shown: {shown[-2000:]}"
+    assert "6/6" in shown  # the bars count the rows of the file
+
+
+def test_progress_callbacks_count_every_example_and_prompt(run_and_data):
+    from finetune.data import load_rows, tokenize_rows
+    from finetune.evaluate import evaluate_loss, generate
+
+    run, test = run_and_data
+    session = inference.load(inference.resolve_target(str(run)), device="cpu")
+    spec = load_recipe(run / "recipe.yaml").data.model_copy(update={"path": str(test)})
+    data = tokenize_rows(load_rows(str(test)), spec, session.tokenizer, str(test))
+    scored, answered = [], []
+    evaluate_loss(session.model, data, 0, batch_size=4, advance=scored.append)
+    prompts = ["a", "b", "c"]
+    generate(session.model, session.tokenizer, prompts, 1, batch_size=2, advance=answered.append)
+    assert scored == [4, 2] and answered == [2, 1]

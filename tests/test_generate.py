@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import yaml
-from helpers import ROOT, date_rows, run_main, write_jsonl
+from helpers import ROOT, date_rows, run_in_terminal, run_main, write_jsonl
 
 from finetune import evaluate, inference
 from finetune.recipe import load_recipe
@@ -89,7 +89,21 @@ def test_chat_loop_reads_turns_from_stdin(made):
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.count("(conversation reset)") == 1
+    # finetune's own note goes to stderr: stdout holds only what the model said
+    assert "(conversation reset)" not in proc.stdout
+    assert proc.stderr.count("(conversation reset)") == 1
+
+
+def test_chat_edits_lines_with_the_arrow_keys(made):
+    """Typed `/xit`, then three left arrows and `e`: with line editing the line is `/exit`
+    and the chat ends without a reply; without it the escape codes reach the model, which
+    answers before Ctrl-D ends the chat."""
+    left = b"\x1b[D"
+    code, shown = run_in_terminal(
+        "chat", str(made["lora"]), "--max-new-tokens", "2", keys=b"/xit" + left * 3 + b"e\r\x04"
+    )
+    assert code == 0, shown[-2000:]
+    assert "you>" in shown and "model>" not in shown, shown[-2000:]
 
 
 def test_chat_loop_keeps_the_conversation(made):
