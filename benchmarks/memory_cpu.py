@@ -95,7 +95,7 @@ def case(
     """Train one case; return (estimated, measured) peak bytes of live tensors."""
     from finetune.memory.dryrun import estimate_from_config
     from finetune.recipe import load_recipe
-    from finetune.report import run_setup
+    from finetune.report import run_setups
     from finetune.train import train
 
     recipe = {
@@ -121,7 +121,8 @@ def case(
     path.write_text(yaml.safe_dump(recipe))
     result = train(load_recipe(path))
     p = result.prepared  # the report's estimate of the run (report.run_estimates, less full)
-    estimated = estimate_from_config(p.loaded.model.config, run_setup(p)).allocated_bytes
+    config = p.loaded.model.config
+    estimated = max(estimate_from_config(config, s).allocated_bytes for s in run_setups(p))
     measured = result.memory["measured"]["peak_bytes"]
     del result
     gc.collect()
@@ -161,7 +162,7 @@ def main(quick: bool = False) -> None:
         recipe = yaml.safe_load(embedded.read_text())
         est, real = case(
             Path(recipe["model"]["path"]),
-            ROOT / "data/quickstart/train.jsonl",
+            ROOT / "recipes" / "data" / "quickstart" / "train.jsonl",
             folder / "embedded",
             "lora",
             False,

@@ -41,6 +41,7 @@ def setup_for(entry: dict[str, Any]) -> Setup:
         "optimizer": entry["optimizer"],
         "attn": entry["attn"],
         "device": "cuda",
+        "masked": bool(entry["masked"]),
     }
     if entry.get("r"):
         fields["r"] = int(entry["r"])

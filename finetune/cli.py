@@ -169,6 +169,14 @@ def estimate(
         str | None, typer.Option(help="adamw|adamw8bit|sgd [default: adamw]")
     ] = None,
     attn: Annotated[str | None, typer.Option(help="sdpa|eager|flash [default: sdpa]")] = None,
+    masked: Annotated[
+        bool | None,
+        typer.Option(
+            "--masked/--unmasked",
+            help="Padded or packed micro-batches: attention runs with a mask "
+            "[default: masked when --batch is above 1].",
+        ),
+    ] = None,
     gpu: Annotated[
         float | None,
         typer.Option(
@@ -205,6 +213,7 @@ def estimate(
         "grad_ckpt": grad_ckpt,
         "optimizer": optimizer,
         "attn": attn,
+        "masked": masked,
     }
     run_estimate(target, overrides or [], options, format, gpu, plot, out, force, fit)
 

@@ -76,53 +76,63 @@ def run_estimates(result: RunResult) -> Any:
     from finetune.memory.runmemory import run_estimates as estimates
 
     p = result.prepared
-    return estimates(p.loaded.model.config, run_setup(p), p.recipe.model.path)
+    return estimates(p.loaded.model.config, run_setups(p), p.recipe.model.path)
 
 
-def run_setup(p: Any) -> Any:
-    """The run's exact setup: its recipe on its device, at its widest micro-batch."""
+def run_setups(p: Any) -> list[Any]:
+    """The run's exact setups: its recipe on its device at the widest micro-batch it visits
+    with an attention mask and at the widest without one (either can set the peak: a mask
+    costs memory, a wider batch too). One setup when every micro-batch is of one kind."""
     from dataclasses import replace
 
     from finetune.memory import setup_from_recipe
 
-    seq, logit_positions = batch_shape(p)
     setup = setup_from_recipe(p.recipe, p.loaded.device)
-    return replace(
-        setup,
-        seq=seq,
-        logit_positions=logit_positions,
-        grad_ckpt=p.gradient_checkpointing,
-        dtype=str(p.loaded.dtype).removeprefix("torch."),
-    )
+    common = {
+        "grad_ckpt": p.gradient_checkpointing,
+        "dtype": str(p.loaded.dtype).removeprefix("torch."),
+    }
+    return [
+        replace(setup, seq=seq, logit_positions=logits, masked=masked, **common)
+        for masked, (seq, logits) in visited_shapes(p).items()
+    ]
 
 
-def batch_shape(p: Any) -> tuple[int, int | None]:
-    """The widest micro-batch of the run's first epoch, and the most positions at which any
-    micro-batch computed logits (None when the loop computes them everywhere)."""
+def visited_shapes(p: Any) -> dict[bool, tuple[int, int | None]]:
+    """Over the micro-batches the run visits (all its steps, in its order; one process),
+    by whether attention needs an explicit mask (packing, or padding): the widest, and the
+    most positions at which any computed logits (None when the loop computes them
+    everywhere, as for prompt tuning)."""
     from finetune import batching
     from finetune.data import IGNORE_INDEX
+    from finetune.train import total_steps
 
     recipe = p.recipe
     items = batching.build_items(
         p.splits.train.examples, recipe.data.packing, recipe.data.max_length, recipe.train.seed
     )
-    seq = max(len(item) for item in items)
-    if recipe.adapter.method == "prompt":
-        return seq, None
-    size = recipe.train.micro_batch_size
     order = batching.micro_batches(
         [len(i) for i in items],
-        size,
+        recipe.train.micro_batch_size,
         recipe.train.seed,
         recipe.data.shuffle,
         recipe.data.group_by_length,
     )
-    most = 0
-    for _ in range(max(1, len(items) // size)):
+    shapes: dict[bool, tuple[int, int]] = {}
+    visited = total_steps(recipe, len(items)) * recipe.train.grad_accum
+    # Every epoch holds the longest item; past three epochs only the logits-position
+    # maximum could still move, by a few positions, and the loop would cost seconds.
+    per_epoch = max(1, len(items) // recipe.train.micro_batch_size)
+    for _ in range(min(visited, 3 * per_epoch)):
         batch = batching.collate([items[i] for i in next(order)], 0, recipe.data.packing)
-        kept = (batch["labels"][:, 1:] != IGNORE_INDEX).any(dim=0).sum()
-        most = max(most, int(kept))
-    return seq, most
+        mask = batch.get("attention_mask")
+        masked = recipe.data.packing or (mask is not None and not bool(mask.all()))
+        width = batch["labels"].shape[1]
+        logits = int((batch["labels"][:, 1:] != IGNORE_INDEX).any(dim=0).sum())
+        seq, most = shapes.get(masked, (0, 0))
+        shapes[masked] = (max(seq, width), max(most, logits))
+    prompt = recipe.adapter.method == "prompt"
+    return {k: (seq, None if prompt else most) for k, (seq, most) in shapes.items()}
 
 
 def memory_section(result: RunResult, estimates: Any) -> dict[str, Any]:

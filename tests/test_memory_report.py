@@ -10,16 +10,19 @@ import pytest
 from finetune.cli import main
 from finetune.memory.measure import LIVE_METRIC, RSS_NAME
 
-SETTINGS = {
-    "lora": {"method": "lora", "r": 4, "alpha": 8},
-    "prompt": {"method": "prompt", "num_virtual_tokens": 4},
+LORA = {"method": "lora", "r": 4, "alpha": 8}
+SETTINGS = {  # (adapter, data): padded micro-batches, packed ones, prompt tuning
+    "lora": (LORA, {}),
+    "lora-packed": (LORA, {"packing": True}),
+    "prompt": ({"method": "prompt", "num_virtual_tokens": 4}, {}),
 }
 
 
 @pytest.fixture(params=list(SETTINGS))
 def run_report(request, recipe_file, tmp_path):
     """A tiny run's report.json (three steps: step 1 and the steady state are tracked)."""
-    path = recipe_file(adapter=SETTINGS[request.param], train={"max_steps": 3})
+    adapter, data = SETTINGS[request.param]
+    path = recipe_file(adapter=adapter, data=data, train={"max_steps": 3})
     main(["train", str(path)])
     return tmp_path / "run", json.loads((tmp_path / "run" / "report.json").read_text())
 
@@ -35,10 +38,15 @@ def test_measured_figure_is_the_live_tensor_peak_with_its_metric(run_report):
 
 
 def test_measured_peak_is_close_to_the_estimate(run_report):
+    """Padding and packing are seen by the estimate, which dry-runs an attention mask for
+    them. Within 5%: in a three-step run the widest padded batch can come at step 1,
+    before AdamW's states exist, while the dry run takes it in the steady state (here
+    +2% and +3.3%; a one-epoch run is within 1.8%, benchmarks/memory_cpu.py)."""
     _, report = run_report
     measured = report["memory"]["measured"]["peak_bytes"]
     estimated = report["memory"]["estimate"]["allocated_bytes"]
-    assert estimated == pytest.approx(measured, rel=0.10)
+    assert estimated == pytest.approx(measured, rel=0.05)
+    assert report["memory"]["estimate"]["setup"]["masked"] is True  # batch 2, lengths vary
 
 
 def test_estimate_of_a_run_shows_the_reports_estimate_and_measurement(run_report, capsys):

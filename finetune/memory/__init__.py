@@ -56,6 +56,8 @@ def setup_from_recipe(recipe: Any, device: str | None = None) -> Setup:
         optimizer="adamw",
         attn=model.attn_implementation,
         device="cuda" if device.startswith("cuda") else "cpu",
+        # Packing always masks; otherwise the default (padding when batch > 1) holds.
+        masked=True if recipe.data.packing else None,
     )
 
 

@@ -298,13 +298,18 @@ class _FusedAttention(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is torch.nn.functional.scaled_dot_product_attention and args[0].is_meta:
             q, k, v = (_autocast(t) for t in args[:3])
+            mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
+            if mask is not None and mask.dtype == torch.bool:
+                # What SDPA's front end does (convert_boolean_attn_mask) before any kernel:
+                # an additive mask in the query's dtype, which the kernel saves for backward.
+                mask = torch.where(mask.logical_not(), -torch.inf, torch.zeros((), dtype=q.dtype))
             return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 q,
                 k,
                 v,
                 kwargs.get("dropout_p", 0.0),
                 kwargs.get("is_causal", False),
-                attn_mask=kwargs.get("attn_mask", args[3] if len(args) > 3 else None),
+                attn_mask=mask,
                 scale=kwargs.get("scale"),
             )[0]
         return func(*args, **kwargs)
@@ -353,33 +358,38 @@ def register_fused_sdpa() -> str:
 
 class _KnownSizes(TorchDispatchMode):
     """Answer the data-dependent questions meta tensors cannot: `nonzero` gets the number of
-    trained positions; a boolean `.item()` (transformers' "no packing, no padding?" checks)
-    gets True, the unpadded, unpacked micro-batch the dry run steps on."""
+    trained positions; a boolean `.item()` (transformers' "is every position attended?"
+    check on the attention mask) gets True for an unmasked micro-batch, False for a padded
+    or packed one, so transformers builds the 4D mask the real step builds."""
 
-    def __init__(self, rows: int) -> None:
+    def __init__(self, rows: int, masked: bool) -> None:
         super().__init__()
-        self.rows = rows
+        self.rows, self.unmasked = rows, not masked
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         if func is torch.ops.aten.nonzero.default and args[0].is_meta:
             return torch.empty(self.rows, args[0].dim(), dtype=torch.long, device="meta")
         is_item = func is torch.ops.aten._local_scalar_dense.default
         if is_item and args[0].is_meta and args[0].dtype == torch.bool:
-            return True
+            return self.unmasked
         return func(*args, **(kwargs or {}))
 
 
 def meta_batch(setup: Any, vocab: int) -> dict[str, torch.Tensor]:
     """A micro-batch shaped like the training loop's collate output, on meta.
 
-    No attention mask: transformers reads a mask's values to decide whether it can skip
-    it, and a batch without padding (the widest micro-batch) is skipped the same way.
+    A masked setup carries a padding mask, which `_KnownSizes` says is not all ones. A
+    packed batch (position ids, no mask) makes transformers build a block-diagonal mask of
+    the same shape, so one stand-in serves both.
     """
     shape = (setup.batch, setup.seq)
-    return {
+    batch = {
         "input_ids": torch.empty(shape, dtype=torch.long, device="meta"),
         "labels": torch.empty(shape, dtype=torch.long, device="meta"),
     }
+    if setup.attention_masked:
+        batch["attention_mask"] = torch.empty(shape, dtype=torch.long, device="meta")
+    return batch
 
 
 def make_optimizer(model: Any, setup: Any) -> Any:
@@ -470,7 +480,7 @@ def step(model: Any, optimizer: Any, tracker: Any, setup: Any, trained: int, voc
     (set_to_none, as train.Loop does)."""
     from finetune.train import trained_positions_loss
 
-    with tracker, _KnownSizes(min(trained, setup.seq - 1)):
+    with tracker, _KnownSizes(min(trained, setup.seq - 1), setup.attention_masked):
         for _ in range(STEPS):
             batch = meta_batch(setup, vocab)
             for tensor in batch.values():

@@ -81,6 +81,12 @@ class Setup:
     attn: Attention = "sdpa"
     master_weights: bool = False
     device: str = "cuda"
+    # Whether attention runs with an explicit mask: micro-batches with padding (rows of
+    # different lengths) or packing. None: yes when batch > 1, as real data varies in
+    # length. A mask costs memory: SDPA saves it per layer, and transformers expands the
+    # keys and values of grouped-query attention to every head. flash-attention never
+    # builds one (transformers unpads the batch), so flash is never masked.
+    masked: bool | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -101,6 +107,12 @@ class Setup:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+
+    @property
+    def attention_masked(self) -> bool:
+        if self.attn == "flash":
+            return False
+        return self.batch > 1 if self.masked is None else self.masked
 
     @property
     def quantized(self) -> bool:

@@ -51,7 +51,9 @@ def headline(est: Estimate) -> list[str]:
     lines = [
         f"{arch.name}: {est.total_params:,} parameters, {est.trainable_params:,} trainable "
         f"({100 * est.trainable_params / est.total_params:.3g}%); "
-        f"batch {setup.batch} x seq {setup.seq}; GB = 1e9 bytes",
+        f"batch {setup.batch} x seq {setup.seq}"
+        f"{' with an attention mask (padding or packing)' if setup.attention_masked else ''}"
+        "; GB = 1e9 bytes",
         f"weights + gradients + optimizer states: {human(est.state_bytes)}; "
         f"estimated peak: {human(est.total_bytes)} ({est.metric}, plus runtime overhead)",
     ]

@@ -39,19 +39,23 @@ def full_finetuning_setup(setup: Setup) -> Setup:
     return replace(setup, method="full", quant="none")
 
 
-def run_estimates(config: Any, setup: Setup, name: str = "") -> RunEstimates:
-    """Dry-run `setup` and full fine-tuning of the same shape on the model of `config`.
+def run_estimates(config: Any, setups: Setup | list[Setup], name: str = "") -> RunEstimates:
+    """Dry-run the run's setup and full fine-tuning of the same shape on `config`'s model.
 
     Args:
         config: the run's transformers `PretrainedConfig`.
-        setup: the run's exact setup (see report.run_setup).
+        setups: the run's exact setup, or its candidates (report.run_setups: the widest
+            masked and unmasked micro-batches); the one with the higher peak is the run's.
         name: the model's label in the rendered estimate.
     """
     from finetune.memory.dryrun import estimate_from_config
 
+    candidates = setups if isinstance(setups, list) else [setups]
+    runs = [estimate_from_config(config, setup, name) for setup in candidates]
+    run = max(runs, key=lambda est: est.allocated_bytes)
     return RunEstimates(
-        run=estimate_from_config(config, setup, name),
-        full=estimate_from_config(config, full_finetuning_setup(setup), name),
+        run=run,
+        full=estimate_from_config(config, full_finetuning_setup(run.setup), name),
     )
 
 
