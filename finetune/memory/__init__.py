@@ -1,8 +1,9 @@
 """Memory: what a training run needs before it starts, and what it used.
 
-Pure functions returning plain data: `estimate` (analytic, from a config alone), `presets`
-(architecture numbers of well-known models, so estimates work offline), `measure` (peak
-during a run), `render` (table, JSON, markdown, plot). See docs/memory.md.
+`dryrun` (real training steps on the meta device, measured by `tracker`: the estimate),
+`presets` (configs of well-known models, so estimates work offline), `measure` (the peak
+during a run), `allocator` (the CUDA caching allocator's reserved bytes), `fit`, `render`
+(table, JSON, markdown, plot). See docs/memory.md.
 """
 
 from __future__ import annotations
@@ -10,16 +11,13 @@ from __future__ import annotations
 from typing import Any
 
 from finetune.memory.arch import Architecture, from_config
-from finetune.memory.estimate import Estimate, Setup, estimate, full_fp16_budget_bytes
+from finetune.memory.estimate import Estimate, Setup
 
 __all__ = [
     "Architecture",
     "Estimate",
     "Setup",
-    "estimate",
-    "estimate_for_recipe",
     "from_config",
-    "full_fp16_budget_bytes",
     "setup_from_recipe",
 ]
 
@@ -59,14 +57,3 @@ def setup_from_recipe(recipe: Any, device: str | None = None) -> Setup:
         # Packing always masks; otherwise the default (padding when batch > 1) holds.
         masked=True if recipe.data.packing else None,
     )
-
-
-def estimate_for_recipe(recipe: Any, model_config: Any, device: str | None = None) -> Estimate:
-    """Estimate a recipe's run on the model whose transformers config is `model_config`.
-
-    Args:
-        recipe: a `finetune.recipe.Recipe`.
-        model_config: the loaded model's `PretrainedConfig` (or a config.json dict).
-        device: "cuda" or "cpu"; default: CUDA when available.
-    """
-    return estimate(from_config(model_config), setup_from_recipe(recipe, device))

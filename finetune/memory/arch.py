@@ -1,9 +1,9 @@
-"""The architecture numbers the estimator needs, read from a transformers config.
+"""A model's headline numbers, for naming it in an estimate and for the presets.
 
-`Architecture` is a plain frozen dataclass: hidden width, MLP width, layers, heads, vocabulary
-and the few layout facts (bias, tied embeddings, fused projections, norms per layer) that
-decide the exact parameter count. `Linear` lists every projection in one decoder layer so
-parameter counts, adapter counts, quantization and activations all read the same list.
+`Architecture` is a plain frozen dataclass: hidden width, MLP width, layers, heads,
+vocabulary and the few layout facts (biases, tied embeddings, norms per layer) a preset
+needs to become a transformers config (`to_hf_config`). Nothing is counted from it: the
+dry run counts the model transformers builds.
 """
 
 from __future__ import annotations
@@ -21,26 +21,8 @@ REQUIRED = (
     "num_attention_heads",
     "vocab_size",
 )
-# Layouts counted exactly (checked against transformers on the meta device).
-KNOWN_TYPES = ("llama", "mistral", "qwen2", "gemma", "gemma2", "phi3")
 # Model types whose decoder layer has two extra norms around attention and MLP.
 FOUR_NORM_TYPES = ("gemma2", "gemma3_text")
-# Feed-forward projections: IA3 scales their input instead of their output (peft's mapping).
-FEEDFORWARD_NAMES = ("down_proj", "fc2", "w2", "c_proj")
-
-
-@dataclass(frozen=True)
-class Linear:
-    """One projection in a decoder layer: module name, widths and whether it has a bias."""
-
-    name: str
-    in_features: int
-    out_features: int
-    bias: bool = False
-
-    @property
-    def params(self) -> int:
-        return self.in_features * self.out_features + (self.out_features if self.bias else 0)
 
 
 @dataclass(frozen=True)
@@ -64,59 +46,6 @@ class Architecture:
     hidden_act: str = "silu"
     attention_dropout: float = 0.0
     name: str = ""
-
-    @property
-    def q_width(self) -> int:
-        return self.heads * self.head_dim
-
-    @property
-    def kv_width(self) -> int:
-        """Width of k and v: grouped-query attention shares kv_heads among heads."""
-        return self.kv_heads * self.head_dim
-
-    def linears(self) -> list[Linear]:
-        """The projections of one decoder layer, named as transformers names the modules."""
-        h, i = self.hidden, self.intermediate
-        if self.fused:  # phi3: one qkv_proj and one gate_up_proj
-            return [
-                Linear("qkv_proj", h, self.q_width + 2 * self.kv_width, self.qkv_bias),
-                Linear("o_proj", self.q_width, h, self.o_bias),
-                Linear("gate_up_proj", h, 2 * i, self.mlp_bias),
-                Linear("down_proj", i, h, self.mlp_bias),
-            ]
-        return [
-            Linear("q_proj", h, self.q_width, self.qkv_bias),
-            Linear("k_proj", h, self.kv_width, self.qkv_bias),
-            Linear("v_proj", h, self.kv_width, self.qkv_bias),
-            Linear("o_proj", self.q_width, h, self.o_bias),
-            Linear("gate_proj", h, i, self.mlp_bias),
-            Linear("up_proj", h, i, self.mlp_bias),
-            Linear("down_proj", i, h, self.mlp_bias),
-        ]
-
-    def embedding_params(self) -> int:
-        return self.vocab * self.hidden
-
-    def lm_head_params(self) -> int:
-        """Zero when the output head shares the embedding matrix."""
-        return 0 if self.tie_word_embeddings else self.vocab * self.hidden
-
-    def norm_params(self) -> int:
-        """Every RMSNorm weight: per layer plus the final norm."""
-        return (self.layers * self.norms_per_layer + 1) * self.hidden
-
-    def linear_params(self) -> int:
-        """All decoder-layer projection parameters (the part quantization applies to)."""
-        return self.layers * sum(lin.params for lin in self.linears())
-
-    def total_params(self) -> int:
-        """Exact parameter count, equal to instantiating the model in transformers."""
-        return (
-            self.embedding_params()
-            + self.lm_head_params()
-            + self.norm_params()
-            + self.linear_params()
-        )
 
     def to_hf_dict(self) -> dict[str, Any]:
         """A transformers config dict for this architecture (enough for AutoConfig.for_model)."""

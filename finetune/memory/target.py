@@ -89,14 +89,6 @@ def raw_config(path: Path) -> tuple[dict[str, Any], str]:
     return raw, str(config)
 
 
-def arch_from_path(path: Path) -> Architecture:
-    """Architecture of a model folder, a config.json or a .gguf file."""
-    if path.suffix == ".gguf":
-        return from_gguf(path)
-    raw, label = raw_config(path)
-    return from_config(raw, name=label)
-
-
 def from_hub(repo_id: str) -> Architecture:
     """Architecture of a hub model (its config.json only; needs the network or a cache)."""
     from transformers import AutoConfig
