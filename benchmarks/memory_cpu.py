@@ -4,9 +4,9 @@ Run: PYTHONPATH=. .venv/bin/python benchmarks/memory_cpu.py [--quick]  (about 8 
 on 2 cores; --quick: llama only)
 
 Each case trains a tiny random model (2 layers, hidden 64, saved as a model folder with a
-tokenizer, as tests/helpers.py does) for three steps through finetune's own loop
+tokenizer, as tests/helpers.py does) for one epoch through finetune's own loop
 (`train.train`), which measures the peak bytes of live tensors with `MemoryTracker`
-(train.py, `LiveTensorPeak`); the estimate is the report's own (`report.run_estimates`:
+(train.py, `LiveTensorPeak`); the estimate is the report's own (`runmemory.run_estimate`:
 a dry run of the run's exact setup). Same tracker both sides, so a difference is a
 difference between the dry run's model of the run and the run.
 
@@ -93,7 +93,7 @@ def case(
     max_steps: int | None = None,
 ) -> tuple[int, int]:
     """Train one case; return (estimated, measured) peak bytes of live tensors."""
-    from finetune.memory.dryrun import estimate_from_config
+    from finetune.memory.runmemory import run_estimate
     from finetune.recipe import load_recipe
     from finetune.report import run_setups
     from finetune.train import train
@@ -120,9 +120,8 @@ def case(
     path = out.with_suffix(".yaml")
     path.write_text(yaml.safe_dump(recipe))
     result = train(load_recipe(path))
-    p = result.prepared  # the report's estimate of the run (report.run_estimates, less full)
-    config = p.loaded.model.config
-    estimated = max(estimate_from_config(config, s).allocated_bytes for s in run_setups(p))
+    p = result.prepared  # the report's own estimate of the run
+    estimated = run_estimate(p.loaded.model.config, run_setups(p)).allocated_bytes
     measured = result.memory["measured"]["peak_bytes"]
     del result
     gc.collect()

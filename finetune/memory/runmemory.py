@@ -1,10 +1,11 @@
 """A finished run's memory, estimated and measured the same way: the one owner of both.
 
-The run report (report.py) and `finetune estimate RUN` (command.py) call `run_estimates`
-with the same inputs: the run's transformers config and the exact setup the run trained
-with (its widest micro-batch, the most logits positions its loop computed), both recorded
-in report.json. Each estimate is a dry run (dryrun.py) measured by the tracker that also
-measured the run's CPU steps (train.py, `LiveTensorPeak`), so estimate and measurement
+The run report (report.py) calls `run_estimates` with the run's transformers config and
+its candidate setups (the widest masked and unmasked micro-batches it visits, the most
+logits positions its loop computed); the chosen setup and the config are recorded in
+report.json, and `finetune estimate RUN` (command.py) dry-runs exactly those. Each
+estimate is a dry run (dryrun.py) measured by the tracker that also measured the run's
+CPU steps (train.py, `LiveTensorPeak`), so estimate and measurement
 are the same metric: the peak bytes of live tensors.
 """
 
@@ -39,20 +40,26 @@ def full_finetuning_setup(setup: Setup) -> Setup:
     return replace(setup, method="full", quant="none")
 
 
-def run_estimates(config: Any, setups: Setup | list[Setup], name: str = "") -> RunEstimates:
+def run_estimate(config: Any, setups: list[Setup], name: str = "") -> Estimate:
+    """The run's own estimate: a dry run of each candidate setup (report.run_setups: the
+    widest masked and unmasked micro-batches the run visits), the higher peak kept."""
+    from finetune.memory.dryrun import estimate_from_config
+
+    runs = [estimate_from_config(config, setup, name) for setup in setups]
+    return max(runs, key=lambda est: est.allocated_bytes)
+
+
+def run_estimates(config: Any, setups: list[Setup], name: str = "") -> RunEstimates:
     """Dry-run the run's setup and full fine-tuning of the same shape on `config`'s model.
 
     Args:
         config: the run's transformers `PretrainedConfig`.
-        setups: the run's exact setup, or its candidates (report.run_setups: the widest
-            masked and unmasked micro-batches); the one with the higher peak is the run's.
+        setups: the run's candidate setups (see `run_estimate`).
         name: the model's label in the rendered estimate.
     """
     from finetune.memory.dryrun import estimate_from_config
 
-    candidates = setups if isinstance(setups, list) else [setups]
-    runs = [estimate_from_config(config, setup, name) for setup in candidates]
-    run = max(runs, key=lambda est: est.allocated_bytes)
+    run = run_estimate(config, setups, name)
     return RunEstimates(
         run=run,
         full=estimate_from_config(config, full_finetuning_setup(run.setup), name),
