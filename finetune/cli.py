@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -16,6 +17,8 @@ import typer
 from rich.console import Console
 
 from finetune.errors import UserError
+from finetune.outputs import write_error
+from finetune.stopping import Interrupted
 
 app = typer.Typer(
     add_completion=False,
@@ -81,6 +84,16 @@ def train(
         show_report(result.run_dir, report)
     if result.stopped:
         raise UserError(result.stopped)
+    if result.interrupted:
+        again = shlex.join(["finetune", "train", str(recipe), *(overrides or []), "--resume"])
+        console.print(
+            f"{result.interrupted} at step {result.state.step}; checkpoint saved, continue "
+            f"with: {again}",
+            highlight=False,
+            soft_wrap=True,
+            markup=False,
+        )
+        sys.exit(result.exit_code)
 
 
 def show_report(run_dir: Path, report: dict) -> None:
@@ -568,6 +581,14 @@ def main(argv: list[str] | None = None) -> None:
     except (typer.Abort, KeyboardInterrupt):
         console.print("aborted")
         sys.exit(130)
+    except Interrupted as err:  # a second Ctrl-C or SIGTERM while a run was saving and stopping
+        console.print(f"stopped at once by a second {err}; every file written is complete")
+        sys.exit(err.exit_code)
+    except OSError as err:  # a write failing outside the places that name their path
+        error = write_error(err, err.filename or "output")
+        if error is None:
+            raise
+        fail(str(error), error.exit_code)
     except typer.Exit as err:
         sys.exit(err.exit_code)
     except typer.TyperException as err:  # typer's own (vendored) click errors

@@ -130,3 +130,19 @@ def parse_size(text: str, name: str) -> int:
     if not isinstance(size, int) or size <= 0:
         raise UserError(f"{name} {text!r}: give a positive size such as 500MB or 2GB")
     return size
+
+
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration_seconds(text: str | float | int) -> float | None:
+    """Seconds in a duration such as `45m`, `2h`, `1.5h`, `90s` or a bare number of seconds;
+    None when `text` is not a positive, finite duration."""
+    raw = str(text).strip().lower()
+    unit = raw[-1:] if raw[-1:] in DURATION_UNITS else "s"
+    number = raw[:-1] if raw[-1:] in DURATION_UNITS else raw
+    try:
+        seconds = float(number) * DURATION_UNITS[unit]
+    except ValueError:
+        return None
+    return seconds if 0 < seconds < float("inf") else None

@@ -19,8 +19,11 @@ A refusal is one `UserError` line naming the option, the path and the fix.
 
 from __future__ import annotations
 
+import errno
 import os
-from collections.abc import Callable, Iterable
+import re
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -175,3 +178,84 @@ def refuse_missing_parent(given: Path, where: str, kind: Kind) -> None:
             if not ancestor.is_dir():
                 raise UserError(f"{where}: {ancestor} is a file, so no folder can be made there")
             return
+
+
+# ------------------------------------------------------------------ failed writes
+
+# Why a write can fail for reasons the user can fix, by errno.
+WRITE_FAILURES = {
+    errno.ENOSPC: "no space left on the disk",
+    errno.EDQUOT: "the disk quota is used up",
+    errno.EFBIG: "the file is larger than this process may write (ulimit -f)",
+    errno.EROFS: "the filesystem is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+}
+AGAIN = "then run the command again"
+FIXES = {
+    errno.ENOSPC: "free some space",
+    errno.EDQUOT: "free some space",
+    errno.EFBIG: "raise the limit (ulimit -f unlimited)",
+    errno.EROFS: "write somewhere writable",
+    errno.EACCES: "fix the folder's permissions or write somewhere else",
+    errno.EPERM: "fix the folder's permissions or write somewhere else",
+}
+
+
+@contextmanager
+def writing(path: str | Path, then: str = AGAIN) -> Iterator[None]:
+    """Turn a write that fails for a reason the user can fix (full disk, file size limit,
+    read-only or forbidden folder) into one `UserError` line naming `path` and the fix.
+
+    Other failures keep their traceback: they are bugs. `then` says how to carry on.
+    """
+    try:
+        yield
+    except Exception as err:
+        error = write_error(err, path, then)
+        if error is None:
+            raise
+        raise error from None
+
+
+def write_error(err: BaseException, path: str | Path, then: str = AGAIN) -> UserError | None:
+    """The one-line `UserError` for a write that failed for a fixable reason, else None."""
+    if isinstance(err, UserError) or not isinstance(err, Exception):
+        return None
+    code = write_errno(err, Path(path))
+    if code is None:
+        return None
+    return UserError(f"{path}: cannot write, {WRITE_FAILURES[code]}; {FIXES[code]}, {then}")
+
+
+def write_errno(err: BaseException, path: Path) -> int | None:
+    """The errno behind a failed write, from the exception or, where the library hides it
+    (torch.save reports only "unexpected pos"), from the process's limits and the disk."""
+    for link in (err, err.__cause__, err.__context__):
+        if isinstance(link, OSError) and link.errno in WRITE_FAILURES:
+            return link.errno
+    text = str(err)
+    found = re.search(r"os error (\d+)", text)
+    if found and int(found.group(1)) in WRITE_FAILURES:
+        return int(found.group(1))
+    for code in WRITE_FAILURES:
+        if os.strerror(code) in text:
+            return code
+    if "inline_container" in text:  # torch's zip writer failed: find out why
+        return probable_write_errno(path)
+    return None
+
+
+def probable_write_errno(path: Path) -> int | None:
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft != resource.RLIM_INFINITY:
+        return errno.EFBIG
+    folder = next((p for p in (path, *path.parents) if p.is_dir()), Path("."))
+    stats = os.statvfs(folder)
+    if stats.f_bavail * stats.f_frsize < 64 * 2**20:
+        return errno.ENOSPC
+    if not os.access(folder, os.W_OK):
+        return errno.EACCES
+    return None

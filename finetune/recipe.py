@@ -26,7 +26,7 @@ from pydantic import (
 )
 
 from finetune.errors import UserError, closest
-from finetune.inputs import MAX_SEED, refuse_special
+from finetune.inputs import MAX_SEED, duration_seconds, refuse_special
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 # Methods that feed virtual tokens in front of the sequence and adapt no module.
@@ -247,6 +247,24 @@ class TrainSection(Section):
         description="On a NaN or infinite loss or gradient: stop (keeping the last good "
         "checkpoint and writing the report) or skip that batch's update and go on.",
     )
+    max_time: str | None = Field(
+        None,
+        description="Wall-time budget such as 45m or 2h: the run stops cleanly with a "
+        "checkpoint before the step that would overrun it; --resume carries on.",
+    )
+
+    @field_validator("max_time", mode="before")
+    @classmethod
+    def _duration(cls, value: object) -> object:
+        if value is None:
+            return None
+        if isinstance(value, bool) or duration_seconds(value) is None:  # type: ignore[arg-type]
+            raise ValueError(f"{value!r} is not a duration; give one such as 45m, 2h or 90s")
+        return str(value)
+
+    @property
+    def max_time_s(self) -> float | None:
+        return None if self.max_time is None else duration_seconds(self.max_time)
 
 
 class OutputSection(Section):

@@ -11,6 +11,19 @@ from finetune import runs
 from finetune.train import RunResult
 
 
+def interrupted_section(result: RunResult) -> dict[str, Any] | None:
+    """Why and where a run paused with a checkpoint to resume from, or None."""
+    if result.interrupted is None:
+        return None
+    latest = runs.latest_checkpoint(result.run_dir)
+    return {
+        "reason": result.interrupted,
+        "step": result.state.step,
+        "checkpoint": str(latest) if latest else None,
+        "exit_code": result.exit_code,
+    }
+
+
 def build_report(result: RunResult, wall_time_s: float, estimates: Any) -> dict[str, Any]:
     """Everything worth knowing about a finished run, as plain data."""
     import peft
@@ -57,6 +70,7 @@ def build_report(result: RunResult, wall_time_s: float, estimates: Any) -> dict[
             "skipped_steps": state.skipped_steps,
         },
         "stopped": result.stopped,
+        "interrupted": interrupted_section(result),
         "eval": evals[-1] if evals else None,
         "exact_match": exact_match_section(result),
         "memory": memory_section(result, estimates),
@@ -197,6 +211,11 @@ def render_markdown(report: dict[str, Any]) -> str:
     ]
     if report["stopped"]:
         lines.insert(2, f"**Stopped early:** {report['stopped']}\n")
+    if report["interrupted"]:
+        i = report["interrupted"]
+        lines.insert(
+            2, f"**Paused:** {i['reason']} at step {i['step']}; continue it with --resume\n"
+        )
     if t["skipped_steps"]:
         lines.append(f"- skipped {t['skipped_steps']} steps with a non-finite loss or gradient")
     if t["first_loss"] is not None:
@@ -260,10 +279,10 @@ def plot_loss(history: list[dict[str, Any]], evals: list[dict[str, Any]], path: 
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        runs.write_file_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110))
+    finally:
+        plt.close(fig)
 
 
 def write_report(result: RunResult, wall_time_s: float) -> dict[str, Any]:
@@ -282,6 +301,6 @@ def write_report(result: RunResult, wall_time_s: float) -> dict[str, Any]:
 def plot_memory_use(estimates: Any, memory: dict[str, Any], path: Path) -> None:
     from finetune.memory.render import plot_memory
 
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    plot_memory(memory["measured"], estimates.run, estimates.full, tmp)
-    tmp.replace(path)
+    runs.write_file_atomically(
+        path, lambda tmp: plot_memory(memory["measured"], estimates.run, estimates.full, tmp)
+    )

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import UserError
-from finetune.outputs import claim_output
+from finetune.outputs import AGAIN, claim_output, write_error, writing
 
 # Every entry a run directory holds. A fresh run over an old one (output.overwrite) removes
 # these and nothing else: a file the user put beside them is never finetune's to delete.
@@ -37,6 +37,11 @@ RUN_LAYOUT = (
 )
 # What only a started run leaves beside its recipe.yaml (a user's folder may hold a recipe).
 RUN_MARKERS = ("adapter", "checkpoints", "metrics.jsonl", "report.json")
+# Held by the one process writing the run (see RunLock); not part of the layout, so a fresh
+# run never deletes it from under a live one.
+LOCK_NAME = ".lock"
+# How to carry on after a write fails mid-run: the checkpoints already written are intact.
+RESUME = "then continue with --resume from the last checkpoint"
 
 
 def holds_run(run_dir: Path) -> bool:
@@ -49,16 +54,30 @@ def holds_run(run_dir: Path) -> bool:
 
 
 def claim_run_dir(
-    run_dir: Path, *, overwrite: bool, resume: bool, inputs: list, sealed: list
-) -> None:
-    """Check that a run may be written to `run_dir` (see `finetune.outputs`), before any work.
+    run_dir: Path, *, overwrite: bool, resume: bool, inputs: list, sealed: list, lock: bool
+) -> RunLock | None:
+    """Check that a run may be written to `run_dir` (see `finetune.outputs`), before any work,
+    and with `lock` (the main process) take the folder's lock; the caller releases it.
 
     A fresh run goes into a new or empty folder, or replaces a run with output.overwrite;
-    --resume continues the run already there.
+    --resume continues the run already there. Neither while another process trains there.
 
     Raises:
-        UserError: the folder may not be written, or --resume finds no run there.
+        UserError: the folder may not be written, another process holds its lock, or
+            --resume finds no run there.
     """
+    run_lock = RunLock(run_dir)
+    run_lock.clear_stale()
+    check_run_dir(run_dir, overwrite=overwrite, resume=resume, inputs=inputs, sealed=sealed)
+    if lock:
+        run_lock.acquire()
+        return run_lock
+    return None
+
+
+def check_run_dir(
+    run_dir: Path, *, overwrite: bool, resume: bool, inputs: list, sealed: list
+) -> None:
     if resume:
         if not holds_run(run_dir):
             raise UserError(f"--resume: {run_dir} holds no run to resume; drop --resume")
@@ -91,10 +110,15 @@ def start_run_dir(run_dir: Path, *, fresh: bool, recipe_yaml: str) -> None:
     write_text_atomically(run_dir / "recipe.yaml", recipe_yaml)
 
 
-def write_atomically(target: Path, write: Callable[[Path], Any]) -> None:
-    """Call `write(tmp_folder)` and rename the folder to `target`, replacing an older one."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+def write_atomically(target: Path, write: Callable[[Path], Any], then: str = AGAIN) -> None:
+    """Call `write(tmp_folder)` and rename the folder to `target`, replacing an older one.
+
+    A failed write leaves no temporary folder and the older `target` untouched; a full disk,
+    a file size limit or a read-only folder is one `UserError` line (`then`: how to go on).
+    """
+    with writing(target, then):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         write(tmp)
         tmp.chmod(0o755)  # mkdtemp makes it private; a run folder is as readable as any other
@@ -106,15 +130,31 @@ def write_atomically(target: Path, write: Callable[[Path], Any]) -> None:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
-    except BaseException:
+    except BaseException as err:
+        error = write_error(err, target, then)  # before the cleanup frees the disk again
         shutil.rmtree(tmp, ignore_errors=True)
+        if error is not None:
+            raise error from None
         raise
 
 
-def write_text_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def write_file_atomically(path: Path, write: Callable[[Path], Any], then: str = AGAIN) -> None:
+    """Call `write(tmp_file)` and rename the file to `path`: a reader, or a kill, never sees
+    half a file, and a failed write leaves no temporary file (see `write_atomically`)."""
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")  # keeps the suffix: savefig reads it
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as err:
+        error = write_error(err, path, then)
+        tmp.unlink(missing_ok=True)
+        if error is not None:
+            raise error from None
+        raise
+
+
+def write_text_atomically(path: Path, text: str, then: str = AGAIN) -> None:
+    write_file_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), then)
 
 
 def remove_partial_writes(run_dir: Path) -> None:
@@ -130,8 +170,123 @@ def remove_partial_writes(run_dir: Path) -> None:
                 continue
             if leftover.is_dir():
                 shutil.rmtree(leftover, ignore_errors=True)
-            elif leftover.name.endswith((".tmp", ".tmp.png")):
+            elif ".tmp" in leftover.name:
                 leftover.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------- lock
+
+
+class RunLock:
+    """One writer per run directory: an exclusive `flock` on `<run_dir>/.lock`.
+
+    The kernel drops a flock when its process dies, however it dies, so a lock file left by a
+    killed run is stale by construction and simply taken over. The file holds who owns it, so
+    a refusal can name the process. Readers (generate, eval, merge, export) never take it.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.path = run_dir / LOCK_NAME
+        self.fd: int | None = None
+        self.made_dir = False
+
+    def clear_stale(self) -> None:
+        """Refuse if a living process holds the lock; delete a lock file nobody holds (what a
+        killed run leaves), so that it does not make the folder look foreign.
+
+        Raises:
+            UserError: another process holds the lock.
+        """
+        if not self.path.is_file() or self.path.is_symlink():
+            return
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return  # gone meanwhile, or unreadable: acquire() decides
+        try:
+            if not try_flock(fd):
+                raise self.held_error()
+            if same_file(fd, self.path):  # holding it, so no one else can be using it
+                self.path.unlink()
+        finally:
+            os.close(fd)  # drops the probe's lock
+
+    def acquire(self) -> None:
+        """Create the folder if needed and hold its lock until `release`.
+
+        Raises:
+            UserError: another process holds it.
+        """
+        if not self.run_dir.exists():
+            self.run_dir.mkdir(parents=True)
+            self.made_dir = True
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            if not try_flock(fd):
+                os.close(fd)
+                raise self.held_error()
+            # The holder before us may have deleted the file between our open and our flock:
+            # then we hold a lock on a name nobody sees, so try again on the new file.
+            if same_file(fd, self.path):
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(lock_owner()).encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        """Delete the lock file, then drop the lock (in that order: see `acquire`)."""
+        if self.fd is None:
+            return
+        self.path.unlink(missing_ok=True)
+        os.close(self.fd)
+        self.fd = None
+        if self.made_dir and self.run_dir.is_dir() and not any(self.run_dir.iterdir()):
+            self.run_dir.rmdir()  # the run failed before writing anything: leave no trace
+
+    def held_error(self) -> UserError:
+        try:
+            owner = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            owner = {}
+        pid = owner.get("pid", "?")
+        who = f"process {pid} on {owner.get('host', '?')}, started {owner.get('started', '?')}"
+        return UserError(
+            f"output.dir: {self.run_dir} is in use by another finetune run ({who}); wait for "
+            f"it to end, stop it (kill -INT {pid} saves a checkpoint), or choose another folder"
+        )
+
+
+def same_file(fd: int, path: Path) -> bool:
+    """Whether the open file `fd` is still the file at `path` (not deleted or replaced)."""
+    try:
+        return os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def try_flock(fd: int) -> bool:
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def lock_owner() -> dict[str, Any]:
+    import socket
+    import sys
+    import time
+
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": sys.argv,
+    }
 
 
 # ------------------------------------------------------------------------ checkpoints
@@ -208,7 +363,7 @@ class MetricsWriter:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with self.path.open("a", encoding="utf-8") as f:
+        with writing(self.path, RESUME), self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         for key, value in record.items():
             if key != "step" and isinstance(value, int | float):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from finetune import adapters, batching, data, evaluate, models, runs
 from finetune.errors import UserError
 from finetune.memory.measure import RSS_NAME, LiveTensorPeak, PeakMemory
 from finetune.recipe import Recipe, dump_recipe
+from finetune.stopping import StopRequests
 
 
 class NonFinite(Exception):
@@ -65,6 +67,9 @@ class RunResult:
     memory: dict[str, Any] = field(default_factory=dict)
     stopped: str | None = None  # why the run stopped early (divergence), else None
     main_process: bool = True  # under data parallelism, only the main process reports
+    # Why the run paused with a checkpoint to resume from (a signal, train.max_time), else None.
+    interrupted: str | None = None
+    exit_code: int = 0  # 130 after SIGINT, 143 after SIGTERM
 
 
 def seed_everything(seed: int) -> None:
@@ -169,24 +174,36 @@ def trained_positions_loss(model: Any, batch: dict[str, Any], n_trained: int) ->
 
 def train(recipe: Recipe, *, resume: bool = False, prepared: Prepared | None = None) -> RunResult:
     """Run the recipe end to end and return what happened; the report is written by the caller."""
+    stop = StopRequests(recipe.train.max_time_s)  # the time budget counts model loading too
     run_dir = Path(recipe.output.dir)
-    runs.claim_run_dir(
+    lock = runs.claim_run_dir(
         run_dir,
         overwrite=recipe.output.overwrite,
         resume=resume,
         inputs=recipe.input_paths(),
         sealed=recipe.sealed_paths(),
+        lock=is_main_launch_process(),
     )
-    checkpoint = runs.latest_checkpoint(run_dir) if resume else None
-    if resume:
-        check_resumable(recipe, run_dir)
-    saved = read_checkpoint(checkpoint) if checkpoint else None
-    # The baseline is taken before the model loads, so the peak is what this run added.
-    peak = PeakMemory(device=models.default_device()).start()
     try:
-        return run_with_peak(recipe, run_dir, resume, saved, prepared, peak)
+        checkpoint = runs.latest_checkpoint(run_dir) if resume else None
+        if resume:
+            check_resumable(recipe, run_dir)
+        saved = read_checkpoint(checkpoint) if checkpoint else None
+        # The baseline is taken before the model loads, so the peak is what this run added.
+        peak = PeakMemory(device=models.default_device()).start()
+        try:
+            return run_with_peak(recipe, run_dir, resume, saved, prepared, peak, stop)
+        finally:
+            peak.stop()  # also on errors: the sampling thread must not outlive the run
     finally:
-        peak.stop()  # also on errors: the sampling thread must not outlive the run
+        if lock is not None:
+            lock.release()
+
+
+def is_main_launch_process() -> bool:
+    """Rank 0 of torchrun or accelerate launch (which set RANK), or a single process; known
+    before the Accelerator exists, so the lock is taken before the model loads."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def run_with_peak(
@@ -196,6 +213,7 @@ def run_with_peak(
     saved: SavedCheckpoint | None,
     prepared: Prepared | None,
     peak: PeakMemory,
+    stop: StopRequests,
 ) -> RunResult:
     from accelerate import Accelerator
 
@@ -214,7 +232,7 @@ def run_with_peak(
     if accelerator.is_main_process:
         runs.start_run_dir(run_dir, fresh=not resume, recipe_yaml=dump_recipe(recipe))
         runs.remove_partial_writes(run_dir)
-    return Loop(recipe, prepared, accelerator, run_dir, saved, peak).run()
+    return Loop(recipe, prepared, accelerator, run_dir, saved, peak).run(stop)
 
 
 class Loop:
@@ -255,43 +273,18 @@ class Loop:
 
     # ------------------------------------------------------------------ the loop
 
-    def run(self) -> RunResult:
-        from finetune.progress import TrainProgress
-
-        t = self.recipe.train
+    def run(self, stop: StopRequests) -> RunResult:
         self.announce()
         before = self.exact_match("before") if self.state.step == 0 else None
-        batches = batching.micro_batches(
-            [len(item) for item in self.items],
-            t.micro_batch_size * self.accelerator.num_processes,
-            t.seed,
-            self.recipe.data.shuffle,
-            self.recipe.data.group_by_length,
-            start=self.state.micro_step,
-        )
-        self.model.train()
-        stopped = None
-        with TrainProgress(self.steps, self.state.step, self.accelerator.is_main_process) as bar:
-            while self.state.step < self.steps:
-                try:
-                    record = self.step([next(batches) for _ in range(t.grad_accum)])
-                except NonFinite as err:
-                    stopped = str(err)
-                    break
-                bar.update(self.state.step, record)
-                if self.due(t.eval_every) and self.state.step < self.steps:
-                    self.run_eval()  # the final evaluation comes after the loop
-                if self.due(t.save_every):
-                    self.save_checkpoint()
-        self.peak.stop()
-        self.live.close()
         after = None
-        if stopped is None:
-            self.run_eval()
-            if t.save_every and self.state.step % t.save_every:
-                self.save_checkpoint()
-            self.save_adapter()
-            after = self.exact_match("after")
+        with stop:  # from here a first Ctrl-C or SIGTERM ends the step, then saves and stops
+            stopped = self.train_steps(stop)
+            self.peak.stop()
+            self.live.close()
+            if stopped is None and not stop.requested:
+                after = self.finish(stop)
+            if stop.requested:
+                self.checkpoint_now()
         self.metrics.close()
         return RunResult(
             self.run_dir,
@@ -304,7 +297,68 @@ class Loop:
             self.measured_memory(),
             stopped,
             self.accelerator.is_main_process,
+            stop.reason(),
+            stop.exit_code(),
         )
+
+    def train_steps(self, stop: StopRequests) -> str | None:
+        """Optimizer steps until the last one, a stop request, or divergence (its message)."""
+        from finetune.progress import TrainProgress
+
+        t = self.recipe.train
+        batches = batching.micro_batches(
+            [len(item) for item in self.items],
+            t.micro_batch_size * self.accelerator.num_processes,
+            t.seed,
+            self.recipe.data.shuffle,
+            self.recipe.data.group_by_length,
+            start=self.state.micro_step,
+        )
+        self.model.train()
+        last_step_s = 0.0
+        with TrainProgress(self.steps, self.state.step, self.accelerator.is_main_process) as bar:
+            while self.state.step < self.steps and not self.stop_agreed(stop, last_step_s):
+                started = time.perf_counter()
+                try:
+                    record = self.step([next(batches) for _ in range(t.grad_accum)])
+                except NonFinite as err:
+                    return str(err)
+                last_step_s = time.perf_counter() - started
+                bar.update(self.state.step, record)
+                if self.due(t.eval_every) and self.state.step < self.steps:
+                    self.run_eval()  # the final evaluation comes after the loop
+                if self.due(t.save_every):
+                    self.save_checkpoint()
+        return None
+
+    def stop_agreed(self, stop: StopRequests, next_step_s: float) -> bool:
+        """Whether to stop before the next step. Under data parallelism the processes agree
+        (a signal may reach them at different steps), so all stop after the same step."""
+        stop.check_time(next_step_s)
+        if self.accelerator.num_processes == 1:
+            return stop.requested
+        flags = torch.tensor([stop.signum or 0, int(stop.out_of_time)])
+        flags = self.accelerator.reduce(flags.to(self.accelerator.device), reduction="max")
+        signum, out_of_time = (int(v) for v in flags.cpu())
+        stop.signum = stop.signum or signum or None
+        stop.out_of_time = bool(out_of_time)
+        return stop.requested
+
+    def finish(self, stop: StopRequests) -> evaluate.ExactMatch | None:
+        """After the last step: held-out loss, checkpoint, adapter, then exact match (skipped
+        when a stop was asked for meanwhile: it is the slow part and changes nothing saved)."""
+        t = self.recipe.train
+        self.run_eval()
+        if t.save_every and self.state.step % t.save_every:
+            self.save_checkpoint()
+        self.save_adapter()
+        return None if stop.requested else self.exact_match("after")
+
+    def checkpoint_now(self) -> None:
+        """A checkpoint at the current step, unless one exists (or no step was taken)."""
+        latest = runs.latest_checkpoint(self.run_dir)
+        if self.state.step and (latest is None or runs.checkpoint_step(latest) != self.state.step):
+            self.save_checkpoint()
 
     def announce(self) -> None:
         """Say what is about to run: parameter counts, choices made for the user, the plan."""
@@ -414,6 +468,13 @@ class Loop:
         """Whether an every-N-steps action is due at the current step (0 means never)."""
         return bool(every) and self.state.step % every == 0
 
+    def resume_hint(self) -> str:
+        """How to carry on when a write fails: from the newest checkpoint, which is intact."""
+        latest = runs.latest_checkpoint(self.run_dir)
+        if latest is None:
+            return "then start the run again (it has no checkpoint yet)"
+        return f"then continue with --resume (the checkpoint {latest.name} is intact)"
+
     def last_checkpoint_note(self) -> str:
         latest = runs.latest_checkpoint(self.run_dir)
         return f"; the last good checkpoint is {latest}" if latest else ""
@@ -478,13 +539,15 @@ class Loop:
 
     def save_adapter(self) -> None:
         if self.accelerator.is_main_process:
-            runs.write_atomically(self.run_dir / "adapter", self.unwrapped().save_pretrained)
+            runs.write_atomically(
+                self.run_dir / "adapter", self.unwrapped().save_pretrained, self.resume_hint()
+            )
 
     def save_checkpoint(self) -> None:
         if not self.accelerator.is_main_process:
             return
         target = self.run_dir / "checkpoints" / f"step-{self.state.step}"
-        runs.write_atomically(target, self.write_checkpoint)
+        runs.write_atomically(target, self.write_checkpoint, then=self.resume_hint())
         runs.prune_checkpoints(self.run_dir, self.recipe.train.keep_last)
 
     def write_checkpoint(self, folder: Path) -> None:

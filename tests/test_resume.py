@@ -200,3 +200,113 @@ def test_keep_last_prunes_old_checkpoints(recipe_file, tmp_path):
     train(load_recipe(path))
     names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert names == ["step-5", "step-6"]
+
+
+# ------------------------------------------------------------------ Ctrl-C and SIGTERM
+
+
+def signal_when(proc: subprocess.Popen, ready, signum: int, twice: bool = False) -> str:
+    """Send `signum` (twice: a second one 50 ms later) once `ready()`; return stderr."""
+    deadline = time.monotonic() + 120
+    while not ready():
+        assert proc.poll() is None, "the run ended before the signal point"
+        assert time.monotonic() < deadline, "signal point never reached"
+        time.sleep(0.0005)
+    proc.send_signal(signum)
+    if twice:
+        time.sleep(0.05)
+        if proc.poll() is None:
+            proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    return err
+
+
+SIGNAL_POINTS = {
+    "before the first checkpoint": lambda run: steps_logged(run) >= 2 and not checkpoint_names(run),
+    "just after a checkpoint": lambda run: "step-4" in checkpoint_names(run),
+    "mid run, after two checkpoints": lambda run: steps_logged(run) >= 9,
+}
+SIGNAL_CASES = [
+    (signal.SIGINT, "before the first checkpoint"),
+    (signal.SIGINT, "just after a checkpoint"),
+    (signal.SIGINT, "mid run, after two checkpoints"),
+    (signal.SIGTERM, "before the first checkpoint"),
+    (signal.SIGTERM, "mid run, after two checkpoints"),
+]
+
+
+@pytest.mark.parametrize(("signum", "point"), SIGNAL_CASES, ids=lambda v: getattr(v, "name", v))
+def test_signal_saves_stops_and_resumes_exactly(signum, point, reference, tmp_path):
+    import yaml
+
+    recipe, reference_run = reference
+    run = tmp_path / "run"
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({**recipe, "output": {"dir": str(run)}}))
+    proc = start(path, "output.overwrite=true")
+    err = signal_when(proc, lambda: SIGNAL_POINTS[point](run), signum)
+
+    assert proc.returncode == 128 + signum, err[-2000:]
+    assert "Traceback" not in err
+    report = json.loads((run / "report.json").read_text())
+    step = report["interrupted"]["step"]
+    assert report["interrupted"]["reason"] == f"interrupted by {signum.name}"
+    assert 0 < step < STEPS
+    assert f"step-{step}" in checkpoint_names(run)  # a checkpoint at the step it stopped
+    assert f"continue with: finetune train {path} output.overwrite=true --resume" in err
+    assert not (run / "adapter").exists()
+    assert checkpoint_names(run, hidden=True) == [] and not (run / ".lock").exists()
+
+    finish(start(path, "--resume"))
+    assert losses(run) == losses(reference_run)  # bitwise, per step
+    ours = load_file(run / "adapter" / "adapter_model.safetensors")
+    theirs = load_file(reference_run / "adapter" / "adapter_model.safetensors")
+    assert max(float((ours[k] - theirs[k]).abs().max()) for k in theirs) == 0.0
+
+
+def test_second_ctrl_c_stops_at_once_and_leaves_only_complete_checkpoints(reference, tmp_path):
+    import yaml
+
+    from finetune.runs import list_checkpoints
+    from finetune.train import read_checkpoint
+
+    recipe, reference_run = reference
+    run = tmp_path / "run"
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({**recipe, "output": {"dir": str(run)}}))
+    proc = start(path)
+    err = signal_when(proc, lambda: steps_logged(run) >= 5, signal.SIGINT, twice=True)
+
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    for checkpoint in list_checkpoints(run):
+        read_checkpoint(checkpoint)  # every checkpoint there is complete and loads
+    finish(start(path, "--resume"))
+    assert losses(run) == losses(reference_run)
+    assert checkpoint_names(run, hidden=True) == []
+
+
+def test_max_time_stops_with_a_checkpoint_and_resume_carries_on(recipe_file, tmp_path):
+    """The budget includes loading the model; the run stops before the step that would
+    overrun it, and --resume carries on exactly as a run without a budget. A constant
+    schedule makes the learning rate independent of max_steps, so the resumed run may be
+    given its end after the budget decided where the first part stopped."""
+    long = {**TRAIN, "max_steps": 5000, "save_every": 0, "schedule": "constant"}
+    budget = recipe_file("budget.yaml", train={**long, "max_time": "10s"})
+
+    started = time.monotonic()
+    result = train(load_recipe(budget))
+    took = time.monotonic() - started
+    assert result.interrupted == "stopped by train.max_time (10s)" and result.exit_code == 0
+    stopped_at = result.state.step
+    assert 0 < stopped_at < 5000 and took < 10 + 10  # near the budget, not 5000 steps later
+    run = tmp_path / "run"
+    assert checkpoint_names(run) == [f"step-{stopped_at}"]
+    assert not (run / "adapter").exists()
+
+    end = f"train.max_steps={stopped_at + 3}"
+    train(load_recipe(budget, ["train.max_time=1h", end]), resume=True)
+    whole = recipe_file("whole.yaml", train=long, output={"dir": str(tmp_path / "whole")})
+    train(load_recipe(whole, [end]))
+    assert losses(run) == losses(tmp_path / "whole")
+    assert (run / "adapter").is_dir()
