@@ -54,10 +54,11 @@ def holds_run(run_dir: Path) -> bool:
 
 
 def claim_run_dir(
-    run_dir: Path, *, overwrite: bool, resume: bool, inputs: list, sealed: list, lock: bool
-) -> RunLock | None:
+    run_dir: Path, *, overwrite: bool, resume: bool, inputs: list, sealed: list
+) -> RunLock:
     """Check that a run may be written to `run_dir` (see `finetune.outputs`), before any work,
-    and with `lock` (the main process) take the folder's lock; the caller releases it.
+    and take the folder's lock, which the caller releases. Called by the process that writes
+    the run (the main one under data parallelism).
 
     A fresh run goes into a new or empty folder, or replaces a run with output.overwrite;
     --resume continues the run already there. Neither while another process trains there.
@@ -69,10 +70,8 @@ def claim_run_dir(
     run_lock = RunLock(run_dir)
     run_lock.clear_stale()
     check_run_dir(run_dir, overwrite=overwrite, resume=resume, inputs=inputs, sealed=sealed)
-    if lock:
-        run_lock.acquire()
-        return run_lock
-    return None
+    run_lock.acquire()
+    return run_lock
 
 
 def check_run_dir(
@@ -218,22 +217,31 @@ class RunLock:
         Raises:
             UserError: another process holds it.
         """
-        if not self.run_dir.exists():
-            self.run_dir.mkdir(parents=True)
-            self.made_dir = True
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            if not try_flock(fd):
-                os.close(fd)
-                raise self.held_error()
-            # The holder before us may have deleted the file between our open and our flock:
-            # then we hold a lock on a name nobody sees, so try again on the new file.
-            if same_file(fd, self.path):
-                break
+        with writing(self.path):
+            if not self.run_dir.exists():
+                self.run_dir.mkdir(parents=True)
+                self.made_dir = True
+            while not self.hold():
+                pass
+            os.ftruncate(self.fd, 0)
+            os.write(self.fd, json.dumps(lock_owner()).encode())
+
+    def hold(self) -> bool:
+        """One try at the lock. False when the holder before us deleted the file between our
+        open and our flock: we would hold a lock on a name nobody sees, so try again.
+
+        Raises:
+            UserError: another process holds it.
+        """
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        if not try_flock(fd):
             os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps(lock_owner()).encode())
+            raise self.held_error()
+        if not same_file(fd, self.path):
+            os.close(fd)
+            return False
         self.fd = fd
+        return True
 
     def release(self) -> None:
         """Delete the lock file, then drop the lock (in that order: see `acquire`)."""

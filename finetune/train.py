@@ -176,14 +176,15 @@ def train(recipe: Recipe, *, resume: bool = False, prepared: Prepared | None = N
     """Run the recipe end to end and return what happened; the report is written by the caller."""
     stop = StopRequests(recipe.train.max_time_s)  # the time budget counts model loading too
     run_dir = Path(recipe.output.dir)
-    lock = runs.claim_run_dir(
-        run_dir,
-        overwrite=recipe.output.overwrite,
-        resume=resume,
-        inputs=recipe.input_paths(),
-        sealed=recipe.sealed_paths(),
-        lock=is_main_launch_process(),
-    )
+    lock = None
+    if is_main_launch_process():  # the others write nothing; torchrun stops them if it fails
+        lock = runs.claim_run_dir(
+            run_dir,
+            overwrite=recipe.output.overwrite,
+            resume=resume,
+            inputs=recipe.input_paths(),
+            sealed=recipe.sealed_paths(),
+        )
     try:
         checkpoint = runs.latest_checkpoint(run_dir) if resume else None
         if resume:

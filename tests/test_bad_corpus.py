@@ -1019,6 +1019,24 @@ CASES = [
         "a step count no run reaches",
     ),
     Case(
+        "max-time-no-unit-word",
+        validate("base.yaml", "train.max_time=2 hours"),
+        r"base\.yaml: train\.max_time: .*'2 hours' is not a duration; give one such as 45m",
+        "a budget written in words",
+    ),
+    Case(
+        "max-time-zero",
+        validate("base.yaml", "train.max_time=0m"),
+        r"base\.yaml: train\.max_time: .*'0m' is not a duration",
+        "a budget that allows no step",
+    ),
+    Case(
+        "max-time-negative",
+        run("base.yaml", "train.max_time=-5m"),
+        r"base\.yaml: train\.max_time: .*'-5m' is not a duration",
+        "a negative budget",
+    ),
+    Case(
         "generate-temperature-nan",
         ("generate", "<run>", "hello", "--temperature", "nan"),
         r"--temperature must be a finite number \(got nan\)",

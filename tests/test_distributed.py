@@ -62,3 +62,44 @@ def test_two_processes_match_one(launcher, recipe_file, tmp_path):
     report = json.loads((tmp_path / "two" / "report.json").read_text())
     assert report["training"]["steps"] == 4
     assert proc.stdout.count("run directory:") == 1  # one process reports
+
+
+def test_sigterm_under_torchrun_stops_every_process_at_the_same_step(recipe_file, tmp_path):
+    """A scheduler's SIGTERM reaches torchrun, which passes it to its workers, each at its own
+    moment: they agree on one step, the main process checkpoints it, and --resume under
+    torchrun finishes the run as one process would have run it."""
+    import signal
+    import time
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    common = {"max_steps": 40, "lr": 5e-3, "seed": 0, "log_every": 1}
+    single = recipe_file(
+        "one.yaml", train={**common, "micro_batch_size": 4}, output={"dir": str(tmp_path / "one")}
+    )
+    main(["train", str(single)])
+    double = recipe_file(
+        "two.yaml", train={**common, "micro_batch_size": 2}, output={"dir": str(tmp_path / "two")}
+    )
+    command = [torchrun, "--nproc_per_node", "2", "-m", "finetune", "train", str(double)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "two" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, "never reached step 3"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+
+    report = json.loads((tmp_path / "two" / "report.json").read_text())
+    step = report["interrupted"]["step"]
+    assert report["interrupted"]["reason"] == "interrupted by SIGTERM", err[-3000:]
+    assert 3 <= step < 40
+    assert (tmp_path / "two" / "checkpoints" / f"step-{step}").is_dir()
+    assert not (tmp_path / "two" / "adapter").exists()
+
+    resumed = subprocess.run(
+        [*command, "--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)

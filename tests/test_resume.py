@@ -310,3 +310,52 @@ def test_max_time_stops_with_a_checkpoint_and_resume_carries_on(recipe_file, tmp
     train(load_recipe(whole, [end]))
     assert losses(run) == losses(tmp_path / "whole")
     assert (run / "adapter").is_dir()
+
+
+# ------------------------------------------------------------------ one run per directory
+
+
+def test_one_run_per_directory_and_readers_work_while_it_trains(capsys, reference, tmp_path):
+    import yaml
+    from helpers import run_cli, run_main
+
+    recipe, _ = reference
+    run = tmp_path / "run"
+    path = tmp_path / "recipe.yaml"
+    long = {**TRAIN, "max_steps": 100_000, "save_every": 2}
+    path.write_text(yaml.safe_dump({**recipe, "train": long, "output": {"dir": str(run)}}))
+    proc = start(path)
+    try:
+        deadline = time.monotonic() + 120
+        while "step-2" not in checkpoint_names(run):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        holder = f"is in use by another finetune run (process {proc.pid} on "
+        for extra in (["--resume"], ["output.overwrite=true"]):
+            code, _, err = run_main(capsys, "train", str(path), *extra)
+            assert code == 2 and holder in err and err.count("\n") == 0, err
+        assert "step-2" in checkpoint_names(run)  # the refused runs deleted nothing
+
+        # A reader loads a complete checkpoint while the run goes on writing newer ones.
+        adapter = run / "checkpoints" / "step-2" / "adapter"
+        answer = run_cli("generate", str(adapter), "Convert 1 May 2020 to ISO 8601", "--raw")
+        assert answer.returncode == 0 and answer.stdout.strip(), answer.stderr[-2000:]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+    assert (run / ".lock").exists()  # what the killed run left: stale, as the kernel knows
+    latest = max(int(name.removeprefix("step-")) for name in checkpoint_names(run))
+    code, _, err = run_main(capsys, "train", str(path), "--resume", f"train.max_steps={latest + 1}")
+    assert code == 0, err
+    assert (run / "adapter").is_dir() and not (run / ".lock").exists()
+
+
+def test_the_lock_goes_with_a_run_that_fails_before_writing(capsys, recipe_file, tmp_path):
+    from helpers import run_main, write_jsonl
+
+    broken = write_jsonl(tmp_path / "broken.jsonl", [{"prompt": "a", "response": "b"}, {"x": 1}])
+    path = recipe_file(data={"path": str(broken)})
+    code, _, err = run_main(capsys, "train", str(path))
+    assert code == 2 and "broken.jsonl" in err and "row 2" in err, err  # found after the lock
+    assert not (tmp_path / "run").exists()  # neither the folder nor its lock is left behind
