@@ -38,6 +38,9 @@ Overrides = Annotated[
     typer.Argument(help="Dotted overrides such as train.lr=1e-4 adapter.r=16.", show_default=False),
 ]
 RecipeArg = Annotated[Path, typer.Argument(help="A YAML recipe.", show_default=False)]
+StrictOpt = Annotated[
+    bool, typer.Option("--strict", help="Treat data warnings as errors (exit code 2).")
+]
 
 
 @app.callback()
@@ -64,6 +67,7 @@ def train(
         bool,
         typer.Option("--force", help="Train on CUDA even when the estimate says it cannot fit."),
     ] = False,
+    strict: StrictOpt = False,
 ) -> None:
     """Fine-tune a model as RECIPE says and write the run directory and its report."""
     import time
@@ -78,7 +82,7 @@ def train(
     spec = load_recipe(recipe, overrides or [])
     check_init_from(spec.adapter)
     check_recipe_fits_device(spec, force)  # before the model loads; a no-op on the CPU
-    result = run_training(spec, resume=resume)
+    result = run_training(spec, resume=resume, strict=strict)
     if result.main_process:
         report = write_report(result, time.perf_counter() - started)
         show_report(result.run_dir, report)
@@ -108,17 +112,35 @@ def show_report(run_dir: Path, report: dict) -> None:
 
 
 @app.command()
-def validate(recipe: RecipeArg, overrides: Overrides = None) -> None:
-    """Check RECIPE's schema and data; show one example with its trained tokens marked."""
+def validate(
+    recipe: RecipeArg,
+    overrides: Overrides = None,
+    strict: StrictOpt = False,
+    plot: Annotated[
+        Path | None,
+        typer.Option(help="Write the token lengths of prompts and responses as a PNG."),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an existing --plot file.")
+    ] = False,
+) -> None:
+    """Check RECIPE's schema and data: run the data checks, show one example's trained tokens."""
     from rich.text import Text
 
+    from finetune import doctor
     from finetune.adapters import check_init_from
     from finetune.data import check_recipe_data
+    from finetune.outputs import claim_output
     from finetune.recipe import load_recipe
+    from finetune.tracking import check_available
 
     spec = load_recipe(recipe, overrides or [])
     check_init_from(spec.adapter)
+    check_available(spec.train.report_to)
+    if plot is not None:  # checked before any work, like every output
+        claim_output(plot, option="--plot", kind="file", force=force, inputs=spec.input_paths())
     check = check_recipe_data(spec)
+    diagnosis = doctor.diagnose(spec, check.tokenizer, check.splits)
     train_data, eval_data = check.splits.train, check.splits.eval
     out.print(f"[green]recipe ok[/]: {recipe}")
     out.print(
@@ -131,11 +153,41 @@ def validate(recipe: RecipeArg, overrides: Overrides = None) -> None:
             f"eval: {len(eval_data)} examples, {eval_data.tokens:,} tokens, "
             f"{eval_data.truncated} truncated"
         )
+    show_diagnosis(diagnosis)
     out.print(f"\nexample (row {check.shown_row}); trained tokens are between ⟦ and ⟧:")
     text = Text()
     for chunk, trained in check.shown:
         text.append(f"⟦{chunk}⟧" if trained else chunk, style="bold green" if trained else "dim")
     out.print(text)
+    if plot is not None:
+        doctor.plot_lengths(check.splits, spec.data.max_length, plot)
+        out.print(f"wrote {plot}", highlight=False)
+    doctor.refuse(diagnosis, strict)
+
+
+def show_diagnosis(diagnosis) -> None:
+    """The data checks as a table, then why and how to fix each one that fired."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from finetune.doctor import sanitize
+
+    styles = {"ok": "green", "warning": "yellow", "error": "bold red"}
+    table = Table(title="data checks", title_justify="left")
+    for name, justify in (("check", "left"), ("result", "left"), ("count", "right")):
+        table.add_column(name, justify=justify, no_wrap=True)
+    table.add_column("details and an example row")
+    for f in diagnosis.findings:
+        detail = "\n".join(escape(sanitize(text)) for text in (f.summary, f.example) if text)
+        level = f"[{styles[f.level]}]{f.level}[/]"
+        table.add_row(f.name, level, str(f.count), detail)
+    out.print(table)
+    for f in diagnosis.findings:
+        if f.level != "ok":
+            out.print(
+                f"[{styles[f.level]}]{f.name}[/]: {escape(f.why)}. Fix: {escape(f.fix)}.",
+                highlight=False,
+            )
 
 
 @app.command()

@@ -326,6 +326,11 @@ class TokenizedExample:
     labels: list[int]
     row: int
     truncated: bool
+    # Before truncation, for the data checks: tokens of untrained segments (the prompt and
+    # template), of trained segments (the response), and trained tokens the cut removed.
+    prompt_length: int = 0
+    response_length: int = 0
+    cut_trained: int = 0
 
     @property
     def trained_tokens(self) -> int:
@@ -334,22 +339,30 @@ class TokenizedExample:
 
 def tokenize_segments(
     segments: list[Segment], tokenizer: Any, spec: DataSection, is_chat: bool
-) -> tuple[list[int], list[int], bool]:
+) -> TokenizedExample:
+    """Token ids and loss labels of one example, cut to `data.max_length` (row set by caller)."""
     input_ids: list[int] = []
     labels: list[int] = []
+    lengths = [0, 0]  # untrained, trained segment tokens
     if not is_chat and tokenizer.bos_token_id is not None and _adds_bos(tokenizer):
         input_ids.append(tokenizer.bos_token_id)
         labels.append(IGNORE_INDEX)
+        lengths[0] += 1
     for text, trained in segments:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         input_ids += ids
         labels += ids if (trained or spec.train_on_prompt) else [IGNORE_INDEX] * len(ids)
+        lengths[trained] += len(ids)
     if not is_chat and tokenizer.eos_token_id is not None:
         # Teach the model to stop: the end-of-sequence token is part of the response.
         input_ids.append(tokenizer.eos_token_id)
         labels.append(tokenizer.eos_token_id)
-    truncated = len(input_ids) > spec.max_length
-    return input_ids[: spec.max_length], labels[: spec.max_length], truncated
+        lengths[1] += 1
+    cut = spec.max_length
+    cut_trained = sum(1 for label in labels[cut:] if label != IGNORE_INDEX)
+    return TokenizedExample(
+        input_ids[:cut], labels[:cut], 0, len(input_ids) > cut, *lengths, cut_trained
+    )
 
 
 def _adds_bos(tokenizer: Any) -> bool:
@@ -383,11 +396,11 @@ def tokenize_rows(
     data = TokenizedData(examples=[], path=str(path))
     for row in rows:
         segments = example_segments(row, spec, tokenizer, path)
-        input_ids, labels, truncated = tokenize_segments(segments, tokenizer, spec, is_chat)
-        example = TokenizedExample(input_ids, labels, int(row.get("_row", 0)), truncated)
+        example = tokenize_segments(segments, tokenizer, spec, is_chat)
+        example.row = int(row.get("_row", 0))
         data.examples.append(example)
-        data.truncated += truncated
-        data.tokens += len(input_ids)
+        data.truncated += example.truncated
+        data.tokens += len(example.input_ids)
         data.trained_tokens += example.trained_tokens
         if example.trained_tokens == 0:
             data.no_trained.append(example.row)
@@ -420,7 +433,7 @@ class Splits:
 
 
 def prepare(spec: DataSection, tokenizer: Any, seed: int) -> Splits:
-    """Load, split and tokenize the recipe's data; fail on fully masked examples."""
+    """Load, split and tokenize the recipe's data (finetune.doctor then checks it)."""
     rows = load_rows(spec.path)
     eval_rows: list[dict[str, Any]] = []
     eval_source = spec.path
@@ -437,10 +450,9 @@ def prepare(spec: DataSection, tokenizer: Any, seed: int) -> Splits:
         eval_rows = [r for i, r in enumerate(rows) if i in held]
         rows = [r for i, r in enumerate(rows) if i not in held]
     train = tokenize_rows(rows, spec, tokenizer, spec.path)
-    require_trained_tokens(train, spec)
     evaluation = tokenize_rows(eval_rows, spec, tokenizer, eval_source) if eval_rows else None
-    if evaluation is not None:
-        require_trained_tokens(evaluation, spec)
+    # Examples left with nothing to train on are refused by finetune.doctor, which every
+    # caller runs next: there they show up in `finetune validate`'s table with the rest.
     return Splits(train, evaluation, rows, eval_rows, eval_source)
 
 
@@ -463,13 +475,15 @@ class DataCheck:
     splits: Splits
     shown: list[tuple[str, bool]]
     shown_row: int
+    tokenizer: Any
 
 
 def check_recipe_data(recipe: Any) -> DataCheck:
     """Load the tokenizer, tokenize the data, and pick one example to show with its mask.
 
     Raises:
-        UserError: any problem with the data, including examples with no trained tokens.
+        UserError: a file, row or field the data cannot be read or formatted from (what the
+            data holds once tokenized is finetune.doctor's to judge).
     """
     from finetune import models
 
@@ -477,4 +491,4 @@ def check_recipe_data(recipe: Any) -> DataCheck:
     tokenizer = models.load_tokenizer(source, recipe.model.trust_remote_code)
     splits = prepare(recipe.data, tokenizer, recipe.train.seed)
     example = splits.train.examples[0]
-    return DataCheck(splits, render_marked(example, tokenizer), example.row)
+    return DataCheck(splits, render_marked(example, tokenizer), example.row, tokenizer)

@@ -173,7 +173,7 @@ def evaluate_dataset(
     with stage_progress(f"{label}: loss", len(data.examples)) as advance:
         loss = evaluate_loss(model, data, pad_id, batch_size, advance)
     em = None
-    if spec.format != "text":
+    if spec.format != "text" and max_examples != 0:  # 0: no exact-match generation
         chosen = rows[:max_examples] if max_examples else rows
         pairs = [generation_prompt(r, spec, tokenizer, path) for r in chosen]
         with stage_progress(f"{label}: exact match", len(pairs)) as advance:

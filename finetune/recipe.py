@@ -242,6 +242,12 @@ class TrainSection(Section):
     keep_last: int | None = Field(
         None, ge=1, le=MAX_STEPS, description="Keep only the newest N checkpoints."
     )
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        ["tensorboard"],
+        description="Experiment trackers that get every metrics.jsonl record: tensorboard "
+        "(tb/), wandb (wandb/; WANDB_MODE=offline works without network), mlflow (a file "
+        "store in mlruns/ unless MLFLOW_TRACKING_URI is set); [] for metrics.jsonl alone.",
+    )
     on_nonfinite: Literal["stop", "skip"] = Field(
         "stop",
         description="On a NaN or infinite loss or gradient: stop (keeping the last good "
@@ -266,6 +272,19 @@ class TrainSection(Section):
     def max_time_s(self) -> float | None:
         return None if self.max_time is None else duration_seconds(self.max_time)
 
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _tracker_list(cls, value: Any) -> Any:
+        # `train.report_to=wandb` on the command line names one tracker.
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("report_to")
+    @classmethod
+    def _each_once(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("names a tracker twice; list each once")
+        return value
+
 
 class OutputSection(Section):
     dir: PathText = Field("runs/run", description="Run directory (relative to where you run).")
@@ -284,7 +303,10 @@ class EvalSection(Section):
         32, ge=1, le=1_000_000, description="Tokens generated per exact-match example."
     )
     max_examples: int | None = Field(
-        None, ge=1, le=MAX_STEPS, description="Cap on exact-match examples."
+        None,
+        ge=0,
+        le=MAX_STEPS,
+        description="Cap on exact-match examples (0 skips the exact-match generation).",
     )
 
 

@@ -2,7 +2,7 @@
 
 ```
 runs/<name>/
-  recipe.yaml  adapter/  checkpoints/step-N/  metrics.jsonl  tb/
+  recipe.yaml  adapter/  checkpoints/step-N/  metrics.jsonl  tb/  (wandb/  mlruns/)
   report.md  report.json  loss.png  memory.png
 ```
 Every folder and report is written under a temporary name and renamed into place, so a
@@ -30,6 +30,8 @@ RUN_LAYOUT = (
     "checkpoints",
     "metrics.jsonl",
     "tb",
+    "wandb",
+    "mlruns",
     "report.md",
     "report.json",
     "loss.png",
@@ -354,29 +356,40 @@ def read_evals(run_dir: Path, up_to_step: int) -> list[dict[str, Any]]:
 
 
 class MetricsWriter:
-    """metrics.jsonl and TensorBoard; on resume, drops records past the checkpoint's step."""
+    """metrics.jsonl and the trackers of train.report_to (finetune.tracking); on resume,
+    drops records past the checkpoint's step."""
 
-    def __init__(self, run_dir: Path, enabled: bool, resume_step: int) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        enabled: bool,
+        resume_step: int,
+        report_to: list[str] | tuple[str, ...] = ("tensorboard",),
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        from finetune import tracking
+
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
-        self.tb = None
+        self.trackers: list = []
         if not enabled:
             return
         kept = [r for r in read_records(run_dir) if r["step"] <= resume_step]
         write_text_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept))
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1 or None)
+        flat = tracking.flatten(config or {})
+        self.trackers = tracking.start(run_dir, list(report_to), resume_step, flat)
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        from finetune import tracking
+
         with writing(self.path, RESUME), self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
-        for key, value in record.items():
-            if key != "step" and isinstance(value, int | float):
-                self.tb.add_scalar(key, value, record["step"])
+        tracking.log(self.trackers, record)
 
     def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
+        from finetune import tracking
+
+        tracking.finish(self.trackers)
+        self.trackers = []

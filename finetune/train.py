@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from finetune import adapters, batching, data, evaluate, models, runs
+from finetune import adapters, batching, data, doctor, evaluate, models, runs, tracking
 from finetune.errors import UserError
 from finetune.memory.measure import RSS_NAME, LiveTensorPeak, PeakMemory
 from finetune.recipe import Recipe, dump_recipe
@@ -78,16 +78,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare(recipe: Recipe, device: str | None = None) -> Prepared:
-    """Load model, attach the adapter and tokenize the data; raise on any bad input."""
+def prepare(recipe: Recipe, device: str | None = None, strict: bool = False) -> Prepared:
+    """Load model, attach the adapter and tokenize the data; raise on any bad input.
+
+    The data checks (finetune.doctor) run before the model loads: an error, or with
+    `strict` a warning, stops the run there; other warnings become notes of the run.
+    """
     seed_everything(recipe.train.seed)
+    tracking.check_available(recipe.train.report_to)
     # Data first: a broken row should not wait for a model to load.
     tokenizer = models.load_tokenizer(
         models.resolve_source(recipe.model.path), recipe.model.trust_remote_code
     )
     splits = data.prepare(recipe.data, tokenizer, recipe.train.seed)
+    diagnosis = doctor.diagnose(recipe, tokenizer, splits)
+    doctor.refuse(diagnosis, strict)
     loaded = models.load_model(recipe.model, device, tokenizer=tokenizer)
-    notes = list(loaded.notes)
+    notes = list(loaded.notes) + diagnosis.warning_lines()
+    if recipe.eval.max_examples == 0 and splits.eval_rows and recipe.data.format != "text":
+        notes.append("eval.max_examples is 0: exact-match generation skipped")
     checkpointing = recipe.train.gradient_checkpointing
     allowed, why = adapters.gradient_checkpointing_allowed(recipe.adapter.method)
     if checkpointing and not allowed:
@@ -172,8 +181,17 @@ def trained_positions_loss(model: Any, batch: dict[str, Any], n_trained: int) ->
     return loss / n_trained
 
 
-def train(recipe: Recipe, *, resume: bool = False, prepared: Prepared | None = None) -> RunResult:
-    """Run the recipe end to end and return what happened; the report is written by the caller."""
+def train(
+    recipe: Recipe,
+    *,
+    resume: bool = False,
+    prepared: Prepared | None = None,
+    strict: bool = False,
+) -> RunResult:
+    """Run the recipe end to end and return what happened; the report is written by the caller.
+
+    `strict`: data warnings stop the run before the model loads, as errors do.
+    """
     stop = StopRequests(recipe.train.max_time_s)  # the time budget counts model loading too
     run_dir = Path(recipe.output.dir)
     lock = None
@@ -193,6 +211,7 @@ def train(recipe: Recipe, *, resume: bool = False, prepared: Prepared | None = N
         # The baseline is taken before the model loads, so the peak is what this run added.
         peak = PeakMemory(device=models.default_device()).start()
         try:
+            prepared = prepared or prepare(recipe, strict=strict)
             return run_with_peak(recipe, run_dir, resume, saved, prepared, peak, stop)
         finally:
             peak.stop()  # also on errors: the sampling thread must not outlive the run
@@ -270,7 +289,13 @@ class Loop:
         self.evals: list[dict[str, Any]] = []
         if saved is not None:
             self.restore(saved)
-        self.metrics = runs.MetricsWriter(run_dir, accelerator.is_main_process, self.state.step)
+        self.metrics = runs.MetricsWriter(
+            run_dir,
+            accelerator.is_main_process,
+            self.state.step,
+            recipe.train.report_to,
+            recipe.model_dump(mode="json"),
+        )
 
     # ------------------------------------------------------------------ the loop
 
@@ -517,6 +542,8 @@ class Loop:
         spec = self.recipe.data
         rows = self.prepared.splits.eval_rows
         if not rows or spec.format == "text" or not self.accelerator.is_main_process:
+            return None
+        if self.recipe.eval.max_examples == 0:  # asked for no generation (a note says so)
             return None
         rows = rows[: self.recipe.eval.max_examples] if self.recipe.eval.max_examples else rows
         tokenizer = self.prepared.loaded.tokenizer

@@ -201,6 +201,15 @@ def checkpoint_file(name: str, content: bytes | None = None, keep: int | None = 
     return setup
 
 
+def user_only_template(tmp: Path, tiny: Path, trained: Path) -> None:
+    """The tiny model with a chat template that never renders an assistant turn."""
+    folder = copy_model(tiny, tmp / "model")
+    (folder / "chat_template.jinja").write_text(
+        "{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}\n{% endif %}"
+        "{% endfor %}"
+    )
+
+
 def mystery_config(tmp: Path, tiny: Path, trained: Path) -> None:
     (tmp / "config.json").write_text(json.dumps({"model_type": "mystery", "hidden_size": 8}))
 
@@ -1227,6 +1236,69 @@ CASES = [
         "the rank of the adapter it starts from differs",
         copy_run,
         trained=True,
+    ),
+    # ------------------------------------------- issue 14: the data doctor and trackers
+    Case(
+        "held-out-is-training",
+        data("good.jsonl", "data.eval_path=good.jsonl"),
+        r"good\.jsonl: every held-out example is also in the training data",
+        "evaluation would measure memory: an error before the model loads",
+    ),
+    Case(
+        "template-trains-nothing",
+        run("base.yaml", "data.template=chat", "model.path=<tmp>/model"),
+        r"good\.jsonl row 1, 2, 3, 4, 5 and 3 more: no trained tokens left",
+        "a chat template that never renders the assistant's answer",
+        user_only_template,
+    ),
+    Case(
+        "strict-duplicates",
+        (*data("duplicates.jsonl", command="validate"), "--strict"),
+        r"duplicates\.jsonl: duplicates: 1 exact.*row 3 repeats row 1.*--strict",
+        "--strict makes a data warning an error",
+    ),
+    Case(
+        "strict-duplicates-train",
+        (*data("duplicates.jsonl"), "--strict"),
+        r"duplicates\.jsonl: duplicates: 1 exact",
+        "train --strict stops on the same warning",
+    ),
+    Case(
+        "validate-plot-exists",
+        (*validate("base.yaml"), "--plot", "<tmp>/precious.png"),
+        r"--plot: .*precious\.png already exists; pass --force to replace it",
+        "the length plot never replaces a file without --force",
+        precious_png,
+    ),
+    Case(
+        "validate-plot-is-the-data",
+        (*validate("base.yaml"), "--plot", "<bad>/good.jsonl", "--force"),
+        r"--plot: .*good\.jsonl is this command's input",
+        "--force never replaces the recipe's own data",
+    ),
+    Case(
+        "validate-plot-no-folder",
+        (*validate("base.yaml"), "--plot", "<tmp>/no/dir/l.png"),
+        r"--plot: .*l\.png: its folder .*no/dir does not exist",
+        "a plot into a folder that is not there",
+    ),
+    Case(
+        "report-to-unknown",
+        validate("base.yaml", "train.report_to=[neptune]"),
+        r"base\.yaml: train\.report_to\.0: .*'neptune'",
+        "a tracker finetune does not offer",
+    ),
+    Case(
+        "report-to-twice",
+        validate("base.yaml", "train.report_to=[mlflow, mlflow]"),
+        r"base\.yaml: train\.report_to: names a tracker twice",
+        "the same tracker twice",
+    ),
+    Case(
+        "eval-max-examples-negative",
+        validate("base.yaml", "eval.max_examples=-1"),
+        r"base\.yaml: eval\.max_examples: .*greater than or equal to 0",
+        "0 skips exact match; below that means nothing",
     ),
     Case(
         "eval-responses-cut",
