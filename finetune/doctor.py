@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from finetune import batching, data
 from finetune.errors import UserError
+from finetune.outputs import write_file_atomically
 
 Level = Literal["ok", "warning", "error"]
 # Invisible characters that str.strip() keeps: a field of only these is empty to a reader.
@@ -500,13 +501,10 @@ def plot_lengths(splits: data.Splits, max_length: int, path: Path) -> Path:
     ax.set_title(f"token lengths of {len(examples)} examples")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
     try:
-        fig.savefig(tmp, dpi=100)
-        tmp.replace(path)
+        write_file_atomically(path, lambda tmp: fig.savefig(tmp, dpi=100))
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -25,7 +25,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from finetune.errors import UserError
 
@@ -259,3 +259,18 @@ def probable_write_errno(path: Path) -> int | None:
     if not os.access(folder, os.W_OK):
         return errno.EACCES
     return None
+
+
+def write_file_atomically(path: Path, write: Callable[[Path], Any], then: str = AGAIN) -> None:
+    """Call `write(tmp_file)` and rename the file to `path`: a reader, or a kill, never sees
+    half a file, and a failed write leaves no temporary file (see `write_atomically`)."""
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")  # keeps the suffix: savefig reads it
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as err:
+        error = write_error(err, path, then)
+        tmp.unlink(missing_ok=True)
+        if error is not None:
+            raise error from None
+        raise

@@ -20,7 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import UserError
-from finetune.outputs import AGAIN, claim_output, write_error, writing
+from finetune.outputs import (
+    AGAIN,
+    claim_output,
+    write_error,
+    write_file_atomically,
+    writing,
+)
 
 # Every entry a run directory holds. A fresh run over an old one (output.overwrite) removes
 # these and nothing else: a file the user put beside them is never finetune's to delete.
@@ -134,21 +140,6 @@ def write_atomically(target: Path, write: Callable[[Path], Any], then: str = AGA
     except BaseException as err:
         error = write_error(err, target, then)  # before the cleanup frees the disk again
         shutil.rmtree(tmp, ignore_errors=True)
-        if error is not None:
-            raise error from None
-        raise
-
-
-def write_file_atomically(path: Path, write: Callable[[Path], Any], then: str = AGAIN) -> None:
-    """Call `write(tmp_file)` and rename the file to `path`: a reader, or a kill, never sees
-    half a file, and a failed write leaves no temporary file (see `write_atomically`)."""
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")  # keeps the suffix: savefig reads it
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException as err:
-        error = write_error(err, path, then)
-        tmp.unlink(missing_ok=True)
         if error is not None:
             raise error from None
         raise

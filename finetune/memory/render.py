@@ -20,6 +20,7 @@ from finetune.memory.estimate import (
 )
 from finetune.memory.fit import FitSearch
 from finetune.memory.presets import nominal_params
+from finetune.outputs import write_file_atomically
 
 GB = 1e9
 
@@ -387,12 +388,10 @@ def plot_comparison(est: Estimate, path: str | Path) -> Path:
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
-    # Under a temporary name first: a failed write never leaves half a picture at `path`.
-    tmp = path.with_name(f".{path.name}.tmp.png")
+    # Under a temporary name first: a failed write never leaves half a picture at `path`,
+    # and a full disk or read-only folder is one line naming it.
     try:
-        fig.savefig(tmp, dpi=100)
-        tmp.replace(path)
+        write_file_atomically(path, lambda tmp: fig.savefig(tmp, dpi=100))
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return path
