@@ -192,6 +192,7 @@ WRITE_FAILURES = {
     errno.EPERM: "permission denied",
 }
 AGAIN = "then run the command again"
+Then = str | Callable[[], str]  # how to carry on after a failed write, or what works it out
 FIXES = {
     errno.ENOSPC: "free some space",
     errno.EDQUOT: "free some space",
@@ -203,11 +204,12 @@ FIXES = {
 
 
 @contextmanager
-def writing(path: str | Path, then: str = AGAIN) -> Iterator[None]:
+def writing(path: str | Path, then: Then = AGAIN) -> Iterator[None]:
     """Turn a write that fails for a reason the user can fix (full disk, file size limit,
     read-only or forbidden folder) into one `UserError` line naming `path` and the fix.
 
-    Other failures keep their traceback: they are bugs. `then` says how to carry on.
+    Other failures keep their traceback: they are bugs. `then` says how to carry on (or is
+    a function that says it, called only when a write fails).
     """
     try:
         yield
@@ -218,14 +220,15 @@ def writing(path: str | Path, then: str = AGAIN) -> Iterator[None]:
         raise error from None
 
 
-def write_error(err: BaseException, path: str | Path, then: str = AGAIN) -> UserError | None:
+def write_error(err: BaseException, path: str | Path, then: Then = AGAIN) -> UserError | None:
     """The one-line `UserError` for a write that failed for a fixable reason, else None."""
     if isinstance(err, UserError) or not isinstance(err, Exception):
         return None
     code = write_errno(err, Path(path))
     if code is None:
         return None
-    return UserError(f"{path}: cannot write, {WRITE_FAILURES[code]}; {FIXES[code]}, {then}")
+    how = then() if callable(then) else then
+    return UserError(f"{path}: cannot write, {WRITE_FAILURES[code]}; {FIXES[code]}, {how}")
 
 
 def write_errno(err: BaseException, path: Path) -> int | None:

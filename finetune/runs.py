@@ -48,8 +48,6 @@ RUN_MARKERS = ("adapter", "checkpoints", "metrics.jsonl", "report.json")
 # Held by the one process writing the run (see RunLock); not part of the layout, so a fresh
 # run never deletes it from under a live one.
 LOCK_NAME = ".lock"
-# How to carry on after a write fails mid-run: the checkpoints already written are intact.
-RESUME = "then continue with --resume from the last checkpoint"
 
 
 def holds_run(run_dir: Path) -> bool:
@@ -314,6 +312,14 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def resume_hint(run_dir: Path) -> str:
+    """How to carry on when a write fails mid-run: from the newest checkpoint, which is intact."""
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        return "then start the run again (it has no checkpoint yet)"
+    return f"then continue with --resume (the checkpoint {latest.name} is intact)"
+
+
 def prune_checkpoints(run_dir: Path, keep_last: int | None) -> None:
     if not keep_last:
         return
@@ -375,7 +381,9 @@ class MetricsWriter:
             return
         from finetune import tracking
 
-        with writing(self.path, RESUME), self.path.open("a", encoding="utf-8") as f:
+        # The hint is worked out only if the write fails (it lists the checkpoints).
+        hint = lambda: resume_hint(self.path.parent)  # noqa: E731
+        with writing(self.path, hint), self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         tracking.log(self.trackers, record)
 

@@ -344,12 +344,12 @@ class Loop:
         last_step_s = 0.0
         with TrainProgress(self.steps, self.state.step, self.accelerator.is_main_process) as bar:
             while self.state.step < self.steps and not self.stop_agreed(stop, last_step_s):
-                started = time.perf_counter()
+                before = self.state.elapsed  # step() times itself
                 try:
                     record = self.step([next(batches) for _ in range(t.grad_accum)])
                 except NonFinite as err:
                     return str(err)
-                last_step_s = time.perf_counter() - started
+                last_step_s = self.state.elapsed - before
                 bar.update(self.state.step, record)
                 if self.due(t.eval_every) and self.state.step < self.steps:
                     self.run_eval()  # the final evaluation comes after the loop
@@ -494,13 +494,6 @@ class Loop:
         """Whether an every-N-steps action is due at the current step (0 means never)."""
         return bool(every) and self.state.step % every == 0
 
-    def resume_hint(self) -> str:
-        """How to carry on when a write fails: from the newest checkpoint, which is intact."""
-        latest = runs.latest_checkpoint(self.run_dir)
-        if latest is None:
-            return "then start the run again (it has no checkpoint yet)"
-        return f"then continue with --resume (the checkpoint {latest.name} is intact)"
-
     def last_checkpoint_note(self) -> str:
         latest = runs.latest_checkpoint(self.run_dir)
         return f"; the last good checkpoint is {latest}" if latest else ""
@@ -568,14 +561,16 @@ class Loop:
     def save_adapter(self) -> None:
         if self.accelerator.is_main_process:
             runs.write_atomically(
-                self.run_dir / "adapter", self.unwrapped().save_pretrained, self.resume_hint()
+                self.run_dir / "adapter",
+                self.unwrapped().save_pretrained,
+                runs.resume_hint(self.run_dir),
             )
 
     def save_checkpoint(self) -> None:
         if not self.accelerator.is_main_process:
             return
         target = self.run_dir / "checkpoints" / f"step-{self.state.step}"
-        runs.write_atomically(target, self.write_checkpoint, then=self.resume_hint())
+        runs.write_atomically(target, self.write_checkpoint, then=runs.resume_hint(self.run_dir))
         runs.prune_checkpoints(self.run_dir, self.recipe.train.keep_last)
 
     def write_checkpoint(self, folder: Path) -> None:
