@@ -110,14 +110,21 @@ def model_tensors(model: Any) -> list[tuple[str, torch.Tensor]]:
 
 
 def add_hparams(writer: Any, config: Any, name: str) -> None:
+    """The model's shape, as convert_hf_to_gguf.py writes it for the llama architecture."""
+    import gguf
+
     rope = getattr(config, "rope_parameters", None) or {}
+    writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(head_dim(config))
+    writer.add_value_length(head_dim(config))
     writer.add_rope_dimension_count(head_dim(config))
     writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))

@@ -53,7 +53,8 @@ def collected_errors() -> Iterator[list[str]]:
 
     @llama_cpp.llama_log_callback
     def collect(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-        if level == 3:  # GGML_LOG_LEVEL_ERROR
+        # GGML_LOG_LEVEL_ERROR in ggml.h (llama_cpp._logger's table predates the renumbering)
+        if level == 4:
             errors.append(text.decode("utf-8", "replace").strip())
 
     llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
@@ -82,8 +83,9 @@ def load(path: Path, lora: Path | None = None, n_ctx: int = CONTEXT) -> Any:
                 verbose=False,
             )
         except (ValueError, RuntimeError) as err:
-            reason = next((e for e in errors if "error" in e.lower()), errors[-1] if errors else "")
-            raise LoadFailed(reason or str(err)) from None
+            # "llama_model_load: error loading model: ...": the reason, without the function
+            reason = errors[0].split(": ", 1)[-1] if errors else str(err)
+            raise LoadFailed(reason) from None
 
 
 def tokenize(llm: Any, text: str) -> list[int]:
@@ -120,6 +122,8 @@ class Comparison:
     tokens_identical: bool
     max_logit_diff: float
     greedy_identical: int
+    positions: int = 0
+    top1_identical: int = 0  # positions whose argmax token is the same in both
     first_difference: str = ""
     answers: list[dict[str, Any]] = field(default_factory=list)
 
@@ -154,6 +158,8 @@ def compare(
             expected = model(torch.tensor([ids])).logits[0].float().numpy()
         got = logits(llm, ids)
         result.max_logit_diff = max(result.max_logit_diff, float(np.abs(expected - got).max()))
+        result.positions += len(ids)
+        result.top1_identical += int((expected.argmax(-1) == got.argmax(-1)).sum())
         mine = hf_greedy(model, ids, n_new, stop)
         answer = greedy(llm, ids, n_new, stop)
         result.greedy_identical += mine == answer
