@@ -442,7 +442,9 @@ def export(
         return ExportReport("adapter", str(out), folder_size(out))
     if fmt == "gguf-adapter":
         return export_gguf_adapter(target, out, base_gguf, tolerance)
-    if target.adapter_dir is None:  # a plain model: the base GGUF an adapter file needs
+    if target.adapter_dir is None:  # a plain model: the base GGUF an adapter GGUF needs
+        if match_quantized:
+            raise UserError(f"--match-quantized: {target.given} has no adapter to fold; drop it")
         merged = load_plain(target)
     else:
         require_adapter(target, "export --format gguf")

@@ -173,6 +173,23 @@ def test_adapter_gguf_on_the_base_gguf_answers_as_the_merged_model(
     assert bare.max_logit_diff > 10 * found.max_logit_diff
 
 
+def test_without_llamacpp_the_export_says_which_check_it_ran(
+    lora_run, tiny_model_dir, tmp_path, monkeypatch
+):
+    """As on a machine without the binding: the transformers round trip for the model, the
+    weight updates rebuilt from the file for the adapter, and a note saying so."""
+    monkeypatch.setattr(llamacpp, "available", lambda: False)
+    model = export.export(str(lora_run), tmp_path / "m.gguf", "gguf", gguf_type="f32")
+    assert model.check.runner == "transformers" and model.check.max_logit_diff < 1e-4
+    assert "llama.cpp is not installed" in model.check.note
+    export.export(str(tiny_model_dir), tmp_path / "b.gguf", "gguf")
+    adapter = export.export(
+        str(lora_run), tmp_path / "a.gguf", "gguf-adapter", base_gguf=tmp_path / "b.gguf"
+    )
+    assert adapter.check.runner == "the gguf reader" and adapter.check.max_logit_diff < 1e-5
+    assert "checked the weight updates" in adapter.check.note
+
+
 @pytest.mark.parametrize(
     ("adapter", "pattern"),
     [
