@@ -20,8 +20,6 @@ from typing import Any
 
 import numpy as np
 
-from finetune.errors import UserError
-
 PINNED = "0.3.36"  # pyproject's [llamacpp] extra and the Makefile install this one
 INSTALL_HINT = f"pip install 'llama-cpp-python=={PINNED}' (or pip install -e '.[llamacpp]')"
 GREEDY_TOKENS = 12  # as many as the quickstart recipe's eval.max_new_tokens
@@ -32,7 +30,8 @@ def threads() -> int:
     """Half the cores this process may use (at most 8). ggml's OpenMP threads spin at every
     barrier: on a 2-core machine with anything else running, 2 threads made a 27-token
     prompt take 7 s of CPU instead of 0.1 s (llama-cpp-python defaults to every core)."""
-    return max(1, min(8, len(os.sched_getaffinity(0)) // 2))
+    usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    return max(1, min(8, (len(usable) if usable else os.cpu_count() or 1) // 2))
 
 
 def available() -> bool:
@@ -197,13 +196,3 @@ def first_difference(tokenizer: Any, ids: list[int], theirs: list[int], text: st
         f"{text[:40]!r}: transformers {ids[at : at + 4]} "
         f"({tokenizer.decode(ids[at : at + 4])!r}), llama.cpp {theirs[at : at + 4]}"
     )
-
-
-def require() -> None:
-    """For commands that cannot fall back to another check.
-
-    Raises:
-        UserError: llama-cpp-python is not installed.
-    """
-    if not available():
-        raise UserError(f"this needs llama.cpp's Python binding: {INSTALL_HINT}")
