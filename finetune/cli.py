@@ -538,17 +538,34 @@ def _show_merge(report) -> None:
 
 @app.command()
 def export(
-    run: RunArg,
+    run: Annotated[
+        str,
+        typer.Argument(
+            help="A run directory or an adapter folder (for --format gguf also a plain model, "
+            "to make the base GGUF an adapter GGUF applies to).",
+            show_default=False,
+        ),
+    ],
     out_path: Annotated[Path, typer.Option("--out", help="Output folder, or .gguf file.")],
-    format: Annotated[str, typer.Option(help="adapter|merged|gguf")] = "adapter",
+    format: Annotated[str, typer.Option(help="adapter|merged|gguf|gguf-adapter")] = "adapter",
     gguf_type: Annotated[str, typer.Option(help="GGUF tensor type: f16|f32|q8_0")] = "f16",
     dtype: Annotated[str, typer.Option(help="Merged dtype (format merged).")] = "float32",
+    base_gguf: Annotated[
+        Path | None,
+        typer.Option(
+            "--base-gguf",
+            help="gguf-adapter: the base model's GGUF the adapter is checked on [default: the "
+            "GGUF the run's base came from].",
+        ),
+    ] = None,
     match_quantized: MatchQuantizedOpt = False,
     tolerance: ToleranceOpt = None,
     force: ForceOpt = False,
     model: BaseModelOpt = None,
 ) -> None:
-    """Export a run as its adapter (with a model card), a merged model, or a GGUF file."""
+    """Export a run as its adapter (with a model card), a merged model, a GGUF file, or its
+    LoRA adapter as a llama.cpp adapter GGUF. GGUF files are checked in llama.cpp when
+    llama-cpp-python is installed."""
     from finetune.export import export as run_export
 
     report = _checked(
@@ -562,18 +579,31 @@ def export(
             force=force,
             tolerance=tolerance,
             model=model,
+            base_gguf=base_gguf,
         )
     )
     if report.merge is not None:
         _show_merge(report.merge)
-    if report.format == "gguf":
-        out.print(
-            f"GGUF ({report.gguf_type}) loaded back with transformers: max |logit difference| "
-            f"{report.round_trip_max_logit_diff:.3g} (tolerance {report.round_trip_tolerance:g}); "
-            f"tokenizer {'identical' if report.tokenizer_round_trip else 'DIFFERS'}",
-            highlight=False,
-        )
+    if report.check is not None:
+        out.print(_gguf_check_line(report), highlight=False)
     out.print(f"{report.format}: {report.out} ({report.size_bytes / 1e6:.1f} MB)", highlight=False)
+
+
+def _gguf_check_line(report) -> str:
+    check = report.check
+    what = f"GGUF ({report.gguf_type})" if report.format == "gguf" else "adapter GGUF"
+    if check.base_gguf:
+        what += f" on {check.base_gguf}"
+    line = f"{what} checked with {check.runner}: "
+    if check.prompts:
+        line += f"tokens {'identical' if check.tokens_identical else 'DIFFER'} on "
+        line += f"{check.prompts} prompts, "
+    line += f"max |logit difference| {check.max_logit_diff:.3g} (tolerance {check.tolerance:g})"
+    if check.greedy_identical is not None:
+        line += f", greedy answers identical on {check.greedy_identical}/{check.prompts}"
+    if check.pre_tokenizer:
+        line += f"; pre-tokenizer {check.pre_tokenizer}"
+    return line + (f"; {check.note}" if check.note else "")
 
 
 @app.command()

@@ -21,24 +21,32 @@ from typing import Any
 
 import torch
 
-from finetune import inference, models, runs
+from finetune import gguf_file, inference, llamacpp, models, outputs, runs
 from finetune.adapters import MERGEABLE
 from finetune.errors import UserError, closest
-from finetune.inputs import check_number, parse_size
+from finetune.gguf_file import GGUF_TYPES
+from finetune.inputs import check_number, parse_size, require_file
 from finetune.outputs import claim_output
 from finetune.recipe import VIRTUAL_TOKEN_METHODS
 
-FORMATS = ("adapter", "merged", "gguf")
-GGUF_TYPES = ("f16", "f32", "q8_0")
+FORMATS = ("adapter", "merged", "gguf", "gguf-adapter")
 COMBINE_METHODS = ("linear", "ties", "dare_linear", "dare_ties")
 DTYPES = ("float32", "bfloat16", "float16")
 # Default tolerances (max absolute logit difference) for the self-checks.
 # A 16-bit merge is also allowed twice the difference 16-bit arithmetic alone makes (the same
 # adapter model in float32 against 16-bit), measured on the same prompts.
 MERGE_TOLERANCE = {"float32": 1e-2, "bfloat16": 0.5, "float16": 0.1}
-# Absolute bounds that catch a wrong layout or tokenizer (those change logits by whole units
-# and more); measured on SmolLM2-135M: f16 0.07, q8_0 1.6.
-GGUF_TOLERANCE = {"f32": 1e-2, "f16": 0.5, "q8_0": 4.0}
+# Absolute bounds on the GGUF checks' max |logit difference| (over every position and every
+# vocabulary entry of the probe prompts), which catch a wrong layout or tokenizer (those change
+# logits by whole units and more). Measured in llama.cpp on SmolLM2-135M (a quickstart run):
+# f16 0.11, q8_0 4.1 (llama.cpp's own convert_hf_to_gguf.py writes bit-identical q8_0 tensors
+# and scores the same: q8_0 arithmetic, weights and activations, is the whole difference), an
+# adapter GGUF on the embedded Q4_1 base 2.7. transformers reading the file back: f16 0.07,
+# q8_0 1.6.
+GGUF_TOLERANCE = {"f32": 1e-2, "f16": 0.5, "q8_0": 8.0}
+# An adapter GGUF is checked on its base GGUF, whose weights may be quantized (the embedded
+# model's are Q4_1): the bound follows the base's coarsest weight type.
+BASE_TOLERANCE = {"F32": 1e-2, "F16": 0.5, "BF16": 1.0, "Q8_0": 8.0, "other": 8.0}
 
 
 class CheckFailed(Exception):
@@ -60,7 +68,11 @@ OUTPUT_SIGNS = {
 
 
 def check_output(
-    out: Path, force: bool, targets: list[inference.Target], output: str = "gguf"
+    out: Path,
+    force: bool,
+    targets: list[inference.Target],
+    output: str = "gguf",
+    files: list[Path | None] = (),
 ) -> None:
     """Check `out` with the one rule for outputs (`finetune.outputs.claim_output`): never the
     source run, adapter or base model, and an existing output only with --force.
@@ -70,14 +82,26 @@ def check_output(
         force: --force was given.
         targets: the command's sources (their run, adapter and model folders are inputs).
         output: "merged", "adapter", "combined" (folders) or "gguf" (a file).
+        files: more input files (the base GGUF an adapter GGUF is checked on).
 
     Raises:
         UserError: `out` may not be written.
     """
     sources = [folder for t in targets for folder in (t.run_dir, t.adapter_dir)]
     models_ = [t.model.path for t in targets if Path(t.model.path).expanduser().exists()]
+    # The GGUF a base came from (the embedded model's file, too) is an input like the rest.
+    models_ += [models.source_gguf(t.model.path) for t in targets] + list(files)
     if output == "gguf":
-        claim_output(out, option="--out", kind="file", force=force, inputs=models_, sealed=sources)
+        claim_output(
+            out,
+            option="--out",
+            kind="file",
+            force=force,
+            inputs=models_,
+            sealed=sources,
+            replaceable=is_gguf,
+            what_it_holds="a GGUF file (--force replaces an earlier export only)",
+        )
         return
     sign, words = OUTPUT_SIGNS[output]
     claim_output(
@@ -90,6 +114,12 @@ def check_output(
         replaceable=lambda folder: (folder / sign).is_file(),
         what_it_holds=words,
     )
+
+
+def is_gguf(path: Path) -> bool:
+    """Whether a file starts with GGUF's magic bytes: the only files --force replaces."""
+    with path.open("rb") as handle:
+        return handle.read(4) == b"GGUF"
 
 
 def require_adapter(target: inference.Target, what: str) -> str:
@@ -142,7 +172,7 @@ class MergeReport:
 class Merged:
     model: Any
     tokenizer: Any
-    report: MergeReport
+    report: MergeReport | None  # None: a plain model, nothing merged
     target: inference.Target
 
 
@@ -354,9 +384,22 @@ class ExportReport:
     size_bytes: int
     merge: MergeReport | None = None
     gguf_type: str | None = None
-    round_trip_max_logit_diff: float | None = None
-    round_trip_tolerance: float | None = None
-    tokenizer_round_trip: bool | None = None
+    check: GGUFCheck | None = None
+
+
+@dataclass
+class GGUFCheck:
+    """How a GGUF file was checked, and what the check found."""
+
+    runner: str  # "llama.cpp <version>", or "transformers" where llama.cpp is not installed
+    max_logit_diff: float
+    tolerance: float
+    tokens_identical: bool
+    prompts: int
+    greedy_identical: int | None = None  # llama.cpp only: greedy answers equal token for token
+    pre_tokenizer: str | None = None
+    base_gguf: str | None = None  # gguf-adapter: the file the adapter was applied to
+    note: str = ""
 
 
 def export(
@@ -370,24 +413,16 @@ def export(
     force: bool = False,
     tolerance: float | None = None,
     model: str | None = None,
+    base_gguf: Path | None = None,
 ) -> ExportReport:
-    """Export RUN as an adapter folder, a merged model folder, or a GGUF file.
+    """Export RUN as an adapter folder, a merged model folder, a GGUF file, or its LoRA
+    adapter as a GGUF adapter file.
 
     Raises:
         UserError: unknown format or GGUF type, bad input as for `merge`.
-        CheckFailed: a merge or GGUF round-trip check failed; nothing written.
+        CheckFailed: a merge or GGUF check failed; nothing written.
     """
-    if fmt not in FORMATS:
-        raise UserError(
-            f"--format must be one of {', '.join(FORMATS)} (got {fmt!r}){closest(fmt, FORMATS)}"
-        )
-    if gguf_type not in GGUF_TYPES:
-        raise UserError(
-            f"--gguf-type must be one of {', '.join(GGUF_TYPES)} (got {gguf_type!r})"
-            f"{closest(gguf_type, GGUF_TYPES)}"
-        )
-    check_tolerance(tolerance)
-    check_dtype(dtype)
+    check_export_options(fmt, gguf_type, tolerance, dtype, base_gguf)
     if fmt == "merged":
         report = merge(
             run,
@@ -400,14 +435,48 @@ def export(
         )
         return ExportReport("merged", str(out), folder_size(out), merge=report)
     target = inference.resolve_target(run, model)
-    check_output(out, force, [target], "adapter" if fmt == "adapter" else "gguf")
+    check_output(out, force, [target], "adapter" if fmt == "adapter" else "gguf", [base_gguf])
     if fmt == "adapter":
         method = require_adapter(target, "export --format adapter")
         runs.write_atomically(out, lambda tmp: copy_adapter(target, method, tmp))
         return ExportReport("adapter", str(out), folder_size(out))
-    require_adapter(target, "export --format gguf")
-    merged = build_merged(target, dtype="float32", match_quantized=match_quantized)
+    if fmt == "gguf-adapter":
+        return export_gguf_adapter(target, out, base_gguf, tolerance)
+    if target.adapter_dir is None:  # a plain model: the base GGUF an adapter GGUF needs
+        if match_quantized:
+            raise UserError(f"--match-quantized: {target.given} has no adapter to fold; drop it")
+        merged = load_plain(target)
+    else:
+        require_adapter(target, "export --format gguf")
+        merged = build_merged(target, dtype="float32", match_quantized=match_quantized)
     return write_checked_gguf(merged, out, gguf_type, tolerance)
+
+
+def check_export_options(
+    fmt: str, gguf_type: str, tolerance: float | None, dtype: str, base_gguf: Path | None
+) -> None:
+    """Every option first: a typo must not wait for a model to load and merge."""
+    if fmt not in FORMATS:
+        raise UserError(
+            f"--format must be one of {', '.join(FORMATS)} (got {fmt!r}){closest(fmt, FORMATS)}"
+        )
+    if gguf_type not in GGUF_TYPES:
+        raise UserError(
+            f"--gguf-type must be one of {', '.join(GGUF_TYPES)} (got {gguf_type!r})"
+            f"{closest(gguf_type, GGUF_TYPES)}"
+        )
+    check_tolerance(tolerance)
+    check_dtype(dtype)
+    if base_gguf is not None and fmt != "gguf-adapter":
+        raise UserError(f"--base-gguf applies to --format gguf-adapter, not {fmt}; drop it")
+
+
+def load_plain(target: inference.Target) -> Merged:
+    """A model without an adapter, in float32, shaped like a merge so it exports the same way."""
+    inference.quiet_loading()
+    spec = target.model.model_copy(update={"quantization": "none", "dtype": "float32"})
+    loaded = models.load_model(spec, "cpu")
+    return Merged(loaded.model.eval(), loaded.tokenizer, None, target)
 
 
 def folder_size(path: Path) -> int:
@@ -457,36 +526,121 @@ def adapter_card(target: inference.Target, method: str) -> str:
 def write_checked_gguf(
     merged: Merged, out: Path, gguf_type: str, tolerance: float | None
 ) -> ExportReport:
-    """Write the GGUF under a temporary name, load it back with transformers, compare, rename."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=".gguf", dir=out.parent)
-    os.close(fd)
+    """Write the model as GGUF under a temporary name, check it (in llama.cpp where
+    installed), and rename it into place only if the check passes."""
+    source = models.source_gguf(merged.target.model.path)
+    limit = GGUF_TOLERANCE[gguf_type] if tolerance is None else tolerance
+
+    def write(tmp: Path) -> GGUFCheck:
+        pre = gguf_file.write_model(
+            merged.model, merged.tokenizer, tmp, gguf_type, name=out.stem, source=source
+        )
+        if llamacpp.available():
+            check = llamacpp_check(tmp, None, merged, limit, f"the {gguf_type} file")
+        else:
+            check = transformers_check(merged, tmp, limit)
+        check.pre_tokenizer = pre
+        if source is not None:
+            check.note = f"tokenizer fields carried over from {source.name}"
+        return check
+
+    check = write_checked_file(out, write)
+    return ExportReport(
+        "gguf", str(out), out.stat().st_size, merge=merged.report, gguf_type=gguf_type, check=check
+    )
+
+
+def write_checked_file(out: Path, write: Any) -> GGUFCheck:
+    """`write(tmp)` writes and checks a file beside `out`; it replaces `out` only when that
+    returns (a failed check raises), so a failure leaves nothing behind. A full disk or a
+    read-only folder is one line naming `out`, not the temporary file."""
+    with outputs.writing(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=".gguf", dir=out.parent)
+        os.close(fd)
     tmp = Path(tmp_name)
     try:
-        write_gguf(merged.model, merged.tokenizer, tmp, gguf_type, name=out.stem)
-        diff, tokens_match = gguf_round_trip(merged, tmp)
-        limit = GGUF_TOLERANCE[gguf_type] if tolerance is None else tolerance
-        if not diff <= limit:
-            raise CheckFailed(
-                f"GGUF check failed: the {gguf_type} file loaded back with transformers differs "
-                f"from the merged model by {diff:.3g} in logits (tolerance {limit:g}); nothing "
-                "was written"
-            )
+        check = write(tmp)
         tmp.chmod(0o644)
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as err:
+        error = outputs.write_error(err, out)
         tmp.unlink(missing_ok=True)
+        if error is not None:
+            raise error from None
         raise
-    return ExportReport(
-        "gguf",
-        str(out),
-        out.stat().st_size,
-        merge=merged.report,
-        gguf_type=gguf_type,
-        round_trip_max_logit_diff=diff,
-        round_trip_tolerance=limit,
-        tokenizer_round_trip=tokens_match,
+    return check
+
+
+def llamacpp_check(
+    path: Path, lora: Path | None, reference: Merged, limit: float, what: str
+) -> GGUFCheck:
+    """Load the file (or base + adapter) in llama.cpp and compare it with `reference`.
+
+    Raises:
+        CheckFailed: llama.cpp refuses the file, splits text differently, or its logits
+            differ by more than `limit`.
+    """
+    from finetune.llama_pre import CHKTXT
+
+    try:
+        llm = llamacpp.load(path, lora=lora)
+    except llamacpp.LoadFailed as err:
+        raise CheckFailed(
+            f"GGUF check failed: llama.cpp refused {what}: {err}; nothing was written"
+        ) from None
+    texts = [inference.render_prompt(reference.tokenizer, p) for p in inference.PROBE_PROMPTS]
+    try:
+        # llama.cpp's own pre-tokenizer test text, tokenized only: it covers what the probe
+        # prompts do not (digits, emoji, CJK, runs of whitespace).
+        found = llamacpp.compare(llm, reference.model, reference.tokenizer, texts, [CHKTXT])
+    finally:
+        llm.close()
+    check = GGUFCheck(
+        runner=f"llama.cpp (llama-cpp-python {llamacpp.version()})",
+        max_logit_diff=found.max_logit_diff,
+        tolerance=limit,
+        tokens_identical=found.tokens_identical,
+        prompts=found.prompts,
+        greedy_identical=found.greedy_identical,
     )
+    if not found.tokens_identical:
+        raise CheckFailed(
+            f"GGUF check failed: llama.cpp splits text differently from the model's tokenizer "
+            f"({found.first_difference}); nothing was written"
+        )
+    require_within(check, what)
+    return check
+
+
+def require_within(check: GGUFCheck, what: str) -> None:
+    if not check.max_logit_diff <= check.tolerance:
+        raise CheckFailed(
+            f"GGUF check failed: {what} in {check.runner} differs from the merged model by "
+            f"{check.max_logit_diff:.3g} in logits (tolerance {check.tolerance:g}); nothing "
+            "was written"
+        )
+
+
+def transformers_check(merged: Merged, path: Path, limit: float) -> GGUFCheck:
+    """Without llama.cpp: load the GGUF back with transformers and compare (a weaker check:
+    transformers reads tokenizer metadata llama.cpp would refuse)."""
+    diff, same = gguf_round_trip(merged, path)
+    check = GGUFCheck(
+        runner="transformers",
+        max_logit_diff=diff,
+        tolerance=limit,
+        tokens_identical=same,
+        prompts=len(inference.PROBE_PROMPTS),
+        note=f"llama.cpp is not installed ({llamacpp.INSTALL_HINT})",
+    )
+    if not same:
+        raise CheckFailed(
+            "GGUF check failed: the file's tokenizer, read back by transformers, encodes the "
+            "probe prompts differently; nothing was written"
+        )
+    require_within(check, "the file loaded back")
+    return check
 
 
 def gguf_round_trip(merged: Merged, path: Path) -> tuple[float, bool]:
@@ -511,153 +665,152 @@ def gguf_round_trip(merged: Merged, path: Path) -> tuple[float, bool]:
     return diff, same
 
 
-def llama_permute(weight: torch.Tensor, n_head: int) -> torch.Tensor:
-    """llama.cpp's q/k row order for its rotary kernel (transformers reverses this on load)."""
-    rows = weight.shape[0]
-    return (
-        weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(weight.shape)
-    )
+# ------------------------------------------------------------------------ GGUF adapter
 
 
-def check_gguf_architecture(config: Any) -> None:
-    reasons = []
-    if config.model_type != "llama":
-        reasons.append(f"model_type {config.model_type}")
-    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
-        reasons.append("biases")
-    rope = getattr(config, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") != "default":
-        reasons.append(f"rope {rope.get('rope_type')}")
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    if head_dim * config.num_attention_heads != config.hidden_size:
-        reasons.append("head_dim * heads != hidden_size")
-    if reasons:
-        raise UserError(
-            "GGUF export handles plain Llama-family models, and this one has "
-            f"{', '.join(reasons)}; "
-            "export --format merged and convert it with llama.cpp's convert_hf_to_gguf.py"
-        )
+def export_gguf_adapter(
+    target: inference.Target, out: Path, base_gguf: Path | None, tolerance: float | None
+) -> ExportReport:
+    """Write the run's LoRA adapter as a llama.cpp adapter GGUF and check it applied to its
+    base GGUF against the adapter model in transformers."""
+    alpha = require_lora(target)
+    base, facts = choose_base_gguf(target, base_gguf)
+    limit = adapter_tolerance(facts) if tolerance is None else tolerance
+    spec = target.model.model_copy(update={"quantization": "none", "dtype": "float32"})
+    session = inference.load(target, device="cpu", spec=spec)
+    match_base(base, facts, session.model.config, target)
+    reference = Merged(session.model, session.tokenizer, None, target)
 
-
-def gguf_tensors(model: Any) -> list[tuple[str, torch.Tensor]]:
-    """The merged model's tensors under llama.cpp's names, q and k permuted for rotary."""
-    config = model.config
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    base = model.model
-    tensors = [("token_embd.weight", base.embed_tokens.weight)]
-    for i, layer in enumerate(base.layers):
-        attn, mlp = layer.self_attn, layer.mlp
-        tensors += [
-            (f"blk.{i}.attn_norm.weight", layer.input_layernorm.weight),
-            (f"blk.{i}.attn_q.weight", llama_permute(attn.q_proj.weight, heads)),
-            (f"blk.{i}.attn_k.weight", llama_permute(attn.k_proj.weight, kv_heads)),
-            (f"blk.{i}.attn_v.weight", attn.v_proj.weight),
-            (f"blk.{i}.attn_output.weight", attn.o_proj.weight),
-            (f"blk.{i}.ffn_norm.weight", layer.post_attention_layernorm.weight),
-            (f"blk.{i}.ffn_gate.weight", mlp.gate_proj.weight),
-            (f"blk.{i}.ffn_up.weight", mlp.up_proj.weight),
-            (f"blk.{i}.ffn_down.weight", mlp.down_proj.weight),
-        ]
-    tensors.append(("output_norm.weight", base.norm.weight))
-    if not config.tie_word_embeddings:
-        tensors.append(("output.weight", model.lm_head.weight))
-    return tensors
-
-
-def tokenizer_vocab(tokenizer: Any, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
-    """Tokens by id, their llama.cpp token types, and the merges, from a byte-level BPE."""
-    from gguf import TokenType
-
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    model = spec.get("model", {})
-    if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
-        raise UserError(
-            "GGUF export writes byte-level BPE tokenizers (GPT-2 style, as SmolLM and Llama 3 "
-            "use); export --format merged and convert with llama.cpp's convert_hf_to_gguf.py"
-        )
-    by_id: dict[int, str] = {i: t for t, i in model["vocab"].items()}
-    types = dict.fromkeys(by_id, int(TokenType.NORMAL))
-    for added in spec.get("added_tokens", []):
-        by_id[added["id"]] = added["content"]
-        types[added["id"]] = int(TokenType.CONTROL if added["special"] else TokenType.USER_DEFINED)
-    size = max(vocab_size, max(by_id) + 1)
-    tokens, token_types = [], []
-    for i in range(size):
-        if i in by_id:
-            tokens.append(by_id[i])
-            token_types.append(types[i])
-        else:  # embedding rows beyond the tokenizer: llama.cpp's placeholder convention
-            tokens.append(f"[PAD{i}]")
-            token_types.append(int(TokenType.UNUSED))
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    return tokens, token_types, merges
-
-
-def write_gguf(model: Any, tokenizer: Any, path: Path, gguf_type: str, name: str = "model") -> None:
-    """Write a Llama-family model and its byte-level BPE tokenizer as one GGUF file."""
-    import gguf
-    import numpy as np
-
-    config = model.config
-    check_gguf_architecture(config)
-    tokens, token_types, merges = tokenizer_vocab(tokenizer, config.vocab_size)
-    qtype = {
-        "f32": gguf.GGMLQuantizationType.F32,
-        "f16": gguf.GGMLQuantizationType.F16,
-        "q8_0": gguf.GGMLQuantizationType.Q8_0,
-    }[gguf_type]
-    file_type = {
-        "f32": gguf.LlamaFileType.ALL_F32,
-        "f16": gguf.LlamaFileType.MOSTLY_F16,
-        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-    }[gguf_type]
-    writer = gguf.GGUFWriter(str(path), "llama")
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    rope = getattr(config, "rope_parameters", None) or {}
-    writer.add_name(name)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
-    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-    writer.add_vocab_size(len(tokens))
-    writer.add_file_type(int(file_type))
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt2")
-    writer.add_token_list(tokens)
-    writer.add_token_types(token_types)
-    writer.add_token_merges(merges)
-    for key, add in (
-        ("bos_token_id", writer.add_bos_token_id),
-        ("eos_token_id", writer.add_eos_token_id),
-        ("pad_token_id", writer.add_pad_token_id),
-        ("unk_token_id", writer.add_unk_token_id),
-    ):
-        value = getattr(tokenizer, key, None)
-        if value is not None:
-            add(int(value))
-    probe = tokenizer("a")["input_ids"]
-    writer.add_add_bos_token(bool(probe) and probe[0] == tokenizer.bos_token_id)
-    if getattr(tokenizer, "chat_template", None):
-        writer.add_chat_template(tokenizer.chat_template)
-    for tensor_name, tensor in gguf_tensors(model):
-        data = tensor.detach().float().cpu().numpy()
-        if data.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
-            writer.add_tensor(tensor_name, data.astype(np.float32))
-        elif qtype == gguf.GGMLQuantizationType.Q8_0 and data.shape[-1] % 32 == 0:
-            writer.add_tensor(tensor_name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+    def write(tmp: Path) -> GGUFCheck:
+        gguf_file.write_lora(session.model, tmp, alpha, name=out.stem)
+        if llamacpp.available():
+            check = llamacpp_check(base, tmp, reference, limit, f"the adapter on {base.name}")
         else:
-            writer.add_tensor(tensor_name, data.astype(np.float16))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+            check = lora_file_check(session.model, tmp, alpha)
+        check.base_gguf = str(base)
+        return check
+
+    check = write_checked_file(out, write)
+    return ExportReport("gguf-adapter", str(out), out.stat().st_size, check=check)
+
+
+def require_lora(target: inference.Target) -> float:
+    """The adapter's lora_alpha, refusing what a llama.cpp LoRA file cannot hold.
+
+    Raises:
+        UserError: not a LoRA adapter, DoRA, trained full modules or biases, new tokens.
+    """
+    method = require_adapter(target, "export --format gguf-adapter")
+    config = inference.read_adapter_config(target.adapter_dir)
+    if method != "lora" or config.get("peft_type") != "LORA" or config.get("use_dora"):
+        raise UserError(
+            f"{target.given}: a {method} adapter; --format gguf-adapter writes plain LoRA "
+            "(llama.cpp adapters hold only LoRA A and B); use --format gguf for the merged model"
+        )
+    extras = [
+        f"{key}={config[key]}"
+        for key in ("modules_to_save", "trainable_token_indices", "lora_bias")
+        if config.get(key)
+    ]
+    if config.get("bias", "none") != "none":
+        extras.append(f"bias={config['bias']}")
+    if extras:
+        raise UserError(
+            f"{target.given}: the adapter also trains {', '.join(extras)}, which a llama.cpp "
+            "LoRA file cannot hold; use --format gguf for the merged model"
+        )
+    return float(config["lora_alpha"])
+
+
+def choose_base_gguf(target: inference.Target, given: Path | None) -> tuple[Path, dict[str, Any]]:
+    """The base GGUF llama.cpp applies the adapter to: --base-gguf, or the GGUF the run's
+    base model came from (the embedded model is one).
+
+    Raises:
+        UserError: none to be had, or a file that is not this base model.
+    """
+    base = given if given is not None else models.source_gguf(target.model.path)
+    if base is None:
+        raise UserError(
+            f"--base-gguf: {target.given} was trained on {target.model.path}, not a GGUF file, "
+            "and llama.cpp applies an adapter GGUF on top of a base GGUF; make one with "
+            f"`finetune export {target.model.path} --format gguf --out base.gguf` and pass "
+            "--base-gguf base.gguf"
+        )
+    require_file(base, "--base-gguf", "the base model as a .gguf file")
+    try:
+        facts = gguf_file.base_facts(base)
+    except Exception as err:  # the parser raises ValueError, struct.error, IndexError, ...
+        raise UserError(
+            f"--base-gguf: {base} is not a readable GGUF file ({models.first_line(err)[:120]})"
+        ) from None
+    return base, facts
+
+
+def match_base(base: Path, facts: dict[str, Any], config: Any, target: inference.Target) -> None:
+    """Refuse a base GGUF that is not the model the adapter was trained on.
+
+    Raises:
+        UserError: an adapter file, another architecture, or another shape.
+    """
+    want = {
+        "type": "model",
+        "architecture": "llama",
+        "block_count": config.num_hidden_layers,
+        "embedding_length": config.hidden_size,
+    }
+    wrong = [f"{k} {facts[k]} (want {v})" for k, v in want.items() if facts[k] != v]
+    if wrong:
+        raise UserError(
+            f"--base-gguf: {base} is not the base model {target.model.path}: "
+            f"{', '.join(wrong)}; export the base with --format gguf"
+        )
+
+
+def adapter_tolerance(facts: dict[str, Any]) -> float:
+    """By the base's coarsest weight type: the adapter is exact, the base arithmetic is not."""
+    types = facts["weight_types"]
+    return max(BASE_TOLERANCE.get(t, BASE_TOLERANCE["other"]) for t in types)
+
+
+def lora_file_check(peft_model: Any, path: Path, alpha: float) -> GGUFCheck:
+    """Without llama.cpp: read the adapter file back and rebuild each weight update as
+    llama.cpp will (alpha / rank · B·A, q and k rows un-permuted), against peft's own."""
+    from gguf import GGUFReader
+
+    tensors = {t.name: torch.from_numpy(t.data.copy()).float() for t in GGUFReader(path).tensors}
+    expected = dict(gguf_file.lora_tensors(peft_model, alpha))
+    diff = 0.0
+    for name in expected:
+        got = tensors.get(name)
+        if got is None or got.shape != expected[name].shape:
+            raise CheckFailed(f"GGUF adapter check failed: {name} missing or misshapen")
+        diff = max(diff, float((got - expected[name]).abs().max()))
+    diff = max(diff, lora_update_diff(peft_model, tensors, alpha))
+    check = GGUFCheck("the gguf reader", diff, 1e-4, True, 0)
+    check.note = (
+        f"llama.cpp is not installed ({llamacpp.INSTALL_HINT}): checked the weight updates "
+        "the file encodes against peft's instead"
+    )
+    require_within(check, "the adapter file")
+    return check
+
+
+def lora_update_diff(peft_model: Any, tensors: dict[str, torch.Tensor], alpha: float) -> float:
+    """Largest difference between peft's delta weights and alpha/rank · B·A from the file."""
+    from peft.tuners.lora import LoraLayer
+
+    config = peft_model.base_model.model.config
+    names = gguf_file.name_map(config)
+    diff = 0.0
+    for module_name, module in peft_model.base_model.model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        name = gguf_file.llama_name(names, f"{module_name}.weight")
+        a, b = tensors[f"{name}.lora_a"], tensors[f"{name}.lora_b"]
+        update = gguf_file.rotary_rows(name, module.get_delta_weight("default"), config)
+        diff = max(diff, float((alpha / a.shape[0] * b @ a - update).abs().max()))
+    return diff
 
 
 # ------------------------------------------------------------------------ combine

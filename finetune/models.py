@@ -222,6 +222,14 @@ def needs_remote_code(folder: Path, trust_remote_code: bool) -> str | None:
     )
 
 
+def source_gguf(path: str) -> Path | None:
+    """The GGUF file a `model.path` comes from (the embedded model is one), else None."""
+    if path == EMBEDDED_MODEL:
+        return embedded_gguf_path()
+    candidate = Path(path).expanduser()
+    return candidate if candidate.suffix == ".gguf" and candidate.is_file() else None
+
+
 def embedded_gguf_path() -> Path:
     # find_spec, not import: the wheel's __init__ imports the `llm` app, which we don't install.
     spec = importlib.util.find_spec(EMBEDDED_WHEEL)

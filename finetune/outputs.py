@@ -56,9 +56,10 @@ def claim_output(
             output may not be one of them or hold one.
         sealed: input folders nothing may be written into either (a source run or adapter:
             a new file inside would change what it is).
-        replaceable: for folders, whether an existing non-empty folder holds what this
-            command makes (and so may be replaced with `force`); None: never replaceable.
-        what_it_holds: words for a replaceable folder's contents, for the refusal.
+        replaceable: whether an existing non-empty folder (or an existing file) holds what
+            this command makes, and so may be replaced with `force`; None: never replaceable
+            for folders, any regular file for files.
+        what_it_holds: words for a replaceable folder's contents or file, for the refusal.
         force_hint: how this command spells "replace it" (`--force`, `output.overwrite=true`).
         exists_words: how to say that the path exists ("already holds a run").
 
@@ -149,6 +150,10 @@ def refuse_existing(
         raise UserError(f"{where} is a folder; give a file name")
     if kind == "file" and not given.is_file():
         raise UserError(f"{where} is not a regular file (a pipe or device); give a file name")
+    if kind == "file" and replaceable is not None and not replaceable(given):
+        raise UserError(
+            f"{where} exists and is not {what_it_holds}; it is not touched; choose another path"
+        )
     if kind == "folder" and not given.is_dir():
         raise UserError(f"{where} is a file, not a folder; give a folder name")
     if kind == "folder" and is_empty_folder(given):
@@ -233,7 +238,8 @@ def write_error(err: BaseException, path: str | Path, then: Then = AGAIN) -> Use
 
 def write_errno(err: BaseException, path: Path) -> int | None:
     """The errno behind a failed write, from the exception or, where the library hides it
-    (torch.save reports only "unexpected pos"), from the process's limits and the disk."""
+    (torch.save reports only "unexpected pos", numpy a byte count), from the process's
+    limits and the disk."""
     for link in (err, err.__cause__, err.__context__):
         if isinstance(link, OSError) and link.errno in WRITE_FAILURES:
             return link.errno
@@ -244,7 +250,9 @@ def write_errno(err: BaseException, path: Path) -> int | None:
     for code in WRITE_FAILURES:
         if os.strerror(code) in text:
             return code
-    if "inline_container" in text:  # torch's zip writer failed: find out why
+    # torch's zip writer ("inline_container") and numpy's tofile ("N requested and M
+    # written", under gguf's writer) drop the errno of a short write: find out why.
+    if "inline_container" in text or re.search(r"\d+ requested and \d+ written", text):
         return probable_write_errno(path)
     return None
 

@@ -152,3 +152,11 @@ def tiny_recipe(model_dir: Path, data: Path, out: Path) -> dict:
         "train": {"max_steps": 6, "lr": 5e-3, "micro_batch_size": 4, "seed": 0},
         "output": {"dir": str(out)},
     }
+
+
+def with_llamacpp() -> bool:
+    """Run the llama.cpp tests: the binding is installed, or `make test` demands it
+    (FINETUNE_REQUIRE_LLAMACPP=1), so that a missing build fails instead of skipping."""
+    from finetune import llamacpp
+
+    return llamacpp.available() or os.environ.get("FINETUNE_REQUIRE_LLAMACPP") == "1"

@@ -136,6 +136,32 @@ def run_beside_user_folder(tmp: Path, tiny: Path, trained: Path) -> None:
     user_folder(tmp, tiny, trained)
 
 
+def run_and_junk_gguf(tmp: Path, tiny: Path, trained: Path) -> None:
+    copy_run(tmp, tiny, trained)
+    (tmp / "base.gguf").write_bytes(b"GGUF but not really\n" * 4)
+
+
+def run_and_other_base_gguf(tmp: Path, tiny: Path, trained: Path) -> None:
+    """A readable llama GGUF of another shape (7 blocks), not the tiny model."""
+    import gguf
+    import numpy as np
+
+    copy_run(tmp, tiny, trained)
+    writer = gguf.GGUFWriter(str(tmp / "base.gguf"), "llama")
+    writer.add_block_count(7)
+    writer.add_embedding_length(64)
+    writer.add_tensor("token_embd.weight", np.zeros((8, 64), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def run_beside_user_file(tmp: Path, tiny: Path, trained: Path) -> None:
+    copy_run(tmp, tiny, trained)
+    (tmp / "thesis.gguf").write_text("years of work, not a GGUF\n")
+
+
 def run_and_link(tmp: Path, tiny: Path, trained: Path) -> None:
     run_beside_user_folder(tmp, tiny, trained)
     (tmp / "link").symlink_to(tmp / "victim", target_is_directory=True)
@@ -889,6 +915,142 @@ CASES = [
         r"--out: .*victim is a folder; give a file name",
         "a GGUF is a file",
         run_beside_user_folder,
+        trained=True,
+    ),
+    Case(
+        "gguf-force-over-user-file",
+        ("export", "<run>", "--format", "gguf", "--out", "<tmp>/thesis.gguf", "--force"),
+        r"--out: .*thesis.gguf exists and is not a GGUF file",
+        "--force replaces an earlier GGUF export, never someone's file",
+        run_beside_user_file,
+        trained=True,
+    ),
+    Case(
+        "gguf-adapter-out-is-a-folder",
+        ("export", "<run>", "--format", "gguf-adapter", "--out", "<tmp>/victim", "--force"),
+        r"--out: .*victim is a folder; give a file name",
+        "an adapter GGUF is a file",
+        run_beside_user_folder,
+        trained=True,
+    ),
+    Case(
+        "gguf-adapter-misspelt",
+        ("export", "<run>", "--format", "gguf_adapter", "--out", "<tmp>/a.gguf"),
+        r"--format must be one of adapter, merged, gguf, gguf-adapter .*did you mean "
+        r"'gguf-adapter'",
+        "the format name is checked before anything loads",
+        copy_run,
+        trained=True,
+    ),
+    Case(
+        "gguf-adapter-without-base-gguf",
+        ("export", "<run>", "--format", "gguf-adapter", "--out", "<tmp>/a.gguf"),
+        r"--base-gguf: .*not a GGUF file.*finetune export .* --format gguf --out base.gguf",
+        "llama.cpp applies an adapter GGUF to a base GGUF; a folder base has none yet",
+        copy_run,
+        trained=True,
+    ),
+    Case(
+        "gguf-adapter-base-gguf-missing",
+        (
+            "export",
+            "<run>",
+            "--format",
+            "gguf-adapter",
+            "--out",
+            "<tmp>/a.gguf",
+            "--base-gguf",
+            "<tmp>/missing.gguf",
+        ),
+        r"--base-gguf: .*missing.gguf not found",
+        "a base GGUF that is not there",
+        copy_run,
+        trained=True,
+    ),
+    Case(
+        "gguf-adapter-base-gguf-is-a-folder",
+        (
+            "export",
+            "<run>",
+            "--format",
+            "gguf-adapter",
+            "--out",
+            "<tmp>/a.gguf",
+            "--base-gguf",
+            "<tmp>/victim",
+        ),
+        r"--base-gguf: .*victim is a folder",
+        "a folder is no base GGUF",
+        run_beside_user_folder,
+        trained=True,
+    ),
+    Case(
+        "gguf-adapter-base-gguf-garbage",
+        (
+            "export",
+            "<run>",
+            "--format",
+            "gguf-adapter",
+            "--out",
+            "<tmp>/a.gguf",
+            "--base-gguf",
+            "<tmp>/base.gguf",
+        ),
+        r"--base-gguf: .*base.gguf is not a readable GGUF file",
+        "bytes that only start like a GGUF",
+        run_and_junk_gguf,
+        trained=True,
+    ),
+    Case(
+        "gguf-adapter-base-gguf-other-model",
+        (
+            "export",
+            "<run>",
+            "--format",
+            "gguf-adapter",
+            "--out",
+            "<tmp>/a.gguf",
+            "--base-gguf",
+            "<tmp>/base.gguf",
+        ),
+        r"--base-gguf: .*base.gguf is not the base model .*block_count 7 \(want 2\)",
+        "an adapter applied to another model's GGUF would load and answer nonsense",
+        run_and_other_base_gguf,
+        trained=True,
+    ),
+    Case(
+        "gguf-adapter-out-is-the-base-gguf",
+        (
+            "export",
+            "<run>",
+            "--format",
+            "gguf-adapter",
+            "--out",
+            "<tmp>/base.gguf",
+            "--base-gguf",
+            "<tmp>/base.gguf",
+            "--force",
+        ),
+        r"--out: .*base.gguf is this command's input",
+        "the base GGUF is a GGUF file, so --force alone would let it be replaced",
+        run_and_other_base_gguf,
+        trained=True,
+    ),
+    Case(
+        "base-gguf-without-gguf-adapter",
+        (
+            "export",
+            "<run>",
+            "--format",
+            "gguf",
+            "--out",
+            "<tmp>/m.gguf",
+            "--base-gguf",
+            "<tmp>/base.gguf",
+        ),
+        r"--base-gguf applies to --format gguf-adapter, not gguf",
+        "an option that would be silently ignored",
+        copy_run,
         trained=True,
     ),
     Case(

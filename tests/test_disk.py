@@ -147,3 +147,15 @@ def test_read_only_folder_refuses_in_one_line(finished_run, small_disk, tmp_path
     export = run_cli_limited("export", str(run), "--format", "adapter", "--out", str(disk / "x"))
     err = assert_failed_cleanly(export, run, before)
     assert f"{disk / 'x'}: cannot write, the filesystem is read-only" in err
+
+
+def test_full_disk_during_gguf_export_names_the_output(finished_run, small_disk):
+    _, run = finished_run
+    disk = small_disk(32)  # smaller than the tiny model's f16 GGUF
+    out = disk / "model.gguf"
+    proc = run_cli_limited("export", str(run), "--format", "gguf", "--out", str(out))
+    err = proc.stderr.strip()
+    assert proc.returncode == 2, err[-2000:]
+    assert "Traceback" not in err and err.count("error:") == 1, err
+    assert f"{out}: cannot write, no space left on the disk; free some space" in err
+    assert list(disk.iterdir()) == []  # no temporary file, no half file

@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 import yaml
-from helpers import build_model, build_tokenizer, date_rows, run_main, write_jsonl
+from helpers import build_model, build_tokenizer, date_rows, run_main, with_llamacpp, write_jsonl
 
 from finetune import export, inference
 from finetune.recipe import load_recipe
@@ -148,7 +148,7 @@ def test_gguf_export_loads_back_with_matching_logits(made, tmp_path):
 
     run = made.get("lora", "lora")
     report = export.export(str(run), tmp_path / "model.gguf", "gguf", gguf_type="f32")
-    assert report.round_trip_max_logit_diff < 1e-4 and report.tokenizer_round_trip
+    assert report.check.max_logit_diff < 1e-3 and report.check.tokens_identical
     expected, batch = adapter_logits(run)
     reloaded = AutoModelForCausalLM.from_pretrained(
         tmp_path, gguf_file="model.gguf", dtype=torch.float32
@@ -159,7 +159,7 @@ def test_gguf_export_loads_back_with_matching_logits(made, tmp_path):
     assert tokenizer.chat_template == build_tokenizer().chat_template
     q8 = export.export(str(run), tmp_path / "q8.gguf", "gguf", gguf_type="q8_0")
     assert q8.size_bytes < report.size_bytes / 3
-    assert q8.round_trip_max_logit_diff < 0.1
+    assert q8.check.max_logit_diff < 0.1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf", "q8.gguf"]
 
 
@@ -259,6 +259,12 @@ def test_bad_input_is_one_line_and_writes_nothing(made, tmp_path, capsys):
 # ------------------------------------------------------------------------ embedded model
 
 
+def report_tokenizer(folder):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
 @pytest.mark.slow
 def test_embedded_model_trains_merges_and_exports_gguf(tmp_path):
     """SmolLM2-135M-Instruct: train two steps, merge, export GGUF, load it back."""
@@ -280,8 +286,11 @@ def test_embedded_model_trains_merges_and_exports_gguf(tmp_path):
     merged = export.merge(str(tmp_path / "run"), tmp_path / "merged")
     assert merged.max_logit_diff < export.MERGE_TOLERANCE["float32"]
     report = export.export(str(tmp_path / "run"), tmp_path / "model.gguf", "gguf")
-    assert report.round_trip_max_logit_diff < export.GGUF_TOLERANCE["f16"]
-    assert report.tokenizer_round_trip
+    assert report.check.max_logit_diff < export.GGUF_TOLERANCE["f16"]
+    assert report.check.tokens_identical
+    # The tokenizer fields come from the embedded GGUF; llama.cpp's own hash names it alike.
+    assert report.check.pre_tokenizer == "smollm"
+    assert export.gguf_file.pre_tokenizer(report_tokenizer(tmp_path / "merged")) == "smollm"
     assert 200e6 < report.size_bytes < 400e6  # 135M parameters in f16 plus the vocabulary
     reloaded = AutoModelForCausalLM.from_pretrained(
         tmp_path, gguf_file="model.gguf", dtype=torch.float32
@@ -295,3 +304,13 @@ def test_embedded_model_trains_merges_and_exports_gguf(tmp_path):
         batch["attention_mask"],
     )
     assert diff < export.GGUF_TOLERANCE["f16"]
+    if not with_llamacpp():
+        return
+    # In llama.cpp (the export's own check ran there): f16 answers the probes as the merged
+    # model does, and the adapter GGUF applies to the embedded Q4_1 GGUF it was trained on.
+    assert report.check.runner.startswith("llama.cpp")
+    assert report.check.greedy_identical == report.check.prompts
+    adapter = export.export(str(tmp_path / "run"), tmp_path / "adapter.gguf", "gguf-adapter")
+    assert adapter.check.base_gguf.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert adapter.check.tokens_identical and adapter.size_bytes < report.size_bytes / 10
+    assert adapter.check.max_logit_diff < export.BASE_TOLERANCE["other"]
