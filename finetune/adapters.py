@@ -56,7 +56,7 @@ def _prefix(spec: AdapterSection, tokenizer_path: Any) -> Any:
 def _prompt(spec: AdapterSection, tokenizer_path: Any) -> Any:
     from peft import PromptTuningConfig, PromptTuningInit, TaskType
 
-    if spec.prompt_init_text:
+    if spec.prompt_init_text and spec.virtual_init == "text":
         return PromptTuningConfig(
             task_type=TaskType.CAUSAL_LM,
             num_virtual_tokens=spec.num_virtual_tokens,
@@ -106,6 +106,7 @@ def attach(
     quantized: bool,
     gradient_checkpointing: bool,
     tokenizer_path: Path | str | None = None,
+    tokenizer: Any = None,
 ) -> Any:
     """Wrap `model` in a peft model for `spec` (or load `spec.init_from`'s weights).
 
@@ -127,7 +128,7 @@ def attach(
     if spec.target_modules == "all-linear" and spec.method in MERGEABLE:
         spec = spec.model_copy(update={"target_modules": linear_module_names(model)})
     try:
-        return get_peft_model(model, build_config(spec, tokenizer_path))
+        peft_model = get_peft_model(model, build_config(spec, tokenizer_path))
     except ValueError as err:
         if "not found in the base model" in str(err) or "Target modules" in str(err):
             raise UserError(
@@ -136,6 +137,105 @@ def attach(
                 "(or use all-linear)"
             ) from None
         raise
+    if spec.method == "prefix" and spec.virtual_init == "text" and spec.prefix_init_text:
+        init_prefix_from_text(peft_model, tokenizer, spec.prefix_init_text)
+    return peft_model
+
+
+def with_init_text(spec: AdapterSection, first_prompt: str | None) -> AdapterSection:
+    """`spec` with the text its virtual tokens start from filled in: the recipe's, else the
+    first training prompt (a text in the task's own words and language)."""
+    field = {"prefix": "prefix_init_text", "prompt": "prompt_init_text"}.get(spec.method)
+    if field is None or spec.virtual_init != "text" or getattr(spec, field):
+        return spec
+    if not (first_prompt and first_prompt.strip()):
+        return spec.model_copy(update={"virtual_init": "random"})
+    return spec.model_copy(update={field: first_prompt.strip()})
+
+
+def init_notes(given: AdapterSection, used: AdapterSection) -> list[str]:
+    """What the run says about where its virtual tokens start (when the recipe left it)."""
+    if given.virtual_init != used.virtual_init:
+        return [f"{used.method} tuning starts at random: the first training prompt is empty"]
+    field = f"{used.method}_init_text"
+    text = getattr(used, field, None)
+    if used.virtual_init != "text" or text is None or text == getattr(given, field):
+        return []
+    shown = text if len(text) <= 60 else text[:57] + "..."
+    return [f"{used.method} tuning starts from the first training prompt {shown!r} ({field})"]
+
+
+def rendered_ids(tokenizer: Any, text: str) -> Any:
+    """Token ids of `text` as a system message, the way peft's own KV-prefix initialiser
+    renders it (plain text where the tokenizer has no chat template)."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(
+            [{"role": "system", "content": text}], tokenize=True, return_dict=False
+        )
+        if ids and isinstance(ids[0], list):
+            ids = ids[0]
+    else:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return list(ids)
+
+
+def init_prefix_from_text(model: Any, tokenizer: Any, text: str) -> None:
+    """Start the prefix from the base model's own keys and values for `text`.
+
+    The prefix-tuning paper found initialising from real words' activations far better
+    than random; a random prefix puts SmolLM2-135M's held-out loss at 6.1 at step 0 (the
+    base model's is 0.66). The text is repeated until it is long enough. With
+    `prefix_projection` the MLP's output layer is solved (least squares) so that the MLP
+    outputs exactly these keys and values, which peft's own initialiser refuses to do.
+    """
+    import torch
+    from peft.tuners.cartridge.utils import prompt_embeddings_from_past_key_values
+
+    config = model.active_peft_config
+    n = config.num_virtual_tokens
+    unit = rendered_ids(tokenizer, text)
+    ids = unit * -(-n // max(1, len(unit)))
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([ids[:n]], device=device)
+    encoder = model.prompt_encoder[model.active_adapter]
+    with torch.no_grad(), model.disable_adapter():
+        out = model(input_ids=input_ids, use_cache=True)
+        target = prompt_embeddings_from_past_key_values(out.past_key_values, num_virtual_tokens=n)
+        if config.prefix_projection:
+            fit_projection(encoder, target.float())
+        else:
+            encoder.load_prompt_embeddings(target)
+
+
+def projection_state(model: Any) -> dict[str, Any] | None:
+    """The prefix MLP's own weights, or None for any other adapter.
+
+    peft saves a prefix with `prefix_projection` as the MLP's output only (what inference
+    needs), so a checkpoint must keep the MLP beside the adapter for training to go on.
+    """
+    config = getattr(model, "active_peft_config", None)
+    if not getattr(config, "prefix_projection", False):
+        return None
+    encoder = model.prompt_encoder[model.active_adapter]
+    return {k: v.detach().contiguous() for k, v in encoder.state_dict().items()}
+
+
+def restore_projection(model: Any, state: dict[str, Any]) -> None:
+    model.prompt_encoder[model.active_adapter].load_state_dict(state)
+
+
+def fit_projection(encoder: Any, target: Any) -> None:
+    """Set the last layer of the prefix MLP so that it maps the n virtual-token embeddings
+    to `target` (n x layers*2*kv): with n at most the MLP's width the hidden states are
+    linearly independent and the minimum-norm solution is exact."""
+    import torch
+
+    first, act, last = encoder.transform
+    hidden = act(first(encoder.embedding.weight)).float()
+    bias = target.mean(dim=0)
+    weight = torch.linalg.pinv(hidden) @ (target - bias)
+    last.weight.copy_(weight.T.to(last.weight.dtype))
+    last.bias.copy_(bias.to(last.bias.dtype))
 
 
 def linear_module_names(model: Any) -> list[str]:

@@ -317,6 +317,22 @@ def generation_prompt(
     return prompt, reference.strip()
 
 
+def first_prompt(spec: DataSection, rows: list[dict[str, Any]]) -> str | None:
+    """The first training row's prompt in the user's own words (no template): the text
+    prefix and prompt tuning start from by default. None when there is no row."""
+    if not rows:
+        return None
+    row = rows[0]
+    if spec.format == "instruction":
+        value = row.get(spec.prompt_column)
+    elif spec.format == "chat":
+        turns = row.get(spec.messages_column) or []
+        value = next((t.get("content") for t in turns if t.get("role") == "user"), None)
+    else:
+        value = row.get(spec.text_column)
+    return value if isinstance(value, str) else None
+
+
 # ---------------------------------------------------------------------------- tokenizing
 
 

@@ -33,6 +33,12 @@ EMBEDDED_MODEL = "smollm2-135m-instruct"
 VIRTUAL_TOKEN_METHODS = frozenset({"prefix", "prompt"})
 
 
+# The learning rate each method trains with when the recipe sets none. Prompt and prefix
+# tuning move a few virtual tokens through a frozen model and need far larger steps than
+# LoRA; measured on the quickstart and orders tasks (BENCHMARKS.md, "Every adapter method").
+# LoRA and DoRA keep the common 2e-4, which is safe on large models (small ones like 1e-3).
+METHOD_LR = {"lora": 2e-4, "dora": 2e-4, "ia3": 3e-3, "prefix": 1e-2, "prompt": 3e-2}
+
 # Upper bounds for counts: far above any real run, low enough that arithmetic on them
 # (steps times batch, seeds for torch) stays exact and never overflows.
 MAX_STEPS = 10**9
@@ -103,11 +109,26 @@ class AdapterSection(Section):
     num_virtual_tokens: int = Field(
         20, ge=1, le=4096, description="Virtual tokens for prefix and prompt tuning."
     )
+    virtual_init: Literal["text", "random"] = Field(
+        "text",
+        description="How prefix and prompt tuning start: text (from the model's own "
+        "activations or embeddings for an init text) or random (peft's default, which "
+        "throws a small model far off at step 0).",
+    )
     prompt_init_text: str | None = Field(
-        None, description="Prompt tuning: start the virtual tokens from this text's embeddings."
+        None,
+        description="Prompt tuning: start the virtual tokens from this text's embeddings "
+        "(default: the first training prompt).",
+    )
+    prefix_init_text: str | None = Field(
+        None,
+        description="Prefix tuning: start the prefix from the model's own keys and values "
+        "for this text, read as a system message (default: the first training prompt).",
     )
     prefix_projection: bool = Field(
-        False, description="Prefix tuning: learn the prefix through a 2-layer MLP."
+        False,
+        description="Prefix tuning: learn the prefix through a 2-layer MLP (the paper's "
+        "reparametrisation; started so that it outputs the text's keys and values).",
     )
     init_from: PathText | None = Field(
         None,
@@ -209,7 +230,14 @@ class TrainSection(Section):
         None, ge=1, le=MAX_STEPS, description="Optimizer steps to run; overrides epochs when set."
     )
     epochs: float = Field(1.0, gt=0, le=100_000, description="Passes over the training data.")
-    lr: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate (AdamW).")
+    lr: float = Field(
+        2e-4,
+        gt=0,
+        lt=1,
+        description="Peak learning rate (AdamW). Unset, it follows adapter.method: "
+        + ", ".join(f"{m} {lr:g}" for m, lr in METHOD_LR.items())
+        + " (BENCHMARKS.md).",
+    )
     # At most 1: with lr < 1 the decoupled decay factor 1 - lr * weight_decay stays positive.
     weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay.")
     micro_batch_size: int = Field(
@@ -320,6 +348,8 @@ class Recipe(Section):
     # The file this recipe was loaded from (None when built in code): an input of the run,
     # so the run may not be written over it.
     _source: Path | None = PrivateAttr(None)
+    # Defaults this recipe took from its adapter method (said by the run), e.g. "train.lr".
+    _method_defaults: list[str] = PrivateAttr(default_factory=list)
 
     def input_paths(self) -> list[Path]:
         """Every file or folder the run reads: recipe, data, local model, initial adapter."""
@@ -332,6 +362,22 @@ class Recipe(Section):
     def sealed_paths(self) -> list[Path]:
         """Input folders a run may not be written into: the adapter it starts from."""
         return [Path(self.adapter.init_from)] if self.adapter.init_from else []
+
+    @model_validator(mode="after")
+    def _method_lr(self) -> Recipe:
+        if "lr" not in self.train.model_fields_set:
+            self.train.lr = METHOD_LR[self.adapter.method]
+            self._method_defaults = ["train.lr"]
+        return self
+
+    def method_default_notes(self) -> list[str]:
+        """One line per default taken from the adapter method, for the run's notes."""
+        return [
+            f"train.lr {self.train.lr:g}: the {self.adapter.method} default (set train.lr to "
+            "choose another)"
+            for key in self._method_defaults
+            if key == "train.lr"
+        ]
 
     @model_validator(mode="after")
     def _compatible(self) -> Recipe:
@@ -351,6 +397,14 @@ class Recipe(Section):
             )
         if method != "prompt" and self.adapter.prompt_init_text:
             raise ValueError("adapter.prompt_init_text needs adapter.method: prompt")
+        if method != "prefix" and self.adapter.prefix_init_text:
+            raise ValueError("adapter.prefix_init_text needs adapter.method: prefix")
+        init_text = self.adapter.prompt_init_text or self.adapter.prefix_init_text
+        if self.adapter.virtual_init == "random" and init_text:
+            raise ValueError(
+                f"adapter.{method}_init_text is not used with adapter.virtual_init: random; "
+                "remove one of them"
+            )
         return self
 
 

@@ -72,6 +72,7 @@ def build_report(result: RunResult, wall_time_s: float, estimates: Any) -> dict[
         "stopped": result.stopped,
         "interrupted": interrupted_section(result),
         "eval": evals[-1] if evals else None,
+        "eval_start": evals[0] if evals and evals[0]["step"] == 0 else None,
         "exact_match": exact_match_section(result),
         "memory": memory_section(result, estimates),
         "notes": p.notes,
@@ -221,10 +222,13 @@ def render_markdown(report: dict[str, Any]) -> str:
     if t["first_loss"] is not None:
         lines.append(f"- loss: {t['first_loss']:.4f} at step 1 -> {t['final_loss']:.4f} at the end")
     if report["eval"]:
-        e = report["eval"]
+        e, start = report["eval"], report.get("eval_start")
+        began = f"{start['eval_loss']:.4f} at step 0 -> " if start and e["step"] else ""
+        base = start.get("base_eval_loss") if start else None
+        base = f" (base model {base:.4f} at step 0)" if base is not None else ""
         lines.append(
-            f"- held-out loss {e['eval_loss']:.4f}, perplexity {e['eval_perplexity']:.2f} "
-            f"({e['eval_tokens']} tokens)"
+            f"- held-out loss {began}{e['eval_loss']:.4f}{base}, perplexity "
+            f"{e['eval_perplexity']:.2f} ({e['eval_tokens']} tokens)"
         )
     em = report["exact_match"]
     if em:

@@ -22,7 +22,7 @@ import torch
 from finetune import adapters, batching, data, doctor, evaluate, models, runs, tracking
 from finetune.errors import UserError
 from finetune.memory.measure import RSS_NAME, LiveTensorPeak, PeakMemory
-from finetune.recipe import Recipe, dump_recipe
+from finetune.recipe import VIRTUAL_TOKEN_METHODS, Recipe, dump_recipe
 from finetune.stopping import StopRequests
 
 
@@ -94,7 +94,7 @@ def prepare(recipe: Recipe, device: str | None = None, strict: bool = False) -> 
     diagnosis = doctor.diagnose(recipe, tokenizer, splits)
     doctor.refuse(diagnosis, strict)
     loaded = models.load_model(recipe.model, device, tokenizer=tokenizer)
-    notes = list(loaded.notes) + diagnosis.warning_lines()
+    notes = list(loaded.notes) + recipe.method_default_notes() + diagnosis.warning_lines()
     if recipe.eval.max_examples == 0 and splits.eval_rows and recipe.data.format != "text":
         notes.append("eval.max_examples is 0: exact-match generation skipped")
     checkpointing = recipe.train.gradient_checkpointing
@@ -102,12 +102,17 @@ def prepare(recipe: Recipe, device: str | None = None, strict: bool = False) -> 
     if checkpointing and not allowed:
         checkpointing = False
         notes.append(why)
+    spec = adapters.with_init_text(
+        recipe.adapter, data.first_prompt(recipe.data, splits.train_rows)
+    )
+    notes += adapters.init_notes(recipe.adapter, spec)
     model = adapters.attach(
         loaded.model,
-        recipe.adapter,
+        spec,
         quantized=loaded.quantization != "none",
         gradient_checkpointing=checkpointing,
         tokenizer_path=loaded.folder,
+        tokenizer=tokenizer,
     )
     params = adapters.count_parameters(model)
     return Prepared(recipe, loaded, model, splits, params, checkpointing, notes)
@@ -157,21 +162,28 @@ def count_trained(labels: torch.Tensor, method: str) -> int:
     return int((labels[:, 1:] != data.IGNORE_INDEX).sum())
 
 
-def trained_positions_loss(model: Any, batch: dict[str, Any], n_trained: int) -> torch.Tensor:
+def trained_positions_loss(
+    model: Any, batch: dict[str, Any], n_trained: int, virtual_tokens: int = 0
+) -> torch.Tensor:
     """Sum of the token losses of `batch`, divided by the trained tokens of the whole step.
 
     The vocabulary projection and the fp32 log-softmax are the costliest per-token work of a
     small model (profiled: BENCHMARKS.md), so logits are computed only at positions whose
     next token is trained: with the prompt masked that is a fraction of them. Equal to the
     model's own loss with `num_items_in_batch=n_trained` (tested).
+
+    Prompt tuning puts `virtual_tokens` embeddings in front of the sequence: label j is then
+    predicted at position virtual_tokens + j - 1, the first label included.
     """
     # No KV cache: with one, transformers would not build the packed mask.
-    targets = batch["labels"][:, 1:]
+    first = 0 if virtual_tokens else 1
+    targets = batch["labels"][:, first:]
     keep = (targets != data.IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
     if keep.numel() == 0:
         return model(**batch, use_cache=False, num_items_in_batch=n_trained).loss
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
+    positions = keep + first + virtual_tokens - 1
+    logits = model(**inputs, use_cache=False, logits_to_keep=positions).logits
     loss = torch.nn.functional.cross_entropy(
         logits.float().flatten(0, 1),
         targets[:, keep].flatten(),
@@ -301,7 +313,10 @@ class Loop:
 
     def run(self, stop: StopRequests) -> RunResult:
         self.announce()
-        before = self.exact_match("before") if self.state.step == 0 else None
+        before = None
+        if self.state.step == 0:
+            before = self.exact_match("before")
+            self.run_eval()  # the held-out loss the run starts from
         after = None
         with stop:  # from here a first Ctrl-C or SIGTERM ends the step, then saves and stops
             stopped = self.train_steps(stop)
@@ -486,9 +501,11 @@ class Loop:
         return {"measured": live, "resident": {**self.peak.to_dict(), "metric": RSS_NAME}}
 
     def forward_loss(self, batch: dict[str, Any], n_trained: int) -> torch.Tensor:
-        if self.recipe.adapter.method == "prompt":  # its virtual tokens shift every position
-            return self.model(**batch, use_cache=False, num_items_in_batch=n_trained).loss
-        return trained_positions_loss(self.model, batch, n_trained)
+        # Prompt tuning's virtual tokens sit in front of the sequence and shift its positions.
+        shift = (
+            self.recipe.adapter.num_virtual_tokens if self.recipe.adapter.method == "prompt" else 0
+        )
+        return trained_positions_loss(self.model, batch, n_trained, shift)
 
     def due(self, every: int) -> bool:
         """Whether an every-N-steps action is due at the current step (0 means never)."""
@@ -528,6 +545,14 @@ class Loop:
             "eval_perplexity": result.perplexity,
             "eval_tokens": result.tokens,
         }
+        if self.state.step == 0 and self.recipe.adapter.method in VIRTUAL_TOKEN_METHODS:
+            # Virtual tokens are no no-op at step 0 (LoRA is): the base model's loss beside it
+            # shows how far the initialisation moved the model.
+            with self.unwrapped().disable_adapter():
+                base = evaluate.evaluate_loss(
+                    self.unwrapped(), eval_data, self.pad_id, self.recipe.train.micro_batch_size
+                )
+            record["base_eval_loss"] = base.loss
         self.evals.append(record)
         self.metrics.write(record)
 
@@ -575,6 +600,11 @@ class Loop:
 
     def write_checkpoint(self, folder: Path) -> None:
         self.unwrapped().save_pretrained(folder / "adapter")
+        projection = adapters.projection_state(self.unwrapped())
+        if projection is not None:
+            from safetensors.torch import save_file
+
+            save_file(projection, folder / PROJECTION_FILE)
         torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
         torch.save(self.scheduler.state_dict(), folder / "scheduler.pt")
         torch.save({"torch": torch.get_rng_state()}, folder / "rng_torch.pt")
@@ -589,7 +619,10 @@ class Loop:
     def restore(self, saved: SavedCheckpoint) -> None:
         from peft import set_peft_model_state_dict
 
-        set_peft_model_state_dict(self.unwrapped(), saved.weights)
+        if saved.projection is not None:
+            adapters.restore_projection(self.unwrapped(), saved.projection)
+        else:
+            set_peft_model_state_dict(self.unwrapped(), saved.weights)
         self.optimizer.load_state_dict(saved.optimizer)
         self.scheduler.load_state_dict(saved.scheduler)
         torch.set_rng_state(saved.torch_rng)
@@ -599,6 +632,10 @@ class Loop:
         self.state = RunState(**saved.state)
         self.history = runs.read_history(self.run_dir, self.state.step)
         self.evals = runs.read_evals(self.run_dir, self.state.step)
+
+
+# Beside a checkpoint's adapter: the prefix MLP, which peft's saved adapter leaves out.
+PROJECTION_FILE = "prefix_encoder.safetensors"
 
 
 @dataclass
@@ -612,6 +649,7 @@ class SavedCheckpoint:
     torch_rng: torch.Tensor
     rng: dict[str, Any]
     state: dict[str, Any]
+    projection: dict[str, torch.Tensor] | None = None  # the prefix MLP (prefix_projection)
 
 
 def read_checkpoint(checkpoint: Path) -> SavedCheckpoint:
@@ -632,6 +670,8 @@ def read_checkpoint(checkpoint: Path) -> SavedCheckpoint:
             rng=json.loads((checkpoint / "rng.json").read_text()),
             state=json.loads((checkpoint / "state.json").read_text()),
         )
+        if (checkpoint / PROJECTION_FILE).exists():
+            saved.projection = load_file(checkpoint / PROJECTION_FILE)
         RunState(**saved.state)
     except Exception as err:  # any unreadable part means this checkpoint is unusable
         raise UserError(

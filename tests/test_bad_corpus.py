@@ -390,6 +390,19 @@ CASES = [
         "an option of another method",
     ),
     Case(
+        "prefix-init-text-with-prompt",
+        run("prefix_init_with_prompt.yaml"),
+        r"prefix_init_with_prompt\.yaml: .*adapter\.prefix_init_text needs adapter\.method: prefix",
+        "an option of another method",
+    ),
+    Case(
+        "init-text-with-random-init",
+        run("init_text_with_random_init.yaml"),
+        r"init_text_with_random_init\.yaml: .*adapter\.prefix_init_text is not used with "
+        r"adapter\.virtual_init: random",
+        "two options that contradict each other",
+    ),
+    Case(
         "prefix-projection-with-prompt",
         run("prefix_projection_with_prompt.yaml"),
         r"prefix_projection_with_prompt\.yaml: .*adapter\.prefix_projection applies to prefix",

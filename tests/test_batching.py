@@ -92,6 +92,28 @@ def test_packed_training_runs_end_to_end(recipe_file):
     assert result.history[-1]["loss"] < result.history[0]["loss"]
 
 
+@pytest.mark.parametrize("train_on_prompt", [False, True])
+def test_prompt_tuning_loss_at_trained_positions_is_peft_models_own(tokenized, train_on_prompt):
+    """Prompt tuning's virtual tokens shift every position; the first label is predicted too."""
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+
+    tokenizer, examples = tokenized
+    config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=5)
+    model = get_peft_model(build_model(tokenizer), config)
+    batch = collate(build_items(examples, False, 128, 0), tokenizer.pad_token_id, False)
+    if train_on_prompt:  # every real token trained, the first one included
+        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    n = count_trained(batch["labels"], "prompt")
+    ours = trained_positions_loss(model, batch, n, virtual_tokens=5)
+    theirs = model(**batch, use_cache=False, num_items_in_batch=n).loss
+    assert float(ours) == pytest.approx(float(theirs), rel=1e-6)
+    ours.backward()
+    mine = model.prompt_encoder["default"].embedding.weight.grad.clone()
+    model.zero_grad()
+    theirs.backward()
+    assert torch.allclose(mine, model.prompt_encoder["default"].embedding.weight.grad, atol=1e-6)
+
+
 @pytest.mark.parametrize("packed", [False, True])
 def test_logits_only_at_trained_positions_give_the_models_own_loss(tokenized, packed):
     tokenizer, examples = tokenized

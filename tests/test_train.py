@@ -15,9 +15,17 @@ METHOD_SETTINGS = {
     "dora": {"method": "dora", "r": 4, "alpha": 8},
     "ia3": {"method": "ia3"},
     "prefix": {"method": "prefix", "num_virtual_tokens": 4},
+    "prefix-projection": {"method": "prefix", "num_virtual_tokens": 4, "prefix_projection": True},
     "prompt": {"method": "prompt", "num_virtual_tokens": 4},
 }
-LR = {"lora": 5e-3, "dora": 5e-3, "ia3": 5e-2, "prefix": 3e-2, "prompt": 1e-1}
+LR = {
+    "lora": 5e-3,
+    "dora": 5e-3,
+    "ia3": 5e-2,
+    "prefix": 3e-2,
+    "prefix-projection": 3e-3,
+    "prompt": 1e-1,
+}
 RUN_FILES = [
     "recipe.yaml",
     "adapter",
@@ -72,9 +80,9 @@ def test_cli_train_end_to_end(method, recipe_file, tmp_path):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 8 and losses[-1] < losses[0]
-    assert [r["step"] for r in records if "eval_loss" in r] == [4, 8]
+    assert [r["step"] for r in records if "eval_loss" in r] == [0, 4, 8]
     report = json.loads((run / "report.json").read_text())
-    assert report["adapter"]["method"] == method
+    assert report["adapter"]["method"] == METHOD_SETTINGS[method]["method"]
     assert 0 < report["adapter"]["trainable_parameters"] < report["adapter"]["total_parameters"]
     assert report["exact_match"]["examples"] == 6
     assert report["memory"]["measured"]["peak_bytes"] > 0
@@ -92,13 +100,20 @@ def test_int8_lora_trains_on_the_cpu(recipe_file):
     assert result.history[-1]["loss"] < result.history[0]["loss"]
 
 
-def test_resume_continues_exactly(recipe_file, tmp_path):
-    """A run cut off after a checkpoint and resumed ends exactly where an uninterrupted run ends."""
+@pytest.mark.parametrize("method", ["lora", "prefix-projection"])
+def test_resume_continues_exactly(method, recipe_file, tmp_path):
+    """A run cut off after a checkpoint and resumed ends exactly where an uninterrupted run ends.
+    (The prefix MLP is not part of the saved adapter: checkpoints keep it beside it.)"""
     import shutil
 
-    common = {"max_steps": 6, "save_every": 3, "lr": 5e-3, "grad_accum": 2}
-    straight = train(load_recipe(recipe_file(train=common, output={"dir": str(tmp_path / "a")})))
-    cut = load_recipe(recipe_file("b.yaml", train=common, output={"dir": str(tmp_path / "b")}))
+    common = {"max_steps": 6, "save_every": 3, "lr": LR[method], "grad_accum": 2}
+    adapter = METHOD_SETTINGS[method]
+    straight = train(
+        load_recipe(recipe_file(adapter=adapter, train=common, output={"dir": str(tmp_path / "a")}))
+    )
+    cut = load_recipe(
+        recipe_file("b.yaml", adapter=adapter, train=common, output={"dir": str(tmp_path / "b")})
+    )
     train(cut)
     # What a kill right after the step-3 checkpoint leaves behind: no later checkpoint, no adapter.
     shutil.rmtree(tmp_path / "b" / "checkpoints" / "step-6")
