@@ -33,11 +33,18 @@ EMBEDDED_MODEL = "smollm2-135m-instruct"
 VIRTUAL_TOKEN_METHODS = frozenset({"prefix", "prompt"})
 
 
-# The learning rate each method trains with when the recipe sets none. Prompt and prefix
-# tuning move a few virtual tokens through a frozen model and need far larger steps than
-# LoRA; measured on the quickstart and orders tasks (BENCHMARKS.md, "Every adapter method").
-# LoRA and DoRA keep the common 2e-4, which is safe on large models (small ones like 1e-3).
-METHOD_LR = {"lora": 2e-4, "dora": 2e-4, "ia3": 3e-3, "prefix": 1e-2, "prompt": 3e-2}
+# What each method trains with when the recipe leaves train.lr or train.epochs unset.
+# Prompt and prefix tuning move a few virtual tokens through a frozen model: they need far
+# larger steps than LoRA, and about twice the passes over the data to reach the same exact
+# match (measured on the quickstart and orders tasks: BENCHMARKS.md, "Every adapter
+# method"). LoRA and DoRA keep the common 2e-4, safe on large models (small ones like 1e-3).
+METHOD_DEFAULTS: dict[str, dict[str, float]] = {
+    "lora": {"lr": 2e-4, "epochs": 1.0},
+    "dora": {"lr": 2e-4, "epochs": 1.0},
+    "ia3": {"lr": 3e-3, "epochs": 1.0},
+    "prefix": {"lr": 1e-2, "epochs": 2.0},
+    "prompt": {"lr": 1e-1, "epochs": 2.0},
+}
 
 # Upper bounds for counts: far above any real run, low enough that arithmetic on them
 # (steps times batch, seeds for torch) stays exact and never overflows.
@@ -229,14 +236,21 @@ class TrainSection(Section):
     max_steps: int | None = Field(
         None, ge=1, le=MAX_STEPS, description="Optimizer steps to run; overrides epochs when set."
     )
-    epochs: float = Field(1.0, gt=0, le=100_000, description="Passes over the training data.")
+    epochs: float = Field(
+        1.0,
+        gt=0,
+        le=100_000,
+        description="Passes over the training data. Unset, it follows adapter.method: "
+        + ", ".join(f"{m} {d['epochs']:g}" for m, d in METHOD_DEFAULTS.items())
+        + ".",
+    )
     lr: float = Field(
         2e-4,
         gt=0,
         lt=1,
         description="Peak learning rate (AdamW). Unset, it follows adapter.method: "
-        + ", ".join(f"{m} {lr:g}" for m, lr in METHOD_LR.items())
-        + " (BENCHMARKS.md).",
+        + ", ".join(f"{m} {d['lr']:g}" for m, d in METHOD_DEFAULTS.items())
+        + ".",
     )
     # At most 1: with lr < 1 the decoupled decay factor 1 - lr * weight_decay stays positive.
     weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay.")
@@ -364,19 +378,21 @@ class Recipe(Section):
         return [Path(self.adapter.init_from)] if self.adapter.init_from else []
 
     @model_validator(mode="after")
-    def _method_lr(self) -> Recipe:
-        if "lr" not in self.train.model_fields_set:
-            self.train.lr = METHOD_LR[self.adapter.method]
-            self._method_defaults = ["train.lr"]
+    def _method_defaults_for_unset(self) -> Recipe:
+        unset = [k for k in ("lr", "epochs") if k not in self.train.model_fields_set]
+        if "epochs" in unset and self.train.max_steps:
+            unset.remove("epochs")  # max_steps decides; epochs would be a note about nothing
+        for key in unset:
+            setattr(self.train, key, METHOD_DEFAULTS[self.adapter.method][key])
+        self._method_defaults = [f"train.{key}" for key in unset]
         return self
 
     def method_default_notes(self) -> list[str]:
         """One line per default taken from the adapter method, for the run's notes."""
         return [
-            f"train.lr {self.train.lr:g}: the {self.adapter.method} default (set train.lr to "
-            "choose another)"
+            f"{key} {getattr(self.train, key.split('.')[1]):g}: the {self.adapter.method} "
+            f"default (set {key} to choose another)"
             for key in self._method_defaults
-            if key == "train.lr"
         ]
 
     @model_validator(mode="after")

@@ -113,11 +113,11 @@ def run_setups(p: Any) -> list[Any]:
     ]
 
 
-def visited_shapes(p: Any) -> dict[bool, tuple[int, int | None]]:
+def visited_shapes(p: Any) -> dict[bool, tuple[int, int]]:
     """Over the micro-batches the run visits (all its steps, in its order; one process),
     by whether attention needs an explicit mask (packing, or padding): the widest, and the
-    most positions at which any computed logits (None when the loop computes them
-    everywhere, as for prompt tuning)."""
+    most positions at which it computes logits (prompt tuning's virtual tokens in front
+    also predict the first label)."""
     from finetune import batching
     from finetune.data import IGNORE_INDEX
     from finetune.train import total_steps
@@ -134,6 +134,7 @@ def visited_shapes(p: Any) -> dict[bool, tuple[int, int | None]]:
         recipe.data.group_by_length,
     )
     shapes: dict[bool, tuple[int, int]] = {}
+    first = 0 if recipe.adapter.method == "prompt" else 1  # as train.trained_positions_loss
     visited = total_steps(recipe, len(items)) * recipe.train.grad_accum
     # Every epoch holds the longest item; past three epochs only the logits-position
     # maximum could still move, by a few positions, and the loop would cost seconds.
@@ -143,11 +144,10 @@ def visited_shapes(p: Any) -> dict[bool, tuple[int, int | None]]:
         mask = batch.get("attention_mask")
         masked = recipe.data.packing or (mask is not None and not bool(mask.all()))
         width = batch["labels"].shape[1]
-        logits = int((batch["labels"][:, 1:] != IGNORE_INDEX).any(dim=0).sum())
+        logits = int((batch["labels"][:, first:] != IGNORE_INDEX).any(dim=0).sum())
         seq, most = shapes.get(masked, (0, 0))
         shapes[masked] = (max(seq, width), max(most, logits))
-    prompt = recipe.adapter.method == "prompt"
-    return {k: (seq, None if prompt else most) for k, (seq, most) in shapes.items()}
+    return shapes
 
 
 def memory_section(result: RunResult, estimates: Any) -> dict[str, Any]:

@@ -61,11 +61,9 @@ def real_step(cfg, setup: Setup, model=None) -> MemoryTracker:
                 batch["attention_mask"][-1, -4:] = 0
             for tensor in batch.values():
                 tracker.track(tensor, "activations")
-            with tracker.phase("forward"):
-                if setup.method == "prompt":
-                    loss = model(**batch, use_cache=False, num_items_in_batch=3).loss
-                else:
-                    loss = trained_positions_loss(model, batch, 3)
+            with tracker.phase("forward"):  # as train.Loop.forward_loss
+                shift = setup.virtual_tokens if setup.method == "prompt" else 0
+                loss = trained_positions_loss(model, batch, 3, shift)
             with tracker.phase("backward"):
                 loss.backward()
             del loss, batch, ids, labels, tensor

@@ -92,3 +92,35 @@ def test_resolved_recipe_round_trips(tmp_path):
     # Every field round-trips; only the loaded one knows which file it came from.
     assert again.model_dump() == recipe.model_dump()
     assert again.input_paths()[0] == tmp_path / "x.jsonl" != recipe.input_paths()[0]
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "prefix", "prompt"])
+def test_unset_lr_and_epochs_follow_the_method_and_the_run_says_so(method, tmp_path):
+    from finetune.recipe import METHOD_DEFAULTS
+
+    recipe = load_recipe(
+        write(tmp_path, f"data: {{path: x.jsonl}}\nadapter: {{method: {method}}}\n")
+    )
+    lr, epochs = (METHOD_DEFAULTS[method][k] for k in ("lr", "epochs"))
+    assert (recipe.train.lr, recipe.train.epochs) == (lr, epochs)
+    assert recipe.method_default_notes() == [
+        f"train.lr {lr:g}: the {method} default (set train.lr to choose another)",
+        f"train.epochs {epochs:g}: the {method} default (set train.epochs to choose another)",
+    ]
+    with_steps = load_recipe(
+        write(tmp_path, f"data: {{path: x.jsonl}}\nadapter: {{method: {method}}}\n"),
+        ["train.max_steps=5"],
+    )
+    assert [n.split()[0] for n in with_steps.method_default_notes()] == ["train.lr"]
+    # The resolved recipe a run writes holds the value; loading it back changes nothing.
+    again = load_recipe(write(tmp_path, dump_recipe(recipe)))
+    assert again.train.lr == recipe.train.lr and again.method_default_notes() == []
+
+
+def test_a_set_lr_is_kept_whatever_the_method(tmp_path):
+    text = "data: {path: x.jsonl}\nadapter: {method: prompt}\ntrain: {lr: 1.0e-4}\n"
+    recipe = load_recipe(write(tmp_path, text))
+    assert recipe.train.lr == 1e-4
+    assert not [n for n in recipe.method_default_notes() if n.startswith("train.lr")]
+    overridden = load_recipe(write(tmp_path, "data: {path: x.jsonl}\n"), ["train.lr=0.05"])
+    assert overridden.train.lr == 0.05

@@ -2,9 +2,9 @@
 
 The model is built from its transformers config with no memory behind it, the adapter is
 attached by `finetune.adapters.attach` (the code training uses), and the step is the one
-`train.Loop.step` takes: `trained_positions_loss` (the model's own loss for prompt
-tuning), backward, `torch.optim.AdamW.step()`. Nothing about any architecture is written
-by hand; what the step allocates is what the estimate reports.
+`train.Loop.step` takes: `trained_positions_loss`, backward, `torch.optim.AdamW.step()`.
+Nothing about any architecture is written by hand; what the step allocates is what the
+estimate reports.
 
 Decisions that differ from a real run, and why:
 - SDPA on meta tensors would fall back to the math kernel, which stores the s x s score
@@ -485,11 +485,9 @@ def step(model: Any, optimizer: Any, tracker: Any, setup: Any, trained: int, voc
             batch = meta_batch(setup, vocab)
             for tensor in batch.values():
                 tracker.track(tensor, "activations")
-            with tracker.phase("forward"):
-                if setup.method == "prompt":  # as train.Loop.forward_loss
-                    loss = model(**batch, use_cache=False, num_items_in_batch=trained).loss
-                else:
-                    loss = trained_positions_loss(model, batch, trained)
+            with tracker.phase("forward"):  # as train.Loop.forward_loss
+                shift = setup.virtual_tokens if setup.method == "prompt" else 0
+                loss = trained_positions_loss(model, batch, trained, shift)
             with tracker.phase("backward"):
                 loss.backward()
             del loss, batch, tensor
