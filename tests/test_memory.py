@@ -120,10 +120,8 @@ def test_saved_activations_equal_autograd(method, dtype, attn):
     mask[-1, -3:] = 0  # padded, as a batch of 2 is by default (Setup.masked)
     batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.clone()}
     with saved_tensors(model) as found:  # the loss the training loop (and the dry run) takes
-        if method == "prompt":
-            model(**batch, use_cache=False)
-        else:
-            trained_positions_loss(model, batch, 15)
+        shift = setup.virtual_tokens if method == "prompt" else 0
+        trained_positions_loss(model, batch, 15, shift)
     # Exact but for prefix and prompt tuning, where the dry run holds 80 bytes more (peft's
     # virtual-token indices, 10 int64), under 0.03%.
     saved = dry_run(config, setup).saved_for_backward_bytes

@@ -444,7 +444,9 @@ def dry_run(config: Any, setup: Any) -> DryRun:
         for m in model.modules()
         if isinstance(m, StandInLinear)
     )
-    trained = setup.logit_positions or setup.seq - 1
+    # Positions with logits: prompt tuning's last virtual token also predicts the first label.
+    most = setup.seq if setup.method == "prompt" else setup.seq - 1
+    trained = min(setup.logit_positions or most, most)
     optimizer = make_optimizer(model, setup)
     tracker = MemoryTracker(model)
     global _autocast_dtype
@@ -480,7 +482,7 @@ def step(model: Any, optimizer: Any, tracker: Any, setup: Any, trained: int, voc
     (set_to_none, as train.Loop does)."""
     from finetune.train import trained_positions_loss
 
-    with tracker, _KnownSizes(min(trained, setup.seq - 1), setup.attention_masked):
+    with tracker, _KnownSizes(trained, setup.attention_masked):
         for _ in range(STEPS):
             batch = meta_batch(setup, vocab)
             for tensor in batch.values():
