@@ -490,7 +490,7 @@ def copy_adapter(target: inference.Target, method: str, folder: Path) -> None:
     if target.recipe is not None:
         from finetune.recipe import dump_recipe
 
-        (folder / "recipe.yaml").write_text(dump_recipe(target.recipe), encoding="utf-8")
+        runs.write_recipe_copy(folder, dump_recipe(target.recipe))
     (folder / "README.md").write_text(adapter_card(target, method), encoding="utf-8")
 
 
@@ -912,7 +912,7 @@ def combine(
         if first.recipe is not None:
             from finetune.recipe import dump_recipe
 
-            (folder / "recipe.yaml").write_text(dump_recipe(first.recipe), encoding="utf-8")
+            runs.write_recipe_copy(folder, dump_recipe(first.recipe))
         (folder / "combine.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
         (folder / "README.md").write_text(combine_card(report), encoding="utf-8")
 

@@ -115,6 +115,11 @@ def start_run_dir(run_dir: Path, *, fresh: bool, recipe_yaml: str) -> None:
     write_text_atomically(run_dir / "recipe.yaml", recipe_yaml)
 
 
+def write_recipe_copy(folder: Path, recipe_yaml: str) -> None:
+    """The recipe beside an exported adapter (or combination), as a run directory keeps it."""
+    (folder / "recipe.yaml").write_text(recipe_yaml, encoding="utf-8")
+
+
 def write_atomically(target: Path, write: Callable[[Path], Any], then: str = AGAIN) -> None:
     """Call `write(tmp_folder)` and rename the folder to `target`, replacing an older one.
 
