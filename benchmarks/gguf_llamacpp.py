@@ -18,8 +18,9 @@ import datetime
 import time
 from pathlib import Path
 
-from finetune import evaluate, export, inference, llamacpp
+from finetune import evaluate, export, inference
 from finetune.data import generation_prompt, load_rows
+from finetune.export import llamacpp
 
 
 def llama_exact_match(llm, pairs: list[tuple[str, str]], max_new_tokens: int, stop: set[int]):

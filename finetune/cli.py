@@ -516,24 +516,10 @@ def merge(
 
 
 def _show_merge(report) -> None:
-    out.print(
-        f"merged the {report.method} adapter into {report.folded_into}; check: max |logit "
-        f"difference| {report.max_logit_diff:.3g} (tolerance {report.tolerance:g})",
-        highlight=False,
-    )
-    if report.sixteen_bit_noise is not None:
-        out.print(
-            f"(the unmerged adapter model in {report.dtype} is itself "
-            f"{report.sixteen_bit_noise:.3g} from float32; the tolerance allows twice that)",
-            highlight=False,
-        )
-    if report.max_logit_diff_vs_trained is not None:
-        out.print(
-            f"against the adapter on the {report.trained_quantization} base it was trained with: "
-            f"max |logit difference| {report.max_logit_diff_vs_trained:.3g}"
-            + ("" if report.match_quantized else " (--match-quantized folds into those weights)"),
-            highlight=False,
-        )
+    from finetune.export import merge_lines
+
+    for line in merge_lines(report):
+        out.print(line, highlight=False)
 
 
 @app.command()
@@ -567,6 +553,7 @@ def export(
     LoRA adapter as a llama.cpp adapter GGUF. GGUF files are checked in llama.cpp when
     llama-cpp-python is installed."""
     from finetune.export import export as run_export
+    from finetune.export import gguf_check_line
 
     report = _checked(
         lambda: run_export(
@@ -585,25 +572,8 @@ def export(
     if report.merge is not None:
         _show_merge(report.merge)
     if report.check is not None:
-        out.print(_gguf_check_line(report), highlight=False)
+        out.print(gguf_check_line(report), highlight=False)
     out.print(f"{report.format}: {report.out} ({report.size_bytes / 1e6:.1f} MB)", highlight=False)
-
-
-def _gguf_check_line(report) -> str:
-    check = report.check
-    what = f"GGUF ({report.gguf_type})" if report.format == "gguf" else "adapter GGUF"
-    if check.base_gguf:
-        what += f" on {check.base_gguf}"
-    line = f"{what} checked with {check.runner}: "
-    if check.prompts:
-        line += f"tokens {'identical' if check.tokens_identical else 'DIFFER'} on "
-        line += f"{check.prompts} prompts, "
-    line += f"max |logit difference| {check.max_logit_diff:.3g} (tolerance {check.tolerance:g})"
-    if check.greedy_identical is not None:
-        line += f", greedy answers identical on {check.greedy_identical}/{check.prompts}"
-    if check.pre_tokenizer:
-        line += f"; pre-tokenizer {check.pre_tokenizer}"
-    return line + (f"; {check.note}" if check.note else "")
 
 
 @app.command()

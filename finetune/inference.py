@@ -38,11 +38,6 @@ SHAPE_FIELDS = (
     "num_attention_heads",
     "num_key_value_heads",
 )
-PROBE_PROMPTS = (
-    "Convert 3 March 2024 to ISO.",
-    "The capital of France is",
-    "Write one sentence about the sea.",
-)
 
 
 @dataclass
@@ -256,31 +251,6 @@ def render_prompt(tokenizer: Any, prompt: str, chat_template: bool = True) -> st
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
     return prompt
-
-
-def probe_batch(tokenizer: Any) -> dict[str, torch.Tensor]:
-    """A few fixed prompts, rendered and padded, for comparing two models' logits."""
-    texts = [render_prompt(tokenizer, p) for p in PROBE_PROMPTS]
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "right"
-    try:
-        return dict(tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False))
-    finally:
-        tokenizer.padding_side = side
-
-
-@torch.no_grad()
-def probe_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """float32 logits of `model` on `batch`, on the CPU."""
-    device = next(p.device for p in model.parameters())
-    out = model(**{k: v.to(device) for k, v in batch.items()})
-    return out.logits.float().cpu()
-
-
-def max_logit_diff(a: torch.Tensor, b: torch.Tensor, attention_mask: torch.Tensor) -> float:
-    """Largest absolute difference between two logit tensors over real (unpadded) positions."""
-    keep = attention_mask.bool()
-    return float((a[keep] - b[keep]).abs().max())
 
 
 # ------------------------------------------------------------------------ commands

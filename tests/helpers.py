@@ -157,6 +157,6 @@ def tiny_recipe(model_dir: Path, data: Path, out: Path) -> dict:
 def with_llamacpp() -> bool:
     """Run the llama.cpp tests: the binding is installed, or `make test` demands it
     (FINETUNE_REQUIRE_LLAMACPP=1), so that a missing build fails instead of skipping."""
-    from finetune import llamacpp
+    from finetune.export import llamacpp
 
     return llamacpp.available() or os.environ.get("FINETUNE_REQUIRE_LLAMACPP") == "1"

@@ -12,6 +12,7 @@ import yaml
 from helpers import build_model, build_tokenizer, date_rows, run_main, with_llamacpp, write_jsonl
 
 from finetune import export, inference
+from finetune.export import checks, gguf_vocab
 from finetune.recipe import load_recipe
 from finetune.train import train
 
@@ -57,8 +58,8 @@ def made(tmp_path_factory, tiny_model_dir):
 
 def adapter_logits(run):
     session = inference.load(inference.resolve_target(str(run)), device="cpu")
-    batch = inference.probe_batch(session.tokenizer)
-    return inference.probe_logits(session.model, batch), batch
+    batch = checks.probe_batch(session.tokenizer)
+    return checks.probe_logits(session.model, batch), batch
 
 
 def expect_error(capsys, args, pattern, code=2):
@@ -85,8 +86,8 @@ def test_merge_equals_adapter_and_loads_with_plain_transformers(method, made, tm
     assert "max |logit difference|" in (folder / "README.md").read_text()
     expected, batch = adapter_logits(run)
     plain = AutoModelForCausalLM.from_pretrained(folder)
-    got = inference.probe_logits(plain, batch)
-    assert inference.max_logit_diff(expected, got, batch["attention_mask"]) < 1e-4
+    got = checks.probe_logits(plain, batch)
+    assert checks.max_logit_diff(expected, got, batch["attention_mask"]) < 1e-4
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
@@ -153,8 +154,8 @@ def test_gguf_export_loads_back_with_matching_logits(made, tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(
         tmp_path, gguf_file="model.gguf", dtype=torch.float32
     )
-    got = inference.probe_logits(reloaded, batch)
-    assert inference.max_logit_diff(expected, got, batch["attention_mask"]) < 1e-4
+    got = checks.probe_logits(reloaded, batch)
+    assert checks.max_logit_diff(expected, got, batch["attention_mask"]) < 1e-4
     tokenizer = AutoTokenizer.from_pretrained(tmp_path, gguf_file="model.gguf")
     assert tokenizer.chat_template == build_tokenizer().chat_template
     q8 = export.export(str(run), tmp_path / "q8.gguf", "gguf", gguf_type="q8_0")
@@ -190,9 +191,9 @@ def test_combine_with_weights_one_zero_reproduces_the_first_adapter(made, tmp_pa
         )
         assert (out / "adapter_config.json").is_file() and (out / "recipe.yaml").is_file()
         got, _ = adapter_logits(out)
-        assert inference.max_logit_diff(expected, got, mask) < 1e-4, method
+        assert checks.max_logit_diff(expected, got, mask) < 1e-4, method
     other, _ = adapter_logits(second)
-    assert inference.max_logit_diff(expected, other, mask) > 1e-3
+    assert checks.max_logit_diff(expected, other, mask) > 1e-3
     # TIES elects each weight's sign from all adapters, whatever their weights: it runs and
     # yields an adapter generate and eval accept, not a copy of the first.
     export.combine([str(first), str(second)], tmp_path / "ties", method="ties", weights="0.6,0.4")
@@ -284,26 +285,26 @@ def test_embedded_model_trains_merges_and_exports_gguf(tmp_path):
     )
     train(recipe)
     merged = export.merge(str(tmp_path / "run"), tmp_path / "merged")
-    assert merged.max_logit_diff < export.MERGE_TOLERANCE["float32"]
+    assert merged.max_logit_diff < checks.MERGE_TOLERANCE["float32"]
     report = export.export(str(tmp_path / "run"), tmp_path / "model.gguf", "gguf")
-    assert report.check.max_logit_diff < export.GGUF_TOLERANCE["f16"]
+    assert report.check.max_logit_diff < checks.GGUF_TOLERANCE["f16"]
     assert report.check.tokens_identical
     # The tokenizer fields come from the embedded GGUF; llama.cpp's own hash names it alike.
     assert report.check.pre_tokenizer == "smollm"
-    assert export.gguf_file.pre_tokenizer(report_tokenizer(tmp_path / "merged")) == "smollm"
+    assert gguf_vocab.pre_tokenizer(report_tokenizer(tmp_path / "merged")) == "smollm"
     assert 200e6 < report.size_bytes < 400e6  # 135M parameters in f16 plus the vocabulary
     reloaded = AutoModelForCausalLM.from_pretrained(
         tmp_path, gguf_file="model.gguf", dtype=torch.float32
     )
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     session = inference.load(inference.resolve_target(str(tmp_path / "run")), device="cpu")
-    batch = inference.probe_batch(session.tokenizer)
-    diff = inference.max_logit_diff(
-        inference.probe_logits(plain, batch),
-        inference.probe_logits(reloaded, batch),
+    batch = checks.probe_batch(session.tokenizer)
+    diff = checks.max_logit_diff(
+        checks.probe_logits(plain, batch),
+        checks.probe_logits(reloaded, batch),
         batch["attention_mask"],
     )
-    assert diff < export.GGUF_TOLERANCE["f16"]
+    assert diff < checks.GGUF_TOLERANCE["f16"]
     if not with_llamacpp():
         return
     # In llama.cpp (the export's own check ran there): f16 answers the probes as the merged
@@ -313,4 +314,4 @@ def test_embedded_model_trains_merges_and_exports_gguf(tmp_path):
     adapter = export.export(str(tmp_path / "run"), tmp_path / "adapter.gguf", "gguf-adapter")
     assert adapter.check.base_gguf.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
     assert adapter.check.tokens_identical and adapter.size_bytes < report.size_bytes / 10
-    assert adapter.check.max_logit_diff < export.BASE_TOLERANCE["other"]
+    assert adapter.check.max_logit_diff < checks.BASE_TOLERANCE["other"]

@@ -15,8 +15,9 @@ import pytest
 import yaml
 from helpers import build_tokenizer, date_rows, run_main, with_llamacpp, write_jsonl
 
-from finetune import export, gguf_file, inference, llamacpp
+from finetune import export, inference
 from finetune.errors import UserError
+from finetune.export import checks, gguf_file, gguf_vocab, llamacpp, merging
 from finetune.recipe import load_recipe
 from finetune.train import train
 
@@ -56,7 +57,7 @@ def llama_answers(path: Path, session, lora: Path | None = None) -> llamacpp.Com
     model in transformers on the probe prompts."""
     llm = llamacpp.load(path, lora=lora)
     try:
-        texts = [inference.render_prompt(session.tokenizer, p) for p in inference.PROBE_PROMPTS]
+        texts = [inference.render_prompt(session.tokenizer, p) for p in checks.PROBE_PROMPTS]
         return llamacpp.compare(llm, session.model, session.tokenizer, texts)
     finally:
         llm.close()
@@ -78,10 +79,10 @@ def test_pre_tokenizer_is_named_as_llamacpp_names_it():
 
     tokenizer = build_tokenizer()
     # A vocabulary of our own: no chkhsh table knows it, but its pre-tokenizer is GPT-2's.
-    assert gguf_file.pre_tokenizer(tokenizer) == "gpt-2"
+    assert gguf_vocab.pre_tokenizer(tokenizer) == "gpt-2"
     tokenizer.backend_tokenizer.normalizer = normalizers.Lowercase()
     with pytest.raises(UserError, match=r"llama.cpp does not know this tokenizer's pre-tokenizer"):
-        gguf_file.pre_tokenizer(tokenizer)
+        gguf_vocab.pre_tokenizer(tokenizer)
 
 
 # ------------------------------------------------------------------------ merged model
@@ -100,10 +101,10 @@ def test_merged_gguf_runs_in_llamacpp_as_in_transformers(lora_run, tmp_path):
         assert metadata(path)["tokenizer.ggml.pre"] == "gpt-2"
         found = llama_answers(path, session)
         assert found.tokens_identical and found.positions > 30
-        assert found.max_logit_diff < export.GGUF_TOLERANCE[gguf_type]
+        assert found.max_logit_diff < checks.GGUF_TOLERANCE[gguf_type]
     # f32 and f16 answer exactly as transformers does, token for token.
     for gguf_type in ("f32", "f16"):
-        assert reports[gguf_type].check.greedy_identical == len(inference.PROBE_PROMPTS)
+        assert reports[gguf_type].check.greedy_identical == len(checks.PROBE_PROMPTS)
     assert reports["f32"].check.max_logit_diff < 1e-3
     assert reports["q8_0"].size_bytes < reports["f32"].size_bytes / 2
 
@@ -118,7 +119,7 @@ def test_the_old_metadata_is_what_llamacpp_refuses(lora_run, tmp_path):
     path = tmp_path / "old.gguf"
     writer = gguf.GGUFWriter(str(path), "llama")
     gguf_file.add_hparams(writer, model.config, "old")
-    tokens, types = gguf_file.vocabulary(session.tokenizer, model.config.vocab_size)
+    tokens, types = gguf_vocab.vocabulary(session.tokenizer, model.config.vocab_size)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("gpt2")  # what finetune wrote before
     writer.add_token_list(tokens)
@@ -164,7 +165,7 @@ def test_adapter_gguf_on_the_base_gguf_answers_as_the_merged_model(
     assert facts["general.type"] == "adapter" and facts["adapter.type"] == "lora"
     assert facts["adapter.lora.alpha"] == 16.0
     # llama.cpp, base + adapter, against the merged model in transformers.
-    merged = export.build_merged(inference.resolve_target(str(lora_run)))
+    merged = merging.build_merged(inference.resolve_target(str(lora_run)))
     found = llama_answers(tmp_path / "b.gguf", merged, lora=tmp_path / "a.gguf")
     assert found.tokens_identical and found.greedy_identical == found.prompts
     assert found.max_logit_diff < 0.5  # f16 base

@@ -1,11 +1,11 @@
-"""Regenerate finetune/llama_pre.py from a llama.cpp checkout.
+"""Regenerate finetune/export/llama_pre.py from a llama.cpp checkout.
 
 llama.cpp's converter names a BPE tokenizer's pre-tokenizer by hashing the token ids it gives
 on a fixed text (`get_vocab_base_pre`, a generated chain of `if chkhsh == ...` lines). This
 reads that chain, so finetune names pre-tokenizers exactly as the llama.cpp it is checked
 against does.
 
-    python tools/llama_pre_table.py path/to/llama.cpp COMMIT > finetune/llama_pre.py
+    python tools/llama_pre_table.py path/to/llama.cpp COMMIT > finetune/export/llama_pre.py
 """
 
 from __future__ import annotations

@@ -1,34 +1,31 @@
 """GGUF files llama.cpp loads: a whole Llama-family model, or a LoRA adapter on its own.
 
 Both follow llama.cpp's own converters (convert_hf_to_gguf.py, convert_lora_to_gguf.py) and
-use the `gguf` package's helpers where it has them: the tensor-name map, `SpecialVocab` for
-merges, special tokens and the chat template. What llama.cpp cannot be given faithfully is
-refused with a `UserError` before anything is written.
+use the `gguf` package where it has the piece: its writer and reader, its tensor-name map
+(which names each tensor and says what kind it is), its quantizer; the tokenizer's fields
+come from `gguf_vocab` (with `gguf.SpecialVocab`). What stays here is what only the
+converters know: which hyperparameters the llama architecture takes, and the q/k row order
+of llama.cpp's rotary kernel. What llama.cpp cannot be given faithfully is refused with a
+`UserError` before anything is written.
 """
 
 from __future__ import annotations
 
-import json
-import tempfile
-from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
+import gguf
+import numpy as np
 import torch
 
 from finetune.errors import UserError
+from finetune.export.gguf_vocab import CONVERTER_HINT, add_tokenizer, copy_tokenizer
 
 GGUF_TYPES = ("f16", "f32", "q8_0")
-CONVERTER_HINT = "export --format merged and convert it with llama.cpp's convert_hf_to_gguf.py"
-# Added tokens the converter makes CONTROL although the tokenizer does not mark them special
-# (`does_token_look_special` in llama.cpp's conversion/base.py).
-LOOKS_SPECIAL = ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
 
 
 def tensor_types(gguf_type: str) -> tuple[Any, Any]:
     """The ggml tensor type of 2-D weights and the file type that names it."""
-    import gguf
-
     return {
         "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
         "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
@@ -62,15 +59,14 @@ def head_dim(config: Any) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def name_map(config: Any) -> Any:
+def name_map(config: Any) -> gguf.TensorNameMap:
     """gguf's own map from transformers tensor names to llama.cpp's."""
-    import gguf
-
     return gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
 
 
-def llama_name(names: Any, hf_name: str) -> str | None:
-    return names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+def llama_tensor(names: gguf.TensorNameMap, hf_name: str) -> tuple[gguf.MODEL_TENSOR, str] | None:
+    """A transformers tensor's kind (a `gguf.MODEL_TENSOR`) and llama.cpp name, or None."""
+    return names.get_type_and_name(hf_name, try_suffixes=(".weight", ".bias"))
 
 
 def llama_permute(weight: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -83,13 +79,18 @@ def llama_permute(weight: torch.Tensor, n_head: int) -> torch.Tensor:
     )
 
 
-def rotary_rows(name: str, weight: torch.Tensor, config: Any) -> torch.Tensor:
+def rotary_rows(kind: gguf.MODEL_TENSOR, weight: torch.Tensor, config: Any) -> torch.Tensor:
     """Permute the output rows of q and k (or of a LoRA B that writes into them)."""
-    if ".attn_q." in name:
+    if kind == gguf.MODEL_TENSOR.ATTN_Q:
         return llama_permute(weight, config.num_attention_heads)
-    if ".attn_k." in name:
+    if kind == gguf.MODEL_TENSOR.ATTN_K:
         return llama_permute(weight, config.num_key_value_heads)
     return weight
+
+
+def is_tied_output(kind: gguf.MODEL_TENSOR, config: Any) -> bool:
+    """lm_head when it shares the embedding: llama.cpp reuses token_embd when output is absent."""
+    return kind == gguf.MODEL_TENSOR.OUTPUT and config.tie_word_embeddings
 
 
 def model_tensors(model: Any) -> list[tuple[str, torch.Tensor]]:
@@ -98,21 +99,19 @@ def model_tensors(model: Any) -> list[tuple[str, torch.Tensor]]:
     names = name_map(config)
     tensors = []
     for hf_name, tensor in model.state_dict().items():
-        name = llama_name(names, hf_name)
-        if name is None:
+        found = llama_tensor(names, hf_name)
+        if found is None:
             raise UserError(
                 f"GGUF export: {hf_name} has no llama.cpp tensor name; {CONVERTER_HINT}"
             )
-        if name == "output.weight" and config.tie_word_embeddings:
-            continue  # llama.cpp reuses token_embd when output is absent
-        tensors.append((name, rotary_rows(name, tensor, config)))
+        kind, name = found
+        if not is_tied_output(kind, config):
+            tensors.append((name, rotary_rows(kind, tensor, config)))
     return tensors
 
 
 def add_hparams(writer: Any, config: Any, name: str) -> None:
     """The model's shape, as convert_hf_to_gguf.py writes it for the llama architecture."""
-    import gguf
-
     rope = getattr(config, "rope_parameters", None) or {}
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
@@ -132,9 +131,6 @@ def add_hparams(writer: Any, config: Any, name: str) -> None:
 
 def add_tensor(writer: Any, name: str, tensor: torch.Tensor, qtype: Any) -> None:
     """Norms and other vectors stay f32, as llama.cpp's converter keeps them."""
-    import gguf
-    import numpy as np
-
     data = tensor.detach().float().cpu().numpy()
     if data.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
         writer.add_tensor(name, data.astype(np.float32))
@@ -149,108 +145,6 @@ def finish(writer: Any) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-
-
-# ------------------------------------------------------------------------ tokenizer
-
-
-def pre_tokenizer(tokenizer: Any) -> str:
-    """llama.cpp's name for the tokenizer's pre-tokenizer (`tokenizer.ggml.pre`).
-
-    First as llama.cpp's converter decides it: the hash of the token ids of a fixed text,
-    looked up in the converter's table. A tokenizer of one's own (a new vocabulary) has a
-    hash no table knows; when its pre-tokenizer is exactly GPT-2's (byte-level with the
-    GPT-2 regex, no normalizer, merges applied), llama.cpp's "gpt-2" splits it the same way.
-
-    Raises:
-        UserError: neither; llama.cpp would split text differently from transformers.
-    """
-    from finetune.llama_pre import CHKTXT, PRE_BY_CHKHSH
-
-    digest = sha256(str(tokenizer.encode(CHKTXT)).encode()).hexdigest()
-    if digest in PRE_BY_CHKHSH:
-        return PRE_BY_CHKHSH[digest]
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    pre = spec.get("pre_tokenizer") or {}
-    gpt2 = pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
-    if gpt2 and spec.get("normalizer") is None and not spec["model"].get("ignore_merges"):
-        return "gpt-2"
-    raise UserError(
-        f"GGUF export: llama.cpp does not know this tokenizer's pre-tokenizer (chkhsh "
-        f"{digest[:16]}…, {pre.get('type', 'none')}), so it would split text differently; "
-        f"{CONVERTER_HINT} after adding the tokenizer to convert_hf_to_gguf_update.py"
-    )
-
-
-def vocabulary(tokenizer: Any, vocab_size: int) -> tuple[list[str], list[int]]:
-    """Tokens by id and their llama.cpp types, as the converter's `get_vocab_base` makes them."""
-    from gguf import TokenType
-
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    model = spec.get("model", {})
-    if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
-        raise UserError(
-            "GGUF export writes byte-level BPE tokenizers (GPT-2 style, as SmolLM and Llama 3 "
-            f"use); {CONVERTER_HINT}"
-        )
-    by_id: dict[int, str] = {i: t for t, i in model["vocab"].items()}
-    types = dict.fromkeys(by_id, int(TokenType.NORMAL))
-    for added in spec.get("added_tokens", []):
-        text = added["content"]
-        special = added["special"] or text in LOOKS_SPECIAL
-        special = special or (text.startswith("<|") and text.endswith("|>"))
-        by_id[added["id"]] = text
-        types[added["id"]] = int(TokenType.CONTROL if special else TokenType.USER_DEFINED)
-    tokens, token_types = [], []
-    for i in range(max(vocab_size, max(by_id) + 1)):
-        # embedding rows beyond the tokenizer: llama.cpp's placeholder convention
-        tokens.append(by_id.get(i, f"[PAD{i}]"))
-        token_types.append(types.get(i, int(TokenType.UNUSED)))
-    return tokens, token_types
-
-
-def add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int) -> str:
-    """Write the tokenizer as convert_hf_to_gguf.py's `_set_vocab_gpt2` does; returns the
-    pre-tokenizer name."""
-    import gguf
-
-    pre = pre_tokenizer(tokenizer)
-    tokens, token_types = vocabulary(tokenizer, vocab_size)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(token_types)
-    with tempfile.TemporaryDirectory() as folder:
-        tokenizer.save_pretrained(folder)
-        special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(tokens))
-    # SpecialVocab reads add_bos from a post-processor; without one, say what encoding does.
-    probe = tokenizer("a")["input_ids"]
-    special.add_special_token.setdefault("bos", bool(probe) and probe[0] == tokenizer.bos_token_id)
-    if special.chat_template is None and getattr(tokenizer, "chat_template", None):
-        special.chat_template = tokenizer.chat_template
-    special.add_to_gguf(writer, quiet=True)
-    return pre
-
-
-def copy_tokenizer(writer: Any, source: Path, vocab_size: int) -> str:
-    """Carry every tokenizer field over from the GGUF the base model came from: the training
-    never changed the vocabulary, and the source says best how llama.cpp should read it."""
-    from gguf import GGUFReader, GGUFValueType
-
-    fields = GGUFReader(source).fields
-    tokens = fields.get("tokenizer.ggml.tokens")
-    if tokens is None or len(tokens.data) != vocab_size:
-        raise UserError(
-            f"GGUF export: the base model's GGUF {source} has "
-            f"{len(tokens.data) if tokens else 0} tokens, the model {vocab_size}; "
-            f"{CONVERTER_HINT}"
-        )
-    for key, field in fields.items():
-        if key.startswith("tokenizer."):
-            array = field.types[0] == GGUFValueType.ARRAY
-            sub = field.types[-1] if array else None
-            writer.add_key_value(key, field.contents(), field.types[0], sub)
-    return str(fields["tokenizer.ggml.pre"].contents()) if "tokenizer.ggml.pre" in fields else ""
 
 
 # ------------------------------------------------------------------------ whole model
@@ -271,8 +165,6 @@ def write_model(
     Args:
         source: the GGUF the base model came from; its tokenizer fields are carried over.
     """
-    import gguf
-
     config = model.config
     check_architecture(config)
     qtype, file_type = tensor_types(gguf_type)
@@ -319,8 +211,8 @@ def lora_tensors(peft_model: Any, alpha: float) -> list[tuple[str, torch.Tensor]
                 f"GGUF adapter: {module_name} has a DoRA magnitude or a LoRA bias, which llama.cpp "
                 "adapters cannot hold; export --format gguf (merged) instead"
             )
-        name = llama_name(names, f"{module_name}.weight")
-        if name is None or (name == "output.weight" and config.tie_word_embeddings):
+        found = llama_tensor(names, f"{module_name}.weight")
+        if found is None or is_tied_output(found[0], config):
             raise UserError(
                 f"GGUF adapter: llama.cpp has no separate tensor for {module_name}; retrain "
                 "without it in adapter.target_modules, or export --format gguf (merged)"
@@ -328,15 +220,14 @@ def lora_tensors(peft_model: Any, alpha: float) -> list[tuple[str, torch.Tensor]
         a = module.lora_A["default"].weight.detach().float()
         b = module.lora_B["default"].weight.detach().float()
         b = b * (module.scaling["default"] / (alpha / a.shape[0]))
-        tensors += [(f"{name}.lora_a", a), (f"{name}.lora_b", rotary_rows(name, b, config))]
+        kind, name = found
+        tensors += [(f"{name}.lora_a", a), (f"{name}.lora_b", rotary_rows(kind, b, config))]
     return tensors
 
 
 def write_lora(peft_model: Any, path: Path, alpha: float, name: str = "adapter") -> None:
     """Write a LoRA adapter as convert_lora_to_gguf.py does: general.type=adapter,
     adapter.type=lora, adapter.lora.alpha, f32 A and B (small, and exact)."""
-    import gguf
-
     config = peft_model.base_model.model.config
     check_architecture(config)
     tensors = lora_tensors(peft_model, alpha)
@@ -353,9 +244,7 @@ def write_lora(peft_model: Any, path: Path, alpha: float, name: str = "adapter")
 
 def base_facts(path: Path) -> dict[str, Any]:
     """What a base GGUF says about itself: architecture, shape, and its weights' type."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(path)
+    reader = gguf.GGUFReader(path)
     fields = reader.fields
 
     def value(key: str) -> Any:

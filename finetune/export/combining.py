@@ -1,0 +1,173 @@
+"""`finetune combine`: LoRA adapters trained on one base made into one adapter folder with
+peft's weighted adapter merging."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from finetune import inference, models, runs
+from finetune.errors import UserError, closest
+from finetune.export.checks import check_output
+from finetune.inputs import check_number
+from finetune.recipe import dump_recipe
+
+COMBINE_METHODS = ("linear", "ties", "dare_linear", "dare_ties")
+
+
+@dataclass
+class CombineReport:
+    out: str
+    method: str
+    weights: list[float]
+    density: float | None
+    sources: list[str]
+    base_model: str
+
+
+def parse_weights(text: str | None, n: int) -> list[float]:
+    """One finite number per adapter from "0.6,0.4"; equal weights when omitted.
+
+    Raises:
+        UserError: not numbers, nan or infinite, or not one per adapter.
+    """
+    if text is None:
+        return [1.0 / n] * n
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        raise UserError(
+            f"--weights {text!r}: give comma-separated numbers such as 0.6,0.4"
+        ) from None
+    if len(weights) != n:
+        raise UserError(
+            f"--weights has {len(weights)} numbers for {n} adapters; give one per adapter"
+        )
+    # nan or inf would make every tensor of the combined adapter nan, silently.
+    return [check_number("--weights", w, ge=-1e6, le=1e6) for w in weights]
+
+
+def combine(
+    sources: list[str],
+    out: Path,
+    *,
+    method: str = "linear",
+    weights: str | None = None,
+    density: float | None = None,
+    force: bool = False,
+) -> CombineReport:
+    """Combine LoRA adapters trained on the same base with peft's weighted adapter merging.
+
+    Writes a standard adapter folder (plus the first run's `recipe.yaml`, so generate and eval
+    find the base model).
+
+    Raises:
+        UserError: fewer than two adapters, adapters that do not fit together (base, method,
+            target modules), bad weights, method or density, or an existing output.
+    """
+    if method not in COMBINE_METHODS:
+        raise UserError(
+            f"--method must be one of {', '.join(COMBINE_METHODS)} (got {method!r})"
+            f"{closest(method, COMBINE_METHODS)}"
+        )
+    if len(sources) < 2:
+        raise UserError("combine needs at least two runs or adapter folders")
+    if method == "linear" and density is not None:
+        raise UserError("--density applies to ties, dare_linear and dare_ties, not linear")
+    if density is not None:
+        check_number("--density", density, gt=0, le=1)
+    if method != "linear" and density is None:
+        density = 1.0 if method == "ties" else 0.5
+    numbers = parse_weights(weights, len(sources))
+    targets = [inference.resolve_target(s) for s in sources]
+    check_output(out, force, targets, "combined")
+    check_compatible(targets)
+
+    from peft import PeftModel
+
+    first = targets[0]
+    inference.quiet_loading()
+    loaded = models.load_model(first.model.model_copy(update={"quantization": "none"}), "cpu")
+    names = [f"source{i}" for i in range(len(targets))]
+    inference.check_base(first.adapter_dir, loaded.model.config, first.model.path)
+    model = PeftModel.from_pretrained(loaded.model, str(first.adapter_dir), adapter_name=names[0])
+    for name, t in zip(names[1:], targets[1:], strict=True):
+        model.load_adapter(str(t.adapter_dir), adapter_name=name)
+    try:
+        model.add_weighted_adapter(
+            names, numbers, "default", combination_type=method, density=density
+        )
+    except ValueError as err:
+        raise UserError(f"combine: peft refused: {models.first_line(err)}") from None
+    for name in names:
+        model.delete_adapter(name)
+    model.set_adapter("default")
+    report = CombineReport(
+        str(out), method, numbers, density, [str(t.given) for t in targets], first.model.path
+    )
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        if first.recipe is not None:
+            runs.write_recipe_copy(folder, dump_recipe(first.recipe))
+        (folder / "combine.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
+        (folder / "README.md").write_text(combine_card(report), encoding="utf-8")
+
+    runs.write_atomically(out, write)
+    return report
+
+
+def check_compatible(targets: list[inference.Target]) -> None:
+    """Refuse adapters that do not fit together, naming what differs."""
+    first = targets[0]
+    for t in targets:
+        if t.adapter_dir is None:
+            raise UserError(
+                f"{t.given}: a model, not a run or adapter folder; combine needs adapters"
+            )
+    first_method = first.method
+    first_config = inference.read_adapter_config(first.adapter_dir)
+    for t in targets[1:]:
+        if t.model.path != first.model.path:
+            raise UserError(
+                f"{t.given}: trained on base model {t.model.path}, but {first.given} on "
+                f"{first.model.path}; combine adapters of the same base model"
+            )
+        if t.method != first_method:
+            raise UserError(
+                f"{t.given}: a {t.method} adapter, but {first.given} is {first_method}; combine "
+                "adapters of the same method"
+            )
+        config = inference.read_adapter_config(t.adapter_dir)
+        mine, theirs = target_list(config), target_list(first_config)
+        if mine != theirs:
+            raise UserError(
+                f"{t.given}: targets {', '.join(mine)}, but {first.given} targets "
+                f"{', '.join(theirs)}; combine adapters with the same target modules"
+            )
+    if first_method != "lora":
+        raise UserError(
+            "combine handles LoRA adapters (peft's weighted adapter merging); these are "
+            f"{first_method}"
+        )
+
+
+def target_list(config: dict[str, Any]) -> list[str]:
+    targets = config.get("target_modules") or []
+    return sorted([targets] if isinstance(targets, str) else targets)
+
+
+def combine_card(report: CombineReport) -> str:
+    parts = ", ".join(f"`{s}` × {w:g}" for s, w in zip(report.sources, report.weights, strict=True))
+    density = f", density {report.density:g}" if report.density is not None else ""
+    return (
+        "---\nlibrary_name: peft\n"
+        f"base_model: {report.base_model}\n---\n\n"
+        "# Combined LoRA adapter\n\n"
+        f"Made by `finetune combine` with peft's `add_weighted_adapter` ({report.method}{density}) "
+        f"from {parts}.\n\n"
+        "`recipe.yaml` is the first source's recipe (it names the base model), so "
+        "`finetune generate`, `eval`, `merge` and `export` accept this folder as a run.\n"
+    )

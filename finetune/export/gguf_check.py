@@ -1,0 +1,102 @@
+"""How a GGUF file is checked before it is put in place: in llama.cpp where llama-cpp-python is
+installed (the model or base + adapter loaded the way a user will, its tokens, logits and
+greedy answers compared with the transformers model), and what the check found."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from finetune import inference, outputs
+from finetune.export import llamacpp
+from finetune.export.checks import PROBE_PROMPTS, CheckFailed
+from finetune.export.llama_pre import CHKTXT
+from finetune.export.merging import Merged
+
+
+@dataclass
+class GGUFCheck:
+    """How a GGUF file was checked, and what the check found."""
+
+    runner: str  # "llama.cpp <version>", or "transformers" where llama.cpp is not installed
+    max_logit_diff: float
+    tolerance: float
+    tokens_identical: bool
+    prompts: int
+    greedy_identical: int | None = None  # llama.cpp only: greedy answers equal token for token
+    pre_tokenizer: str | None = None
+    base_gguf: str | None = None  # gguf-adapter: the file the adapter was applied to
+    note: str = ""
+
+
+def write_checked_file(out: Path, write: Callable[[Path], GGUFCheck]) -> GGUFCheck:
+    """`write(tmp)` writes and checks a file beside `out`; it replaces `out` only when that
+    returns (a failed check raises), so a failure leaves nothing behind. A full disk or a
+    read-only folder is one line naming `out`, not the temporary file."""
+    with outputs.writing(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=".gguf", dir=out.parent)
+        os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        check = write(tmp)
+        tmp.chmod(0o644)
+        os.replace(tmp, out)
+    except BaseException as err:
+        error = outputs.write_error(err, out)
+        tmp.unlink(missing_ok=True)
+        if error is not None:
+            raise error from None
+        raise
+    return check
+
+
+def llamacpp_check(
+    path: Path, lora: Path | None, reference: Merged, limit: float, what: str
+) -> GGUFCheck:
+    """Load the file (or base + adapter) in llama.cpp and compare it with `reference`.
+
+    Raises:
+        CheckFailed: llama.cpp refuses the file, splits text differently, or its logits
+            differ by more than `limit`.
+    """
+    try:
+        llm = llamacpp.load(path, lora=lora)
+    except llamacpp.LoadFailed as err:
+        raise CheckFailed(
+            f"GGUF check failed: llama.cpp refused {what}: {err}; nothing was written"
+        ) from None
+    texts = [inference.render_prompt(reference.tokenizer, p) for p in PROBE_PROMPTS]
+    try:
+        # llama.cpp's own pre-tokenizer test text, tokenized only: it covers what the probe
+        # prompts do not (digits, emoji, CJK, runs of whitespace).
+        found = llamacpp.compare(llm, reference.model, reference.tokenizer, texts, [CHKTXT])
+    finally:
+        llm.close()
+    check = GGUFCheck(
+        runner=f"llama.cpp (llama-cpp-python {llamacpp.version()})",
+        max_logit_diff=found.max_logit_diff,
+        tolerance=limit,
+        tokens_identical=found.tokens_identical,
+        prompts=found.prompts,
+        greedy_identical=found.greedy_identical,
+    )
+    if not found.tokens_identical:
+        raise CheckFailed(
+            f"GGUF check failed: llama.cpp splits text differently from the model's tokenizer "
+            f"({found.first_difference}); nothing was written"
+        )
+    require_within(check, what)
+    return check
+
+
+def require_within(check: GGUFCheck, what: str) -> None:
+    if not check.max_logit_diff <= check.tolerance:
+        raise CheckFailed(
+            f"GGUF check failed: {what} in {check.runner} differs from the merged model by "
+            f"{check.max_logit_diff:.3g} in logits (tolerance {check.tolerance:g}); nothing "
+            "was written"
+        )
