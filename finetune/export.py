@@ -28,6 +28,7 @@ from finetune.gguf_file import GGUF_TYPES
 from finetune.inputs import check_number, parse_size, require_file
 from finetune.outputs import claim_output
 from finetune.recipe import VIRTUAL_TOKEN_METHODS
+from finetune.targets import Target, read_adapter_config, resolve_target
 
 FORMATS = ("adapter", "merged", "gguf", "gguf-adapter")
 COMBINE_METHODS = ("linear", "ties", "dare_linear", "dare_ties")
@@ -70,7 +71,7 @@ OUTPUT_SIGNS = {
 def check_output(
     out: Path,
     force: bool,
-    targets: list[inference.Target],
+    targets: list[Target],
     output: str = "gguf",
     files: list[Path | None] = (),
 ) -> None:
@@ -122,7 +123,7 @@ def is_gguf(path: Path) -> bool:
         return handle.read(4) == b"GGUF"
 
 
-def require_adapter(target: inference.Target, what: str) -> str:
+def require_adapter(target: Target, what: str) -> str:
     """The target's adapter method, refusing plain models and, for merges, virtual tokens."""
     if target.adapter_dir is None:
         raise UserError(
@@ -173,10 +174,10 @@ class Merged:
     model: Any
     tokenizer: Any
     report: MergeReport | None  # None: a plain model, nothing merged
-    target: inference.Target
+    target: Target
 
 
-def dequantized_weights(target: inference.Target) -> dict[str, torch.Tensor]:
+def dequantized_weights(target: Target) -> dict[str, torch.Tensor]:
     """The quantized base as the adapter saw it, dequantized: Linear weight name to tensor."""
     from peft.utils.integrations import dequantize_bnb_weight
 
@@ -194,7 +195,7 @@ def dequantized_weights(target: inference.Target) -> dict[str, torch.Tensor]:
 
 
 def build_merged(
-    target: inference.Target,
+    target: Target,
     *,
     dtype: str = "float32",
     match_quantized: bool = False,
@@ -272,7 +273,7 @@ def build_merged(
 
 
 def sixteen_bit_noise(
-    target: inference.Target,
+    target: Target,
     spec: Any,
     replacement: dict[str, torch.Tensor],
     batch: dict[str, torch.Tensor],
@@ -311,7 +312,7 @@ def merge(
     parse_size(max_shard_size, "--max-shard-size")
     check_tolerance(tolerance)
     check_dtype(dtype)
-    target = inference.resolve_target(run, model)
+    target = resolve_target(run, model)
     check_output(out, force, [target], "merged")
     require_adapter(target, "merge")
     merged = build_merged(target, dtype=dtype, match_quantized=match_quantized, tolerance=tolerance)
@@ -332,7 +333,7 @@ def save_merged(merged: Merged, folder: Path, max_shard_size: str) -> None:
     (folder / "README.md").write_text(merge_card(merged.report, merged.target), encoding="utf-8")
 
 
-def merge_card(report: MergeReport, target: inference.Target) -> str:
+def merge_card(report: MergeReport, target: Target) -> str:
     vs_trained = (
         f"- max |logit difference| against the adapter on the {report.trained_quantization} base "
         f"it was trained with: {report.max_logit_diff_vs_trained:.4g}\n"
@@ -434,7 +435,7 @@ def export(
             model=model,
         )
         return ExportReport("merged", str(out), folder_size(out), merge=report)
-    target = inference.resolve_target(run, model)
+    target = resolve_target(run, model)
     check_output(out, force, [target], "adapter" if fmt == "adapter" else "gguf", [base_gguf])
     if fmt == "adapter":
         method = require_adapter(target, "export --format adapter")
@@ -471,7 +472,7 @@ def check_export_options(
         raise UserError(f"--base-gguf applies to --format gguf-adapter, not {fmt}; drop it")
 
 
-def load_plain(target: inference.Target) -> Merged:
+def load_plain(target: Target) -> Merged:
     """A model without an adapter, in float32, shaped like a merge so it exports the same way."""
     inference.quiet_loading()
     spec = target.model.model_copy(update={"quantization": "none", "dtype": "float32"})
@@ -485,7 +486,7 @@ def folder_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def copy_adapter(target: inference.Target, method: str, folder: Path) -> None:
+def copy_adapter(target: Target, method: str, folder: Path) -> None:
     shutil.copytree(target.adapter_dir, folder, dirs_exist_ok=True)
     if target.recipe is not None:
         from finetune.recipe import dump_recipe
@@ -494,7 +495,7 @@ def copy_adapter(target: inference.Target, method: str, folder: Path) -> None:
     (folder / "README.md").write_text(adapter_card(target, method), encoding="utf-8")
 
 
-def adapter_card(target: inference.Target, method: str) -> str:
+def adapter_card(target: Target, method: str) -> str:
     recipe = target.recipe
     trained = ""
     if recipe is not None:
@@ -669,7 +670,7 @@ def gguf_round_trip(merged: Merged, path: Path) -> tuple[float, bool]:
 
 
 def export_gguf_adapter(
-    target: inference.Target, out: Path, base_gguf: Path | None, tolerance: float | None
+    target: Target, out: Path, base_gguf: Path | None, tolerance: float | None
 ) -> ExportReport:
     """Write the run's LoRA adapter as a llama.cpp adapter GGUF and check it applied to its
     base GGUF against the adapter model in transformers."""
@@ -694,14 +695,14 @@ def export_gguf_adapter(
     return ExportReport("gguf-adapter", str(out), out.stat().st_size, check=check)
 
 
-def require_lora(target: inference.Target) -> float:
+def require_lora(target: Target) -> float:
     """The adapter's lora_alpha, refusing what a llama.cpp LoRA file cannot hold.
 
     Raises:
         UserError: not a LoRA adapter, DoRA, trained full modules or biases, new tokens.
     """
     method = require_adapter(target, "export --format gguf-adapter")
-    config = inference.read_adapter_config(target.adapter_dir)
+    config = read_adapter_config(target.adapter_dir)
     if method != "lora" or config.get("peft_type") != "LORA" or config.get("use_dora"):
         raise UserError(
             f"{target.given}: a {method} adapter; --format gguf-adapter writes plain LoRA "
@@ -722,7 +723,7 @@ def require_lora(target: inference.Target) -> float:
     return float(config["lora_alpha"])
 
 
-def choose_base_gguf(target: inference.Target, given: Path | None) -> tuple[Path, dict[str, Any]]:
+def choose_base_gguf(target: Target, given: Path | None) -> tuple[Path, dict[str, Any]]:
     """The base GGUF llama.cpp applies the adapter to: --base-gguf, or the GGUF the run's
     base model came from (the embedded model is one).
 
@@ -747,7 +748,7 @@ def choose_base_gguf(target: inference.Target, given: Path | None) -> tuple[Path
     return base, facts
 
 
-def match_base(base: Path, facts: dict[str, Any], config: Any, target: inference.Target) -> None:
+def match_base(base: Path, facts: dict[str, Any], config: Any, target: Target) -> None:
     """Refuse a base GGUF that is not the model the adapter was trained on.
 
     Raises:
@@ -880,7 +881,7 @@ def combine(
     if method != "linear" and density is None:
         density = 1.0 if method == "ties" else 0.5
     numbers = parse_weights(weights, len(sources))
-    targets = [inference.resolve_target(s) for s in sources]
+    targets = [resolve_target(s) for s in sources]
     check_output(out, force, targets, "combined")
     check_compatible(targets)
 
@@ -920,7 +921,7 @@ def combine(
     return report
 
 
-def check_compatible(targets: list[inference.Target]) -> None:
+def check_compatible(targets: list[Target]) -> None:
     """Refuse adapters that do not fit together, naming what differs."""
     first = targets[0]
     for t in targets:
@@ -929,7 +930,7 @@ def check_compatible(targets: list[inference.Target]) -> None:
                 f"{t.given}: a model, not a run or adapter folder; combine needs adapters"
             )
     first_method = first.method
-    first_config = inference.read_adapter_config(first.adapter_dir)
+    first_config = read_adapter_config(first.adapter_dir)
     for t in targets[1:]:
         if t.model.path != first.model.path:
             raise UserError(
@@ -941,7 +942,7 @@ def check_compatible(targets: list[inference.Target]) -> None:
                 f"{t.given}: a {t.method} adapter, but {first.given} is {first_method}; combine "
                 "adapters of the same method"
             )
-        config = inference.read_adapter_config(t.adapter_dir)
+        config = read_adapter_config(t.adapter_dir)
         mine, theirs = target_list(config), target_list(first_config)
         if mine != theirs:
             raise UserError(

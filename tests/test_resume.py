@@ -267,8 +267,7 @@ def test_signal_saves_stops_and_resumes_exactly(signum, point, reference, tmp_pa
 def test_second_ctrl_c_stops_at_once_and_leaves_only_complete_checkpoints(reference, tmp_path):
     import yaml
 
-    from finetune.runs import list_checkpoints
-    from finetune.train import read_checkpoint
+    from finetune.runs import list_checkpoints, read_checkpoint
 
     recipe, reference_run = reference
     run = tmp_path / "run"

@@ -150,7 +150,7 @@ def test_estimate_of_a_run_matches_its_report(recipe_file, tmp_path, capsys):
 
 
 def test_epochs_count_whole_micro_batches(recipe_file):
-    from finetune.train import total_steps
+    from finetune.prepare import total_steps
 
     recipe = load_recipe(
         recipe_file(train={"max_steps": None, "epochs": 2, "micro_batch_size": 3, "grad_accum": 2})
