@@ -389,19 +389,19 @@ class Loop:
         self.metrics.write(record)
 
     def exact_match(self, when: str) -> evaluate.ExactMatch | None:
-        spec, rows, limit = self.recipe.data, self.prepared.splits.eval_rows, self.recipe.eval
+        spec, rows, options = self.recipe.data, self.prepared.splits.eval_rows, self.recipe.eval
         if not rows or spec.format == "text" or not self.accelerator.is_main_process:
             return None
-        if limit.max_examples == 0:  # asked for no generation (a note says so)
+        if options.max_examples == 0:  # asked for no generation (a note says so)
             return None
         tokenizer, source = self.prepared.loaded.tokenizer, self.prepared.splits.eval_source
         pairs = [
-            data.generation_prompt(r, spec, tokenizer, source) for r in rows[: limit.max_examples]
+            data.generation_prompt(r, spec, tokenizer, source) for r in rows[: options.max_examples]
         ]
         model = self.unwrapped()
         # Before training, the base model: a LoRA adapter starts as a no-op, prefix/prompt don't.
         with model.disable_adapter() if when == "before" else contextlib.nullcontext():
-            return evaluate.exact_match(model, tokenizer, pairs, limit.max_new_tokens)
+            return evaluate.exact_match(model, tokenizer, pairs, options.max_new_tokens)
 
     def unwrapped(self) -> Any:
         return self.accelerator.unwrap_model(self.model)
