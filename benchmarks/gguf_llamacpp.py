@@ -18,7 +18,7 @@ import datetime
 import time
 from pathlib import Path
 
-from finetune import evaluate, export, inference
+from finetune import evaluate, export, inference, targets
 from finetune.data import generation_prompt, load_rows
 from finetune.export import llamacpp
 
@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("run", nargs="?", default="runs/quickstart")
     parser.add_argument("--out", type=Path, default=Path("runs/gguf-bench"))
     args = parser.parse_args()
-    target = inference.resolve_target(args.run)
+    target = targets.resolve_target(args.run)
     recipe = target.recipe
     spec = target.model.model_copy(update={"quantization": "none", "dtype": "float32"})
     session = inference.load(target, device="cpu", spec=spec)

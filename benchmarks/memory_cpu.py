@@ -6,7 +6,7 @@ on 2 cores; --quick: llama only)
 Each case trains a tiny random model (2 layers, hidden 64, saved as a model folder with a
 tokenizer, as tests/helpers.py does) for one epoch through finetune's own loop
 (`train.train`), which measures the peak bytes of live tensors with `MemoryTracker`
-(train.py, `LiveTensorPeak`); the estimate is the report's own (`runmemory.run_estimate`:
+(train.py, `LiveTensorPeak`); the estimate is the report's own (`runmemory.largest_setup_estimate`:
 a dry run of the run's exact setup). Same tracker both sides, so a difference is a
 difference between the dry run's model of the run and the run.
 
@@ -93,7 +93,7 @@ def case(
     max_steps: int | None = None,
 ) -> tuple[int, int]:
     """Train one case; return (estimated, measured) peak bytes of live tensors."""
-    from finetune.memory.runmemory import run_estimate
+    from finetune.memory.runmemory import largest_setup_estimate
     from finetune.recipe import load_recipe
     from finetune.report import run_setups
     from finetune.train import train
@@ -120,8 +120,8 @@ def case(
     path = out.with_suffix(".yaml")
     path.write_text(yaml.safe_dump(recipe))
     result = train(load_recipe(path))
-    p = result.prepared  # the report's own estimate of the run
-    estimated = run_estimate(p.loaded.model.config, run_setups(p)).allocated_bytes
+    config = result.prepared.loaded.model.config  # the report's own estimate of the run
+    estimated = largest_setup_estimate(config, run_setups(result)).allocated_bytes
     measured = result.memory["measured"]["peak_bytes"]
     del result
     gc.collect()

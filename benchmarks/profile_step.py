@@ -13,8 +13,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from finetune import batching
+from finetune.loss import count_trained, trained_positions_loss
+from finetune.prepare import make_optimizer, prepare
 from finetune.recipe import load_recipe
-from finetune.train import count_trained, make_optimizer, prepare, trained_positions_loss
 
 
 def main() -> None:

@@ -16,8 +16,9 @@ import time
 from pathlib import Path
 
 from finetune.memory.measure import LiveTensorPeak, PeakMemory
+from finetune.prepare import prepare
 from finetune.recipe import load_recipe
-from finetune.train import Loop, prepare
+from finetune.train import Loop
 
 ROOT = Path(__file__).resolve().parents[1]
 

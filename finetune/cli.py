@@ -101,13 +101,14 @@ def train(
 
 
 def show_report(run_dir: Path, report: dict) -> None:
+    """The report's summary (report.md without its plots), from the report's data."""
     from rich.markdown import Markdown
 
-    text = (run_dir / "report.md").read_text()
-    out.print(Markdown(text.replace("![loss](loss.png)", "").replace("![memory](memory.png)", "")))
-    # Only what is there: a run that stopped early has no adapter/ (and maybe no plot).
-    names = ("report.md", "report.json", "loss.png", "memory.png", "adapter/")
-    written = ", ".join(n for n in names if (run_dir / n.rstrip("/")).exists())
+    from finetune.report import render_markdown
+    from finetune.runs import written_outputs
+
+    out.print(Markdown(render_markdown(report, images=False)))
+    written = ", ".join(written_outputs(run_dir))
     out.print(f"run directory: {run_dir}  ({written})", highlight=False)
 
 
@@ -261,7 +262,7 @@ def estimate(
     ] = False,
 ) -> None:
     """Estimate the memory a fine-tuning run needs, component by component, before it starts."""
-    from finetune.memory.command import run_estimate
+    from finetune.memory.command import show_estimate
 
     if format not in ("table", "json", "markdown"):
         raise UserError(f"--format must be table, json or markdown (got {format!r})")
@@ -280,7 +281,7 @@ def estimate(
         "attn": attn,
         "masked": masked,
     }
-    run_estimate(target, overrides or [], options, format, gpu, plot, out, force, fit)
+    show_estimate(target, overrides or [], options, format, gpu, plot, out, force, fit)
 
 
 # ------------------------------------------------------------- after training (issue 4)

@@ -179,3 +179,20 @@ def evaluate_dataset(
         with stage_progress(f"{label}: exact match", len(pairs)) as advance:
             em = exact_match(model, tokenizer, pairs, max_new_tokens, advance)
     return DatasetEval(loss.loss, loss.perplexity, loss.tokens, em)
+
+
+def held_out_record(
+    model: Any, data: TokenizedData, pad_id: int, batch_size: int, with_base: bool = False
+) -> dict[str, Any]:
+    """A held-out evaluation as metrics.jsonl records it: loss, perplexity, tokens, and with
+    `with_base` the base model's loss beside them (the adapter disabled)."""
+    result = evaluate_loss(model, data, pad_id, batch_size)
+    record = {
+        "eval_loss": result.loss,
+        "eval_perplexity": result.perplexity,
+        "eval_tokens": result.tokens,
+    }
+    if with_base:
+        with model.disable_adapter():
+            record["base_eval_loss"] = evaluate_loss(model, data, pad_id, batch_size).loss
+    return record

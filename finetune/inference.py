@@ -1,12 +1,5 @@
-"""What generate, chat, eval, merge and export run on: a run, an adapter folder or a model.
-
-A target is one of
-- a run directory (`runs/<name>/`): the base model from its `recipe.yaml`, the adapter from
-  `adapter/`;
-- an adapter folder (`adapter_config.json` inside, e.g. `runs/<name>/adapter`, a checkpoint's
-  adapter, or what `finetune combine` writes): the base from a `recipe.yaml` beside it or one
-  folder up, else from `base_model_name_or_path` in its `adapter_config.json`;
-- a model, in any form `model.path` accepts (folder, .gguf file, hub id, embedded name).
+"""Load a run, an adapter folder or a model (see `finetune.targets`) and use it: generate,
+chat, eval, and the logit probes merge and export check themselves with.
 
 Before an adapter is attached, the base is checked against the one it was trained on, so a
 mismatch is one clear line instead of a size-mismatch traceback from torch.
@@ -20,13 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from finetune import models
-from finetune.adapters import PEFT_TYPES
 from finetune.errors import UserError
 from finetune.inputs import MAX_SEED, check_number
-from finetune.recipe import ModelSection, Recipe, validate
+from finetune.recipe import ModelSection
+from finetune.targets import Target, read_adapter_config, resolve_target
 
 # Config fields that must agree between the base an adapter was trained on and the one given.
 SHAPE_FIELDS = (
@@ -41,23 +33,6 @@ SHAPE_FIELDS = (
 
 
 @dataclass
-class Target:
-    """A resolved RUN_OR_MODEL argument: the base model, and the adapter if there is one."""
-
-    given: str
-    kind: str  # "run", "adapter" or "model"
-    model: ModelSection
-    adapter_dir: Path | None = None
-    recipe: Recipe | None = None
-    run_dir: Path | None = None
-    trained_quantization: str = "none"
-
-    @property
-    def method(self) -> str | None:
-        return adapter_method(self.adapter_dir) if self.adapter_dir else None
-
-
-@dataclass
 class Session:
     """A model ready to generate: the peft model (or plain model), its tokenizer, its target."""
 
@@ -65,99 +40,6 @@ class Session:
     tokenizer: Any
     target: Target
     loaded: models.LoadedModel
-
-
-def read_recipe(path: Path) -> Recipe:
-    """Reload a resolved `recipe.yaml` written by a run (or by combine)."""
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise UserError(
-            f"{path}: cannot read the run's recipe ({models.first_line(err)})"
-        ) from None
-    return validate(raw, source=str(path))
-
-
-def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
-    path = adapter_dir / "adapter_config.json"
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"{path}: unreadable adapter config ({models.first_line(err)})") from None
-
-
-def adapter_method(adapter_dir: Path) -> str:
-    """The finetune method name (lora, dora, ia3, prefix, prompt) of an adapter folder."""
-    config = read_adapter_config(adapter_dir)
-    kind = PEFT_TYPES.get(str(config.get("peft_type", "")).upper())
-    if kind is None:
-        raise UserError(
-            f"{adapter_dir}: peft type {config.get('peft_type')!r} is not one finetune handles "
-            f"({', '.join(sorted(PEFT_TYPES))})"
-        )
-    return "dora" if kind == "lora" and config.get("use_dora") else kind
-
-
-def trained_quantization(run_dir: Path | None, recipe: Recipe | None) -> str:
-    """The quantization the adapter was trained against: the report's record, else the recipe's."""
-    if run_dir is not None and (run_dir / "report.json").is_file():
-        try:
-            report = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
-            return str(report["model"]["quantization"])
-        except (ValueError, KeyError, TypeError):
-            pass
-    if recipe is None:
-        return "none"
-    return models.choose_quantization(recipe.model.quantization, models.default_device())
-
-
-def resolve_target(given: str, model: str | None = None) -> Target:
-    """Resolve RUN_OR_MODEL; `model` replaces the base model the run or adapter names.
-
-    Raises:
-        UserError: a run directory without an adapter, or a path that is none of the three.
-    """
-    path = Path(given).expanduser()
-    recipe: Recipe | None = None
-    run_dir: Path | None = None
-    if path.is_dir() and (path / "adapter_config.json").is_file():
-        adapter_dir = path
-        for candidate in (path / "recipe.yaml", path.parent / "recipe.yaml"):
-            if candidate.is_file():
-                recipe, run_dir = read_recipe(candidate), candidate.parent
-                break
-        kind = "adapter"
-    elif path.is_dir() and (path / "recipe.yaml").is_file():
-        adapter_dir, run_dir, kind = path / "adapter", path, "run"
-        if not (adapter_dir / "adapter_config.json").is_file():
-            raise UserError(
-                f"{path}: the run directory has no adapter/ (did training finish?); finish it with "
-                f"`finetune train {path / 'recipe.yaml'} --resume`, or give a checkpoint's adapter "
-                "folder (checkpoints/step-N/adapter)"
-            )
-        recipe = read_recipe(path / "recipe.yaml")
-    elif path.is_dir() and not (path / "config.json").is_file():
-        raise UserError(
-            f"{path}: not a run directory (no recipe.yaml), an adapter folder (no "
-            "adapter_config.json) or a model folder (no config.json)"
-        )
-    else:
-        spec = ModelSection(path=model or given)
-        return Target(given, "model", spec)
-
-    if recipe is not None:
-        spec = recipe.model
-    else:
-        base = read_adapter_config(adapter_dir).get("base_model_name_or_path")
-        if not base and not model:
-            raise UserError(
-                f"{adapter_dir}: the adapter does not name its base model; pass --model PATH"
-            )
-        spec = ModelSection(path=str(base or model))
-    if model:
-        spec = spec.model_copy(update={"path": model})
-    quant = trained_quantization(run_dir, recipe)
-    return Target(given, kind, spec, adapter_dir, recipe, run_dir, quant)
 
 
 # ------------------------------------------------------------------------ loading

@@ -1,13 +1,15 @@
-"""The run report: report.json (for machines), report.md (for people), loss.png."""
+"""The run report, built as data from what the loop recorded (`train.RunResult`), written
+once: report.json (for machines), report.md (for people), loss.png and memory.png. The CLI
+prints its summary from the same data (`render_markdown` without the images)."""
 
 from __future__ import annotations
 
-import json
 import platform
 from pathlib import Path
 from typing import Any
 
 from finetune import runs
+from finetune.outputs import write_file_atomically
 from finetune.train import RunResult
 
 
@@ -15,11 +17,10 @@ def interrupted_section(result: RunResult) -> dict[str, Any] | None:
     """Why and where a run paused with a checkpoint to resume from, or None."""
     if result.interrupted is None:
         return None
-    latest = runs.latest_checkpoint(result.run_dir)
     return {
         "reason": result.interrupted,
         "step": result.state.step,
-        "checkpoint": str(latest) if latest else None,
+        "checkpoint": str(result.checkpoint) if result.checkpoint else None,
         "exit_code": result.exit_code,
     }
 
@@ -91,63 +92,31 @@ def run_estimates(result: RunResult) -> Any:
     from finetune.memory.runmemory import run_estimates as estimates
 
     p = result.prepared
-    return estimates(p.loaded.model.config, run_setups(p), p.recipe.model.path)
+    return estimates(p.loaded.model.config, run_setups(result), p.recipe.model.path)
 
 
-def run_setups(p: Any) -> list[Any]:
-    """The run's exact setups: its recipe on its device at the widest micro-batch it visits
-    with an attention mask and at the widest without one (either can set the peak: a mask
-    costs memory, a wider batch too). One setup when every micro-batch is of one kind."""
+def run_setups(result: RunResult) -> list[Any]:
+    """The run's exact setups: its recipe on its device at the widest micro-batch it trained
+    on with an attention mask and at the widest without one, each with the most logits
+    positions the loop computed (either can set the peak: a mask costs memory, a wider batch
+    too). One setup when every micro-batch was of one kind; the recipe's own (at
+    data.max_length) when the loop recorded none (no step taken)."""
     from dataclasses import replace
 
     from finetune.memory import setup_from_recipe
 
+    p = result.prepared
     setup = setup_from_recipe(p.recipe, p.loaded.device)
-    common = {
-        "grad_ckpt": p.gradient_checkpointing,
-        "dtype": str(p.loaded.dtype).removeprefix("torch."),
-    }
+    setup = replace(
+        setup,
+        grad_ckpt=p.gradient_checkpointing,
+        dtype=str(p.loaded.dtype).removeprefix("torch."),
+    )
+    widest = result.state.widest
     return [
-        replace(setup, seq=seq, logit_positions=logits, masked=masked, **common)
-        for masked, (seq, logits) in visited_shapes(p).items()
-    ]
-
-
-def visited_shapes(p: Any) -> dict[bool, tuple[int, int]]:
-    """Over the micro-batches the run visits (all its steps, in its order; one process),
-    by whether attention needs an explicit mask (packing, or padding): the widest, and the
-    most positions at which it computes logits (prompt tuning's virtual tokens in front
-    also predict the first label)."""
-    from finetune import batching
-    from finetune.data import IGNORE_INDEX
-    from finetune.train import total_steps
-
-    recipe = p.recipe
-    items = batching.build_items(
-        p.splits.train.examples, recipe.data.packing, recipe.data.max_length, recipe.train.seed
-    )
-    order = batching.micro_batches(
-        [len(i) for i in items],
-        recipe.train.micro_batch_size,
-        recipe.train.seed,
-        recipe.data.shuffle,
-        recipe.data.group_by_length,
-    )
-    shapes: dict[bool, tuple[int, int]] = {}
-    first = 0 if recipe.adapter.method == "prompt" else 1  # as train.trained_positions_loss
-    visited = total_steps(recipe, len(items)) * recipe.train.grad_accum
-    # Every epoch holds the longest item; past three epochs only the logits-position
-    # maximum could still move, by a few positions, and the loop would cost seconds.
-    per_epoch = max(1, len(items) // recipe.train.micro_batch_size)
-    for _ in range(min(visited, 3 * per_epoch)):
-        batch = batching.collate([items[i] for i in next(order)], 0, recipe.data.packing)
-        mask = batch.get("attention_mask")
-        masked = recipe.data.packing or (mask is not None and not bool(mask.all()))
-        width = batch["labels"].shape[1]
-        logits = int((batch["labels"][:, first:] != IGNORE_INDEX).any(dim=0).sum())
-        seq, most = shapes.get(masked, (0, 0))
-        shapes[masked] = (max(seq, width), max(most, logits))
-    return shapes
+        replace(setup, seq=seq, logit_positions=logits, masked=kind == "masked")
+        for kind, (seq, logits) in widest.items()
+    ] or [setup]
 
 
 def memory_section(result: RunResult, estimates: Any) -> dict[str, Any]:
@@ -196,7 +165,8 @@ def exact_match_section(result: RunResult) -> dict[str, Any] | None:
     }
 
 
-def render_markdown(report: dict[str, Any]) -> str:
+def render_markdown(report: dict[str, Any], images: bool = True) -> str:
+    """report.md; without `images` (the plots' links), the summary the CLI prints."""
     m, a, d, t = report["model"], report["adapter"], report["data"], report["training"]
     lines = [
         f"# Run report: {report['run_dir']}",
@@ -250,7 +220,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["", "## Memory", "", report["memory"]["markdown"]]
     if report["notes"]:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
-    lines += ["", "![loss](loss.png)", "", "![memory](memory.png)", ""]
+    if images:
+        lines += ["", f"![loss]({runs.LOSS_PLOT})", "", f"![memory]({runs.MEMORY_PLOT})", ""]
     return "\n".join(lines)
 
 
@@ -284,27 +255,27 @@ def plot_loss(history: list[dict[str, Any]], evals: list[dict[str, Any]], path: 
     ax.legend()
     fig.tight_layout()
     try:
-        runs.write_file_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110))
+        write_file_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110))
     finally:
         plt.close(fig)
 
 
 def write_report(result: RunResult, wall_time_s: float) -> dict[str, Any]:
-    """Write report.json, report.md and loss.png into the run directory; return the report."""
+    """Build the report and write report.json, report.md and the plots into the run
+    directory, once; return the report."""
     estimates = run_estimates(result)
     report = build_report(result, wall_time_s, estimates)
     run_dir = result.run_dir
-    runs.write_text_atomically(run_dir / "report.json", json.dumps(report, indent=2, default=str))
-    runs.write_text_atomically(run_dir / "report.md", render_markdown(report))
+    runs.write_report(run_dir, report, render_markdown(report))
     if result.history:
-        plot_loss(result.history, result.evals, run_dir / "loss.png")
-    plot_memory_use(estimates, report["memory"], run_dir / "memory.png")
+        plot_loss(result.history, result.evals, runs.loss_plot_path(run_dir))
+    plot_memory_use(estimates, report["memory"], runs.memory_plot_path(run_dir))
     return report
 
 
 def plot_memory_use(estimates: Any, memory: dict[str, Any], path: Path) -> None:
     from finetune.memory.render import plot_memory
 
-    runs.write_file_atomically(
+    write_file_atomically(
         path, lambda tmp: plot_memory(memory["measured"], estimates.run, estimates.full, tmp)
     )

@@ -66,6 +66,21 @@ class StopRequests:
         self.out_of_time = self.out_of_time or elapsed + next_step_s > self.max_time_s
         return self.out_of_time
 
+    def agreed(self, accelerator: Any, next_step_s: float) -> bool:
+        """Whether to stop before the next step. Under data parallelism the processes agree
+        (a signal may reach them at different steps), so all stop after the same step."""
+        import torch
+
+        self.check_time(next_step_s)
+        if accelerator.num_processes == 1:
+            return self.requested
+        flags = torch.tensor([self.signum or 0, int(self.out_of_time)])
+        flags = accelerator.reduce(flags.to(accelerator.device), reduction="max")
+        signum, out_of_time = (int(v) for v in flags.cpu())
+        self.signum = self.signum or signum or None
+        self.out_of_time = bool(out_of_time)
+        return self.requested
+
     @property
     def requested(self) -> bool:
         return self.signum is not None or self.out_of_time

@@ -18,8 +18,6 @@ from finetune.errors import UserError
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 # The package each tracker imports, and the extra that installs it.
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
-# Where each tracker writes inside the run directory (runs.RUN_LAYOUT lists them).
-FOLDERS = {"tensorboard": "tb", "wandb": "wandb", "mlflow": "mlruns"}
 
 
 def check_available(names: list[str]) -> None:
@@ -50,9 +48,16 @@ def wandb_can_log() -> bool:
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="replace")
 
 
-def start(run_dir: Path, names: list[str], resume_step: int, config: dict[str, Any]) -> list:
-    """Start each named tracker for the run in `run_dir`; call only on the main process."""
-    trackers = [make(name, run_dir, resume_step) for name in names]
+def start(
+    run_dir: Path,
+    names: list[str],
+    resume_step: int,
+    config: dict[str, Any],
+    folders: dict[str, str],
+) -> list:
+    """Start each named tracker for the run in `run_dir`, writing into `folders[name]` there
+    (the run directory's layout names them); call only on the main process."""
+    trackers = [make(name, run_dir, resume_step, folders[name]) for name in names]
     for tracker in trackers:
         tracker.start()
         if tracker.name != "tensorboard":
@@ -62,21 +67,22 @@ def start(run_dir: Path, names: list[str], resume_step: int, config: dict[str, A
     return trackers
 
 
-def make(name: str, run_dir: Path, resume_step: int) -> Any:
+def make(name: str, run_dir: Path, resume_step: int, folder: str) -> Any:
     from accelerate.tracking import MLflowTracker, TensorBoardTracker, WandBTracker
 
     run = run_dir.resolve()
     if name == "tensorboard":
         # purge_step: a resumed run drops the events past its checkpoint, as metrics.jsonl does.
-        return TensorBoardTracker(FOLDERS[name], run, purge_step=resume_step + 1 or None)
+        return TensorBoardTracker(folder, run, purge_step=resume_step + 1 or None)
     if name == "wandb":
+        # W&B makes its own folder, named as `folder` says, inside `dir`.
         return WandBTracker("finetune", dir=str(run), name=run.name, settings={"console": "off"})
     import mlflow
 
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         # mlflow 3 refuses a file store unless asked; a folder in the run needs no server.
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-        mlflow.set_tracking_uri((run / FOLDERS[name]).as_uri())
+        mlflow.set_tracking_uri((run / folder).as_uri())
     return MLflowTracker(experiment_name="finetune", run_name=run.name)
 
 

@@ -7,52 +7,28 @@ depend on how examples fall into micro-batches.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import os
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+from rich.console import Console
 
-from finetune import adapters, batching, data, doctor, evaluate, models, runs, tracking
-from finetune.errors import UserError
+from finetune import adapters, batching, data, evaluate, models, runs
+from finetune.loss import count_trained, trained_positions_loss, widest_shapes
 from finetune.memory.measure import RSS_NAME, LiveTensorPeak, PeakMemory
+from finetune.prepare import Prepared, make_optimizer, mixed_precision, prepare, total_steps
 from finetune.recipe import VIRTUAL_TOKEN_METHODS, Recipe, dump_recipe
+from finetune.runs import RunState, SavedCheckpoint
 from finetune.stopping import StopRequests
 
 
 class NonFinite(Exception):
     """A NaN or infinite loss or gradient norm at some step."""
-
-
-@dataclass
-class Prepared:
-    """Everything a run needs, built and validated before anything is written."""
-
-    recipe: Recipe
-    loaded: models.LoadedModel
-    model: Any
-    splits: data.Splits
-    params: adapters.ParameterCount
-    gradient_checkpointing: bool
-    notes: list[str] = field(default_factory=list)
-
-
-@dataclass
-class RunState:
-    """Where the loop is; saved in every checkpoint so a resumed run continues exactly."""
-
-    step: int = 0
-    micro_step: int = 0
-    tokens: int = 0
-    trained_tokens: int = 0
-    elapsed: float = 0.0
-    skipped_steps: int = 0
 
 
 @dataclass
@@ -70,127 +46,7 @@ class RunResult:
     # Why the run paused with a checkpoint to resume from (a signal, train.max_time), else None.
     interrupted: str | None = None
     exit_code: int = 0  # 130 after SIGINT, 143 after SIGTERM
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def prepare(recipe: Recipe, device: str | None = None, strict: bool = False) -> Prepared:
-    """Load model, attach the adapter and tokenize the data; raise on any bad input.
-
-    The data checks (finetune.doctor) run before the model loads: an error, or with
-    `strict` a warning, stops the run there; other warnings become notes of the run.
-    """
-    seed_everything(recipe.train.seed)
-    tracking.check_available(recipe.train.report_to)
-    # Data first: a broken row should not wait for a model to load.
-    tokenizer = models.load_tokenizer(
-        models.resolve_source(recipe.model.path), recipe.model.trust_remote_code
-    )
-    splits = data.prepare(recipe.data, tokenizer, recipe.train.seed)
-    diagnosis = doctor.diagnose(recipe, tokenizer, splits)
-    doctor.refuse(diagnosis, strict)
-    loaded = models.load_model(recipe.model, device, tokenizer=tokenizer)
-    notes = list(loaded.notes) + recipe.method_default_notes() + diagnosis.warning_lines()
-    if recipe.eval.max_examples == 0 and splits.eval_rows and recipe.data.format != "text":
-        notes.append("eval.max_examples is 0: exact-match generation skipped")
-    checkpointing = recipe.train.gradient_checkpointing
-    allowed, why = adapters.gradient_checkpointing_allowed(recipe.adapter.method)
-    if checkpointing and not allowed:
-        checkpointing = False
-        notes.append(why)
-    spec = adapters.with_init_text(
-        recipe.adapter, data.first_prompt(recipe.data, splits.train_rows)
-    )
-    notes += adapters.init_notes(recipe.adapter, spec)
-    model = adapters.attach(
-        loaded.model,
-        spec,
-        quantized=loaded.quantization != "none",
-        gradient_checkpointing=checkpointing,
-        tokenizer_path=loaded.folder,
-        tokenizer=tokenizer,
-    )
-    params = adapters.count_parameters(model)
-    return Prepared(recipe, loaded, model, splits, params, checkpointing, notes)
-
-
-def total_steps(recipe: Recipe, n_items: int, world_size: int = 1) -> int:
-    """Optimizer steps: max_steps, or enough for `epochs` passes over the items (examples or
-    packed sequences), counting whole micro-batches as batching.micro_batches draws them."""
-    if recipe.train.max_steps:
-        return recipe.train.max_steps
-    per_epoch = max(1, n_items // (recipe.train.micro_batch_size * world_size))
-    return max(1, math.ceil(recipe.train.epochs * per_epoch / recipe.train.grad_accum))
-
-
-def mixed_precision(requested: str, device: str) -> str:
-    if requested != "auto":
-        return requested
-    if device != "cuda":
-        return "no"  # CPU autocast to bf16 is slower than fp32 on most CPUs (measured ~2.5x)
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-
-
-def make_optimizer(model: Any, recipe: Recipe, steps: int) -> tuple[Any, Any]:
-    from transformers import get_scheduler
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params, lr=recipe.train.lr, weight_decay=recipe.train.weight_decay
-    )
-    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
-    scheduler = get_scheduler(
-        name[recipe.train.schedule],
-        optimizer,
-        num_warmup_steps=min(recipe.train.warmup_steps, steps),
-        num_training_steps=steps,
-    )
-    return optimizer, scheduler
-
-
-def count_trained(labels: torch.Tensor, method: str) -> int:
-    """Tokens that contribute to the loss after the causal shift.
-
-    Prompt tuning prepends virtual tokens, so even the first real label is predicted.
-    """
-    if method == "prompt":
-        return int((labels != data.IGNORE_INDEX).sum())
-    return int((labels[:, 1:] != data.IGNORE_INDEX).sum())
-
-
-def trained_positions_loss(
-    model: Any, batch: dict[str, Any], n_trained: int, virtual_tokens: int = 0
-) -> torch.Tensor:
-    """Sum of the token losses of `batch`, divided by the trained tokens of the whole step.
-
-    The vocabulary projection and the fp32 log-softmax are the costliest per-token work of a
-    small model (profiled: BENCHMARKS.md), so logits are computed only at positions whose
-    next token is trained: with the prompt masked that is a fraction of them. Equal to the
-    model's own loss with `num_items_in_batch=n_trained` (tested).
-
-    Prompt tuning puts `virtual_tokens` embeddings in front of the sequence: label j is then
-    predicted at position virtual_tokens + j - 1, the first label included.
-    """
-    # No KV cache: with one, transformers would not build the packed mask.
-    first = 0 if virtual_tokens else 1
-    targets = batch["labels"][:, first:]
-    keep = (targets != data.IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
-    if keep.numel() == 0:
-        return model(**batch, use_cache=False, num_items_in_batch=n_trained).loss
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    positions = keep + first + virtual_tokens - 1
-    logits = model(**inputs, use_cache=False, logits_to_keep=positions).logits
-    loss = torch.nn.functional.cross_entropy(
-        logits.float().flatten(0, 1),
-        targets[:, keep].flatten(),
-        ignore_index=data.IGNORE_INDEX,
-        reduction="sum",
-    )
-    return loss / n_trained
+    checkpoint: Path | None = None  # the newest checkpoint of the run, if any
 
 
 def train(
@@ -216,10 +72,7 @@ def train(
             sealed=recipe.sealed_paths(),
         )
     try:
-        checkpoint = runs.latest_checkpoint(run_dir) if resume else None
-        if resume:
-            check_resumable(recipe, run_dir)
-        saved = read_checkpoint(checkpoint) if checkpoint else None
+        saved = runs.checkpoint_to_resume(recipe, run_dir) if resume else None
         # The baseline is taken before the model loads, so the peak is what this run added.
         peak = PeakMemory(device=models.default_device()).start()
         try:
@@ -243,13 +96,12 @@ def run_with_peak(
     run_dir: Path,
     resume: bool,
     saved: SavedCheckpoint | None,
-    prepared: Prepared | None,
+    prepared: Prepared,
     peak: PeakMemory,
     stop: StopRequests,
 ) -> RunResult:
     from accelerate import Accelerator
 
-    prepared = prepared or prepare(recipe)
     device = prepared.loaded.device
     accelerator = Accelerator(
         mixed_precision=mixed_precision(recipe.train.mixed_precision, device),
@@ -299,6 +151,7 @@ class Loop:
         self.state = RunState()
         self.history: list[dict[str, Any]] = []
         self.evals: list[dict[str, Any]] = []
+        self.checkpoint: Path | None = None  # the newest, on every process (only one writes)
         if saved is not None:
             self.restore(saved)
         self.metrics = runs.MetricsWriter(
@@ -328,18 +181,19 @@ class Loop:
                 self.checkpoint_now()
         self.metrics.close()
         return RunResult(
-            self.run_dir,
-            self.state,
-            self.history,
-            self.evals,
-            before,
-            after,
-            self.prepared,
-            self.measured_memory(),
-            stopped,
-            self.accelerator.is_main_process,
-            stop.reason(),
-            stop.exit_code(),
+            run_dir=self.run_dir,
+            state=self.state,
+            history=self.history,
+            evals=self.evals,
+            exact_match_before=before,
+            exact_match_after=after,
+            prepared=self.prepared,
+            memory=self.measured_memory(),
+            stopped=stopped,
+            main_process=self.accelerator.is_main_process,
+            interrupted=stop.reason(),
+            exit_code=stop.exit_code(),
+            checkpoint=self.checkpoint,
         )
 
     def train_steps(self, stop: StopRequests) -> str | None:
@@ -358,7 +212,7 @@ class Loop:
         self.model.train()
         last_step_s = 0.0
         with TrainProgress(self.steps, self.state.step, self.accelerator.is_main_process) as bar:
-            while self.state.step < self.steps and not self.stop_agreed(stop, last_step_s):
+            while self.state.step < self.steps and not stop.agreed(self.accelerator, last_step_s):
                 before = self.state.elapsed  # step() times itself
                 try:
                     record = self.step([next(batches) for _ in range(t.grad_accum)])
@@ -372,19 +226,6 @@ class Loop:
                     self.save_checkpoint()
         return None
 
-    def stop_agreed(self, stop: StopRequests, next_step_s: float) -> bool:
-        """Whether to stop before the next step. Under data parallelism the processes agree
-        (a signal may reach them at different steps), so all stop after the same step."""
-        stop.check_time(next_step_s)
-        if self.accelerator.num_processes == 1:
-            return stop.requested
-        flags = torch.tensor([stop.signum or 0, int(stop.out_of_time)])
-        flags = self.accelerator.reduce(flags.to(self.accelerator.device), reduction="max")
-        signum, out_of_time = (int(v) for v in flags.cpu())
-        stop.signum = stop.signum or signum or None
-        stop.out_of_time = bool(out_of_time)
-        return stop.requested
-
     def finish(self, stop: StopRequests) -> evaluate.ExactMatch | None:
         """After the last step: held-out loss, checkpoint, adapter, then exact match (skipped
         when a stop was asked for meanwhile: it is the slow part and changes nothing saved)."""
@@ -397,26 +238,17 @@ class Loop:
 
     def checkpoint_now(self) -> None:
         """A checkpoint at the current step, unless one exists (or no step was taken)."""
-        latest = runs.latest_checkpoint(self.run_dir)
+        latest = self.checkpoint
         if self.state.step and (latest is None or runs.checkpoint_step(latest) != self.state.step):
             self.save_checkpoint()
 
     def announce(self) -> None:
-        """Say what is about to run: parameter counts, choices made for the user, the plan."""
-        if not self.accelerator.is_main_process:
-            return
-        from rich.console import Console
-
-        console = Console(stderr=True, highlight=False)
-        p = self.prepared
-        console.print(f"{self.recipe.adapter.method}: {p.params}")
-        for note in p.notes:
-            console.print(f"note: {note}")
-        console.print(
-            f"{len(self.train_data)} examples in {len(self.items)} sequences; "
-            f"{self.steps} steps of {self.recipe.train.micro_batch_size} x "
-            f"{self.recipe.train.grad_accum} x {self.accelerator.num_processes} process(es)"
-        )
+        if self.accelerator.is_main_process:
+            console = Console(stderr=True, highlight=False)
+            for line in self.prepared.plan(
+                len(self.items), self.steps, self.accelerator.num_processes
+            ):
+                console.print(line)
 
     def step(self, micro_batches: list[list[int]]) -> dict[str, Any]:
         """One optimizer step over `grad_accum` micro-batches, loss normalised by trained tokens.
@@ -428,6 +260,7 @@ class Loop:
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         shards = [[self.items[i] for i in idx[rank::world]] for idx in micro_batches]
         batches = [batching.collate(items, self.pad_id, self.packed) for items in shards]
+        self.record_widest(batches)
         method = self.recipe.adapter.method
         local = sum(count_trained(b["labels"], method) for b in batches)
         n_trained = int(self.accelerator.reduce(torch.tensor(local), reduction="sum"))
@@ -492,6 +325,16 @@ class Loop:
         loss_total = float(self.accelerator.reduce(torch.tensor(loss_sum), reduction="sum"))
         return loss_total, grad_norm
 
+    def record_widest(self, batches: list[dict[str, Any]]) -> None:
+        """Fold this step's widest micro-batches, over all processes, into `state.widest`."""
+        seen = widest_shapes(batches, self.packed, self.virtual_tokens())
+        flat = torch.tensor([*seen["masked"], *seen["unmasked"]], device=self.accelerator.device)
+        agreed = self.accelerator.reduce(flat, reduction="max").tolist()
+        for kind, (width, logits) in (("masked", agreed[:2]), ("unmasked", agreed[2:])):
+            if width:
+                old = self.state.widest.get(kind, [0, 0])
+                self.state.widest[kind] = [max(old[0], width), max(old[1], logits)]
+
     def measured_memory(self) -> dict[str, Any]:
         """The run's measured memory: live-tensor peak on the CPU (the estimate's metric),
         allocator statistics on CUDA, and the process's RSS growth as a separate figure."""
@@ -501,23 +344,22 @@ class Loop:
         return {"measured": live, "resident": {**self.peak.to_dict(), "metric": RSS_NAME}}
 
     def forward_loss(self, batch: dict[str, Any], n_trained: int) -> torch.Tensor:
-        # Prompt tuning's virtual tokens sit in front of the sequence and shift its positions.
-        shift = (
-            self.recipe.adapter.num_virtual_tokens if self.recipe.adapter.method == "prompt" else 0
-        )
-        return trained_positions_loss(self.model, batch, n_trained, shift)
+        return trained_positions_loss(self.model, batch, n_trained, self.virtual_tokens())
+
+    def virtual_tokens(self) -> int:
+        """Prompt tuning's virtual tokens sit in front of the sequence and shift its positions."""
+        adapter = self.recipe.adapter
+        return adapter.num_virtual_tokens if adapter.method == "prompt" else 0
 
     def due(self, every: int) -> bool:
         """Whether an every-N-steps action is due at the current step (0 means never)."""
         return bool(every) and self.state.step % every == 0
 
     def last_checkpoint_note(self) -> str:
-        latest = runs.latest_checkpoint(self.run_dir)
+        latest = self.checkpoint
         return f"; the last good checkpoint is {latest}" if latest else ""
 
     def sync(self, last: bool) -> Any:
-        import contextlib
-
         if last or self.accelerator.num_processes == 1:
             return contextlib.nullcontext()
         return self.accelerator.no_sync(self.model)
@@ -536,47 +378,30 @@ class Loop:
         eval_data = self.prepared.splits.eval
         if eval_data is None or not self.accelerator.is_main_process:
             return
-        result = evaluate.evaluate_loss(
-            self.unwrapped(), eval_data, self.pad_id, self.recipe.train.micro_batch_size
+        # Virtual tokens are no no-op at step 0 (LoRA is): the base model's loss beside it
+        # shows how far the initialisation moved the model.
+        base = self.state.step == 0 and self.recipe.adapter.method in VIRTUAL_TOKEN_METHODS
+        record = evaluate.held_out_record(
+            self.unwrapped(), eval_data, self.pad_id, self.recipe.train.micro_batch_size, base
         )
-        record = {
-            "step": self.state.step,
-            "eval_loss": result.loss,
-            "eval_perplexity": result.perplexity,
-            "eval_tokens": result.tokens,
-        }
-        if self.state.step == 0 and self.recipe.adapter.method in VIRTUAL_TOKEN_METHODS:
-            # Virtual tokens are no no-op at step 0 (LoRA is): the base model's loss beside it
-            # shows how far the initialisation moved the model.
-            with self.unwrapped().disable_adapter():
-                base = evaluate.evaluate_loss(
-                    self.unwrapped(), eval_data, self.pad_id, self.recipe.train.micro_batch_size
-                )
-            record["base_eval_loss"] = base.loss
+        record = {"step": self.state.step, **record}
         self.evals.append(record)
         self.metrics.write(record)
 
     def exact_match(self, when: str) -> evaluate.ExactMatch | None:
-        spec = self.recipe.data
-        rows = self.prepared.splits.eval_rows
+        spec, rows, options = self.recipe.data, self.prepared.splits.eval_rows, self.recipe.eval
         if not rows or spec.format == "text" or not self.accelerator.is_main_process:
             return None
-        if self.recipe.eval.max_examples == 0:  # asked for no generation (a note says so)
+        if options.max_examples == 0:  # asked for no generation (a note says so)
             return None
-        rows = rows[: self.recipe.eval.max_examples] if self.recipe.eval.max_examples else rows
-        tokenizer = self.prepared.loaded.tokenizer
+        tokenizer, source = self.prepared.loaded.tokenizer, self.prepared.splits.eval_source
         pairs = [
-            data.generation_prompt(r, spec, tokenizer, self.prepared.splits.eval_source)
-            for r in rows
+            data.generation_prompt(r, spec, tokenizer, source) for r in rows[: options.max_examples]
         ]
         model = self.unwrapped()
-        if when == "before":
-            # The base model: a LoRA adapter starts as a no-op, but prefix/prompt ones don't.
-            with model.disable_adapter():
-                return evaluate.exact_match(
-                    model, tokenizer, pairs, self.recipe.eval.max_new_tokens
-                )
-        return evaluate.exact_match(model, tokenizer, pairs, self.recipe.eval.max_new_tokens)
+        # Before training, the base model: a LoRA adapter starts as a no-op, prefix/prompt don't.
+        with model.disable_adapter() if when == "before" else contextlib.nullcontext():
+            return evaluate.exact_match(model, tokenizer, pairs, options.max_new_tokens)
 
     def unwrapped(self) -> Any:
         return self.accelerator.unwrap_model(self.model)
@@ -585,36 +410,20 @@ class Loop:
 
     def save_adapter(self) -> None:
         if self.accelerator.is_main_process:
-            runs.write_atomically(
-                self.run_dir / "adapter",
-                self.unwrapped().save_pretrained,
-                runs.resume_hint(self.run_dir),
-            )
+            runs.save_adapter(self.run_dir, self.unwrapped())
 
     def save_checkpoint(self) -> None:
-        if not self.accelerator.is_main_process:
-            return
-        target = self.run_dir / "checkpoints" / f"step-{self.state.step}"
-        runs.write_atomically(target, self.write_checkpoint, then=runs.resume_hint(self.run_dir))
-        runs.prune_checkpoints(self.run_dir, self.recipe.train.keep_last)
-
-    def write_checkpoint(self, folder: Path) -> None:
-        self.unwrapped().save_pretrained(folder / "adapter")
-        projection = adapters.projection_state(self.unwrapped())
-        if projection is not None:
-            from safetensors.torch import save_file
-
-            save_file(projection, folder / PROJECTION_FILE)
-        torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
-        torch.save(self.scheduler.state_dict(), folder / "scheduler.pt")
-        torch.save({"torch": torch.get_rng_state()}, folder / "rng_torch.pt")
-        np_state = np.random.get_state()
-        rng = {
-            "python": _jsonable(random.getstate()),
-            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-        }
-        (folder / "rng.json").write_text(json.dumps(rng))
-        (folder / "state.json").write_text(json.dumps(self.state.__dict__, indent=2))
+        if self.accelerator.is_main_process:
+            runs.save_checkpoint(
+                self.run_dir,
+                self.state,
+                model=self.unwrapped(),
+                projection=adapters.projection_state(self.unwrapped()),
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                keep_last=self.recipe.train.keep_last,
+            )
+        self.checkpoint = runs.checkpoint_path(self.run_dir, self.state.step)  # every process
 
     def restore(self, saved: SavedCheckpoint) -> None:
         from peft import set_peft_model_state_dict
@@ -625,95 +434,8 @@ class Loop:
             set_peft_model_state_dict(self.unwrapped(), saved.weights)
         self.optimizer.load_state_dict(saved.optimizer)
         self.scheduler.load_state_dict(saved.scheduler)
-        torch.set_rng_state(saved.torch_rng)
-        random.setstate(_tupled(saved.rng["python"]))
-        kind, keys, *rest = saved.rng["numpy"]
-        np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
-        self.state = RunState(**saved.state)
+        runs.restore_rng(saved)
+        self.state = saved.state
+        self.checkpoint = saved.path
         self.history = runs.read_history(self.run_dir, self.state.step)
         self.evals = runs.read_evals(self.run_dir, self.state.step)
-
-
-# Beside a checkpoint's adapter: the prefix MLP, which peft's saved adapter leaves out.
-PROJECTION_FILE = "prefix_encoder.safetensors"
-
-
-@dataclass
-class SavedCheckpoint:
-    """A checkpoint read into memory, so a broken one is found before anything is written."""
-
-    path: Path
-    weights: dict[str, torch.Tensor]
-    optimizer: dict[str, Any]
-    scheduler: dict[str, Any]
-    torch_rng: torch.Tensor
-    rng: dict[str, Any]
-    state: dict[str, Any]
-    projection: dict[str, torch.Tensor] | None = None  # the prefix MLP (prefix_projection)
-
-
-def read_checkpoint(checkpoint: Path) -> SavedCheckpoint:
-    """Read every part of a checkpoint (tensors only: `weights_only=True`, no pickled code).
-
-    Raises:
-        UserError: a part is missing or unreadable.
-    """
-    from safetensors.torch import load_file
-
-    try:
-        saved = SavedCheckpoint(
-            path=checkpoint,
-            weights=load_file(checkpoint / "adapter" / "adapter_model.safetensors"),
-            optimizer=torch.load(checkpoint / "optimizer.pt", weights_only=True),
-            scheduler=torch.load(checkpoint / "scheduler.pt", weights_only=True),
-            torch_rng=torch.load(checkpoint / "rng_torch.pt", weights_only=True)["torch"],
-            rng=json.loads((checkpoint / "rng.json").read_text()),
-            state=json.loads((checkpoint / "state.json").read_text()),
-        )
-        if (checkpoint / PROJECTION_FILE).exists():
-            saved.projection = load_file(checkpoint / PROJECTION_FILE)
-        RunState(**saved.state)
-    except Exception as err:  # any unreadable part means this checkpoint is unusable
-        raise UserError(
-            f"{checkpoint}: corrupt checkpoint ({models.first_line(err)[:120]}); delete it "
-            "to resume from an earlier one"
-        ) from None
-    return saved
-
-
-# What a resumed run must share with the run it continues: anything else (max_steps, eval
-# and save intervals, output options) may change between the two.
-RESUME_MUST_MATCH = {
-    "model": None,
-    "adapter": None,
-    "data": None,
-    "train": ("micro_batch_size", "grad_accum", "seed"),
-}
-
-
-def check_resumable(recipe: Recipe, run_dir: Path) -> None:
-    """Refuse to resume a run with a recipe that changes what its checkpoints mean."""
-    import yaml
-
-    try:
-        before = yaml.safe_load((run_dir / "recipe.yaml").read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        return  # no readable record of the old recipe: the checkpoint itself is checked
-    now = recipe.model_dump(mode="json")
-    for section, keys in RESUME_MUST_MATCH.items():
-        old_section = before.get(section) or {}
-        for key in keys or now[section]:
-            if key in old_section and old_section[key] != now[section][key]:
-                raise UserError(
-                    f"--resume: {section}.{key} is {now[section][key]!r} but the run in "
-                    f"{run_dir} was made with {old_section[key]!r}; resume with the same "
-                    "value, or start a new run (adapter.init_from can start from its adapter)"
-                )
-
-
-def _jsonable(value: Any) -> Any:
-    return [_jsonable(v) for v in value] if isinstance(value, tuple | list) else value
-
-
-def _tupled(value: Any) -> Any:
-    return tuple(_tupled(v) for v in value) if isinstance(value, list) else value

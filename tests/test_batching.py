@@ -7,8 +7,9 @@ from helpers import build_model, build_tokenizer, date_rows, write_jsonl
 
 from finetune.batching import build_items, collate, pack
 from finetune.data import IGNORE_INDEX, load_rows, tokenize_rows
+from finetune.loss import count_trained, trained_positions_loss
 from finetune.recipe import DataSection, load_recipe
-from finetune.train import count_trained, train, trained_positions_loss
+from finetune.train import train
 
 
 @pytest.fixture(scope="module")

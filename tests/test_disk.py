@@ -16,8 +16,8 @@ import pytest
 from helpers import ROOT
 
 from finetune.recipe import load_recipe
-from finetune.runs import list_checkpoints
-from finetune.train import read_checkpoint, train
+from finetune.runs import list_checkpoints, read_checkpoint
+from finetune.train import train
 
 FIRST = {"max_steps": 4, "save_every": 2, "micro_batch_size": 3, "lr": 5e-3}
 

@@ -12,6 +12,7 @@ from helpers import date_rows, run_in_terminal, tiny_recipe, write_jsonl
 from finetune import inference
 from finetune.cli import main
 from finetune.recipe import load_recipe
+from finetune.targets import resolve_target
 from finetune.train import train
 
 
@@ -59,7 +60,7 @@ def independent_perplexity(model, tokenizer, rows):
 def test_perplexity_is_exp_of_the_mean_loss_computed_independently(run_and_data):
     run, test = run_and_data
     result = inference.evaluate_target(str(run), str(test), base=True)
-    session = inference.load(inference.resolve_target(str(run)), device="cpu")
+    session = inference.load(resolve_target(str(run)), device="cpu")
     rows = [json.loads(line) for line in test.read_text().splitlines()]
     expected, tokens = independent_perplexity(session.model, session.tokenizer, rows)
     assert result["adapter"]["tokens"] == tokens
@@ -99,7 +100,7 @@ def test_progress_callbacks_count_every_example_and_prompt(run_and_data):
     from finetune.evaluate import evaluate_loss, generate
 
     run, test = run_and_data
-    session = inference.load(inference.resolve_target(str(run)), device="cpu")
+    session = inference.load(resolve_target(str(run)), device="cpu")
     spec = load_recipe(run / "recipe.yaml").data.model_copy(update={"path": str(test)})
     data = tokenize_rows(load_rows(str(test)), spec, session.tokenizer, str(test))
     scored, answered = [], []

@@ -11,7 +11,7 @@ import torch
 import yaml
 from helpers import build_model, build_tokenizer, date_rows, run_main, with_llamacpp, write_jsonl
 
-from finetune import export, inference
+from finetune import export, inference, targets
 from finetune.export import checks, gguf_vocab
 from finetune.recipe import load_recipe
 from finetune.train import train
@@ -57,7 +57,7 @@ def made(tmp_path_factory, tiny_model_dir):
 
 
 def adapter_logits(run):
-    session = inference.load(inference.resolve_target(str(run)), device="cpu")
+    session = inference.load(targets.resolve_target(str(run)), device="cpu")
     batch = checks.probe_batch(session.tokenizer)
     return checks.probe_logits(session.model, batch), batch
 
@@ -173,7 +173,7 @@ def test_export_adapter_copies_the_folder_with_a_model_card(made, tmp_path, caps
     folder = tmp_path / "a"
     assert (folder / "adapter_config.json").is_file() and (folder / "recipe.yaml").is_file()
     assert "prompt adapter" in (folder / "README.md").read_text()
-    assert inference.resolve_target(str(folder)).method == "prompt"
+    assert targets.resolve_target(str(folder)).method == "prompt"
 
 
 # ------------------------------------------------------------------------ combine
@@ -297,7 +297,7 @@ def test_embedded_model_trains_merges_and_exports_gguf(tmp_path):
         tmp_path, gguf_file="model.gguf", dtype=torch.float32
     )
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
-    session = inference.load(inference.resolve_target(str(tmp_path / "run")), device="cpu")
+    session = inference.load(targets.resolve_target(str(tmp_path / "run")), device="cpu")
     batch = checks.probe_batch(session.tokenizer)
     diff = checks.max_logit_diff(
         checks.probe_logits(plain, batch),

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from helpers import ROOT, date_rows, run_in_terminal, run_main, write_jsonl
 
-from finetune import evaluate, inference
+from finetune import evaluate, inference, targets
 from finetune.recipe import load_recipe
 from finetune.train import train
 
@@ -52,7 +52,7 @@ def test_generate_is_greedy_through_the_chat_template(method, made, capsys):
         "5",
     )
     assert code == 0, err
-    session = inference.load(inference.resolve_target(str(made[method])), device="cpu")
+    session = inference.load(targets.resolve_target(str(made[method])), device="cpu")
     prompt = session.tokenizer.apply_chat_template(
         [{"role": "user", "content": "Convert 3 March 2024 to ISO."}],
         tokenize=False,
@@ -113,7 +113,7 @@ def test_chat_loop_keeps_the_conversation(made):
         str(made["lora"]), lambda: next(lines, None), shown.append, max_new_tokens=4
     )
     assert replies == 2 and len(shown) == 2
-    session = inference.load(inference.resolve_target(str(made["lora"])), device="cpu")
+    session = inference.load(targets.resolve_target(str(made["lora"])), device="cpu")
     messages = [
         {"role": "user", "content": "Convert 3 March 2024 to ISO."},
         {"role": "assistant", "content": shown[0]},

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from helpers import build_tokenizer, date_rows, run_main, with_llamacpp, write_jsonl
 
-from finetune import export, inference
+from finetune import export, inference, targets
 from finetune.errors import UserError
 from finetune.export import checks, gguf_file, gguf_vocab, llamacpp, merging
 from finetune.recipe import load_recipe
@@ -47,7 +47,7 @@ def lora_run(tmp_path_factory, tiny_model_dir):
 
 
 def adapter_session(run: Path):
-    target = inference.resolve_target(str(run))
+    target = targets.resolve_target(str(run))
     spec = target.model.model_copy(update={"quantization": "none", "dtype": "float32"})
     return inference.load(target, device="cpu", spec=spec)
 
@@ -165,7 +165,7 @@ def test_adapter_gguf_on_the_base_gguf_answers_as_the_merged_model(
     assert facts["general.type"] == "adapter" and facts["adapter.type"] == "lora"
     assert facts["adapter.lora.alpha"] == 16.0
     # llama.cpp, base + adapter, against the merged model in transformers.
-    merged = merging.build_merged(inference.resolve_target(str(lora_run)))
+    merged = merging.build_merged(targets.resolve_target(str(lora_run)))
     found = llama_answers(tmp_path / "b.gguf", merged, lora=tmp_path / "a.gguf")
     assert found.tokens_identical and found.greedy_identical == found.prompts
     assert found.max_logit_diff < 0.5  # f16 base

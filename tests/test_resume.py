@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from finetune.cli import main
 from finetune.recipe import load_recipe
+from finetune.runs import read_report
 from finetune.train import train
 
 STEPS = 12
@@ -132,6 +133,9 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(point, reference, tmp_
     assert ours.keys() == theirs.keys()
     assert max(float((ours[k] - theirs[k]).abs().max()) for k in ours) == 0.0
     assert checkpoint_names(run, hidden=True) == []  # leftovers of the killed write are gone
+    # The widest micro-batches the loop recorded before the kill come back with the
+    # checkpoint: the report estimates the same shapes as the uninterrupted run's.
+    assert read_report(run).estimated_setup == read_report(reference_run).estimated_setup
 
 
 def poisoned_model(tiny_model_dir: Path, tmp_path: Path, token: str) -> tuple[Path, int]:
@@ -267,8 +271,7 @@ def test_signal_saves_stops_and_resumes_exactly(signum, point, reference, tmp_pa
 def test_second_ctrl_c_stops_at_once_and_leaves_only_complete_checkpoints(reference, tmp_path):
     import yaml
 
-    from finetune.runs import list_checkpoints
-    from finetune.train import read_checkpoint
+    from finetune.runs import list_checkpoints, read_checkpoint
 
     recipe, reference_run = reference
     run = tmp_path / "run"

@@ -175,10 +175,10 @@ def test_init_from_does_not_unpickle_adapter_weights(trained_run, tmp_path):
     shutil.copytree(run / "adapter", adapter)
     marker = tmp_path / "adapter-ran"
     torch.save({"x": Payload(marker)}, adapter / "adapter_model.bin")
-    from finetune import train
+    from finetune.prepare import prepare
 
     spec = load_recipe(recipe, [f"adapter.init_from={adapter}"])
-    train.prepare(spec, device="cpu")
+    prepare(spec, device="cpu")
     assert not marker.exists()
 
 

@@ -6,7 +6,9 @@ import json
 import pytest
 import torch
 
+from finetune import runs
 from finetune.cli import main
+from finetune.errors import UserError
 from finetune.recipe import load_recipe
 from finetune.train import train
 
@@ -58,6 +60,9 @@ def test_adapter_reloads_with_plain_peft_to_identical_logits(method, recipe_file
     trained = result.prepared.model
     tokenizer = result.prepared.loaded.tokenizer
     expected = probe_logits(trained, tokenizer)
+    # The loop recorded the widest micro-batch it trained on (padded: batches of 4 vary).
+    width, logits = result.state.widest["masked"]
+    assert 0 < logits < width <= 64
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     reloaded = PeftModel.from_pretrained(base, str(result.run_dir / "adapter"))
@@ -66,7 +71,7 @@ def test_adapter_reloads_with_plain_peft_to_identical_logits(method, recipe_file
 
 
 @pytest.mark.parametrize("method", list(METHOD_SETTINGS))
-def test_cli_train_end_to_end(method, recipe_file, tmp_path):
+def test_cli_train_end_to_end(method, recipe_file, tmp_path, capsys):
     path = recipe_file(
         adapter=METHOD_SETTINGS[method],
         train={"lr": LR[method], "max_steps": 8, "save_every": 4, "eval_every": 4},
@@ -87,6 +92,24 @@ def test_cli_train_end_to_end(method, recipe_file, tmp_path):
     assert report["exact_match"]["examples"] == 6
     assert report["memory"]["measured"]["peak_bytes"] > 0
     assert report["memory"]["estimate"]["total_bytes"] > 0
+    # What later commands read back, as one typed object.
+    read = runs.read_report(run)
+    assert read.quantization == report["model"]["quantization"]
+    assert read.measured == report["memory"]["measured"]
+    assert read.estimated_setup == report["memory"]["estimate"]["setup"]
+    assert read.model_config == report["memory"]["model_config"]
+    # The summary on screen is rendered from the report's data, without the plots' links.
+    out = " ".join(capsys.readouterr().out.split())  # as rich wrapped it
+    assert "Run report:" in out and "held-out loss" in out and "![" not in out
+    assert "report.md, report.json, loss.png, memory.png, adapter/)" in out
+
+
+def test_a_report_without_a_field_is_one_error_naming_it(tmp_path):
+    """Renaming a key report.py writes breaks here, loudly, not in each reader."""
+    (tmp_path / "report.json").write_text(json.dumps({"model": {"quantization": "none"}}))
+    with pytest.raises(UserError, match=r"report.json: the run report has no memory.measured"):
+        runs.read_report(tmp_path)
+    assert runs.read_report(tmp_path / "elsewhere") is None  # no report: nothing to read
 
 
 def test_int8_lora_trains_on_the_cpu(recipe_file):
@@ -150,7 +173,7 @@ def test_estimate_of_a_run_matches_its_report(recipe_file, tmp_path, capsys):
 
 
 def test_epochs_count_whole_micro_batches(recipe_file):
-    from finetune.train import total_steps
+    from finetune.prepare import total_steps
 
     recipe = load_recipe(
         recipe_file(train={"max_steps": None, "epochs": 2, "micro_batch_size": 3, "grad_accum": 2})

@@ -9,8 +9,8 @@ import torch
 from helpers import ROOT, build_model, build_tokenizer
 
 from finetune import adapters
+from finetune.prepare import prepare
 from finetune.recipe import AdapterSection, load_recipe
-from finetune.train import prepare
 
 TEXT = "the quick brown fox"
 

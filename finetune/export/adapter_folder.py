@@ -6,25 +6,26 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from finetune import inference, runs
+from finetune import runs
 from finetune.export.checks import require_adapter
 from finetune.recipe import dump_recipe
+from finetune.targets import Target
 
 
-def export_adapter(target: inference.Target, out: Path) -> None:
+def export_adapter(target: Target, out: Path) -> None:
     """Copy the target's adapter folder to `out` (written whole or not at all)."""
     method = require_adapter(target, "export --format adapter")
     runs.write_atomically(out, lambda tmp: copy_adapter(target, method, tmp))
 
 
-def copy_adapter(target: inference.Target, method: str, folder: Path) -> None:
+def copy_adapter(target: Target, method: str, folder: Path) -> None:
     shutil.copytree(target.adapter_dir, folder, dirs_exist_ok=True)
     if target.recipe is not None:
         runs.write_recipe_copy(folder, dump_recipe(target.recipe))
     (folder / "README.md").write_text(adapter_card(target, method), encoding="utf-8")
 
 
-def adapter_card(target: inference.Target, method: str) -> str:
+def adapter_card(target: Target, method: str) -> str:
     recipe = target.recipe
     trained = ""
     if recipe is not None:

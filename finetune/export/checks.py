@@ -15,6 +15,7 @@ from finetune.errors import UserError, closest
 from finetune.inputs import check_number
 from finetune.outputs import claim_output
 from finetune.recipe import VIRTUAL_TOKEN_METHODS
+from finetune.targets import Target
 
 DTYPES = ("float32", "bfloat16", "float16")
 # Default tolerances (max absolute logit difference) for the self-checks.
@@ -89,7 +90,7 @@ def check_tolerance(tolerance: float | None) -> None:
         check_number("--tolerance", tolerance, ge=0)
 
 
-def require_adapter(target: inference.Target, what: str) -> str:
+def require_adapter(target: Target, what: str) -> str:
     """The target's adapter method, refusing plain models and, for merges, virtual tokens."""
     if target.adapter_dir is None:
         raise UserError(
@@ -122,7 +123,7 @@ OUTPUT_SIGNS = {
 def check_output(
     out: Path,
     force: bool,
-    targets: list[inference.Target],
+    targets: list[Target],
     output: str = "gguf",
     files: list[Path | None] = (),
 ) -> None:

@@ -13,6 +13,7 @@ from finetune.errors import UserError, closest
 from finetune.export.checks import check_output
 from finetune.inputs import check_number
 from finetune.recipe import dump_recipe
+from finetune.targets import Target, read_adapter_config, resolve_target
 
 COMBINE_METHODS = ("linear", "ties", "dare_linear", "dare_ties")
 
@@ -81,7 +82,7 @@ def combine(
     if method != "linear" and density is None:
         density = 1.0 if method == "ties" else 0.5
     numbers = parse_weights(weights, len(sources))
-    targets = [inference.resolve_target(s) for s in sources]
+    targets = [resolve_target(s) for s in sources]
     check_output(out, force, targets, "combined")
     check_compatible(targets)
 
@@ -119,7 +120,7 @@ def combine(
     return report
 
 
-def check_compatible(targets: list[inference.Target]) -> None:
+def check_compatible(targets: list[Target]) -> None:
     """Refuse adapters that do not fit together, naming what differs."""
     first = targets[0]
     for t in targets:
@@ -128,7 +129,7 @@ def check_compatible(targets: list[inference.Target]) -> None:
                 f"{t.given}: a model, not a run or adapter folder; combine needs adapters"
             )
     first_method = first.method
-    first_config = inference.read_adapter_config(first.adapter_dir)
+    first_config = read_adapter_config(first.adapter_dir)
     for t in targets[1:]:
         if t.model.path != first.model.path:
             raise UserError(
@@ -140,7 +141,7 @@ def check_compatible(targets: list[inference.Target]) -> None:
                 f"{t.given}: a {t.method} adapter, but {first.given} is {first_method}; combine "
                 "adapters of the same method"
             )
-        config = inference.read_adapter_config(t.adapter_dir)
+        config = read_adapter_config(t.adapter_dir)
         mine, theirs = target_list(config), target_list(first_config)
         if mine != theirs:
             raise UserError(

@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune import inference
 from finetune.errors import UserError, closest
 from finetune.export.adapter_folder import export_adapter
 from finetune.export.checks import check_dtype, check_output, check_tolerance, folder_size
@@ -15,6 +14,7 @@ from finetune.export.gguf_check import GGUFCheck
 from finetune.export.gguf_file import GGUF_TYPES
 from finetune.export.gguf_model import model_to_export, write_checked_gguf
 from finetune.export.merging import MergeReport, merge
+from finetune.targets import resolve_target
 
 FORMATS = ("adapter", "merged", "gguf", "gguf-adapter")
 
@@ -61,7 +61,7 @@ def export(
             model=model,
         )
         return ExportReport("merged", str(out), folder_size(out), merge=report)
-    target = inference.resolve_target(run, model)
+    target = resolve_target(run, model)
     check_output(out, force, [target], "adapter" if fmt == "adapter" else "gguf", [base_gguf])
     if fmt == "adapter":
         export_adapter(target, out)

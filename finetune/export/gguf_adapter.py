@@ -17,10 +17,11 @@ from finetune.export.checks import BASE_TOLERANCE, CheckFailed, require_adapter
 from finetune.export.gguf_check import GGUFCheck, llamacpp_check, require_within, write_checked_file
 from finetune.export.merging import Merged
 from finetune.inputs import require_file
+from finetune.targets import Target, read_adapter_config
 
 
 def export_gguf_adapter(
-    target: inference.Target, out: Path, base_gguf: Path | None, tolerance: float | None
+    target: Target, out: Path, base_gguf: Path | None, tolerance: float | None
 ) -> GGUFCheck:
     """Write the run's LoRA adapter as a llama.cpp adapter GGUF and check it applied to its
     base GGUF against the adapter model in transformers.
@@ -49,14 +50,14 @@ def export_gguf_adapter(
     return write_checked_file(out, write)
 
 
-def require_lora(target: inference.Target) -> float:
+def require_lora(target: Target) -> float:
     """The adapter's lora_alpha, refusing what a llama.cpp LoRA file cannot hold.
 
     Raises:
         UserError: not a LoRA adapter, DoRA, trained full modules or biases, new tokens.
     """
     method = require_adapter(target, "export --format gguf-adapter")
-    config = inference.read_adapter_config(target.adapter_dir)
+    config = read_adapter_config(target.adapter_dir)
     if method != "lora" or config.get("peft_type") != "LORA" or config.get("use_dora"):
         raise UserError(
             f"{target.given}: a {method} adapter; --format gguf-adapter writes plain LoRA "
@@ -77,7 +78,7 @@ def require_lora(target: inference.Target) -> float:
     return float(config["lora_alpha"])
 
 
-def choose_base_gguf(target: inference.Target, given: Path | None) -> tuple[Path, dict[str, Any]]:
+def choose_base_gguf(target: Target, given: Path | None) -> tuple[Path, dict[str, Any]]:
     """The base GGUF llama.cpp applies the adapter to: --base-gguf, or the GGUF the run's
     base model came from (the embedded model is one).
 
@@ -102,7 +103,7 @@ def choose_base_gguf(target: inference.Target, given: Path | None) -> tuple[Path
     return base, facts
 
 
-def match_base(base: Path, facts: dict[str, Any], config: Any, target: inference.Target) -> None:
+def match_base(base: Path, facts: dict[str, Any], config: Any, target: Target) -> None:
     """Refuse a base GGUF that is not the model the adapter was trained on.
 
     Raises:

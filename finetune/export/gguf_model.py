@@ -22,9 +22,10 @@ from finetune.export.checks import (
 )
 from finetune.export.gguf_check import GGUFCheck, llamacpp_check, require_within, write_checked_file
 from finetune.export.merging import Merged, build_merged
+from finetune.targets import Target
 
 
-def model_to_export(target: inference.Target, match_quantized: bool) -> Merged:
+def model_to_export(target: Target, match_quantized: bool) -> Merged:
     """The model a GGUF holds: the target's adapter merged into its base, or a plain model
     (the base GGUF an adapter GGUF needs).
 
@@ -40,7 +41,7 @@ def model_to_export(target: inference.Target, match_quantized: bool) -> Merged:
     return build_merged(target, dtype="float32", match_quantized=match_quantized)
 
 
-def load_plain(target: inference.Target) -> Merged:
+def load_plain(target: Target) -> Merged:
     """A model without an adapter, in float32, shaped like a merge so it exports the same way."""
     inference.quiet_loading()
     spec = target.model.model_copy(update={"quantization": "none", "dtype": "float32"})

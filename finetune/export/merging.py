@@ -31,6 +31,7 @@ from finetune.export.checks import (
     require_adapter,
 )
 from finetune.inputs import parse_size
+from finetune.targets import Target, resolve_target
 
 
 @dataclass
@@ -56,10 +57,10 @@ class Merged:
     model: Any
     tokenizer: Any
     report: MergeReport | None  # None: a plain model, nothing merged
-    target: inference.Target
+    target: Target
 
 
-def dequantized_weights(target: inference.Target) -> dict[str, torch.Tensor]:
+def dequantized_weights(target: Target) -> dict[str, torch.Tensor]:
     """The quantized base as the adapter saw it, dequantized: Linear weight name to tensor."""
     from peft.utils.integrations import dequantize_bnb_weight
 
@@ -77,7 +78,7 @@ def dequantized_weights(target: inference.Target) -> dict[str, torch.Tensor]:
 
 
 def build_merged(
-    target: inference.Target,
+    target: Target,
     *,
     dtype: str = "float32",
     match_quantized: bool = False,
@@ -153,7 +154,7 @@ def build_merged(
 
 
 def sixteen_bit_noise(
-    target: inference.Target,
+    target: Target,
     spec: Any,
     replacement: dict[str, torch.Tensor],
     batch: dict[str, torch.Tensor],
@@ -192,7 +193,7 @@ def merge(
     parse_size(max_shard_size, "--max-shard-size")
     check_tolerance(tolerance)
     check_dtype(dtype)
-    target = inference.resolve_target(run, model)
+    target = resolve_target(run, model)
     check_output(out, force, [target], "merged")
     require_adapter(target, "merge")
     merged = build_merged(target, dtype=dtype, match_quantized=match_quantized, tolerance=tolerance)
@@ -207,7 +208,7 @@ def save_merged(merged: Merged, folder: Path, max_shard_size: str) -> None:
     (folder / "README.md").write_text(merge_card(merged.report, merged.target), encoding="utf-8")
 
 
-def merge_card(report: MergeReport, target: inference.Target) -> str:
+def merge_card(report: MergeReport, target: Target) -> str:
     vs_trained = (
         f"- max |logit difference| against the adapter on the {report.trained_quantization} base "
         f"it was trained with: {report.max_logit_diff_vs_trained:.4g}\n"

@@ -25,13 +25,13 @@ from finetune.memory.render import (
     to_json,
     to_markdown,
 )
-from finetune.memory.target import resolve
+from finetune.memory.target import resolve_subject
 from finetune.outputs import claim_output
 
 SETUP_FIELDS = {f.name for f in fields(Setup)}
 
 
-def run_estimate(
+def show_estimate(
     target: str,
     overrides: list[str],
     options: dict[str, Any],
@@ -52,7 +52,7 @@ def run_estimate(
     if plot is not None:  # checked before any work, like every output
         source = Path(target).expanduser()
         claim_output(plot, option="--plot", kind="file", force=force, inputs=[source])
-    resolved = resolve(target, overrides)
+    resolved = resolve_subject(target, overrides)
     if overrides and resolved.recipe is None:
         raise UserError(
             f"{overrides[0]}: dotted overrides change a recipe, and {target} is not a recipe "

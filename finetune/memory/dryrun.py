@@ -393,7 +393,7 @@ def meta_batch(setup: Any, vocab: int) -> dict[str, torch.Tensor]:
 
 
 def make_optimizer(model: Any, setup: Any) -> Any:
-    """The optimizer training uses (train.make_optimizer: AdamW over trainable params).
+    """The optimizer training uses (prepare.make_optimizer: AdamW over trainable params).
 
     Raises:
         UserError: adamw8bit (bitsandbytes kernels do not run on meta tensors).
@@ -480,7 +480,7 @@ STEPS = 2
 def step(model: Any, optimizer: Any, tracker: Any, setup: Any, trained: int, vocab: int) -> None:
     """`STEPS` tracked training steps: forward and loss, backward, optimizer, zero_grad
     (set_to_none, as train.Loop does)."""
-    from finetune.train import trained_positions_loss
+    from finetune.loss import trained_positions_loss
 
     with tracker, _KnownSizes(trained, setup.attention_masked):
         for _ in range(STEPS):

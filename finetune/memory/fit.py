@@ -157,10 +157,10 @@ def check_recipe_fits_device(recipe: Any, force: bool = False) -> None:
     from finetune.memory import setup_from_recipe
     from finetune.memory.dryrun import estimate_from_config
     from finetune.memory.render import fit_advice
-    from finetune.memory.target import target_for_recipe
+    from finetune.memory.target import subject_for_recipe
 
-    target = target_for_recipe(recipe)
-    est = estimate_from_config(target.hf_config(), setup_from_recipe(recipe, "cuda"))
+    subject = subject_for_recipe(recipe)
+    est = estimate_from_config(subject.hf_config(), setup_from_recipe(recipe, "cuda"))
     free, _total = torch.cuda.mem_get_info()
     verdict = device_verdict(est.verdict_bytes, free)
     if not verdict.fits:

@@ -154,7 +154,7 @@ RSS_NAME = "peak resident memory minus baseline (process RSS; not comparable to 
 
 def batch_shape(batch: dict[str, Any], method: str) -> tuple[int, int, int]:
     """(rows, padded length, logits positions) of a micro-batch: what a step's peak grows
-    with. Logits positions are those `train.trained_positions_loss` computes (every position
+    with. Logits positions are those `loss.trained_positions_loss` computes (every position
     for prompt tuning, whose loss is the model's own)."""
     from finetune.data import IGNORE_INDEX
 

@@ -40,9 +40,9 @@ def full_finetuning_setup(setup: Setup) -> Setup:
     return replace(setup, method="full", quant="none")
 
 
-def run_estimate(config: Any, setups: list[Setup], name: str = "") -> Estimate:
+def largest_setup_estimate(config: Any, setups: list[Setup], name: str = "") -> Estimate:
     """The run's own estimate: a dry run of each candidate setup (report.run_setups: the
-    widest masked and unmasked micro-batches the run visits), the higher peak kept."""
+    widest masked and unmasked micro-batches the run trained on), the higher peak kept."""
     from finetune.memory.dryrun import estimate_from_config
 
     runs = [estimate_from_config(config, setup, name) for setup in setups]
@@ -54,19 +54,19 @@ def run_estimates(config: Any, setups: list[Setup], name: str = "") -> RunEstima
 
     Args:
         config: the run's transformers `PretrainedConfig`.
-        setups: the run's candidate setups (see `run_estimate`).
+        setups: the run's candidate setups (see `largest_setup_estimate`).
         name: the model's label in the rendered estimate.
     """
     from finetune.memory.dryrun import estimate_from_config
 
-    run = run_estimate(config, setups, name)
+    run = largest_setup_estimate(config, setups, name)
     return RunEstimates(
         run=run,
         full=estimate_from_config(config, full_finetuning_setup(run.setup), name),
     )
 
 
-def config_from_record(raw: dict[str, Any], name: str = "report.json") -> Any:
+def config_from_record(raw: dict[str, Any], name: str) -> Any:
     """The transformers config a report recorded (`PretrainedConfig.to_dict()`)."""
     from finetune.memory.dryrun import build_config
 

@@ -1,8 +1,9 @@
 """Resolve the TARGET of `finetune estimate` into an architecture (and a recipe's setup).
 
-TARGET is a preset name, a model folder or config.json, a .gguf file, a hub id (online
-users), a recipe YAML (with overrides), or a run directory (its recipe.yaml, and the peak
-its report.json measured).
+TARGET is what every command takes (a run directory, an adapter folder, a model folder, a
+.gguf file, a hub id: `finetune.targets` resolves those), or what only estimate sizes: a
+preset name, a config.json, or a recipe YAML (with overrides). A run (or an adapter in one)
+brings its recipe and, from its report, the peak it measured.
 """
 
 from __future__ import annotations
@@ -12,16 +13,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from finetune import runs
 from finetune.errors import UserError
 from finetune.memory.arch import Architecture, from_config
 from finetune.memory.presets import closest_names, get_preset, is_preset
+from finetune.models import looks_like_hub_id
+from finetune.recipe import EMBEDDED_MODEL, load_recipe
+from finetune.targets import Target, resolve_target
 
 EMBEDDED_PRESET = "smollm2-135m"
 
 
 @dataclass
-class Target:
-    """What a TARGET resolved to: the architecture, and a recipe and measurement if any."""
+class EstimateSubject:
+    """What estimate sizes: the architecture, and a recipe and measurement if any."""
 
     arch: Architecture
     recipe: Any = None
@@ -36,38 +41,49 @@ class Target:
         return self.config if self.config is not None else to_hf_config(self.arch)
 
 
-def resolve(target: str, overrides: list[str] | tuple[str, ...] = ()) -> Target:
-    """Resolve `target` (see the module docstring).
+def resolve_subject(given: str, overrides: list[str] | tuple[str, ...] = ()) -> EstimateSubject:
+    """Resolve estimate's TARGET (see the module docstring).
 
     Raises:
         UserError: unknown preset (closest names listed), unreadable or incomplete config,
-            a hub id that cannot be fetched.
+            a hub id that cannot be fetched, a folder that is no run, adapter or model.
     """
-    path = Path(target).expanduser()
-    if path.is_dir() and (path / "recipe.yaml").is_file():
-        return run_directory(path, overrides)
-    if path.suffix in (".yaml", ".yml"):
-        return from_recipe(path, overrides)
-    if path.is_dir() or path.suffix == ".json" or path.suffix == ".gguf":
-        return target_from_path(path)
-    if is_preset(target):
-        return Target(get_preset(target))
-    if "/" in target and not path.exists() and not target.startswith((".", "/", "~")):
-        arch = from_hub(target)
-        return Target(arch, config=arch_config_from_hub(target))
-    raise UserError(
-        f"unknown preset '{target}' (and no such file); closest presets: "
-        f"{', '.join(closest_names(target))}"
-    )
+    path = Path(given).expanduser()
+    if not path.is_dir():
+        if path.suffix in (".yaml", ".yml"):
+            return from_recipe(path, overrides)
+        if path.suffix == ".json":
+            return subject_from_path(path)
+        if is_preset(given):
+            return EstimateSubject(get_preset(given))
+    return subject_for_target(resolve_target(given, need_adapter=False), overrides)
 
 
-def target_from_path(path: Path, recipe: Any = None) -> Target:
+def subject_for_target(target: Target, overrides: list[str] | tuple[str, ...]) -> EstimateSubject:
+    """A run, adapter or model: the model it trains (or is), with the recipe that made it
+    and, for a run, what its report measured and estimated with."""
+    if target.recipe is None or target.run_dir is None:
+        return subject_for_model(target.model.path)
+    recipe = target.recipe
+    if overrides:
+        recipe = load_recipe(runs.recipe_path(target.run_dir), overrides)
+    subject = subject_for_recipe(recipe)
+    report = runs.read_report(target.run_dir)
+    if report is not None:
+        subject.measured = report.measured
+        if not overrides:  # overrides describe another run than the one recorded
+            subject.setup = recorded_setup(report.estimated_setup)
+            recorded_model(subject, report)
+    return subject
+
+
+def subject_from_path(path: Path, recipe: Any = None) -> EstimateSubject:
     """A model folder, config.json or .gguf file: its transformers config and a summary."""
     from finetune.memory.dryrun import build_config, describe
 
     raw, name = raw_config(path)
     config = build_config(raw, name)
-    return Target(describe(config, name), recipe=recipe, config=config)
+    return EstimateSubject(describe(config, name), recipe=recipe, config=config)
 
 
 def raw_config(path: Path) -> tuple[dict[str, Any], str]:
@@ -110,11 +126,6 @@ def arch_config_from_hub(repo_id: str) -> Any:
     return AutoConfig.from_pretrained(repo_id)
 
 
-def from_gguf(path: Path) -> Architecture:
-    """Architecture from a GGUF file's metadata (llama.cpp's key names)."""
-    return from_config(gguf_config(path), name=path.name)
-
-
 def gguf_config(path: Path) -> dict[str, Any]:
     """A transformers config dict from a GGUF file's metadata (llama.cpp's key names)."""
     if not path.is_file():
@@ -149,92 +160,53 @@ def gguf_config(path: Path) -> dict[str, Any]:
     return {k: v for k, v in config.items() if v is not None}
 
 
-def from_recipe(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> Target:
+def from_recipe(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> EstimateSubject:
     """A recipe's model architecture, with the recipe kept for its setup."""
-    from finetune.recipe import load_recipe
-
-    return target_for_recipe(load_recipe(path, overrides))
+    return subject_for_recipe(load_recipe(path, overrides))
 
 
-def target_for_recipe(recipe: Any) -> Target:
+def subject_for_recipe(recipe: Any) -> EstimateSubject:
     """The model a loaded recipe trains, with the recipe kept for its setup."""
-    from finetune.recipe import EMBEDDED_MODEL
+    return subject_for_model(recipe.model.path, recipe)
 
-    source = recipe.model.path
+
+def subject_for_model(source: str, recipe: Any = None) -> EstimateSubject:
+    """A model as `model.path` names it (the embedded one, a folder, a .gguf file, a hub
+    id) or a preset name."""
     if source == EMBEDDED_MODEL:
-        return Target(get_preset(EMBEDDED_PRESET), recipe=recipe)
+        return EstimateSubject(get_preset(EMBEDDED_PRESET), recipe=recipe)
     candidate = Path(source).expanduser()
-    if candidate.exists():
-        return target_from_path(candidate, recipe)
+    if candidate.exists() or candidate.suffix == ".gguf":
+        return subject_from_path(candidate, recipe)
     if is_preset(source):
-        return Target(get_preset(source), recipe=recipe)
-    return Target(from_hub(source), recipe=recipe, config=arch_config_from_hub(source))
+        return EstimateSubject(get_preset(source), recipe=recipe)
+    if looks_like_hub_id(source):
+        arch = from_hub(source)
+        return EstimateSubject(arch, recipe=recipe, config=arch_config_from_hub(source))
+    raise UserError(
+        f"unknown preset '{source}' (and no such file); closest presets: "
+        f"{', '.join(closest_names(source))}"
+    )
 
 
-def run_directory(run: Path, overrides: list[str] | tuple[str, ...] = ()) -> Target:
-    """A run's recipe and, when its report.json has one, the peak it measured."""
-    target = from_recipe(run / "recipe.yaml", overrides)
-    report = run / "report.json"
-    if report.is_file():
-        try:
-            data = json.loads(report.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            return target
-        target.measured = find_measured(data)
-        if not overrides:  # overrides describe another run than the one recorded
-            target.setup = recorded_setup(data)
-            recorded_model(target, data, report)
-    return target
-
-
-def recorded_model(target: Target, report: dict[str, Any], path: Path) -> None:
-    """Use the transformers config the run's report was estimated with, when it has one, so
-    `estimate RUN` dry-runs exactly the model the report did (runmemory.run_estimates)."""
+def recorded_model(subject: EstimateSubject, report: runs.RunReport) -> None:
+    """Use the transformers config the run's report was estimated with, so `estimate RUN`
+    dry-runs exactly the model the report did (runmemory.run_estimates)."""
     from finetune.memory.dryrun import describe
     from finetune.memory.runmemory import config_from_record
 
-    raw = (report.get("memory") or {}).get("model_config")
-    if isinstance(raw, dict):
-        target.config = config_from_record(raw, str(path))
-        target.arch = describe(target.config, target.arch.name)
+    subject.config = config_from_record(report.model_config, str(report.path))
+    subject.arch = describe(subject.config, subject.arch.name)
 
 
-def recorded_setup(report: dict[str, Any]) -> Any:
+def recorded_setup(fields: dict[str, Any]) -> Any:
     """The setup the run's own report estimated (its real sequence length and the logits
-    positions its loop computed), so `estimate RUN` shows the same figure as the report."""
+    positions its loop computed), so `estimate RUN` shows the same figure as the report;
+    None when this version's `Setup` no longer takes those fields."""
     from finetune.memory.estimate import Setup
 
-    fields = (report.get("memory") or {}).get("estimate", {}).get("setup")
-    if not isinstance(fields, dict):
-        return None
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
     try:
         return Setup(**fields)
     except (TypeError, UserError):
         return None
-
-
-def find_measured(report: Any) -> dict[str, Any] | None:
-    """The run's measured peak: report.json's memory.measured (the live-tensor peak on the
-    CPU, max allocated on CUDA); in older reports, the first mapping with `peak_bytes`."""
-    measured = (report.get("memory") or {}).get("measured") if isinstance(report, dict) else None
-    if isinstance(measured, dict) and isinstance(measured.get("peak_bytes"), int):
-        return measured
-    return first_with_peak(report)
-
-
-def first_with_peak(report: Any) -> dict[str, Any] | None:
-    """The first mapping in a report that carries `peak_bytes` (PeakMemory.to_dict())."""
-    if isinstance(report, dict):
-        if isinstance(report.get("peak_bytes"), int):
-            return report
-        for value in report.values():
-            found = first_with_peak(value)
-            if found:
-                return found
-    if isinstance(report, list):
-        for value in report:
-            found = first_with_peak(value)
-            if found:
-                return found
-    return None

@@ -1,0 +1,108 @@
+"""The run directory: the only code that names what is inside one.
+
+```
+runs/<name>/
+  recipe.yaml  adapter/  checkpoints/step-N/  metrics.jsonl  tb/  (wandb/  mlruns/)
+  report.md  report.json  loss.png  memory.png
+```
+- `layout`: the names, claiming a folder for a run, starting it, atomic writes.
+- `lock`: one writer per run directory.
+- `checkpoints`: writing, reading, listing and pruning checkpoints; the resume checks.
+- `metrics`: metrics.jsonl and the trackers.
+- `reports`: the report's files, and report.json read back as a typed `RunReport`.
+"""
+
+from finetune.runs.checkpoints import (
+    PROJECTION_FILE,
+    RESUME_MUST_MATCH,
+    RunState,
+    SavedCheckpoint,
+    check_resumable,
+    checkpoint_path,
+    checkpoint_step,
+    checkpoint_to_resume,
+    latest_checkpoint,
+    list_checkpoints,
+    prune_checkpoints,
+    read_checkpoint,
+    restore_rng,
+    resume_hint,
+    save_adapter,
+    save_checkpoint,
+)
+from finetune.runs.layout import (
+    LOSS_PLOT,
+    MEMORY_PLOT,
+    RUN_LAYOUT,
+    TRACKER_FOLDERS,
+    adapter_path,
+    claim_run_dir,
+    holds_recipe,
+    holds_run,
+    read_recipe,
+    recipe_beside,
+    recipe_path,
+    remove_partial_writes,
+    require_adapter,
+    start_run_dir,
+    write_atomically,
+    write_recipe_copy,
+    write_text_atomically,
+)
+from finetune.runs.lock import RunLock
+from finetune.runs.metrics import MetricsWriter, read_evals, read_history, read_records
+from finetune.runs.reports import (
+    RunReport,
+    loss_plot_path,
+    memory_plot_path,
+    read_report,
+    write_report,
+    written_outputs,
+)
+
+__all__ = [
+    "LOSS_PLOT",
+    "MEMORY_PLOT",
+    "PROJECTION_FILE",
+    "RESUME_MUST_MATCH",
+    "RUN_LAYOUT",
+    "TRACKER_FOLDERS",
+    "MetricsWriter",
+    "RunLock",
+    "RunReport",
+    "RunState",
+    "SavedCheckpoint",
+    "adapter_path",
+    "check_resumable",
+    "checkpoint_path",
+    "checkpoint_step",
+    "checkpoint_to_resume",
+    "claim_run_dir",
+    "holds_recipe",
+    "holds_run",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "loss_plot_path",
+    "memory_plot_path",
+    "prune_checkpoints",
+    "read_checkpoint",
+    "read_evals",
+    "read_history",
+    "read_recipe",
+    "read_records",
+    "read_report",
+    "recipe_beside",
+    "recipe_path",
+    "remove_partial_writes",
+    "require_adapter",
+    "restore_rng",
+    "resume_hint",
+    "save_adapter",
+    "save_checkpoint",
+    "start_run_dir",
+    "write_atomically",
+    "write_recipe_copy",
+    "write_report",
+    "write_text_atomically",
+    "written_outputs",
+]

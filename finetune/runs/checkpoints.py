@@ -1,0 +1,251 @@
+"""Checkpoints: everything `--resume` needs to continue a run exactly, written and read here.
+
+```
+checkpoints/step-N/
+  adapter/                     the adapter, peft's format
+  prefix_encoder.safetensors   prefix tuning's MLP (prefix_projection), which peft leaves out
+  optimizer.pt  scheduler.pt   their state dicts
+  rng_torch.pt  rng.json       torch's, Python's and numpy's random states
+  state.json                   where the loop is (`RunState`)
+```
+A checkpoint is written under a temporary name and renamed into place, so one that is
+listed is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from finetune.errors import UserError
+from finetune.models import first_line
+from finetune.recipe import Recipe
+from finetune.runs.layout import (
+    ADAPTER,
+    CHECKPOINT_PREFIX,
+    CHECKPOINTS,
+    adapter_path,
+    read_recipe_fields,
+    write_atomically,
+)
+
+# Beside a checkpoint's adapter: the prefix MLP, which peft's saved adapter leaves out.
+PROJECTION_FILE = "prefix_encoder.safetensors"
+STATE_FILE = "state.json"
+
+
+@dataclass
+class RunState:
+    """Where the loop is; saved in every checkpoint so a resumed run continues exactly."""
+
+    step: int = 0
+    micro_step: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    elapsed: float = 0.0
+    skipped_steps: int = 0
+    # The widest micro-batch any process trained on, with an attention mask ("masked":
+    # padded or packed) and without ("unmasked"): [padded length, logits positions]. The
+    # report's memory estimate dry-runs these shapes.
+    widest: dict[str, list[int]] = field(default_factory=dict)
+
+
+@dataclass
+class SavedCheckpoint:
+    """A checkpoint read into memory, so a broken one is found before anything is written."""
+
+    path: Path
+    weights: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    torch_rng: torch.Tensor
+    rng: dict[str, Any]
+    state: RunState
+    projection: dict[str, torch.Tensor] | None = None  # the prefix MLP (prefix_projection)
+
+
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return run_dir / CHECKPOINTS / f"{CHECKPOINT_PREFIX}{step}"
+
+
+def checkpoint_step(folder: Path) -> int:
+    try:
+        return int(folder.name.removeprefix(CHECKPOINT_PREFIX))
+    except ValueError:
+        return -1
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints (renamed into place, so complete by construction), oldest first."""
+    root = run_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and checkpoint_step(p) >= 0]
+    return sorted((p for p in found if (p / STATE_FILE).is_file()), key=checkpoint_step)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def resume_hint(run_dir: Path) -> str:
+    """How to carry on when a write fails mid-run: from the newest checkpoint, which is intact."""
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        return "then start the run again (it has no checkpoint yet)"
+    return f"then continue with --resume (the checkpoint {latest.name} is intact)"
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int | None) -> None:
+    if not keep_last:
+        return
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------- writing
+
+
+def save_adapter(run_dir: Path, model: Any) -> None:
+    """The run's final adapter/ (peft's `save_pretrained` of `model`)."""
+    write_atomically(adapter_path(run_dir), model.save_pretrained, resume_hint(run_dir))
+
+
+def save_checkpoint(
+    run_dir: Path,
+    state: RunState,
+    *,
+    model: Any,
+    projection: dict[str, torch.Tensor] | None,
+    optimizer: Any,
+    scheduler: Any,
+    keep_last: int | None,
+) -> Path:
+    """Write checkpoints/step-N for `state.step`, then drop all but the `keep_last` newest.
+
+    `projection`: the prefix MLP's weights (adapters.projection_state), or None.
+    """
+    target = checkpoint_path(run_dir, state.step)
+    parts = (state, model, projection, optimizer, scheduler)
+    write_atomically(target, lambda folder: write_checkpoint(folder, *parts), resume_hint(run_dir))
+    prune_checkpoints(run_dir, keep_last)
+    return target
+
+
+def write_checkpoint(
+    folder: Path,
+    state: RunState,
+    model: Any,
+    projection: dict[str, torch.Tensor] | None,
+    optimizer: Any,
+    scheduler: Any,
+) -> None:
+    model.save_pretrained(folder / ADAPTER)
+    if projection is not None:
+        from safetensors.torch import save_file
+
+        save_file(projection, folder / PROJECTION_FILE)
+    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+    torch.save(scheduler.state_dict(), folder / "scheduler.pt")
+    torch.save({"torch": torch.get_rng_state()}, folder / "rng_torch.pt")
+    np_state = np.random.get_state()
+    rng = {
+        "python": _jsonable(random.getstate()),
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+    }
+    (folder / "rng.json").write_text(json.dumps(rng))
+    (folder / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+
+
+# ------------------------------------------------------------------------- reading
+
+
+def read_checkpoint(checkpoint: Path) -> SavedCheckpoint:
+    """Read every part of a checkpoint (tensors only: `weights_only=True`, no pickled code).
+
+    Raises:
+        UserError: a part is missing or unreadable.
+    """
+    from safetensors.torch import load_file
+
+    try:
+        saved = SavedCheckpoint(
+            path=checkpoint,
+            weights=load_file(checkpoint / ADAPTER / "adapter_model.safetensors"),
+            optimizer=torch.load(checkpoint / "optimizer.pt", weights_only=True),
+            scheduler=torch.load(checkpoint / "scheduler.pt", weights_only=True),
+            torch_rng=torch.load(checkpoint / "rng_torch.pt", weights_only=True)["torch"],
+            rng=json.loads((checkpoint / "rng.json").read_text()),
+            state=RunState(**json.loads((checkpoint / STATE_FILE).read_text())),
+        )
+        if (checkpoint / PROJECTION_FILE).exists():
+            saved.projection = load_file(checkpoint / PROJECTION_FILE)
+    except Exception as err:  # any unreadable part means this checkpoint is unusable
+        raise UserError(
+            f"{checkpoint}: corrupt checkpoint ({first_line(err)[:120]}); delete it "
+            "to resume from an earlier one"
+        ) from None
+    return saved
+
+
+def checkpoint_to_resume(recipe: Recipe, run_dir: Path) -> SavedCheckpoint | None:
+    """For --resume: check that `recipe` may continue the run in `run_dir`, then read its
+    newest checkpoint (None when it has none yet).
+
+    Raises:
+        UserError: the recipe changes what the checkpoints mean, or the checkpoint is corrupt.
+    """
+    latest = latest_checkpoint(run_dir)
+    check_resumable(recipe, run_dir)
+    return read_checkpoint(latest) if latest else None
+
+
+def restore_rng(saved: SavedCheckpoint) -> None:
+    """Put torch's, Python's and numpy's random states back as the checkpoint saved them."""
+    torch.set_rng_state(saved.torch_rng)
+    random.setstate(_tupled(saved.rng["python"]))
+    kind, keys, *rest = saved.rng["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+
+
+# What a resumed run must share with the run it continues: anything else (max_steps, eval
+# and save intervals, output options) may change between the two.
+RESUME_MUST_MATCH = {
+    "model": None,
+    "adapter": None,
+    "data": None,
+    "train": ("micro_batch_size", "grad_accum", "seed"),
+}
+
+
+def check_resumable(recipe: Recipe, run_dir: Path) -> None:
+    """Refuse to resume a run with a recipe that changes what its checkpoints mean."""
+    before = read_recipe_fields(run_dir)
+    if before is None:
+        return  # no readable record of the old recipe: the checkpoint itself is checked
+    now = recipe.model_dump(mode="json")
+    for section, keys in RESUME_MUST_MATCH.items():
+        old_section = before.get(section) or {}
+        for key in keys or now[section]:
+            if key in old_section and old_section[key] != now[section][key]:
+                raise UserError(
+                    f"--resume: {section}.{key} is {now[section][key]!r} but the run in "
+                    f"{run_dir} was made with {old_section[key]!r}; resume with the same "
+                    "value, or start a new run (adapter.init_from can start from its adapter)"
+                )
+
+
+def _jsonable(value: Any) -> Any:
+    return [_jsonable(v) for v in value] if isinstance(value, tuple | list) else value
+
+
+def _tupled(value: Any) -> Any:
+    return tuple(_tupled(v) for v in value) if isinstance(value, list) else value

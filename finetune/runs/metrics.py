@@ -1,0 +1,72 @@
+"""metrics.jsonl (one record per logged step and per evaluation) and the run's trackers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from finetune import tracking
+from finetune.outputs import writing
+from finetune.runs.checkpoints import resume_hint
+from finetune.runs.layout import TRACKER_FOLDERS, metrics_path, write_text_atomically
+
+
+def read_records(run_dir: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl's records; a line cut short by a kill mid-write is dropped."""
+    path = metrics_path(run_dir)
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def read_history(run_dir: Path, up_to_step: int) -> list[dict[str, Any]]:
+    return [r for r in read_records(run_dir) if "loss" in r and r["step"] <= up_to_step]
+
+
+def read_evals(run_dir: Path, up_to_step: int) -> list[dict[str, Any]]:
+    return [r for r in read_records(run_dir) if "eval_loss" in r and r["step"] <= up_to_step]
+
+
+class MetricsWriter:
+    """metrics.jsonl and the trackers of train.report_to (finetune.tracking); on resume,
+    drops records past the checkpoint's step."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        enabled: bool,
+        resume_step: int,
+        report_to: list[str] | tuple[str, ...] = ("tensorboard",),
+        config: dict[str, Any] | None = None,
+    ) -> None:
+        self.enabled = enabled
+        self.path = metrics_path(run_dir)
+        self.trackers: list = []
+        if not enabled:
+            return
+        kept = [r for r in read_records(run_dir) if r["step"] <= resume_step]
+        write_text_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        flat = tracking.flatten(config or {})
+        self.trackers = tracking.start(
+            run_dir, list(report_to), resume_step, flat, TRACKER_FOLDERS
+        )
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        # The hint is worked out only if the write fails (it lists the checkpoints).
+        hint = lambda: resume_hint(self.path.parent)  # noqa: E731
+        with writing(self.path, hint), self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        tracking.log(self.trackers, record)
+
+    def close(self) -> None:
+        tracking.finish(self.trackers)
+        self.trackers = []
