@@ -23,9 +23,10 @@ import torch
 import yaml
 
 from finetune import models
-from finetune.adapters import PEFT_TYPES
 from finetune.errors import UserError
 from finetune.inputs import MAX_SEED, check_number
+from finetune.methods import PEFT_TYPES, method_of_config
+from finetune.precision import resolve_quantization
 from finetune.recipe import ModelSection, Recipe, validate
 
 # Config fields that must agree between the base an adapter was trained on and the one given.
@@ -94,13 +95,13 @@ def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
 def adapter_method(adapter_dir: Path) -> str:
     """The finetune method name (lora, dora, ia3, prefix, prompt) of an adapter folder."""
     config = read_adapter_config(adapter_dir)
-    kind = PEFT_TYPES.get(str(config.get("peft_type", "")).upper())
-    if kind is None:
+    method = method_of_config(config)
+    if method is None:
         raise UserError(
             f"{adapter_dir}: peft type {config.get('peft_type')!r} is not one finetune handles "
             f"({', '.join(sorted(PEFT_TYPES))})"
         )
-    return "dora" if kind == "lora" and config.get("use_dora") else kind
+    return method
 
 
 def trained_quantization(run_dir: Path | None, recipe: Recipe | None) -> str:
@@ -113,7 +114,7 @@ def trained_quantization(run_dir: Path | None, recipe: Recipe | None) -> str:
             pass
     if recipe is None:
         return "none"
-    return models.choose_quantization(recipe.model.quantization, models.default_device())
+    return resolve_quantization(recipe.model.quantization, models.default_device())
 
 
 def resolve_target(given: str, model: str | None = None) -> Target:

@@ -119,7 +119,8 @@ def visited_shapes(p: Any) -> dict[bool, tuple[int, int]]:
     most positions at which it computes logits (prompt tuning's virtual tokens in front
     also predict the first label)."""
     from finetune import batching
-    from finetune.data import IGNORE_INDEX
+    from finetune.methods import input_virtual_tokens
+    from finetune.positions import logit_positions
     from finetune.train import total_steps
 
     recipe = p.recipe
@@ -134,7 +135,7 @@ def visited_shapes(p: Any) -> dict[bool, tuple[int, int]]:
         recipe.data.group_by_length,
     )
     shapes: dict[bool, tuple[int, int]] = {}
-    first = 0 if recipe.adapter.method == "prompt" else 1  # as train.trained_positions_loss
+    virtual_tokens = input_virtual_tokens(recipe.adapter.method, recipe.adapter.num_virtual_tokens)
     visited = total_steps(recipe, len(items)) * recipe.train.grad_accum
     # Every epoch holds the longest item; past three epochs only the logits-position
     # maximum could still move, by a few positions, and the loop would cost seconds.
@@ -144,7 +145,7 @@ def visited_shapes(p: Any) -> dict[bool, tuple[int, int]]:
         mask = batch.get("attention_mask")
         masked = recipe.data.packing or (mask is not None and not bool(mask.all()))
         width = batch["labels"].shape[1]
-        logits = int((batch["labels"][:, first:] != IGNORE_INDEX).any(dim=0).sum())
+        logits = logit_positions(batch["labels"], virtual_tokens)
         seq, most = shapes.get(masked, (0, 0))
         shapes[masked] = (max(seq, width), max(most, logits))
     return shapes

@@ -19,10 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from finetune import adapters, batching, data, doctor, evaluate, models, runs, tracking
+from finetune import adapters, batching, data, doctor, evaluate, methods, models, runs, tracking
 from finetune.errors import UserError
 from finetune.memory.measure import RSS_NAME, LiveTensorPeak, PeakMemory
-from finetune.recipe import VIRTUAL_TOKEN_METHODS, Recipe, dump_recipe
+from finetune.positions import count_trained, trained_positions_loss
+from finetune.precision import resolve_mixed_precision
+from finetune.recipe import Recipe, dump_recipe
 from finetune.stopping import StopRequests
 
 
@@ -98,10 +100,10 @@ def prepare(recipe: Recipe, device: str | None = None, strict: bool = False) -> 
     if recipe.eval.max_examples == 0 and splits.eval_rows and recipe.data.format != "text":
         notes.append("eval.max_examples is 0: exact-match generation skipped")
     checkpointing = recipe.train.gradient_checkpointing
-    allowed, why = adapters.gradient_checkpointing_allowed(recipe.adapter.method)
-    if checkpointing and not allowed:
+    method = methods.METHODS[recipe.adapter.method]
+    if checkpointing and not method.gradient_checkpointing:
         checkpointing = False
-        notes.append(why)
+        notes.append(method.no_checkpointing)
     spec = adapters.with_init_text(
         recipe.adapter, data.first_prompt(recipe.data, splits.train_rows)
     )
@@ -127,14 +129,6 @@ def total_steps(recipe: Recipe, n_items: int, world_size: int = 1) -> int:
     return max(1, math.ceil(recipe.train.epochs * per_epoch / recipe.train.grad_accum))
 
 
-def mixed_precision(requested: str, device: str) -> str:
-    if requested != "auto":
-        return requested
-    if device != "cuda":
-        return "no"  # CPU autocast to bf16 is slower than fp32 on most CPUs (measured ~2.5x)
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-
-
 def make_optimizer(model: Any, recipe: Recipe, steps: int) -> tuple[Any, Any]:
     from transformers import get_scheduler
 
@@ -150,47 +144,6 @@ def make_optimizer(model: Any, recipe: Recipe, steps: int) -> tuple[Any, Any]:
         num_training_steps=steps,
     )
     return optimizer, scheduler
-
-
-def count_trained(labels: torch.Tensor, method: str) -> int:
-    """Tokens that contribute to the loss after the causal shift.
-
-    Prompt tuning prepends virtual tokens, so even the first real label is predicted.
-    """
-    if method == "prompt":
-        return int((labels != data.IGNORE_INDEX).sum())
-    return int((labels[:, 1:] != data.IGNORE_INDEX).sum())
-
-
-def trained_positions_loss(
-    model: Any, batch: dict[str, Any], n_trained: int, virtual_tokens: int = 0
-) -> torch.Tensor:
-    """Sum of the token losses of `batch`, divided by the trained tokens of the whole step.
-
-    The vocabulary projection and the fp32 log-softmax are the costliest per-token work of a
-    small model (profiled: BENCHMARKS.md), so logits are computed only at positions whose
-    next token is trained: with the prompt masked that is a fraction of them. Equal to the
-    model's own loss with `num_items_in_batch=n_trained` (tested).
-
-    Prompt tuning puts `virtual_tokens` embeddings in front of the sequence: label j is then
-    predicted at position virtual_tokens + j - 1, the first label included.
-    """
-    # No KV cache: with one, transformers would not build the packed mask.
-    first = 0 if virtual_tokens else 1
-    targets = batch["labels"][:, first:]
-    keep = (targets != data.IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
-    if keep.numel() == 0:
-        return model(**batch, use_cache=False, num_items_in_batch=n_trained).loss
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    positions = keep + first + virtual_tokens - 1
-    logits = model(**inputs, use_cache=False, logits_to_keep=positions).logits
-    loss = torch.nn.functional.cross_entropy(
-        logits.float().flatten(0, 1),
-        targets[:, keep].flatten(),
-        ignore_index=data.IGNORE_INDEX,
-        reduction="sum",
-    )
-    return loss / n_trained
 
 
 def train(
@@ -252,7 +205,7 @@ def run_with_peak(
     prepared = prepared or prepare(recipe)
     device = prepared.loaded.device
     accelerator = Accelerator(
-        mixed_precision=mixed_precision(recipe.train.mixed_precision, device),
+        mixed_precision=resolve_mixed_precision(recipe.train.mixed_precision, device),
         cpu=device == "cpu",
     )
     if resume:
@@ -428,10 +381,9 @@ class Loop:
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         shards = [[self.items[i] for i in idx[rank::world]] for idx in micro_batches]
         batches = [batching.collate(items, self.pad_id, self.packed) for items in shards]
-        method = self.recipe.adapter.method
-        local = sum(count_trained(b["labels"], method) for b in batches)
+        local = sum(count_trained(b["labels"], self.virtual_tokens) for b in batches)
         n_trained = int(self.accelerator.reduce(torch.tensor(local), reduction="sum"))
-        with self.live.step(self.state.step + 1, batches, method):
+        with self.live.step(self.state.step + 1, batches, self.virtual_tokens):
             loss_total, grad_norm = self.accumulate(batches, max(n_trained, 1))
             finite = math.isfinite(loss_total) and math.isfinite(grad_norm)
             if finite:
@@ -500,12 +452,14 @@ class Loop:
             return {"measured": self.peak.to_dict()}
         return {"measured": live, "resident": {**self.peak.to_dict(), "metric": RSS_NAME}}
 
+    @property
+    def virtual_tokens(self) -> int:
+        """Prompt tuning's virtual tokens, in front of every sequence: they shift positions."""
+        adapter = self.recipe.adapter
+        return methods.input_virtual_tokens(adapter.method, adapter.num_virtual_tokens)
+
     def forward_loss(self, batch: dict[str, Any], n_trained: int) -> torch.Tensor:
-        # Prompt tuning's virtual tokens sit in front of the sequence and shift its positions.
-        shift = (
-            self.recipe.adapter.num_virtual_tokens if self.recipe.adapter.method == "prompt" else 0
-        )
-        return trained_positions_loss(self.model, batch, n_trained, shift)
+        return trained_positions_loss(self.model, batch, n_trained, self.virtual_tokens)
 
     def due(self, every: int) -> bool:
         """Whether an every-N-steps action is due at the current step (0 means never)."""
@@ -545,7 +499,7 @@ class Loop:
             "eval_perplexity": result.perplexity,
             "eval_tokens": result.tokens,
         }
-        if self.state.step == 0 and self.recipe.adapter.method in VIRTUAL_TOKEN_METHODS:
+        if self.state.step == 0 and self.recipe.adapter.method in methods.VIRTUAL_TOKEN_METHODS:
             # Virtual tokens are no no-op at step 0 (LoRA is): the base model's loss beside it
             # shows how far the initialisation moved the model.
             with self.unwrapped().disable_adapter():

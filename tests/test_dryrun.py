@@ -10,7 +10,7 @@ from finetune.memory import dryrun
 from finetune.memory.allocator import replay
 from finetune.memory.estimate import Setup
 from finetune.memory.tracker import MemoryTracker
-from finetune.train import trained_positions_loss
+from finetune.positions import trained_positions_loss
 
 SMALL = dict(num_hidden_layers=2, num_attention_heads=4, vocab_size=500)
 CONFIGS = {

@@ -16,7 +16,7 @@ from finetune.memory.arch import to_hf_config
 from finetune.memory.dryrun import dry_run, estimate_from_config
 from finetune.memory.measure import saved_tensors
 from finetune.memory.presets import get_preset
-from finetune.train import trained_positions_loss
+from finetune.positions import trained_positions_loss
 
 METHODS = ("lora", "dora", "ia3", "prefix", "prompt")
 
