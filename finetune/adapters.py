@@ -5,11 +5,13 @@ and count parameters. What each method is (peft's config, mergeable, virtual tok
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from finetune.errors import UserError
+from finetune.inputs import require_file
 from finetune.methods import MERGEABLE, METHODS, build_config, method_of_config
 from finetune.recipe import AdapterSection
 
@@ -200,10 +202,6 @@ def check_init_from(spec: AdapterSection) -> None:
     Raises:
         UserError: no readable adapter_config.json, or a method, r or target that differs.
     """
-    import json
-
-    from finetune.inputs import require_file
-
     if not spec.init_from:
         return
     path = Path(spec.init_from) / "adapter_config.json"

@@ -14,6 +14,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+from finetune import models
 from finetune.data.files import load_rows
 from finetune.data.rows import (
     first_prompt,
@@ -99,8 +100,6 @@ def check_recipe_data(recipe: Any) -> DataCheck:
         UserError: a file, row or field the data cannot be read or formatted from (what the
             data holds once tokenized is finetune.doctor's to judge).
     """
-    from finetune import models
-
     source = models.resolve_source(recipe.model.path)
     tokenizer = models.load_tokenizer(source, recipe.model.trust_remote_code)
     splits = prepare(recipe.data, tokenizer, recipe.train.seed)

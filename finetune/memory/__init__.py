@@ -1,6 +1,7 @@
 """Memory: what a training run needs before it starts, and what it used.
 
-`dryrun` (real training steps on the meta device, measured by `tracker`: the estimate),
+`dryrun` (real training steps on the meta device, measured by `tracker`: the estimate;
+`standin` and `metaops` make meta tensors allocate what the real step allocates),
 `presets` (configs of well-known models, so estimates work offline), `measure` (the peak
 during a run), `allocator` (the CUDA caching allocator's reserved bytes), `fit`, `render`
 (table, JSON, markdown, plot). See docs/memory.md.

@@ -69,7 +69,7 @@ class Setup:
     batch: int = 1
     seq: int = 512
     # Positions per sequence at which logits are computed; None: all of them. finetune's own
-    # loop computes them only where the next token is trained (see train.py).
+    # loop computes them only where the next token is trained (see positions.py).
     logit_positions: int | None = None
     grad_ckpt: bool = False
     optimizer: Optimizer = "adamw"
