@@ -12,6 +12,9 @@ Decisions that differ from a real run, and why:
 - bitsandbytes layers do not run on meta: `standin.StandInLinear` stores and computes what
   Linear8bitLt / Linear4bit store and compute (see its docstring).
 - Gradient clipping (a norm per parameter, a few bytes) and `float(loss)` are skipped.
+
+From a dry run comes an `Estimate` (`estimate_from_config`), and from more dry runs its
+variants (`reestimate`, for the fit search) and the comparison of methods.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from finetune.memory.estimate import (
     Setup,
 )
 from finetune.memory.metaops import (
-    _KnownSizes,
+    KnownSizes,
     autocast_to,
     emulate_autocast,
     register_fused_sdpa,
@@ -183,7 +186,7 @@ def linear_names(model: Any) -> list[str]:
 def meta_batch(setup: Any, vocab: int) -> dict[str, torch.Tensor]:
     """A micro-batch shaped like the training loop's collate output, on meta.
 
-    A masked setup carries a padding mask, which `_KnownSizes` says is not all ones. A
+    A masked setup carries a padding mask, which `KnownSizes` says is not all ones. A
     packed batch (position ids, no mask) makes transformers build a block-diagonal mask of
     the same shape, so one stand-in serves both.
     """
@@ -279,7 +282,7 @@ STEPS = 2
 def step(model: Any, optimizer: Any, tracker: Any, setup: Any, trained: int, vocab: int) -> None:
     """`STEPS` tracked training steps: forward and loss, backward, optimizer, zero_grad
     (set_to_none, as train.Loop does)."""
-    with tracker, _KnownSizes(trained, setup.attention_masked):
+    with tracker, KnownSizes(trained, setup.attention_masked):
         for _ in range(STEPS):
             batch = meta_batch(setup, vocab)
             for tensor in batch.values():

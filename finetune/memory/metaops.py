@@ -13,7 +13,7 @@
   stream, the fp32 loss). Not emulated: eager attention's matmuls (left fp32, an
   overcount) and autocast's weight-cast cache (each Linear runs once per forward, so it
   would hit only for tied weights).
-- Data-dependent answers meta tensors cannot give (`_KnownSizes`).
+- Data-dependent answers meta tensors cannot give (`KnownSizes`).
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def register_fused_sdpa() -> str:
     return FUSED_SDPA
 
 
-class _KnownSizes(TorchDispatchMode):
+class KnownSizes(TorchDispatchMode):
     """Answer the data-dependent questions meta tensors cannot: `nonzero` gets the number of
     trained positions; a boolean `.item()` (transformers' "is every position attended?"
     check on the attention mask) gets True for an unmasked micro-batch, False for a padded
