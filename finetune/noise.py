@@ -44,6 +44,9 @@ def silence_third_party() -> None:
         logging.getLogger(name).addFilter(notice)
     # peft 0.21 still asks transformers 5 the old name; the warning is for peft, not our users.
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
+    # transformers' generate() passes position ids; peft's prompt tuning drops them (its
+    # virtual tokens come first) and says so at every exact-match evaluation.
+    warnings.filterwarnings("ignore", message="Position ids are not supported for parameter")
 
 
 def quiet_transformers() -> None:

@@ -111,8 +111,15 @@ def assert_only_project_lines(proc: Any, writes: list[dict]) -> None:
     assert not [line for line in proc.stderr.splitlines() if warning.match(line)]
 
 
-def test_a_training_run_prints_only_the_projects_lines(tmp_path, tiny_model_dir, instruction_data):
+@pytest.mark.parametrize("method", ["lora", "prompt"])
+def test_a_training_run_prints_only_the_projects_lines(
+    tmp_path, tiny_model_dir, instruction_data, method
+):
     recipe = tiny_recipe(tiny_model_dir, instruction_data, tmp_path / "run")
+    recipe["adapter"] = {"method": method}
+    # A held-out share, so the run also evaluates and generates (exact match).
+    recipe["data"]["eval_fraction"] = 0.25
+    recipe["eval"] = {"max_new_tokens": 2, "max_examples": 2}
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     proc, writes = traced_run(tmp_path, "train", str(path), "train.max_steps=1")
