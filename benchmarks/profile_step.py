@@ -13,7 +13,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from finetune import batching
-from finetune.loss import count_trained, trained_positions_loss
+from finetune.positions import count_trained, trained_positions_loss
 from finetune.prepare import make_optimizer, prepare
 from finetune.recipe import load_recipe
 
@@ -43,7 +43,7 @@ def main() -> None:
 
     def step(full_logits: bool, order) -> None:
         batch = batching.collate([items[i] for i in next(order)], pad, spec.packing)
-        n = count_trained(batch["labels"], recipe.adapter.method)
+        n = count_trained(batch["labels"])  # LoRA: no virtual tokens
         if full_logits:
             loss = model(**batch, use_cache=False, num_items_in_batch=n).loss
         else:

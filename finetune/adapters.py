@@ -1,84 +1,19 @@
-"""A closed registry from adapter method to a builder of peft's own config; attach; count.
-
-Never reimplement an adapter: every method here is one of peft's configs.
+"""Attach an adapter to a model, start its virtual tokens, check an adapter to start from,
+and count parameters. What each method is (peft's config, mergeable, virtual tokens) is
+`finetune.methods`' table.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from finetune.errors import UserError
+from finetune.inputs import require_file
+from finetune.methods import MERGEABLE, METHODS, build_config, method_of_config
 from finetune.recipe import AdapterSection
-
-ConfigBuilder = Callable[[AdapterSection, Any], Any]
-
-
-def _lora(spec: AdapterSection, tokenizer_path: Any) -> Any:
-    from peft import LoraConfig, TaskType
-
-    return LoraConfig(
-        task_type=TaskType.CAUSAL_LM,
-        r=spec.r,
-        lora_alpha=spec.alpha,
-        lora_dropout=spec.dropout,
-        target_modules=spec.target_modules,
-        use_dora=spec.method == "dora",
-    )
-
-
-def _ia3(spec: AdapterSection, tokenizer_path: Any) -> Any:
-    from peft import IA3Config, TaskType
-
-    targets = spec.target_modules
-    # IA3 scales the *input* of feed-forward layers and the output of the others; peft
-    # needs to know which targets are feed-forward. down_proj is the usual one (Llama).
-    if targets == "all-linear":
-        return IA3Config(task_type=TaskType.CAUSAL_LM, target_modules="all-linear")
-    feedforward = [t for t in targets if t in ("down_proj", "fc2", "w2", "c_proj")]
-    return IA3Config(
-        task_type=TaskType.CAUSAL_LM, target_modules=targets, feedforward_modules=feedforward
-    )
-
-
-def _prefix(spec: AdapterSection, tokenizer_path: Any) -> Any:
-    from peft import PrefixTuningConfig, TaskType
-
-    return PrefixTuningConfig(
-        task_type=TaskType.CAUSAL_LM,
-        num_virtual_tokens=spec.num_virtual_tokens,
-        prefix_projection=spec.prefix_projection,
-    )
-
-
-def _prompt(spec: AdapterSection, tokenizer_path: Any) -> Any:
-    from peft import PromptTuningConfig, PromptTuningInit, TaskType
-
-    if spec.prompt_init_text and spec.virtual_init == "text":
-        return PromptTuningConfig(
-            task_type=TaskType.CAUSAL_LM,
-            num_virtual_tokens=spec.num_virtual_tokens,
-            prompt_tuning_init=PromptTuningInit.TEXT,
-            prompt_tuning_init_text=spec.prompt_init_text,
-            tokenizer_name_or_path=str(tokenizer_path),
-        )
-    return PromptTuningConfig(
-        task_type=TaskType.CAUSAL_LM, num_virtual_tokens=spec.num_virtual_tokens
-    )
-
-
-REGISTRY: dict[str, ConfigBuilder] = {
-    "lora": _lora,
-    "dora": _lora,
-    "ia3": _ia3,
-    "prefix": _prefix,
-    "prompt": _prompt,
-}
-
-# Methods whose weights live beside Linear layers and can be folded into the base.
-MERGEABLE = frozenset({"lora", "dora", "ia3"})
 
 
 @dataclass(frozen=True)
@@ -92,11 +27,6 @@ class ParameterCount:
 
     def __str__(self) -> str:
         return f"trainable parameters: {self.trainable:,} of {self.total:,} ({self.percent:.3f}%)"
-
-
-def build_config(spec: AdapterSection, tokenizer_path: Path | str | None = None) -> Any:
-    """Build peft's config for `spec.method`."""
-    return REGISTRY[spec.method](spec, tokenizer_path)
 
 
 def attach(
@@ -127,8 +57,9 @@ def attach(
         return load_init_adapter(model, spec)
     if spec.target_modules == "all-linear" and spec.method in MERGEABLE:
         spec = spec.model_copy(update={"target_modules": linear_module_names(model)})
+    model_type = getattr(model.config, "model_type", None)
     try:
-        peft_model = get_peft_model(model, build_config(spec, tokenizer_path))
+        peft_model = get_peft_model(model, build_config(spec, model_type, tokenizer_path))
     except ValueError as err:
         if "not found in the base model" in str(err) or "Target modules" in str(err):
             raise UserError(
@@ -145,7 +76,7 @@ def attach(
 def with_init_text(spec: AdapterSection, first_prompt: str | None) -> AdapterSection:
     """`spec` with the text its virtual tokens start from filled in: the recipe's, else the
     first training prompt (a text in the task's own words and language)."""
-    field = {"prefix": "prefix_init_text", "prompt": "prompt_init_text"}.get(spec.method)
+    field = METHODS[spec.method].init_text_field
     if field is None or spec.virtual_init != "text" or getattr(spec, field):
         return spec
     if not (first_prompt and first_prompt.strip()):
@@ -262,10 +193,6 @@ def load_init_adapter(model: Any, spec: AdapterSection) -> Any:
     return PeftModel.from_pretrained(model, str(spec.init_from), is_trainable=True)
 
 
-# peft's names for the methods, as adapter_config.json records them.
-PEFT_TYPES = {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt"}
-
-
 def check_init_from(spec: AdapterSection) -> None:
     """The adapter in `adapter.init_from` must be the one the recipe describes.
 
@@ -275,20 +202,15 @@ def check_init_from(spec: AdapterSection) -> None:
     Raises:
         UserError: no readable adapter_config.json, or a method, r or target that differs.
     """
-    import json
-
-    from finetune.inputs import require_file
-
     if not spec.init_from:
         return
     path = Path(spec.init_from) / "adapter_config.json"
     require_file(path, "adapter.init_from", "an adapter folder (with adapter_config.json)")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-        kind = PEFT_TYPES.get(str(config.get("peft_type", "")).upper(), config.get("peft_type"))
+        method = method_of_config(config) or config.get("peft_type")
     except (ValueError, UnicodeDecodeError, RecursionError, AttributeError):
         raise UserError(f"adapter.init_from: {path} is not a valid adapter config") from None
-    method = "dora" if kind == "lora" and config.get("use_dora") else kind
     found = {"method": method}
     if method in ("lora", "dora"):
         found["r"] = config.get("r")
@@ -314,13 +236,3 @@ def count_parameters(model: Any) -> ParameterCount:
         total = sum(p.numel() for p in model.parameters())
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return ParameterCount(trainable, total)
-
-
-def gradient_checkpointing_allowed(method: str) -> tuple[bool, str]:
-    """Whether gradient checkpointing can be used with `method`, and why not."""
-    if method == "prefix":
-        return False, (
-            "prefix tuning passes its prefix as past key values, which peft cannot recompute "
-            "under gradient checkpointing; turned it off"
-        )
-    return True, ""

@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 
 from finetune.errors import UserError
+from finetune.noise import silence_third_party
 from finetune.outputs import write_error
 from finetune.stopping import Interrupted
 
@@ -622,6 +623,7 @@ def fail(message: str, code: int) -> NoReturn:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning user errors into one line and exit code 2."""
+    silence_third_party()
     try:
         code = app(args=argv, standalone_mode=False, prog_name="finetune")
         # Without standalone mode, click returns a typer.Exit's code instead of exiting.

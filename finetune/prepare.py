@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from finetune import adapters, data, doctor, models, tracking
+from finetune import adapters, data, doctor, methods, models, tracking
 from finetune.recipe import Recipe
 
 
@@ -64,10 +64,10 @@ def prepare(recipe: Recipe, device: str | None = None, strict: bool = False) -> 
     if recipe.eval.max_examples == 0 and splits.eval_rows and recipe.data.format != "text":
         notes.append("eval.max_examples is 0: exact-match generation skipped")
     checkpointing = recipe.train.gradient_checkpointing
-    allowed, why = adapters.gradient_checkpointing_allowed(recipe.adapter.method)
-    if checkpointing and not allowed:
+    method = methods.METHODS[recipe.adapter.method]
+    if checkpointing and not method.gradient_checkpointing:
         checkpointing = False
-        notes.append(why)
+        notes.append(method.no_checkpointing)
     spec = adapters.with_init_text(
         recipe.adapter, data.first_prompt(recipe.data, splits.train_rows)
     )
@@ -91,14 +91,6 @@ def total_steps(recipe: Recipe, n_items: int, world_size: int = 1) -> int:
         return recipe.train.max_steps
     per_epoch = max(1, n_items // (recipe.train.micro_batch_size * world_size))
     return max(1, math.ceil(recipe.train.epochs * per_epoch / recipe.train.grad_accum))
-
-
-def mixed_precision(requested: str, device: str) -> str:
-    if requested != "auto":
-        return requested
-    if device != "cuda":
-        return "no"  # CPU autocast to bf16 is slower than fp32 on most CPUs (measured ~2.5x)
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
 def make_optimizer(model: Any, recipe: Recipe, steps: int) -> tuple[Any, Any]:

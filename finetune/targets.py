@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from finetune import models, runs
-from finetune.adapters import PEFT_TYPES
 from finetune.errors import UserError
+from finetune.methods import PEFT_TYPES, method_of_config
+from finetune.precision import default_device, resolve_quantization
 from finetune.recipe import ModelSection, Recipe
 
 ADAPTER_CONFIG = "adapter_config.json"  # peft's, in every adapter folder
@@ -106,7 +107,7 @@ def trained_quantization(run_dir: Path, recipe: Recipe) -> str:
     report = runs.read_report(run_dir)
     if report is not None:
         return report.quantization
-    return models.choose_quantization(recipe.model.quantization, models.default_device())
+    return resolve_quantization(recipe.model.quantization, default_device())
 
 
 def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
@@ -120,10 +121,10 @@ def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
 def adapter_method(adapter_dir: Path) -> str:
     """The finetune method name (lora, dora, ia3, prefix, prompt) of an adapter folder."""
     config = read_adapter_config(adapter_dir)
-    kind = PEFT_TYPES.get(str(config.get("peft_type", "")).upper())
-    if kind is None:
+    method = method_of_config(config)
+    if method is None:
         raise UserError(
             f"{adapter_dir}: peft type {config.get('peft_type')!r} is not one finetune handles "
             f"({', '.join(sorted(PEFT_TYPES))})"
         )
-    return "dora" if kind == "lora" and config.get("use_dora") else kind
+    return method

@@ -18,11 +18,12 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from finetune import adapters, batching, data, evaluate, models, runs
-from finetune.loss import count_trained, trained_positions_loss, widest_shapes
+from finetune import adapters, batching, data, evaluate, methods, models, runs
 from finetune.memory.measure import RSS_NAME, LiveTensorPeak, PeakMemory
-from finetune.prepare import Prepared, make_optimizer, mixed_precision, prepare, total_steps
-from finetune.recipe import VIRTUAL_TOKEN_METHODS, Recipe, dump_recipe
+from finetune.positions import count_trained, trained_positions_loss, widest_shapes
+from finetune.precision import resolve_mixed_precision
+from finetune.prepare import Prepared, make_optimizer, prepare, total_steps
+from finetune.recipe import Recipe, dump_recipe
 from finetune.runs import RunState, SavedCheckpoint
 from finetune.stopping import StopRequests
 
@@ -104,7 +105,7 @@ def run_with_peak(
 
     device = prepared.loaded.device
     accelerator = Accelerator(
-        mixed_precision=mixed_precision(recipe.train.mixed_precision, device),
+        mixed_precision=resolve_mixed_precision(recipe.train.mixed_precision, device),
         cpu=device == "cpu",
     )
     if resume:
@@ -261,10 +262,9 @@ class Loop:
         shards = [[self.items[i] for i in idx[rank::world]] for idx in micro_batches]
         batches = [batching.collate(items, self.pad_id, self.packed) for items in shards]
         self.record_widest(batches)
-        method = self.recipe.adapter.method
-        local = sum(count_trained(b["labels"], method) for b in batches)
+        local = sum(count_trained(b["labels"], self.virtual_tokens) for b in batches)
         n_trained = int(self.accelerator.reduce(torch.tensor(local), reduction="sum"))
-        with self.live.step(self.state.step + 1, batches, method):
+        with self.live.step(self.state.step + 1, batches, self.virtual_tokens):
             loss_total, grad_norm = self.accumulate(batches, max(n_trained, 1))
             finite = math.isfinite(loss_total) and math.isfinite(grad_norm)
             if finite:
@@ -327,7 +327,7 @@ class Loop:
 
     def record_widest(self, batches: list[dict[str, Any]]) -> None:
         """Fold this step's widest micro-batches, over all processes, into `state.widest`."""
-        seen = widest_shapes(batches, self.packed, self.virtual_tokens())
+        seen = widest_shapes(batches, self.packed, self.virtual_tokens)
         flat = torch.tensor([*seen["masked"], *seen["unmasked"]], device=self.accelerator.device)
         agreed = self.accelerator.reduce(flat, reduction="max").tolist()
         for kind, (width, logits) in (("masked", agreed[:2]), ("unmasked", agreed[2:])):
@@ -344,12 +344,13 @@ class Loop:
         return {"measured": live, "resident": {**self.peak.to_dict(), "metric": RSS_NAME}}
 
     def forward_loss(self, batch: dict[str, Any], n_trained: int) -> torch.Tensor:
-        return trained_positions_loss(self.model, batch, n_trained, self.virtual_tokens())
+        return trained_positions_loss(self.model, batch, n_trained, self.virtual_tokens)
 
+    @property
     def virtual_tokens(self) -> int:
         """Prompt tuning's virtual tokens sit in front of the sequence and shift its positions."""
         adapter = self.recipe.adapter
-        return adapter.num_virtual_tokens if adapter.method == "prompt" else 0
+        return methods.input_virtual_tokens(adapter.method, adapter.num_virtual_tokens)
 
     def due(self, every: int) -> bool:
         """Whether an every-N-steps action is due at the current step (0 means never)."""
@@ -380,7 +381,7 @@ class Loop:
             return
         # Virtual tokens are no no-op at step 0 (LoRA is): the base model's loss beside it
         # shows how far the initialisation moved the model.
-        base = self.state.step == 0 and self.recipe.adapter.method in VIRTUAL_TOKEN_METHODS
+        base = self.state.step == 0 and self.recipe.adapter.method in methods.VIRTUAL_TOKEN_METHODS
         record = evaluate.held_out_record(
             self.unwrapped(), eval_data, self.pad_id, self.recipe.train.micro_batch_size, base
         )

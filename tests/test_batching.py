@@ -7,7 +7,7 @@ from helpers import build_model, build_tokenizer, date_rows, write_jsonl
 
 from finetune.batching import build_items, collate, pack
 from finetune.data import IGNORE_INDEX, load_rows, tokenize_rows
-from finetune.loss import count_trained, trained_positions_loss
+from finetune.positions import count_trained, trained_positions_loss
 from finetune.recipe import DataSection, load_recipe
 from finetune.train import train
 
@@ -104,7 +104,7 @@ def test_prompt_tuning_loss_at_trained_positions_is_peft_models_own(tokenized, t
     batch = collate(build_items(examples, False, 128, 0), tokenizer.pad_token_id, False)
     if train_on_prompt:  # every real token trained, the first one included
         batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    n = count_trained(batch["labels"], "prompt")
+    n = count_trained(batch["labels"], virtual_tokens=5)
     ours = trained_positions_loss(model, batch, n, virtual_tokens=5)
     theirs = model(**batch, use_cache=False, num_items_in_batch=n).loss
     assert float(ours) == pytest.approx(float(theirs), rel=1e-6)
@@ -120,7 +120,7 @@ def test_logits_only_at_trained_positions_give_the_models_own_loss(tokenized, pa
     tokenizer, examples = tokenized
     model = build_model(tokenizer)
     batch = collate(build_items(examples, packed, 128, 0), tokenizer.pad_token_id, packed)
-    n = count_trained(batch["labels"], "lora")
+    n = count_trained(batch["labels"])
     ours = trained_positions_loss(model, batch, n)
     theirs = model(**batch, use_cache=False, num_items_in_batch=n).loss
     assert float(ours) == pytest.approx(float(theirs), rel=1e-6)

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from finetune.errors import UserError
-from finetune.loss import trained_positions_loss
 from finetune.memory import dryrun
 from finetune.memory.allocator import replay
 from finetune.memory.estimate import Setup
 from finetune.memory.tracker import MemoryTracker
+from finetune.positions import trained_positions_loss
 
 SMALL = dict(num_hidden_layers=2, num_attention_heads=4, vocab_size=500)
 CONFIGS = {

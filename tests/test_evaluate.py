@@ -7,7 +7,15 @@ import math
 
 import pytest
 import torch
-from helpers import date_rows, run_in_terminal, tiny_recipe, write_jsonl
+from helpers import (
+    CORPUS,
+    build_model,
+    build_tokenizer,
+    date_rows,
+    run_in_terminal,
+    tiny_recipe,
+    write_jsonl,
+)
 
 from finetune import inference
 from finetune.cli import main
@@ -108,3 +116,32 @@ def test_progress_callbacks_count_every_example_and_prompt(run_and_data):
     prompts = ["a", "b", "c"]
     generate(session.model, session.tokenizer, prompts, 1, batch_size=2, advance=answered.append)
     assert scored == [4, 2] and answered == [2, 1]
+
+
+def test_prompt_tuning_eval_counts_and_scores_the_tokens_training_does():
+    """Prompt tuning's virtual tokens also predict the first label (trained in text data):
+    evaluation counts it as training does, and the loss is the training step's."""
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+
+    from finetune.batching import collate, single
+    from finetune.data import tokenize_rows
+    from finetune.evaluate import evaluate_loss
+    from finetune.positions import count_trained, trained_positions_loss
+    from finetune.recipe import DataSection
+
+    tokenizer = build_tokenizer()
+    rows = [{"text": text, "_row": i} for i, text in enumerate(CORPUS, start=1)]
+    data = tokenize_rows(rows, DataSection(path="x.jsonl", format="text"), tokenizer, "x.jsonl")
+    config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4)
+    model = get_peft_model(build_model(tokenizer), config)
+    batch = collate([single(e) for e in data.examples], tokenizer.pad_token_id, packed=False)
+    assert (batch["labels"][:, 0] != -100).all()  # so the shift changes the count
+    n = count_trained(batch["labels"], virtual_tokens=4)
+    with torch.no_grad():
+        step = float(trained_positions_loss(model, batch, n, virtual_tokens=4))
+    result = evaluate_loss(model, data, tokenizer.pad_token_id, len(data))
+    assert result.tokens == n
+    assert result.loss == pytest.approx(step, rel=1e-5)
+    with model.disable_adapter():  # the base model alone: no virtual token in front
+        base = evaluate_loss(model, data, tokenizer.pad_token_id, len(data))
+    assert base.tokens == count_trained(batch["labels"]) == n - len(rows)

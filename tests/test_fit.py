@@ -7,17 +7,19 @@ import pytest
 
 from finetune.errors import UserError
 from finetune.memory import dryrun
-from finetune.memory.estimate import Setup, compare_methods
+from finetune.memory.dryrun import compare_methods
+from finetune.memory.estimate import Setup
 from finetune.memory.fit import (
     FitSearch,
     check_gpu_gb,
     check_recipe_fits_device,
     device_verdict,
+    fit_advice,
     fit_lines,
     largest_fitting,
     refusal,
 )
-from finetune.memory.render import budget_line, fit_advice
+from finetune.memory.render import budget_line
 
 TINY = {
     "model_type": "llama",

@@ -27,9 +27,13 @@ def test_help_keeps_defaults_written_in_brackets(capsys):
     assert "Sequence length [default: 512]." in out
 
 
-def test_importing_peft_prints_nothing():
-    """bitsandbytes' notice about an optional hub kernel used to precede every error."""
-    code = "import finetune.models, peft, bitsandbytes"
+def test_importing_peft_after_the_cli_setup_prints_nothing():
+    """bitsandbytes' notice about an optional hub kernel used to precede every error; the
+    CLI's entry point silences it before anything imports peft."""
+    code = (
+        "from finetune.noise import silence_third_party; silence_third_party(); "
+        "import finetune.models, peft, bitsandbytes"
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from finetune.errors import UserError
-from finetune.loss import trained_positions_loss
 from finetune.memory import Setup
 from finetune.memory.arch import to_hf_config
 from finetune.memory.dryrun import dry_run, estimate_from_config
 from finetune.memory.measure import saved_tensors
 from finetune.memory.presets import get_preset
+from finetune.positions import trained_positions_loss
 
 METHODS = ("lora", "dora", "ia3", "prefix", "prompt")
 

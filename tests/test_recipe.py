@@ -96,12 +96,12 @@ def test_resolved_recipe_round_trips(tmp_path):
 
 @pytest.mark.parametrize("method", ["lora", "dora", "ia3", "prefix", "prompt"])
 def test_unset_lr_and_epochs_follow_the_method_and_the_run_says_so(method, tmp_path):
-    from finetune.recipe import METHOD_DEFAULTS
+    from finetune.methods import METHODS
 
     recipe = load_recipe(
         write(tmp_path, f"data: {{path: x.jsonl}}\nadapter: {{method: {method}}}\n")
     )
-    lr, epochs = (METHOD_DEFAULTS[method][k] for k in ("lr", "epochs"))
+    lr, epochs = METHODS[method].lr, METHODS[method].epochs
     assert (recipe.train.lr, recipe.train.epochs) == (lr, epochs)
     assert recipe.method_default_notes() == [
         f"train.lr {lr:g}: the {method} default (set train.lr to choose another)",

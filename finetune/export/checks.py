@@ -10,11 +10,10 @@ from typing import Any
 import torch
 
 from finetune import inference, models
-from finetune.adapters import MERGEABLE
 from finetune.errors import UserError, closest
 from finetune.inputs import check_number
+from finetune.methods import MERGEABLE, VIRTUAL_TOKEN_METHODS
 from finetune.outputs import claim_output
-from finetune.recipe import VIRTUAL_TOKEN_METHODS
 from finetune.targets import Target
 
 DTYPES = ("float32", "bfloat16", "float16")

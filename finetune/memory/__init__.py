@@ -1,6 +1,7 @@
 """Memory: what a training run needs before it starts, and what it used.
 
-`dryrun` (real training steps on the meta device, measured by `tracker`: the estimate),
+`dryrun` (real training steps on the meta device, measured by `tracker`: the estimate;
+`standin` and `metaops` make meta tensors allocate what the real step allocates),
 `presets` (configs of well-known models, so estimates work offline), `measure` (the peak
 during a run), `allocator` (the CUDA caching allocator's reserved bytes), `fit`, `render`
 (table, JSON, markdown, plot). See docs/memory.md.
@@ -12,6 +13,8 @@ from typing import Any
 
 from finetune.memory.arch import Architecture, from_config
 from finetune.memory.estimate import Estimate, Setup
+from finetune.methods import allows_gradient_checkpointing
+from finetune.precision import default_device, on_cuda, resolve_dtype, resolve_quantization
 
 __all__ = [
     "Architecture",
@@ -23,25 +26,16 @@ __all__ = [
 
 
 def setup_from_recipe(recipe: Any, device: str | None = None) -> Setup:
-    """The estimator's `Setup` for a `finetune.recipe.Recipe` (auto values resolved as
-    models.py resolves them: int8 and bf16 on CUDA, none and fp32 on the CPU)."""
-    if device is None:
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    """The estimator's `Setup` for a `finetune.recipe.Recipe` on `device` (default: this
+    machine's), its auto values resolved as loading the model resolves them."""
+    device = device or default_device()
     model, adapter, train = recipe.model, recipe.adapter, recipe.train
-    quant = model.quantization
-    if quant == "auto":
-        quant = "int8" if device == "cuda" else "none"
-    dtype = model.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if device == "cuda" else "float32"
     targets = adapter.target_modules
     return Setup(
         method=adapter.method,
-        quant=quant,
+        quant=resolve_quantization(model.quantization, device),
         double_quant=model.double_quant,
-        dtype=dtype,
+        dtype=resolve_dtype(model.dtype, device),
         r=adapter.r,
         targets=targets if isinstance(targets, str) else tuple(targets),
         virtual_tokens=adapter.num_virtual_tokens,
@@ -49,11 +43,11 @@ def setup_from_recipe(recipe: Any, device: str | None = None) -> Setup:
         lora_dropout=adapter.dropout,
         batch=train.micro_batch_size,
         seq=recipe.data.max_length,
-        # peft refuses prefix tuning with gradient checkpointing; the run turns it off
-        grad_ckpt=train.gradient_checkpointing and adapter.method != "prefix",
+        # The run turns checkpointing off where the method cannot have it (prefix tuning).
+        grad_ckpt=train.gradient_checkpointing and allows_gradient_checkpointing(adapter.method),
         optimizer="adamw",
         attn=model.attn_implementation,
-        device="cuda" if device.startswith("cuda") else "cpu",
+        device="cuda" if on_cuda(device) else "cpu",
         # Packing always masks; otherwise the default (padding when batch > 1) holds.
         masked=True if recipe.data.packing else None,
     )

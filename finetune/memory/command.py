@@ -16,10 +16,9 @@ from finetune.errors import UserError
 from finetune.memory import setup_from_recipe
 from finetune.memory.dryrun import estimate_from_config
 from finetune.memory.estimate import Setup
-from finetune.memory.fit import FitSearch, check_gpu_gb, fit_lines
+from finetune.memory.fit import FitSearch, check_gpu_gb, fit_advice, fit_lines
 from finetune.memory.render import (
     GB,
-    fit_advice,
     plot_comparison,
     print_tables,
     to_json,

@@ -7,44 +7,48 @@ Nothing about any architecture is written by hand; what the step allocates is wh
 estimate reports.
 
 Decisions that differ from a real run, and why:
-- SDPA on meta tensors would fall back to the math kernel, which stores the s x s score
-  matrix that no fused kernel stores; it is routed to the fused CPU flash kernel, which
-  saves what CUDA's flash kernel saves (output and a fp32 logsumexp per head and row).
-  `attn="flash"` builds the model with SDPA and is measured the same way.
-- bitsandbytes layers do not run on meta: `StandInLinear` stores and computes what
+- Attention and mixed precision on meta tensors: see `metaops`; `attn="flash"` builds the
+  model with SDPA and is measured the same way.
+- bitsandbytes layers do not run on meta: `standin.StandInLinear` stores and computes what
   Linear8bitLt / Linear4bit store and compute (see its docstring).
 - Gradient clipping (a norm per parameter, a few bytes) and `float(loss)` are skipped.
-- Mixed precision (full fine-tuning with `master_weights`): torch.autocast does not act on
-  meta tensors, so the dry run does what autocast does by hand: parameters are fp32 (the
-  master weights, so gradients and AdamW states are fp32 too), and every Linear casts its
-  input, weight and bias to the 16-bit dtype before the matmul, as autocast's
-  lower-precision op list does; autograd records the casts, so the 16-bit weight copies
-  stay saved for backward and gradients come back to fp32, as under real autocast. SDPA
-  casts q, k, v the same way. Other ops follow torch's type promotion, as under autocast
-  (RMSNorm's fp32 math, the fp32 residual stream, the fp32 loss). Not emulated: eager
-  attention's matmuls (left fp32, an overcount) and autocast's weight-cast cache (each
-  Linear runs once per forward, so it would hit only for tied weights).
+
+From a dry run comes an `Estimate` (`estimate_from_config`), and from more dry runs its
+variants (`reestimate`, for the fit search) and the comparison of methods.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from finetune import adapters
 from finetune.errors import UserError
+from finetune.memory.allocator import replay
+from finetune.memory.arch import Architecture
+from finetune.memory.estimate import (
+    CPU_METRIC,
+    CUDA_CONTEXT_BYTES,
+    METRIC,
+    Estimate,
+    Setup,
+)
+from finetune.memory.metaops import (
+    KnownSizes,
+    autocast_to,
+    emulate_autocast,
+    register_fused_sdpa,
+)
+from finetune.memory.standin import StandInLinear, quantize
 from finetune.memory.tracker import MemoryTracker
+from finetune.methods import adapts_modules, allows_gradient_checkpointing, input_virtual_tokens
+from finetune.positions import most_logit_positions, trained_positions_loss
+from finetune.recipe import AdapterSection
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-# The 16-bit dtype the by-hand autocast casts to during a mixed-precision dry run, else
-# None. A plain global, not a mode: backward (checkpoint recomputation) must see it too.
-_autocast_dtype: torch.dtype | None = None
 
 
 def mixed_precision(setup: Any) -> bool:
@@ -126,116 +130,8 @@ def build_model(config: Any, setup: Any) -> Any:
     return model
 
 
-class StandInLinear(torch.nn.Linear):
-    """What bitsandbytes' Linear8bitLt / Linear4bit hold and compute, on any device.
-
-    Measured against the real layers on the CPU with the same tracker (tests/test_dryrun.py,
-    `test_real_bitsandbytes_step_equals_dry_run`): int8 equal to the byte in every
-    category, nf4 with double quantization equal to the byte.
-
-    From bitsandbytes 0.50 (autograd/_functions.py, nn/modules.py):
-    - int8: weight `CB` int8 [out, in] plus `SCB`, one fp32 scale per output row.
-      CUDA training (MatMul8bitLt): the input is cast to fp16 and quantized to int8 (CA)
-      as temporaries; autograd keeps the input A (already alive). Backward dequantizes CB
-      into A's dtype, a temporary of out x in.
-      CPU training (MatMul8bitFp): CB is dequantized into A's dtype for the matmul (a
-      temporary of out x in); A is kept; backward dequantizes again.
-    - nf4/fp4: weight packed two codes per uint8, ceil(out*in/2) bytes, plus the
-      QuantState: fp32 absmax per 64 weights and a 16-entry fp32 code, or with double
-      quantization uint8 absmax plus an fp32 absmax per 256 blocks, the 256-entry fp32
-      code and an fp32 offset (not shared between layers). MatMul4Bit keeps
-      only the packed weight (not the input); forward and backward dequantize it into the
-      compute dtype, a temporary of out x in.
-    """
-
-    def __init__(self, linear: torch.nn.Linear, quant: str, double_quant: bool, device: str):
-        torch.nn.Module.__init__(self)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.quant, self.device_kind = quant, device
-        meta = torch.device("meta")
-        numel = self.in_features * self.out_features
-        if quant == "int8":
-            weight = torch.empty(self.out_features, self.in_features, dtype=torch.int8, device=meta)
-            scales = [torch.empty(self.out_features, dtype=torch.float32, device=meta)]
-        else:
-            weight = torch.empty((numel + 1) // 2, 1, dtype=torch.uint8, device=meta)
-            blocks = -(-numel // 64)
-            code = torch.empty(16, dtype=torch.float32, device=meta)  # the nf4/fp4 code table
-            if double_quant:  # absmax quantized again: uint8 codes, their absmax, code, offset
-                scales = [
-                    torch.empty(blocks, dtype=torch.uint8, device=meta),
-                    torch.empty(-(-blocks // 256), dtype=torch.float32, device=meta),
-                    torch.empty(256, dtype=torch.float32, device=meta),
-                    torch.empty((), dtype=torch.float32, device=meta),
-                    code,
-                ]
-            else:
-                scales = [torch.empty(blocks, dtype=torch.float32, device=meta), code]
-        self.weight = torch.nn.Parameter(weight, requires_grad=False)
-        for i, scale in enumerate(scales):
-            self.register_buffer(f"scale{i}", scale)
-        self.bias = linear.bias
-
-    def scale_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return _QuantMatmul.apply(x, self.weight, bias, self)
-
-
-class _QuantMatmul(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: Any, bias: Any, layer: StandInLinear) -> Any:
-        ctx.layer = layer
-        if layer.quant == "int8" and layer.device_kind == "cuda":
-            _ = x.to(torch.float16).to(torch.int8)  # CA: the quantized input, a temporary
-            out = torch.empty(*x.shape[:-1], layer.out_features, dtype=x.dtype, device=x.device)
-            if bias is not None:
-                out = out + bias
-        else:
-            dequantized = torch.empty(
-                layer.out_features, layer.in_features, dtype=x.dtype, device=x.device
-            )
-            out = torch.nn.functional.linear(x, dequantized, bias)
-        if layer.quant == "int8":
-            ctx.save_for_backward(x)  # A is kept; 4-bit keeps only the packed weight
-        ctx.shape, ctx.dtype = x.shape, x.dtype
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> Any:
-        layer = ctx.layer
-        dequantized = torch.empty(
-            layer.out_features, layer.in_features, dtype=grad.dtype, device=grad.device
-        )
-        return grad @ dequantized, None, None, None
-
-
-def quantize(model: Any, setup: Any) -> tuple[int, int]:
-    """Swap the Linear layers bitsandbytes would quantize for `StandInLinear`.
-
-    transformers keeps the output head (and what it ties to) unquantized. Returns the
-    scale bytes the stand-ins hold and sets the flags `prepare_model_for_kbit_training`
-    reads.
-    """
-    head = model.get_output_embeddings()
-    scales = 0
-    for module in list(model.modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, torch.nn.Linear) and child is not head:
-                stand_in = StandInLinear(child, setup.quant, setup.double_quant, setup.device)
-                setattr(module, child_name, stand_in)
-                scales += stand_in.scale_bytes()
-    flag = "is_loaded_in_8bit" if setup.quant == "int8" else "is_loaded_in_4bit"
-    setattr(model, flag, True)
-    return scales, 0
-
-
 def adapter_spec(setup: Any) -> Any:
     """The recipe's adapter section for `setup` (what `adapters.attach` reads)."""
-    from finetune.recipe import AdapterSection
-
     targets = setup.targets if isinstance(setup.targets, str) else list(setup.targets)
     return AdapterSection(
         method=setup.method,
@@ -249,9 +145,7 @@ def adapter_spec(setup: Any) -> Any:
 
 def prepare(model: Any, setup: Any) -> Any:
     """Attach the adapter as training does; full fine-tuning trains every parameter."""
-    from finetune import adapters
-
-    checkpointing = setup.grad_ckpt and adapters.gradient_checkpointing_allowed(setup.method)[0]
+    checkpointing = setup.grad_ckpt and allows_gradient_checkpointing(setup.method)
     if setup.method == "full":
         model.requires_grad_(True)
         if checkpointing:
@@ -270,7 +164,7 @@ def prepare(model: Any, setup: Any) -> Any:
 
 def check_targets(model: Any, setup: Any) -> None:
     """Refuse target names that match no Linear module, naming the model's real ones."""
-    if isinstance(setup.targets, str) or setup.method not in ("lora", "dora", "ia3"):
+    if isinstance(setup.targets, str) or not adapts_modules(setup.method):
         return
     names = linear_names(model)
     unknown = [t for t in setup.targets if t not in names]
@@ -283,102 +177,16 @@ def check_targets(model: Any, setup: Any) -> None:
 
 def linear_names(model: Any) -> list[str]:
     """Deduplicated leaf names of the model's Linear layers, output head excluded."""
-    from finetune.adapters import linear_module_names
-
-    return linear_module_names(model)
+    return adapters.linear_module_names(model)
 
 
 # ------------------------------------------------------------------ the step
 
 
-class _FusedAttention(TorchFunctionMode):
-    """Route F.scaled_dot_product_attention on meta tensors to the fused flash kernel."""
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        if func is torch.nn.functional.scaled_dot_product_attention and args[0].is_meta:
-            q, k, v = (_autocast(t) for t in args[:3])
-            mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
-            if mask is not None and mask.dtype == torch.bool:
-                # What SDPA's front end does (convert_boolean_attn_mask) before any kernel:
-                # an additive mask in the query's dtype, which the kernel saves for backward.
-                mask = torch.where(mask.logical_not(), -torch.inf, torch.zeros((), dtype=q.dtype))
-            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                q,
-                k,
-                v,
-                kwargs.get("dropout_p", 0.0),
-                kwargs.get("is_causal", False),
-                attn_mask=mask,
-                scale=kwargs.get("scale"),
-            )[0]
-        return func(*args, **kwargs)
-
-
-def _autocast(tensor: Any) -> Any:
-    """What autocast's lower-precision ops do to a floating input: cast it to 16 bits."""
-    if _autocast_dtype is None or tensor is None or not tensor.is_floating_point():
-        return tensor
-    return tensor.to(_autocast_dtype)
-
-
-def _autocast_linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.linear(
-        _autocast(x), _autocast(module.weight), _autocast(module.bias)
-    )
-
-
-def emulate_autocast(model: Any) -> None:
-    """Make every Linear of `model` (the head included) cast as autocast would."""
-    import functools
-
-    for module in model.modules():
-        if type(module) is torch.nn.Linear:
-            module.forward = functools.partial(_autocast_linear, module)
-
-
-FUSED_SDPA = "finetune_meta_sdpa"
-
-
-def register_fused_sdpa() -> str:
-    """Register transformers' own SDPA attention under a name whose calls on meta tensors
-    reach the fused kernel (entered inside the call, so checkpoint recomputes too)."""
-    from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import sdpa_mask
-
-    def fused_sdpa(*args: Any, **kwargs: Any) -> Any:
-        with _FusedAttention():
-            return sdpa_attention_forward(*args, **kwargs)
-
-    AttentionInterface.register(FUSED_SDPA, fused_sdpa)
-    AttentionMaskInterface.register(FUSED_SDPA, sdpa_mask)
-    return FUSED_SDPA
-
-
-class _KnownSizes(TorchDispatchMode):
-    """Answer the data-dependent questions meta tensors cannot: `nonzero` gets the number of
-    trained positions; a boolean `.item()` (transformers' "is every position attended?"
-    check on the attention mask) gets True for an unmasked micro-batch, False for a padded
-    or packed one, so transformers builds the 4D mask the real step builds."""
-
-    def __init__(self, rows: int, masked: bool) -> None:
-        super().__init__()
-        self.rows, self.unmasked = rows, not masked
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if func is torch.ops.aten.nonzero.default and args[0].is_meta:
-            return torch.empty(self.rows, args[0].dim(), dtype=torch.long, device="meta")
-        is_item = func is torch.ops.aten._local_scalar_dense.default
-        if is_item and args[0].is_meta and args[0].dtype == torch.bool:
-            return self.unmasked
-        return func(*args, **(kwargs or {}))
-
-
 def meta_batch(setup: Any, vocab: int) -> dict[str, torch.Tensor]:
     """A micro-batch shaped like the training loop's collate output, on meta.
 
-    A masked setup carries a padding mask, which `_KnownSizes` says is not all ones. A
+    A masked setup carries a padding mask, which `KnownSizes` says is not all ones. A
     packed batch (position ids, no mask) makes transformers build a block-diagonal mask of
     the same shape, so one stand-in serves both.
     """
@@ -420,8 +228,6 @@ def dry_run(config: Any, setup: Any) -> DryRun:
         UserError: the model cannot be built, a target name is unknown, or the setup
             cannot run on meta tensors.
     """
-    from finetune.adapters import count_parameters
-
     started = time.perf_counter()
     model = build_model(config, setup)
     scales = upcast = 0
@@ -437,7 +243,7 @@ def dry_run(config: Any, setup: Any) -> DryRun:
             if p.dtype == torch.float32 and not p.requires_grad
         )
     model.train()
-    counts = count_parameters(model)
+    counts = adapters.count_parameters(model)
     # 4-bit weights are packed two per byte; count them unpacked, as peft does Params4bit.
     packed = sum(
         m.in_features * m.out_features - m.weight.numel()
@@ -445,16 +251,12 @@ def dry_run(config: Any, setup: Any) -> DryRun:
         if isinstance(m, StandInLinear)
     )
     # Positions with logits: prompt tuning's last virtual token also predicts the first label.
-    most = setup.seq if setup.method == "prompt" else setup.seq - 1
+    most = most_logit_positions(setup.seq, virtual_tokens(setup))
     trained = min(setup.logit_positions or most, most)
     optimizer = make_optimizer(model, setup)
     tracker = MemoryTracker(model)
-    global _autocast_dtype
-    _autocast_dtype = DTYPES[setup.dtype] if mixed_precision(setup) else None
-    try:
+    with autocast_to(DTYPES[setup.dtype] if mixed_precision(setup) else None):
         step(model, optimizer, tracker, setup, trained, config.vocab_size)
-    finally:
-        _autocast_dtype = None
     tracker.remove_hooks()
     return DryRun(
         peak_bytes=tracker.peak_bytes,
@@ -480,22 +282,24 @@ STEPS = 2
 def step(model: Any, optimizer: Any, tracker: Any, setup: Any, trained: int, vocab: int) -> None:
     """`STEPS` tracked training steps: forward and loss, backward, optimizer, zero_grad
     (set_to_none, as train.Loop does)."""
-    from finetune.loss import trained_positions_loss
-
-    with tracker, _KnownSizes(trained, setup.attention_masked):
+    with tracker, KnownSizes(trained, setup.attention_masked):
         for _ in range(STEPS):
             batch = meta_batch(setup, vocab)
             for tensor in batch.values():
                 tracker.track(tensor, "activations")
             with tracker.phase("forward"):  # as train.Loop.forward_loss
-                shift = setup.virtual_tokens if setup.method == "prompt" else 0
-                loss = trained_positions_loss(model, batch, trained, shift)
+                loss = trained_positions_loss(model, batch, trained, virtual_tokens(setup))
             with tracker.phase("backward"):
                 loss.backward()
             del loss, batch, tensor
             with tracker.phase("optimizer"):
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+
+
+def virtual_tokens(setup: Setup) -> int:
+    """Prompt tuning's virtual tokens in front of every sequence (0 for other methods)."""
+    return input_virtual_tokens(setup.method, setup.virtual_tokens)
 
 
 def _first_line(err: BaseException) -> str:
@@ -506,15 +310,12 @@ def _first_line(err: BaseException) -> str:
 # ------------------------------------------------------------------ the estimate
 
 
-def estimate_from_config(config: Any, setup: Any, name: str = "") -> Any:
+def estimate_from_config(config: Any, setup: Setup, name: str = "") -> Estimate:
     """`Estimate` (the shape render.py and report.py read) from one dry run of `setup`.
 
     Components: the tracker's breakdown at the peak; `allocated_bytes` is the dry run's
     peak; `reserved_bytes` replays its allocation stream through `allocator.replay`.
     """
-    from finetune.memory.allocator import replay
-    from finetune.memory.estimate import CPU_METRIC, CUDA_CONTEXT_BYTES, METRIC, Estimate
-
     run = dry_run(config, setup)
     b = run.breakdown
     mixed = mixed_precision(setup)
@@ -556,9 +357,8 @@ def estimate_from_config(config: Any, setup: Any, name: str = "") -> Any:
     )
 
 
-def describe(config: Any, name: str = "") -> Any:
+def describe(config: Any, name: str = "") -> Architecture:
     """An `Architecture` naming the model (descriptive only: counts come from the dry run)."""
-    from finetune.memory.arch import Architecture
 
     def get(*names: str) -> int:
         return next((int(v) for n in names if isinstance(v := getattr(config, n, None), int)), 0)
@@ -577,3 +377,38 @@ def describe(config: Any, name: str = "") -> Any:
         tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
         name=name or str(getattr(config, "_name_or_path", "") or getattr(config, "model_type", "")),
     )
+
+
+def reestimate(arch: Architecture, config: object, setup: Setup) -> Estimate:
+    """A dry run of a variant of an estimate (another method, batch or length)."""
+    return estimate_from_config(config, setup, arch.name)
+
+
+# The rows of the method comparison: a label (with the dtype filled in) and the change.
+COMPARISON = (
+    (
+        "full, pure {dt} (weights, gradients, AdamW states {dt})",
+        {"method": "full", "master_weights": False, "quant": "none"},
+    ),
+    (
+        "full, mixed precision (fp32 master weights, gradients, AdamW; {dt} autocast)",
+        {"method": "full", "master_weights": True, "quant": "none"},
+    ),
+    ("LoRA, {dt} base", {"method": "lora", "quant": "none"}),
+    ("LoRA, int8 base", {"method": "lora", "quant": "int8"}),
+    ("QLoRA, nf4 base", {"method": "lora", "quant": "nf4", "double_quant": True}),
+    ("prefix, {dt} base", {"method": "prefix", "quant": "none", "grad_ckpt": False}),
+    ("prompt, {dt} base", {"method": "prompt", "quant": "none"}),
+)
+SHORT_DTYPE = {"bfloat16": "bf16", "float16": "fp16"}
+
+
+def compare_methods(arch: Architecture, setup: Setup, config: object) -> list[tuple[str, Estimate]]:
+    """The same model and shape under full fine-tuning and each adapter method (dry runs
+    of `config`), all in the setup's 16-bit dtype (bf16 for an fp32 setup)."""
+    dtype = setup.dtype if setup.dtype in SHORT_DTYPE else "bfloat16"
+    rows = []
+    for label, change in COMPARISON:
+        variant = replace(setup, **change, dtype=dtype)
+        rows.append((label.format(dt=SHORT_DTYPE[dtype]), reestimate(arch, config, variant)))
+    return rows

@@ -1,9 +1,10 @@
 """What an estimate is about and what it holds: `Setup` (one training setup: method,
 precision, shape) and `Estimate` (bytes by component, counts, the metric), plus the
-method comparison and the seed's rules of thumb.
+seed's rules of thumb.
 
-Every figure comes from the dry run (dryrun.py): real training steps on the meta device,
-measured by the tracker that also measures real CPU training. An analytic model (a
+Every figure comes from the dry run (dryrun.py, which also re-estimates variants and
+compares methods): real training steps on the meta device, measured by the tracker that
+also measures real CPU training. An analytic model (a
 hand-written Llama-family layout, op by op) came first; it was right only for that family
 and was removed once the dry run matched real steps for every architecture.
 
@@ -12,7 +13,7 @@ Units: bytes everywhere; GB in the rendered output means 1e9 bytes.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from finetune.errors import UserError
@@ -68,7 +69,7 @@ class Setup:
     batch: int = 1
     seq: int = 512
     # Positions per sequence at which logits are computed; None: all of them. finetune's own
-    # loop computes them only where the next token is trained (see train.py).
+    # loop computes them only where the next token is trained (see positions.py).
     logit_positions: int | None = None
     grad_ckpt: bool = False
     optimizer: Optimizer = "adamw"
@@ -184,36 +185,7 @@ class Estimate:
         }
 
 
-# ------------------------------------------------------------------ comparisons
-
-
-COMPARISON = (
-    (
-        "full, pure {dt} (weights, gradients, AdamW states {dt})",
-        {"method": "full", "master_weights": False, "quant": "none"},
-    ),
-    (
-        "full, mixed precision (fp32 master weights, gradients, AdamW; {dt} autocast)",
-        {"method": "full", "master_weights": True, "quant": "none"},
-    ),
-    ("LoRA, {dt} base", {"method": "lora", "quant": "none"}),
-    ("LoRA, int8 base", {"method": "lora", "quant": "int8"}),
-    ("QLoRA, nf4 base", {"method": "lora", "quant": "nf4", "double_quant": True}),
-    ("prefix, {dt} base", {"method": "prefix", "quant": "none", "grad_ckpt": False}),
-    ("prompt, {dt} base", {"method": "prompt", "quant": "none"}),
-)
-SHORT_DTYPE = {"bfloat16": "bf16", "float16": "fp16"}
-
-
-def compare_methods(arch: Architecture, setup: Setup, config: object) -> list[tuple[str, Estimate]]:
-    """The same model and shape under full fine-tuning and each adapter method (dry runs
-    of `config`), all in the setup's 16-bit dtype (bf16 for an fp32 setup)."""
-    dtype = setup.dtype if setup.dtype in SHORT_DTYPE else "bfloat16"
-    rows = []
-    for label, change in COMPARISON:
-        variant = replace(setup, **change, dtype=dtype)
-        rows.append((label.format(dt=SHORT_DTYPE[dtype]), reestimate(arch, config, variant)))
-    return rows
+# ------------------------------------------------------------------ rules of thumb
 
 
 def rule_of_thumb_bytes(params: float, setup: Setup) -> dict[str, float] | None:
@@ -229,10 +201,3 @@ def rule_of_thumb_bytes(params: float, setup: Setup) -> dict[str, float] | None:
             "optimizer": 4e9 * scale,
         }
     return None
-
-
-def reestimate(arch: Architecture, config: object, setup: Setup) -> Estimate:
-    """A dry run of a variant of an estimate (another method, batch or length)."""
-    from finetune.memory.dryrun import estimate_from_config
-
-    return estimate_from_config(config, setup, arch.name)

@@ -1,4 +1,5 @@
-"""Does a run fit a GPU: the largest micro-batch and sequence, and the check before training.
+"""Does a run fit a GPU: the largest micro-batch and sequence, which change makes it fit,
+and the check before training.
 
 Every verdict here compares the same quantity: the caching allocator's modelled reserved
 peak plus the CUDA context (`Estimate.verdict_bytes`), because reserved memory, not
@@ -12,8 +13,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+import torch
+
 from finetune.errors import UserError
-from finetune.memory.estimate import Estimate, Setup, reestimate
+from finetune.memory import setup_from_recipe
+from finetune.memory.dryrun import estimate_from_config, reestimate
+from finetune.memory.estimate import Estimate, Setup
+from finetune.memory.render import human
+from finetune.memory.target import subject_for_recipe
+from finetune.methods import allows_gradient_checkpointing
 
 # A bound on the search: each 7B dry run takes 1-4 s on a 2-core CPU.
 MAX_BATCH = 1024
@@ -112,6 +120,68 @@ def fit_lines(est: Estimate, gpu_bytes: float, search: FitSearch | None = None) 
     return lines
 
 
+def fit_advice(est: Estimate, gpu_bytes: float, search: FitSearch | None = None) -> list[str]:
+    """Whether the estimate fits in `gpu_bytes`, and if not, which change makes it fit.
+
+    The verdict is on `Estimate.verdict_bytes`: the caching allocator's modelled reserved
+    peak plus the CUDA context. Each candidate change is re-estimated by a dry run (when
+    the estimate came from one); single changes are tried first, then the changes
+    accumulated in order.
+    """
+    search = search or FitSearch(est, gpu_bytes)
+    metric = est.verdict_metric
+    if est.verdict_bytes <= gpu_bytes:
+        return [f"fits: {human(est.verdict_bytes)} of {human(gpu_bytes)} ({metric})"]
+    lines = [
+        f"does not fit: {human(est.verdict_bytes)} needed ({metric}), {human(gpu_bytes)} available"
+    ]
+    changes = candidate_changes(est.setup)
+    for label, change in changes:
+        try:
+            trial = search.estimate(replace(est.setup, **change))
+        except UserError:  # an incompatible combination or one the dry run refuses
+            continue
+        if trial.verdict_bytes <= gpu_bytes:
+            return [*lines, f"fits with {label}: {human(trial.verdict_bytes)}"]
+    applied: dict[str, Any] = {}
+    labels = []
+    for label, change in changes:
+        applied.update(change)
+        labels.append(label)
+        try:
+            trial = search.estimate(replace(est.setup, **applied))
+        except UserError:  # an incompatible combination (full + quant): skip it
+            applied = {k: v for k, v in applied.items() if k not in change}
+            labels.pop()
+            continue
+        if trial.verdict_bytes <= gpu_bytes:
+            return [*lines, f"fits with {' + '.join(labels)}: {human(trial.verdict_bytes)}"]
+    return [*lines, "no combination of the usual changes fits; use a smaller model"]
+
+
+def candidate_changes(setup: Setup) -> list[tuple[str, dict[str, Any]]]:
+    """The usual memory savers, cheapest in quality first."""
+    out: list[tuple[str, dict[str, Any]]] = []
+    if not setup.grad_ckpt and allows_gradient_checkpointing(setup.method):
+        out.append(("--grad-ckpt", {"grad_ckpt": True}))
+    batch = setup.batch
+    while batch > 1:
+        batch //= 2
+        out.append((f"--batch {batch}", {"batch": batch}))
+    if setup.method == "full":
+        out.append(("--optimizer adamw8bit", {"optimizer": "adamw8bit"}))
+        out.append(("--method lora", {"method": "lora"}))
+    if setup.quant in ("none",):
+        out.append(("--quant int8", {"quant": "int8"}))
+    if setup.quant in ("none", "int8"):
+        out.append(("--quant nf4 --double-quant", {"quant": "nf4", "double_quant": True}))
+    seq = setup.seq
+    while seq > 128:
+        seq //= 2
+        out.append((f"--seq {seq}", {"seq": seq}))
+    return out
+
+
 # ------------------------------------------------------------------ before training
 
 
@@ -150,15 +220,8 @@ def check_recipe_fits_device(recipe: Any, force: bool = False) -> None:
     Raises:
         UserError: the estimate exceeds `torch.cuda.mem_get_info()`'s free bytes.
     """
-    import torch
-
     if force or not torch.cuda.is_available():
         return
-    from finetune.memory import setup_from_recipe
-    from finetune.memory.dryrun import estimate_from_config
-    from finetune.memory.render import fit_advice
-    from finetune.memory.target import subject_for_recipe
-
     subject = subject_for_recipe(recipe)
     est = estimate_from_config(subject.hf_config(), setup_from_recipe(recipe, "cuda"))
     free, _total = torch.cuda.mem_get_info()

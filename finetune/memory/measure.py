@@ -19,6 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from finetune.memory.tracker import MemoryTracker
+from finetune.positions import logit_positions
+
 CPU_METRIC = "peak process resident memory (VmRSS sampled every 5 ms) minus the baseline"
 GPU_METRIC = "torch.cuda.max_memory_allocated (max reserved beside it)"
 
@@ -73,8 +78,6 @@ class PeakMemory:
     def start(self) -> PeakMemory:
         """Take the baseline and start watching."""
         if self.device.startswith("cuda"):
-            import torch
-
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             self.baseline_bytes = torch.cuda.memory_allocated()
@@ -93,8 +96,6 @@ class PeakMemory:
     def update(self) -> None:
         """Fold the current figures into the peak (call it at points that matter)."""
         if self.device.startswith("cuda"):
-            import torch
-
             self.peak_bytes = torch.cuda.max_memory_allocated()
             self.reserved_bytes = torch.cuda.max_memory_reserved()
             return
@@ -133,7 +134,6 @@ def saved_tensors(model: Any) -> Iterator[dict[int, int]]:
     Yields a dict from storage address to storage bytes, filled as the forward runs; a
     storage saved by several ops appears once, as it is held once.
     """
-    import torch
 
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     found: dict[int, int] = {}
@@ -152,17 +152,12 @@ LIVE_METRIC = "peak bytes of live tensors (MemoryTracker: the metric the estimat
 RSS_NAME = "peak resident memory minus baseline (process RSS; not comparable to the estimate)"
 
 
-def batch_shape(batch: dict[str, Any], method: str) -> tuple[int, int, int]:
+def batch_shape(batch: dict[str, Any], virtual_tokens: int = 0) -> tuple[int, int, int]:
     """(rows, padded length, logits positions) of a micro-batch: what a step's peak grows
-    with. Logits positions are those `loss.trained_positions_loss` computes (every position
-    for prompt tuning, whose loss is the model's own)."""
-    from finetune.data import IGNORE_INDEX
-
+    with. Logits positions are those the loss computes (`finetune.positions`)."""
     labels = batch["labels"]
     rows, width = labels.shape
-    if method == "prompt":
-        return rows, width, width
-    return rows, width, int((labels[:, 1:] != IGNORE_INDEX).any(dim=0).sum())
+    return rows, width, logit_positions(labels, virtual_tokens)
 
 
 class LiveTensorPeak:
@@ -181,8 +176,6 @@ class LiveTensorPeak:
     """
 
     def __init__(self, model: Any, enabled: bool = True) -> None:
-        from finetune.memory.tracker import MemoryTracker
-
         self.tracker = MemoryTracker(model, record_events=False) if enabled else None
         self.widest = (0, 0, 0)
         self.tracked_steps: list[int] = []
@@ -197,9 +190,12 @@ class LiveTensorPeak:
         return any(new > old for new, old in zip(shape, self.widest, strict=True))
 
     @contextlib.contextmanager
-    def step(self, step: int, batches: list[dict[str, Any]], method: str) -> Iterator[None]:
-        """Track this optimizer step if it can set the peak (see the class docstring)."""
-        shapes = [batch_shape(b, method) for b in batches]
+    def step(
+        self, step: int, batches: list[dict[str, Any]], virtual_tokens: int = 0
+    ) -> Iterator[None]:
+        """Track this optimizer step if it can set the peak (see the class docstring);
+        `virtual_tokens`: prompt tuning's, in front of every sequence."""
+        shapes = [batch_shape(b, virtual_tokens) for b in batches]
         shape = tuple(max(s[i] for s in shapes) for i in range(3))
         if not self.wants(step, shape):
             yield

@@ -1,4 +1,4 @@
-"""Rendering an estimate: rich tables, JSON, markdown, a bar chart, and fit advice.
+"""Rendering an estimate: rich tables, JSON, markdown and a bar chart.
 
 GB means 1e9 bytes everywhere (the unit of the 84 GB and 13 GB rules of thumb).
 """
@@ -6,19 +6,11 @@ GB means 1e9 bytes everywhere (the unit of the 84 GB and 13 GB rules of thumb).
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from finetune.errors import UserError
-from finetune.memory.estimate import (
-    COMPONENTS,
-    Estimate,
-    Setup,
-    compare_methods,
-    rule_of_thumb_bytes,
-)
-from finetune.memory.fit import FitSearch
+from finetune.memory.dryrun import compare_methods
+from finetune.memory.estimate import COMPONENTS, Estimate, Setup, rule_of_thumb_bytes
 from finetune.memory.presets import nominal_params
 from finetune.outputs import write_file_atomically
 
@@ -202,68 +194,6 @@ def print_tables(
     console.print(budget_line(est), highlight=False)
     for line in fit or []:
         console.print(line, highlight=False)
-
-
-def fit_advice(est: Estimate, gpu_bytes: float, search: FitSearch | None = None) -> list[str]:
-    """Whether the estimate fits in `gpu_bytes`, and if not, which change makes it fit.
-
-    The verdict is on `Estimate.verdict_bytes`: the caching allocator's modelled reserved
-    peak plus the CUDA context. Each candidate change is re-estimated by a dry run (when
-    the estimate came from one); single changes are tried first, then the changes
-    accumulated in order.
-    """
-    search = search or FitSearch(est, gpu_bytes)
-    metric = est.verdict_metric
-    if est.verdict_bytes <= gpu_bytes:
-        return [f"fits: {human(est.verdict_bytes)} of {human(gpu_bytes)} ({metric})"]
-    lines = [
-        f"does not fit: {human(est.verdict_bytes)} needed ({metric}), {human(gpu_bytes)} available"
-    ]
-    changes = candidate_changes(est.setup)
-    for label, change in changes:
-        try:
-            trial = search.estimate(replace(est.setup, **change))
-        except UserError:  # an incompatible combination or one the dry run refuses
-            continue
-        if trial.verdict_bytes <= gpu_bytes:
-            return [*lines, f"fits with {label}: {human(trial.verdict_bytes)}"]
-    applied: dict[str, Any] = {}
-    labels = []
-    for label, change in changes:
-        applied.update(change)
-        labels.append(label)
-        try:
-            trial = search.estimate(replace(est.setup, **applied))
-        except UserError:  # an incompatible combination (full + quant): skip it
-            applied = {k: v for k, v in applied.items() if k not in change}
-            labels.pop()
-            continue
-        if trial.verdict_bytes <= gpu_bytes:
-            return [*lines, f"fits with {' + '.join(labels)}: {human(trial.verdict_bytes)}"]
-    return [*lines, "no combination of the usual changes fits; use a smaller model"]
-
-
-def candidate_changes(setup: Setup) -> list[tuple[str, dict[str, Any]]]:
-    """The usual memory savers, cheapest in quality first."""
-    out: list[tuple[str, dict[str, Any]]] = []
-    if not setup.grad_ckpt and setup.method != "prefix":
-        out.append(("--grad-ckpt", {"grad_ckpt": True}))
-    batch = setup.batch
-    while batch > 1:
-        batch //= 2
-        out.append((f"--batch {batch}", {"batch": batch}))
-    if setup.method == "full":
-        out.append(("--optimizer adamw8bit", {"optimizer": "adamw8bit"}))
-        out.append(("--method lora", {"method": "lora"}))
-    if setup.quant in ("none",):
-        out.append(("--quant int8", {"quant": "int8"}))
-    if setup.quant in ("none", "int8"):
-        out.append(("--quant nf4 --double-quant", {"quant": "nf4", "double_quant": True}))
-    seq = setup.seq
-    while seq > 128:
-        seq //= 2
-        out.append((f"--seq {seq}", {"seq": seq}))
-    return out
 
 
 def plot_memory(

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+from finetune.memory.dryrun import build_config, estimate_from_config
 from finetune.memory.estimate import Estimate, Setup
 
 
@@ -43,8 +44,6 @@ def full_finetuning_setup(setup: Setup) -> Setup:
 def largest_setup_estimate(config: Any, setups: list[Setup], name: str = "") -> Estimate:
     """The run's own estimate: a dry run of each candidate setup (report.run_setups: the
     widest masked and unmasked micro-batches the run trained on), the higher peak kept."""
-    from finetune.memory.dryrun import estimate_from_config
-
     runs = [estimate_from_config(config, setup, name) for setup in setups]
     return max(runs, key=lambda est: est.allocated_bytes)
 
@@ -57,8 +56,6 @@ def run_estimates(config: Any, setups: list[Setup], name: str = "") -> RunEstima
         setups: the run's candidate setups (see `largest_setup_estimate`).
         name: the model's label in the rendered estimate.
     """
-    from finetune.memory.dryrun import estimate_from_config
-
     run = largest_setup_estimate(config, setups, name)
     return RunEstimates(
         run=run,
@@ -68,7 +65,5 @@ def run_estimates(config: Any, setups: list[Setup], name: str = "") -> RunEstima
 
 def config_from_record(raw: dict[str, Any], name: str) -> Any:
     """The transformers config a report recorded (`PretrainedConfig.to_dict()`)."""
-    from finetune.memory.dryrun import build_config
-
     keep = {k: v for k, v in raw.items() if k not in ("transformers_version", "architectures")}
     return build_config(keep, name)

@@ -1,51 +1,26 @@
-"""The recipe: a YAML file loaded into one typed, validated object.
+"""The recipe's sections: every field with its bounds and its one description.
 
-Config flows one way: YAML, then dotted `key=value` overrides, then one `Recipe` that is
-passed explicitly to every stage. Unknown keys are errors that suggest the closest name;
-each field's description is written once here and reused by `--help`, `validate` and docs.
-
-Relative paths in `model.path`, `data.path`, `data.eval_path` and `adapter.init_from` are
-taken relative to the recipe file's folder; `output.dir` is relative to where you run.
+Each section rejects unknown keys; the checks within a section live on it, the checks
+across sections on `finetune.recipe.schema.Recipe`.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
-    PrivateAttr,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
-from finetune.errors import UserError, closest
-from finetune.inputs import MAX_SEED, duration_seconds, refuse_special
+from finetune.inputs import MAX_SEED, duration_seconds
+from finetune.methods import METHODS
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
-# Methods that feed virtual tokens in front of the sequence and adapt no module.
-VIRTUAL_TOKEN_METHODS = frozenset({"prefix", "prompt"})
-
-
-# What each method trains with when the recipe leaves train.lr or train.epochs unset.
-# Prompt and prefix tuning move a few virtual tokens through a frozen model: they need far
-# larger steps than LoRA, and about twice the passes over the data to reach the same exact
-# match (measured on the quickstart and orders tasks: BENCHMARKS.md, "Every adapter
-# method"). LoRA and DoRA keep the common 2e-4, safe on large models (small ones like 1e-3).
-METHOD_DEFAULTS: dict[str, dict[str, float]] = {
-    "lora": {"lr": 2e-4, "epochs": 1.0},
-    "dora": {"lr": 2e-4, "epochs": 1.0},
-    "ia3": {"lr": 3e-3, "epochs": 1.0},
-    "prefix": {"lr": 1e-2, "epochs": 2.0},
-    "prompt": {"lr": 1e-1, "epochs": 2.0},
-}
-
 # Upper bounds for counts: far above any real run, low enough that arithmetic on them
 # (steps times batch, seeds for torch) stays exact and never overflows.
 MAX_STEPS = 10**9
@@ -100,7 +75,8 @@ class ModelSection(Section):
 
 
 class AdapterSection(Section):
-    method: Literal["lora", "dora", "ia3", "prefix", "prompt"] = Field(
+    # The method names are the keys of finetune.methods' table, written once there.
+    method: Literal[tuple(METHODS)] = Field(  # type: ignore[valid-type]
         "lora", description="Adapter method, built from peft's own config."
     )
     r: int = Field(8, ge=1, le=4096, description="LoRA/DoRA rank.")
@@ -241,7 +217,7 @@ class TrainSection(Section):
         gt=0,
         le=100_000,
         description="Passes over the training data. Unset, it follows adapter.method: "
-        + ", ".join(f"{m} {d['epochs']:g}" for m, d in METHOD_DEFAULTS.items())
+        + ", ".join(f"{name} {m.epochs:g}" for name, m in METHODS.items())
         + ".",
     )
     lr: float = Field(
@@ -249,7 +225,7 @@ class TrainSection(Section):
         gt=0,
         lt=1,
         description="Peak learning rate (AdamW). Unset, it follows adapter.method: "
-        + ", ".join(f"{m} {d['lr']:g}" for m, d in METHOD_DEFAULTS.items())
+        + ", ".join(f"{name} {m.lr:g}" for name, m in METHODS.items())
         + ".",
     )
     # At most 1: with lr < 1 the decoupled decay factor 1 - lr * weight_decay stays positive.
@@ -350,235 +326,3 @@ class EvalSection(Section):
         le=MAX_STEPS,
         description="Cap on exact-match examples (0 skips the exact-match generation).",
     )
-
-
-class Recipe(Section):
-    model: ModelSection = ModelSection()
-    adapter: AdapterSection = AdapterSection()
-    data: DataSection
-    train: TrainSection = TrainSection()
-    output: OutputSection = OutputSection()
-    eval: EvalSection = EvalSection()
-    # The file this recipe was loaded from (None when built in code): an input of the run,
-    # so the run may not be written over it.
-    _source: Path | None = PrivateAttr(None)
-    # Defaults this recipe took from its adapter method (said by the run), e.g. "train.lr".
-    _method_defaults: list[str] = PrivateAttr(default_factory=list)
-
-    def input_paths(self) -> list[Path]:
-        """Every file or folder the run reads: recipe, data, local model, initial adapter."""
-        found = [self._source, Path(self.data.path)]
-        found += [Path(p) for p in (self.data.eval_path, self.adapter.init_from) if p]
-        if Path(self.model.path).expanduser().exists():
-            found.append(Path(self.model.path).expanduser())
-        return [p for p in found if p is not None]
-
-    def sealed_paths(self) -> list[Path]:
-        """Input folders a run may not be written into: the adapter it starts from."""
-        return [Path(self.adapter.init_from)] if self.adapter.init_from else []
-
-    @model_validator(mode="after")
-    def _method_defaults_for_unset(self) -> Recipe:
-        unset = [k for k in ("lr", "epochs") if k not in self.train.model_fields_set]
-        if "epochs" in unset and self.train.max_steps:
-            unset.remove("epochs")  # max_steps decides; epochs would be a note about nothing
-        for key in unset:
-            setattr(self.train, key, METHOD_DEFAULTS[self.adapter.method][key])
-        self._method_defaults = [f"train.{key}" for key in unset]
-        return self
-
-    def method_default_notes(self) -> list[str]:
-        """One line per default taken from the adapter method, for the run's notes."""
-        return [
-            f"{key} {getattr(self.train, key.split('.')[1]):g}: the {self.adapter.method} "
-            f"default (set {key} to choose another)"
-            for key in self._method_defaults
-        ]
-
-    @model_validator(mode="after")
-    def _compatible(self) -> Recipe:
-        method = self.adapter.method
-        if method == "prompt" and self.adapter.prefix_projection:
-            raise ValueError("adapter.prefix_projection applies to prefix tuning, not prompt")
-        if self.data.packing and method in ("prefix", "prompt"):
-            raise ValueError(
-                f"data.packing cannot be used with adapter.method {method}: its virtual "
-                "tokens would be shared by every packed example; set data.packing: false"
-            )
-        if method in VIRTUAL_TOKEN_METHODS and self.adapter.target_modules != "all-linear":
-            # The default all-linear is accepted: a resolved recipe writes every default out.
-            raise ValueError(
-                f"adapter.target_modules applies to lora, dora and ia3; {method} tuning adds "
-                "virtual tokens and adapts no module; remove adapter.target_modules"
-            )
-        if method != "prompt" and self.adapter.prompt_init_text:
-            raise ValueError("adapter.prompt_init_text needs adapter.method: prompt")
-        if method != "prefix" and self.adapter.prefix_init_text:
-            raise ValueError("adapter.prefix_init_text needs adapter.method: prefix")
-        init_text = self.adapter.prompt_init_text or self.adapter.prefix_init_text
-        if self.adapter.virtual_init == "random" and init_text:
-            raise ValueError(
-                f"adapter.{method}_init_text is not used with adapter.virtual_init: random; "
-                "remove one of them"
-            )
-        return self
-
-
-# ---------------------------------------------------------------------------- loading
-
-
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Load a recipe file, apply dotted overrides, validate, and resolve relative paths.
-
-    Raises:
-        UserError: the file is missing or malformed, a key is unknown, a value is invalid.
-    """
-    path = Path(path)
-    kind = refuse_special(path, "recipe", "a recipe file (.yaml)")
-    if kind == "folder":
-        raise UserError(f"{path}: is a folder; give a recipe file (.yaml)")
-    if kind == "missing":
-        raise UserError(f"{path}: recipe file not found")
-    try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=RecipeLoader)
-    except UnicodeDecodeError as err:
-        raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        if isinstance(err, yaml.constructor.ConstructorError) and "for the tag" in problem:
-            # !!python/object/apply:os.system and friends: safe_load never builds objects.
-            tag = problem.split("tag", 1)[1].strip().strip("'")
-            tag = tag.replace("tag:yaml.org,2002:", "!!")
-            raise UserError(
-                f"{path}:{where}: the YAML tag {tag} is not allowed; a recipe is plain data "
-                "(mappings, lists, strings, numbers) and never runs code"
-            ) from None
-        raise UserError(f"{path}:{where}: malformed YAML: {problem}") from None
-    except RecursionError:
-        raise UserError(f"{path}: nested too deeply to be a recipe; fix the file") from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: a recipe is a mapping of sections (model, adapter, data, ...)")
-    for item in overrides:
-        apply_override(raw, item)
-    recipe = resolve_paths(validate(raw, source=str(path)), path.parent)
-    recipe._source = path.resolve()
-    return recipe
-
-
-class RecipeLoader(yaml.SafeLoader):
-    """safe_load that refuses a key given twice in one mapping.
-
-    PyYAML keeps the last of two `data:` sections and drops the first without a word.
-    """
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden
-                continue
-            key = self.construct_object(key_node, deep=True)
-            line = key_node.start_mark.line + 1
-            try:
-                first = seen.setdefault(key, line)
-            except TypeError:  # an unhashable key: let SafeLoader say so
-                break
-            if first != line:
-                raise yaml.constructor.ConstructorError(
-                    None,
-                    None,
-                    f"the key '{key}' appears twice (lines {first} and {line}); keep one",
-                    key_node.start_mark,
-                )
-        return super().construct_mapping(node, deep=deep)
-
-
-def validate(raw: dict[str, Any], source: str) -> Recipe:
-    """Validate a plain mapping into a `Recipe`, turning pydantic's errors into one line."""
-    try:
-        return Recipe.model_validate(raw)
-    except ValidationError as err:
-        raise UserError(f"{source}: {describe_errors(err)}") from None
-
-
-def describe_errors(err: ValidationError) -> str:
-    parts = []
-    for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"])
-        if e["type"] == "extra_forbidden":
-            parts.append(f"unknown key '{loc}'{suggest_key(e['loc'])}")
-        elif e["type"] == "missing":
-            parts.append(f"'{loc}' is required")
-        else:
-            msg = e["msg"].removeprefix("Value error, ")
-            got = e.get("input")
-            shown = f" (got {got!r})" if loc and not isinstance(got, dict) else ""
-            parts.append(f"{loc + ': ' if loc else ''}{msg}{shown}")
-    return "; ".join(parts)
-
-
-def suggest_key(loc: tuple[Any, ...]) -> str:
-    """Suggest the closest valid key for an unknown one at `loc`."""
-    model: type[BaseModel] = Recipe
-    for part in loc[:-1]:
-        field = model.model_fields.get(str(part))
-        if field is None or not isinstance(field.annotation, type):
-            return ""
-        model = field.annotation
-    return closest(str(loc[-1]), list(model.model_fields))
-
-
-def apply_override(raw: dict[str, Any], item: str) -> None:
-    """Apply one `section.key=value` override; the value is parsed as YAML (1e-4, true, [a, b])."""
-    key, sep, text = item.partition("=")
-    parts = key.strip().split(".")
-    if not sep or not all(parts):
-        raise UserError(f"override '{item}': write it as section.key=value, e.g. train.lr=1e-4")
-    try:
-        value = yaml.load(text, Loader=RecipeLoader) if text.strip() else ""
-    except (yaml.YAMLError, RecursionError):
-        value = text
-    node = raw
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise UserError(f"override '{item}': '{part}' is not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
-    """Make recipe-relative paths absolute so the resolved recipe works from anywhere."""
-
-    def resolve(value: str | None) -> str | None:
-        if not value:
-            return value
-        candidate = Path(value).expanduser()
-        return str(candidate if candidate.is_absolute() else (base / candidate).resolve())
-
-    data = recipe.data.model_copy(
-        update={
-            "path": resolve(recipe.data.path),
-            "eval_path": resolve(recipe.data.eval_path),
-        }
-    )
-    model_path = recipe.model.path
-    if (base / model_path).exists():
-        model_path = str((base / model_path).resolve())
-    model = recipe.model.model_copy(update={"path": model_path})
-    adapter = recipe.adapter.model_copy(update={"init_from": resolve(recipe.adapter.init_from)})
-    return recipe.model_copy(update={"data": data, "model": model, "adapter": adapter})
-
-
-def dump_recipe(recipe: Recipe) -> str:
-    """The fully resolved recipe as YAML, every default written out."""
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
-
-
-def field_help(section: str, key: str) -> str:
-    """The description of `section.key`, as written on the schema."""
-    model = Recipe.model_fields[section].annotation
-    return model.model_fields[key].description or ""

@@ -1,0 +1,179 @@
+"""Reading a data file (.jsonl, .json, .csv, .parquet or a `save_to_disk` folder) into rows.
+
+Every row is a dict with its 1-based position in the file under `_row`, so later errors
+name the row; every failure to read is one line naming the file and, where it can, the line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from finetune.errors import UserError
+from finetune.inputs import refuse_special
+
+SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+# json raises RecursionError, not JSONDecodeError, on arrays or objects nested thousands deep.
+TOO_DEEP = "JSON nested too deeply to be an example (thousands of levels)"
+
+
+def load_rows(path: str | Path, field_name: str = "data.path") -> list[dict[str, Any]]:
+    """Read a data file (or a `save_to_disk` folder) into a list of row dicts.
+
+    Raises:
+        UserError: missing file, unknown format, bad encoding, invalid JSON line, empty data.
+    """
+    path = Path(path)
+    kind = refuse_special(path, field_name, "a data file or a save_to_disk folder")
+    if kind == "missing":
+        raise UserError(f"{field_name}: {path} not found")
+    if kind == "folder":
+        rows = _load_saved_dataset(path, field_name)
+    else:
+        kind = SUFFIXES.get(path.suffix.lower())
+        if kind is None:
+            raise UserError(
+                f"{field_name}: {path} has an unknown extension; use .jsonl, .json, .csv, "
+                ".parquet or a folder saved with datasets' save_to_disk"
+            )
+        rows = {
+            "jsonl": _load_jsonl,
+            "json": _load_json,
+            "csv": _load_tabular,
+            "parquet": _load_tabular,
+        }[kind](path)
+    if not rows:
+        raise UserError(f"{path}: the dataset is empty; add examples")
+    return rows
+
+
+BOMS = {
+    b"\xff\xfe\x00\x00": "UTF-32",
+    b"\x00\x00\xfe\xff": "UTF-32",
+    b"\xff\xfe": "UTF-16",
+    b"\xfe\xff": "UTF-16",
+}
+
+
+def _read_text(path: Path) -> str:
+    raw = path.read_bytes()
+    for bom, encoding in BOMS.items():
+        if raw.startswith(bom):
+            raise UserError(f"{path}: the file is {encoding} text; re-save it as UTF-8")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text; re-save the file as UTF-8") from None
+
+
+def _load_jsonl(path: Path) -> list[dict[str, Any]]:
+    from datasets import Dataset
+
+    rows = []
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(
+                f"{path}:{number}: not valid JSON ({err.msg}); fix or remove the line"
+            ) from None
+        except RecursionError:
+            raise UserError(f"{path}:{number}: {TOO_DEEP}; fix or remove the line") from None
+        if not isinstance(row, dict):
+            raise UserError(
+                f"{path}:{number}: each line must be a JSON object, got {type(row).__name__}"
+            )
+        row["_row"] = number
+        rows.append(row)
+    if not rows:
+        return []
+    # Round-trip through datasets so the column types are the ones every other format gets;
+    # rows that arrow cannot put in one table (a number in a text column, a string where
+    # other rows have a list) stay as they are, and the row checks then name the bad row.
+    try:
+        dataset = Dataset.from_list(rows)
+    except Exception:  # pyarrow's ArrowInvalid / ArrowTypeError, among others
+        return rows
+    return _rows_from_dataset(dataset, path)
+
+
+def _load_json(path: Path) -> list[dict[str, Any]]:
+    try:
+        data = json.loads(_read_text(path))
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    except RecursionError:
+        raise UserError(f"{path}: {TOO_DEEP}; fix the file") from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise UserError(f'{path}: a .json dataset is a list of objects (or {{"data": [...]}})')
+    for number, row in enumerate(data, start=1):
+        row["_row"] = number
+    return data
+
+
+def _load_tabular(path: Path) -> list[dict[str, Any]]:
+    if path.suffix.lower() == ".csv":
+        return _load_csv(path)
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as err:  # pyarrow raises many kinds; all mean a file we can't read
+        raise UserError(f"{path}: cannot read ({str(err).splitlines()[0][:200]})") from None
+    for number, row in enumerate(rows, start=1):
+        row["_row"] = number
+    return rows
+
+
+def _load_csv(path: Path) -> list[dict[str, Any]]:
+    """Every cell as text (a response "42" stays a string); rows numbered from 1 after the
+    header. Read with the csv module, so no cache is written and no progress bar shown."""
+    import csv
+    import io
+
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""), restval="")
+    rows = []
+    try:
+        for number, row in enumerate(reader, start=1):
+            if row.get(None):
+                raise UserError(f"{path} row {number}: more cells than the header has columns")
+            row.pop(None, None)
+            if any(value.strip() for value in row.values()):
+                rows.append({**row, "_row": number})
+    except csv.Error as err:
+        raise UserError(f"{path}:{reader.line_num}: not valid CSV ({err})") from None
+    return rows
+
+
+def _load_saved_dataset(path: Path, field_name: str) -> list[dict[str, Any]]:
+    from datasets import DatasetDict, load_from_disk
+
+    try:
+        dataset = load_from_disk(str(path))
+    except FileNotFoundError:
+        raise UserError(
+            f"{field_name}: {path} is a folder but not one saved with datasets' save_to_disk"
+        ) from None
+    except Exception as err:  # a damaged save: bad JSON, arrow or fingerprint files, ...
+        raise UserError(
+            f"{field_name}: {path}: cannot read the saved dataset ({str(err)[:200]}); "
+            "save it again with save_to_disk"
+        ) from None
+    if isinstance(dataset, DatasetDict):
+        if "train" not in dataset:
+            raise UserError(f"{path}: saved DatasetDict has no 'train' split ({list(dataset)})")
+        dataset = dataset["train"]
+    return _rows_from_dataset(dataset, path)
+
+
+def _rows_from_dataset(dataset: Any, path: Path) -> list[dict[str, Any]]:
+    rows = dataset.to_list()
+    for number, row in enumerate(rows, start=1):
+        row.setdefault("_row", number)
+    return rows

@@ -1,0 +1,126 @@
+"""What a training step on meta tensors needs to allocate what the real step allocates.
+
+- SDPA on meta tensors would fall back to the math kernel, which stores the s x s score
+  matrix that no fused kernel stores; it is routed to the fused CPU flash kernel, which
+  saves what CUDA's flash kernel saves (output and a fp32 logsumexp per head and row).
+- Mixed precision: torch.autocast does not act on meta tensors, so the dry run does what
+  autocast does by hand: parameters are fp32 (the master weights, so gradients and AdamW
+  states are fp32 too), and every Linear casts its input, weight and bias to the 16-bit
+  dtype before the matmul, as autocast's lower-precision op list does; autograd records
+  the casts, so the 16-bit weight copies stay saved for backward and gradients come back
+  to fp32, as under real autocast. SDPA casts q, k, v the same way. Other ops follow
+  torch's type promotion, as under autocast (RMSNorm's fp32 math, the fp32 residual
+  stream, the fp32 loss). Not emulated: eager attention's matmuls (left fp32, an
+  overcount) and autocast's weight-cast cache (each Linear runs once per forward, so it
+  would hit only for tied weights).
+- Data-dependent answers meta tensors cannot give (`KnownSizes`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# The 16-bit dtype the by-hand autocast casts to during a mixed-precision dry run, else
+# None. A plain global, not a mode: backward (checkpoint recomputation) must see it too.
+_autocast_dtype: torch.dtype | None = None
+
+
+@contextlib.contextmanager
+def autocast_to(dtype: torch.dtype | None) -> Iterator[None]:
+    """Inside the block, emulated autocast (`emulate_autocast`, the fused SDPA) casts to
+    `dtype`; None casts nothing."""
+    global _autocast_dtype
+    _autocast_dtype = dtype
+    try:
+        yield
+    finally:
+        _autocast_dtype = None
+
+
+class _FusedAttention(TorchFunctionMode):
+    """Route F.scaled_dot_product_attention on meta tensors to the fused flash kernel."""
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.scaled_dot_product_attention and args[0].is_meta:
+            q, k, v = (_autocast(t) for t in args[:3])
+            mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
+            if mask is not None and mask.dtype == torch.bool:
+                # What SDPA's front end does (convert_boolean_attn_mask) before any kernel:
+                # an additive mask in the query's dtype, which the kernel saves for backward.
+                mask = torch.where(mask.logical_not(), -torch.inf, torch.zeros((), dtype=q.dtype))
+            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q,
+                k,
+                v,
+                kwargs.get("dropout_p", 0.0),
+                kwargs.get("is_causal", False),
+                attn_mask=mask,
+                scale=kwargs.get("scale"),
+            )[0]
+        return func(*args, **kwargs)
+
+
+def _autocast(tensor: Any) -> Any:
+    """What autocast's lower-precision ops do to a floating input: cast it to 16 bits."""
+    if _autocast_dtype is None or tensor is None or not tensor.is_floating_point():
+        return tensor
+    return tensor.to(_autocast_dtype)
+
+
+def _autocast_linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.linear(
+        _autocast(x), _autocast(module.weight), _autocast(module.bias)
+    )
+
+
+def emulate_autocast(model: Any) -> None:
+    """Make every Linear of `model` (the head included) cast as autocast would."""
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            module.forward = functools.partial(_autocast_linear, module)
+
+
+FUSED_SDPA = "finetune_meta_sdpa"
+
+
+def register_fused_sdpa() -> str:
+    """Register transformers' own SDPA attention under a name whose calls on meta tensors
+    reach the fused kernel (entered inside the call, so checkpoint recomputes too)."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import sdpa_mask
+
+    def fused_sdpa(*args: Any, **kwargs: Any) -> Any:
+        with _FusedAttention():
+            return sdpa_attention_forward(*args, **kwargs)
+
+    AttentionInterface.register(FUSED_SDPA, fused_sdpa)
+    AttentionMaskInterface.register(FUSED_SDPA, sdpa_mask)
+    return FUSED_SDPA
+
+
+class KnownSizes(TorchDispatchMode):
+    """Answer the data-dependent questions meta tensors cannot: `nonzero` gets the number of
+    trained positions; a boolean `.item()` (transformers' "is every position attended?"
+    check on the attention mask) gets True for an unmasked micro-batch, False for a padded
+    or packed one, so transformers builds the 4D mask the real step builds."""
+
+    def __init__(self, rows: int, masked: bool) -> None:
+        super().__init__()
+        self.rows, self.unmasked = rows, not masked
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if func is torch.ops.aten.nonzero.default and args[0].is_meta:
+            return torch.empty(self.rows, args[0].dim(), dtype=torch.long, device="meta")
+        is_item = func is torch.ops.aten._local_scalar_dense.default
+        if is_item and args[0].is_meta and args[0].dtype == torch.bool:
+            return self.unmasked
+        return func(*args, **(kwargs or {}))

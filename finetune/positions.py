@@ -1,0 +1,102 @@
+"""Which positions a step learns from: counted, and scored, in one place.
+
+A causal model predicts token j + 1 at position j, so the first label of a sequence has no
+position predicting it, unless prompt tuning's virtual tokens sit in front of the
+sequence: the last of them predicts the first label. Training, evaluation, the dry run,
+the memory measurement and the report count through these functions, so they agree.
+
+`virtual_tokens` below is the number of positions in front of the sequence
+(`finetune.methods.input_virtual_tokens`; 0 for every method but prompt tuning).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from finetune.data import IGNORE_INDEX
+from finetune.methods import input_virtual_tokens, method_of_config
+
+
+def predicted_labels(labels: torch.Tensor, virtual_tokens: int = 0) -> torch.Tensor:
+    """The labels some position predicts: every one behind virtual tokens, else all but
+    the first of each row."""
+    return labels if virtual_tokens else labels[:, 1:]
+
+
+def count_trained(labels: torch.Tensor, virtual_tokens: int = 0) -> int:
+    """Tokens that contribute to the loss of a batch with `labels`."""
+    return int((predicted_labels(labels, virtual_tokens) != IGNORE_INDEX).sum())
+
+
+def logit_positions(labels: torch.Tensor, virtual_tokens: int = 0) -> int:
+    """Positions at which `trained_positions_loss` computes logits: those whose next token
+    is trained in any row of the batch."""
+    return int((predicted_labels(labels, virtual_tokens) != IGNORE_INDEX).any(dim=0).sum())
+
+
+def most_logit_positions(seq: int, virtual_tokens: int = 0) -> int:
+    """The most positions with logits a sequence of `seq` tokens can have."""
+    return seq if virtual_tokens else seq - 1
+
+
+def trained_positions_loss(
+    model: Any, batch: dict[str, Any], n_trained: int, virtual_tokens: int = 0
+) -> torch.Tensor:
+    """Sum of the token losses of `batch`, divided by the trained tokens of the whole step.
+
+    The vocabulary projection and the fp32 log-softmax are the costliest per-token work of a
+    small model (profiled: BENCHMARKS.md), so logits are computed only at positions whose
+    next token is trained: with the prompt masked that is a fraction of them. Equal to the
+    model's own loss with `num_items_in_batch=n_trained` (tested).
+
+    Prompt tuning puts `virtual_tokens` embeddings in front of the sequence: label j is then
+    predicted at position virtual_tokens + j - 1, the first label included.
+    """
+    # No KV cache: with one, transformers would not build the packed mask.
+    first = 0 if virtual_tokens else 1
+    targets = batch["labels"][:, first:]
+    keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+    if keep.numel() == 0:
+        return model(**batch, use_cache=False, num_items_in_batch=n_trained).loss
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    positions = keep + first + virtual_tokens - 1
+    logits = model(**inputs, use_cache=False, logits_to_keep=positions).logits
+    loss = torch.nn.functional.cross_entropy(
+        logits.float().flatten(0, 1),
+        targets[:, keep].flatten(),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return loss / n_trained
+
+
+def virtual_tokens_of(model: Any) -> int:
+    """The positions `model` puts in front of every sequence: a prompt-tuning peft model's
+    virtual tokens while its adapter is on, else 0.
+
+    peft's `disable_adapter()` runs the base model alone for prompt learning and marks it
+    with `_adapters_disabled`; then no virtual token is in front.
+    """
+    config = getattr(model, "active_peft_config", None)
+    if config is None or getattr(model, "_adapters_disabled", False):
+        return 0
+    method = method_of_config({"peft_type": str(getattr(config.peft_type, "value", ""))})
+    return input_virtual_tokens(method or "", int(getattr(config, "num_virtual_tokens", 0) or 0))
+
+
+def widest_shapes(
+    batches: list[dict[str, Any]], packed: bool, virtual_tokens: int = 0
+) -> dict[str, list[int]]:
+    """The widest of `batches` with an attention mask ("masked": packed, or padded) and
+    without ("unmasked"): [padded length, logits positions], [0, 0] where there is none.
+    What a micro-batch's memory grows with; the report's estimate dry-runs these shapes."""
+    widest = {"masked": [0, 0], "unmasked": [0, 0]}
+    for batch in batches:
+        mask = batch.get("attention_mask")
+        masked = packed or (mask is not None and not bool(mask.all()))
+        logits = logit_positions(batch["labels"], virtual_tokens)
+        kind = widest["masked" if masked else "unmasked"]
+        kind[:] = [max(kind[0], batch["labels"].shape[1]), max(kind[1], logits)]
+    return widest

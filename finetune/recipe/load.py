@@ -1,0 +1,165 @@
+"""Reading a recipe: the YAML file, dotted overrides, validation into one line per error,
+paths made absolute, and the resolved copy a run writes beside itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from finetune.errors import UserError, closest
+from finetune.inputs import refuse_special
+from finetune.recipe.schema import Recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Load a recipe file, apply dotted overrides, validate, and resolve relative paths.
+
+    Raises:
+        UserError: the file is missing or malformed, a key is unknown, a value is invalid.
+    """
+    path = Path(path)
+    kind = refuse_special(path, "recipe", "a recipe file (.yaml)")
+    if kind == "folder":
+        raise UserError(f"{path}: is a folder; give a recipe file (.yaml)")
+    if kind == "missing":
+        raise UserError(f"{path}: recipe file not found")
+    try:
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=RecipeLoader)
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        if isinstance(err, yaml.constructor.ConstructorError) and "for the tag" in problem:
+            # !!python/object/apply:os.system and friends: safe_load never builds objects.
+            tag = problem.split("tag", 1)[1].strip().strip("'")
+            tag = tag.replace("tag:yaml.org,2002:", "!!")
+            raise UserError(
+                f"{path}:{where}: the YAML tag {tag} is not allowed; a recipe is plain data "
+                "(mappings, lists, strings, numbers) and never runs code"
+            ) from None
+        raise UserError(f"{path}:{where}: malformed YAML: {problem}") from None
+    except RecursionError:
+        raise UserError(f"{path}: nested too deeply to be a recipe; fix the file") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a recipe is a mapping of sections (model, adapter, data, ...)")
+    for item in overrides:
+        apply_override(raw, item)
+    recipe = resolve_paths(validate(raw, source=str(path)), path.parent)
+    recipe._source = path.resolve()
+    return recipe
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping.
+
+    PyYAML keeps the last of two `data:` sections and drops the first without a word.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.setdefault(key, line)
+            except TypeError:  # an unhashable key: let SafeLoader say so
+                break
+            if first != line:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"the key '{key}' appears twice (lines {first} and {line}); keep one",
+                    key_node.start_mark,
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
+def validate(raw: dict[str, Any], source: str) -> Recipe:
+    """Validate a plain mapping into a `Recipe`, turning pydantic's errors into one line."""
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(f"{source}: {describe_errors(err)}") from None
+
+
+def describe_errors(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        if e["type"] == "extra_forbidden":
+            parts.append(f"unknown key '{loc}'{suggest_key(e['loc'])}")
+        elif e["type"] == "missing":
+            parts.append(f"'{loc}' is required")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            got = e.get("input")
+            shown = f" (got {got!r})" if loc and not isinstance(got, dict) else ""
+            parts.append(f"{loc + ': ' if loc else ''}{msg}{shown}")
+    return "; ".join(parts)
+
+
+def suggest_key(loc: tuple[Any, ...]) -> str:
+    """Suggest the closest valid key for an unknown one at `loc`."""
+    model: type[BaseModel] = Recipe
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type):
+            return ""
+        model = field.annotation
+    return closest(str(loc[-1]), list(model.model_fields))
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one `section.key=value` override; the value is parsed as YAML (1e-4, true, [a, b])."""
+    key, sep, text = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(parts):
+        raise UserError(f"override '{item}': write it as section.key=value, e.g. train.lr=1e-4")
+    try:
+        value = yaml.load(text, Loader=RecipeLoader) if text.strip() else ""
+    except (yaml.YAMLError, RecursionError):
+        value = text
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"override '{item}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
+    """Make recipe-relative paths absolute so the resolved recipe works from anywhere."""
+
+    def resolve(value: str | None) -> str | None:
+        if not value:
+            return value
+        candidate = Path(value).expanduser()
+        return str(candidate if candidate.is_absolute() else (base / candidate).resolve())
+
+    data = recipe.data.model_copy(
+        update={
+            "path": resolve(recipe.data.path),
+            "eval_path": resolve(recipe.data.eval_path),
+        }
+    )
+    model_path = recipe.model.path
+    if (base / model_path).exists():
+        model_path = str((base / model_path).resolve())
+    model = recipe.model.model_copy(update={"path": model_path})
+    adapter = recipe.adapter.model_copy(update={"init_from": resolve(recipe.adapter.init_from)})
+    return recipe.model_copy(update={"data": data, "model": model, "adapter": adapter})
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The fully resolved recipe as YAML, every default written out."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,97 @@
+"""The whole recipe: its sections, the defaults its adapter method sets, and the checks
+across sections (each message names the fields that clash)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import PrivateAttr, model_validator
+
+from finetune.methods import METHODS, VIRTUAL_TOKEN_METHODS
+from finetune.recipe.sections import (
+    AdapterSection,
+    DataSection,
+    EvalSection,
+    ModelSection,
+    OutputSection,
+    Section,
+    TrainSection,
+)
+
+
+class Recipe(Section):
+    model: ModelSection = ModelSection()
+    adapter: AdapterSection = AdapterSection()
+    data: DataSection
+    train: TrainSection = TrainSection()
+    output: OutputSection = OutputSection()
+    eval: EvalSection = EvalSection()
+    # The file this recipe was loaded from (None when built in code): an input of the run,
+    # so the run may not be written over it.
+    _source: Path | None = PrivateAttr(None)
+    # Defaults this recipe took from its adapter method (said by the run), e.g. "train.lr".
+    _method_defaults: list[str] = PrivateAttr(default_factory=list)
+
+    def input_paths(self) -> list[Path]:
+        """Every file or folder the run reads: recipe, data, local model, initial adapter."""
+        found = [self._source, Path(self.data.path)]
+        found += [Path(p) for p in (self.data.eval_path, self.adapter.init_from) if p]
+        if Path(self.model.path).expanduser().exists():
+            found.append(Path(self.model.path).expanduser())
+        return [p for p in found if p is not None]
+
+    def sealed_paths(self) -> list[Path]:
+        """Input folders a run may not be written into: the adapter it starts from."""
+        return [Path(self.adapter.init_from)] if self.adapter.init_from else []
+
+    @model_validator(mode="after")
+    def _method_defaults_for_unset(self) -> Recipe:
+        unset = [k for k in ("lr", "epochs") if k not in self.train.model_fields_set]
+        if "epochs" in unset and self.train.max_steps:
+            unset.remove("epochs")  # max_steps decides; epochs would be a note about nothing
+        for key in unset:
+            setattr(self.train, key, getattr(METHODS[self.adapter.method], key))
+        self._method_defaults = [f"train.{key}" for key in unset]
+        return self
+
+    def method_default_notes(self) -> list[str]:
+        """One line per default taken from the adapter method, for the run's notes."""
+        return [
+            f"{key} {getattr(self.train, key.split('.')[1]):g}: the {self.adapter.method} "
+            f"default (set {key} to choose another)"
+            for key in self._method_defaults
+        ]
+
+    @model_validator(mode="after")
+    def _compatible(self) -> Recipe:
+        method = self.adapter.method
+        if method == "prompt" and self.adapter.prefix_projection:
+            raise ValueError("adapter.prefix_projection applies to prefix tuning, not prompt")
+        if self.data.packing and method in VIRTUAL_TOKEN_METHODS:
+            raise ValueError(
+                f"data.packing cannot be used with adapter.method {method}: its virtual "
+                "tokens would be shared by every packed example; set data.packing: false"
+            )
+        if method in VIRTUAL_TOKEN_METHODS and self.adapter.target_modules != "all-linear":
+            # The default all-linear is accepted: a resolved recipe writes every default out.
+            raise ValueError(
+                f"adapter.target_modules applies to lora, dora and ia3; {method} tuning adds "
+                "virtual tokens and adapts no module; remove adapter.target_modules"
+            )
+        if method != "prompt" and self.adapter.prompt_init_text:
+            raise ValueError("adapter.prompt_init_text needs adapter.method: prompt")
+        if method != "prefix" and self.adapter.prefix_init_text:
+            raise ValueError("adapter.prefix_init_text needs adapter.method: prefix")
+        init_text = self.adapter.prompt_init_text or self.adapter.prefix_init_text
+        if self.adapter.virtual_init == "random" and init_text:
+            raise ValueError(
+                f"adapter.{method}_init_text is not used with adapter.virtual_init: random; "
+                "remove one of them"
+            )
+        return self
+
+
+def field_help(section: str, key: str) -> str:
+    """The description of `section.key`, as written on the schema."""
+    model = Recipe.model_fields[section].annotation
+    return model.model_fields[key].description or ""

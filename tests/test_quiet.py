@@ -1,0 +1,152 @@
+"""Importing finetune changes nothing; a normal run's console holds only the project's lines.
+
+Third-party notices (bitsandbytes' missing optional kernel, peft's deprecated-name warning)
+read like errors to a new user; the CLI silences them once, at its entry point, and no
+module does anything on import.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+import yaml
+from helpers import ROOT, tiny_recipe
+
+# Imported before finetune, so that what they do on import is in the baseline.
+THIRD_PARTY = (
+    "numpy",
+    "torch",
+    "yaml",
+    "pydantic",
+    "rich",
+    "typer",
+    "transformers",
+    "peft",
+    "accelerate",
+    "datasets",
+    "safetensors",
+)
+
+IMPORT_EVERYTHING = r"""
+import importlib, importlib.util, json, logging, os, pkgutil, sys, warnings
+
+def state():
+    loggers = {
+        name: [l.level, [repr(f) for f in l.filters], [repr(h) for h in l.handlers],
+               l.propagate, l.disabled]
+        for name, l in logging.Logger.manager.loggerDict.items()
+        if isinstance(l, logging.Logger)
+    }
+    root = logging.getLogger()
+    return {
+        "warnings": [repr(f) for f in warnings.filters],
+        "root": [root.level, [repr(f) for f in root.filters], [repr(h) for h in root.handlers]],
+        "disable": logging.root.manager.disable,
+        "loggers": loggers,
+        "env": dict(os.environ),
+    }
+
+for name in sys.argv[1:]:
+    if importlib.util.find_spec(name) is not None:
+        importlib.import_module(name)
+before = state()
+import finetune
+modules = [m.name for m in pkgutil.walk_packages(finetune.__path__, "finetune.")]
+for name in modules:
+    if name != "finetune.__main__":  # __main__ runs the CLI
+        importlib.import_module(name)
+print(json.dumps({"before": before, "after": state(), "modules": modules}))
+"""
+
+
+def test_importing_every_module_leaves_logging_and_warnings_as_they_were():
+    proc = subprocess.run(
+        [sys.executable, "-c", IMPORT_EVERYTHING, *THIRD_PARTY],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = json.loads(proc.stdout)
+    before, after = found["before"], found["after"]
+    assert len(found["modules"]) > 40  # every module, subpackages included
+    for key in ("warnings", "root", "disable", "env"):
+        assert after[key] == before[key], key
+    for name, settings in after["loggers"].items():
+        # A logger first created by these imports must be in logging's default state.
+        assert settings == before["loggers"].get(name, [0, [], [], True, False]), name
+
+
+def traced_run(tmp_path, *args: str, timeout: int = 600) -> tuple[Any, list[dict]]:
+    """Run the CLI under tests/stderr_owner.py: the process and its traced stderr writes."""
+    trace = tmp_path / "stderr.jsonl"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "stderr_owner.py"), str(trace), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"},
+        timeout=timeout,
+    )
+    writes = [json.loads(line) for line in trace.read_text(encoding="utf-8").splitlines()]
+    return proc, writes
+
+
+def assert_only_project_lines(proc: Any, writes: list[dict]) -> None:
+    foreign = [(w["writer"], w["text"]) for w in writes if not w["project"] and w["text"].strip()]
+    assert not foreign, f"third-party lines on stderr: {foreign}"
+    # What bypassed Python (a C library writing to the file descriptor) is not in the trace.
+    traced = set("".join(w["text"] for w in writes).splitlines())
+    untraced = [line for line in proc.stderr.splitlines() if line.strip() and line not in traced]
+    assert not untraced, f"stderr lines written outside Python: {untraced}"
+    warning = re.compile(r"^\S+:\d+: \w*Warning: ")
+    assert not [line for line in proc.stderr.splitlines() if warning.match(line)]
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt"])
+def test_a_training_run_prints_only_the_projects_lines(
+    tmp_path, tiny_model_dir, instruction_data, method
+):
+    recipe = tiny_recipe(tiny_model_dir, instruction_data, tmp_path / "run")
+    recipe["adapter"] = {"method": method}
+    # A held-out share, so the run also evaluates and generates (exact match).
+    recipe["data"]["eval_fraction"] = 0.25
+    recipe["eval"] = {"max_new_tokens": 2, "max_examples": 2}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    proc, writes = traced_run(tmp_path, "train", str(path), "train.max_steps=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert any("trainable parameters" in w["text"] for w in writes)  # the trace saw the run
+    assert_only_project_lines(proc, writes)
+
+
+def test_an_estimate_prints_only_the_projects_lines(tmp_path, tiny_model_dir):
+    proc, writes = traced_run(tmp_path, "estimate", str(tiny_model_dir), "--seq", "32")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_only_project_lines(proc, writes)
+
+
+@pytest.mark.slow
+def test_the_demo_recipe_prints_only_the_projects_lines(tmp_path):
+    pytest.importorskip("gguf")
+    proc, writes = traced_run(
+        tmp_path,
+        "train",
+        str(ROOT / "recipes" / "quickstart.yaml"),
+        "train.max_steps=1",
+        "train.eval_every=0",
+        "train.save_every=0",
+        "eval.max_examples=1",
+        f"output.dir={tmp_path / 'run'}",
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_only_project_lines(proc, writes)
