@@ -10,13 +10,13 @@ from typing import Any
 import torch
 
 from finetune import inference, models
+from finetune.choices import DTYPES
 from finetune.errors import UserError, closest
 from finetune.inputs import check_number
 from finetune.methods import MERGEABLE, VIRTUAL_TOKEN_METHODS
 from finetune.outputs import claim_output
 from finetune.targets import Target
 
-DTYPES = ("float32", "bfloat16", "float16")
 # Default tolerances (max absolute logit difference) for the self-checks.
 # A 16-bit merge is also allowed twice the difference 16-bit arithmetic alone makes (the same
 # adapter model in float32 against 16-bit), measured on the same prompts.

@@ -9,13 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from finetune import inference, models, runs
+from finetune.choices import COMBINE_METHODS
 from finetune.errors import UserError, closest
 from finetune.export.checks import check_output
 from finetune.inputs import check_number
 from finetune.recipe import dump_recipe
 from finetune.targets import Target, read_adapter_config, resolve_target
-
-COMBINE_METHODS = ("linear", "ties", "dare_linear", "dare_ties")
 
 
 @dataclass

@@ -6,17 +6,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from finetune.choices import EXPORT_FORMATS, GGUF_TYPES
 from finetune.errors import UserError, closest
 from finetune.export.adapter_folder import export_adapter
 from finetune.export.checks import check_dtype, check_output, check_tolerance, folder_size
 from finetune.export.gguf_adapter import export_gguf_adapter
 from finetune.export.gguf_check import GGUFCheck
-from finetune.export.gguf_file import GGUF_TYPES
 from finetune.export.gguf_model import model_to_export, write_checked_gguf
 from finetune.export.merging import MergeReport, merge
 from finetune.targets import resolve_target
 
-FORMATS = ("adapter", "merged", "gguf", "gguf-adapter")
+FORMATS = EXPORT_FORMATS
 
 
 @dataclass

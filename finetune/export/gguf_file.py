@@ -21,8 +21,6 @@ import torch
 from finetune.errors import UserError
 from finetune.export.gguf_vocab import CONVERTER_HINT, add_tokenizer, copy_tokenizer
 
-GGUF_TYPES = ("f16", "f32", "q8_0")
-
 
 def tensor_types(gguf_type: str) -> tuple[Any, Any]:
     """The ggml tensor type of 2-D weights and the file type that names it."""

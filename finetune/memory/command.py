@@ -8,7 +8,7 @@ Kept here so that the CLI only parses and dispatches.
 
 from __future__ import annotations
 
-from dataclasses import fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +30,30 @@ from finetune.outputs import claim_output
 SETUP_FIELDS = {f.name for f in fields(Setup)}
 
 
+@dataclass(frozen=True)
+class EstimateOptions:
+    """What the command line sets of the estimated setup; None: not given (the recipe's
+    value, or the default, stands)."""
+
+    method: str | None = None
+    quant: str | None = None
+    double_quant: bool | None = None
+    dtype: str | None = None
+    r: int | None = None
+    targets: str | None = None  # comma-separated module names, or all-linear
+    virtual_tokens: int | None = None
+    batch: int | None = None
+    seq: int | None = None
+    grad_ckpt: bool | None = None
+    optimizer: str | None = None
+    attn: str | None = None
+    masked: bool | None = None
+
+
 def show_estimate(
     target: str,
     overrides: list[str],
-    options: dict[str, Any],
+    options: EstimateOptions,
     fmt: str,
     gpu: float | None,
     plot: Path | None,
@@ -64,7 +84,7 @@ def show_estimate(
         base = resolved.setup
     else:
         base = setup_from_recipe(resolved.recipe, device) if resolved.recipe else Setup()
-    given = {k: v for k, v in options.items() if v is not None and k in SETUP_FIELDS}
+    given = {k: v for k, v in asdict(options).items() if v is not None and k in SETUP_FIELDS}
     if isinstance(given.get("targets"), str) and given["targets"] != "all-linear":
         given["targets"] = tuple(t.strip() for t in given["targets"].split(",") if t.strip())
     setup = replace(base, **given)

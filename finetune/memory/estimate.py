@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
+from finetune.choices import ATTENTIONS, ESTIMATE_METHODS, OPTIMIZERS, QUANTS
 from finetune.errors import UserError
 from finetune.memory.arch import Architecture
 
@@ -24,11 +25,8 @@ Quant = Literal["none", "int8", "nf4", "fp4"]
 Optimizer = Literal["adamw", "adamw8bit", "sgd"]
 Attention = Literal["sdpa", "eager", "flash"]
 
-METHODS = ("full", "lora", "dora", "ia3", "prefix", "prompt")
-QUANTS = ("none", "int8", "nf4", "fp4")
-DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
-OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
-ATTENTIONS = ("sdpa", "eager", "flash")
+METHODS = ESTIMATE_METHODS
+DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}  # bytes per element, for choices.DTYPES
 
 # The metric the total stands for, on a GPU and on the CPU (where no allocator counts it).
 METRIC = "peak memory allocated by tensors (torch.cuda.max_memory_allocated)"
