@@ -41,7 +41,7 @@ VIRTUAL_TOKEN_METHODS = frozenset({"prefix", "prompt"})
 METHOD_DEFAULTS: dict[str, dict[str, float]] = {
     "lora": {"lr": 2e-4, "epochs": 1.0},
     "dora": {"lr": 2e-4, "epochs": 1.0},
-    "ia3": {"lr": 3e-3, "epochs": 1.0},
+    "ia3": {"lr": 3e-3, "epochs": 2.0},
     "prefix": {"lr": 1e-2, "epochs": 2.0},
     "prompt": {"lr": 1e-1, "epochs": 2.0},
 }
