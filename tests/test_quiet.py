@@ -137,11 +137,15 @@ def test_an_estimate_prints_only_the_projects_lines(tmp_path, tiny_model_dir):
 @pytest.mark.slow
 def test_the_demo_recipe_prints_only_the_projects_lines(tmp_path):
     pytest.importorskip("gguf")
+    # A few held-out rows: the run evaluates (at step 0 and at the end) as the demo does.
+    rows = (ROOT / "recipes" / "data" / "quickstart" / "test.jsonl").read_text().splitlines()
+    (tmp_path / "eval.jsonl").write_text("\n".join(rows[:6]) + "\n")
     proc, writes = traced_run(
         tmp_path,
         "train",
         str(ROOT / "recipes" / "quickstart.yaml"),
         "train.max_steps=1",
+        f"data.eval_path={tmp_path / 'eval.jsonl'}",
         "train.eval_every=0",
         "train.save_every=0",
         "eval.max_examples=1",
