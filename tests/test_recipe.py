@@ -124,3 +124,17 @@ def test_a_set_lr_is_kept_whatever_the_method(tmp_path):
     assert not [n for n in recipe.method_default_notes() if n.startswith("train.lr")]
     overridden = load_recipe(write(tmp_path, "data: {path: x.jsonl}\n"), ["train.lr=0.05"])
     assert overridden.train.lr == 0.05
+
+
+def test_prefix_projection_takes_its_own_lr_default(tmp_path):
+    from finetune.methods import METHODS, PROJECTION_LR
+
+    text = "data: {path: x.jsonl}\nadapter: {method: prefix, prefix_projection: true}\n"
+    recipe = load_recipe(write(tmp_path, text))
+    assert recipe.train.lr == PROJECTION_LR < METHODS["prefix"].lr
+    assert recipe.method_default_notes()[0] == (
+        f"train.lr {PROJECTION_LR:g}: the prefix (with prefix_projection) default "
+        "(set train.lr to choose another)"
+    )
+    set_lr = load_recipe(write(tmp_path, text), ["train.lr=0.02"])
+    assert set_lr.train.lr == 0.02

@@ -49,15 +49,21 @@ class Recipe(Section):
         unset = [k for k in ("lr", "epochs") if k not in self.train.model_fields_set]
         if "epochs" in unset and self.train.max_steps:
             unset.remove("epochs")  # max_steps decides; epochs would be a note about nothing
+        method = METHODS[self.adapter.method]
+        lr = method.default_lr(self.adapter.prefix_projection)
+        defaults = {"lr": lr, "epochs": method.epochs}
         for key in unset:
-            setattr(self.train, key, getattr(METHODS[self.adapter.method], key))
+            setattr(self.train, key, defaults[key])
         self._method_defaults = [f"train.{key}" for key in unset]
         return self
 
     def method_default_notes(self) -> list[str]:
         """One line per default taken from the adapter method, for the run's notes."""
+        method = self.adapter.method
+        if method == "prefix" and self.adapter.prefix_projection:
+            method = "prefix (with prefix_projection)"
         return [
-            f"{key} {getattr(self.train, key.split('.')[1]):g}: the {self.adapter.method} "
+            f"{key} {getattr(self.train, key.split('.')[1]):g}: the {method} "
             f"default (set {key} to choose another)"
             for key in self._method_defaults
         ]

@@ -226,7 +226,7 @@ class TrainSection(Section):
         lt=1,
         description="Peak learning rate (AdamW). Unset, it follows adapter.method: "
         + ", ".join(f"{name} {m.lr:g}" for name, m in METHODS.items())
-        + ".",
+        + f" (prefix with prefix_projection {METHODS['prefix'].default_lr(True):g}).",
     )
     # At most 1: with lr < 1 the decoupled decay factor 1 - lr * weight_decay stays positive.
     weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay.")
