@@ -16,8 +16,6 @@ from finetune.export.gguf_model import model_to_export, write_checked_gguf
 from finetune.export.merging import MergeReport, merge
 from finetune.targets import resolve_target
 
-FORMATS = EXPORT_FORMATS
-
 
 @dataclass
 class ExportReport:
@@ -80,9 +78,10 @@ def check_export_options(
     fmt: str, gguf_type: str, tolerance: float | None, dtype: str, base_gguf: Path | None
 ) -> None:
     """Every option first: a typo must not wait for a model to load and merge."""
-    if fmt not in FORMATS:
+    if fmt not in EXPORT_FORMATS:
         raise UserError(
-            f"--format must be one of {', '.join(FORMATS)} (got {fmt!r}){closest(fmt, FORMATS)}"
+            f"--format must be one of {', '.join(EXPORT_FORMATS)} (got {fmt!r})"
+            f"{closest(fmt, EXPORT_FORMATS)}"
         )
     if gguf_type not in GGUF_TYPES:
         raise UserError(
