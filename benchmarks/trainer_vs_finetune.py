@@ -1,18 +1,34 @@
-"""The same LoRA training through `finetune` and through a plain transformers.Trainer + peft
-baseline, in one invocation, on the embedded SmolLM2-135M-Instruct; prints a table.
+"""finetune against the best-configured Hugging Face alternatives, interleaved, on two datasets.
 
-Same data (instruction pairs with realistic length variety: Python standard-library
-docstrings as answers), same tokenization and prompt masking, same LoRA config, learning
-rate, schedule, effective batch (8 examples per optimizer step), number of steps and seed.
-The baseline is written the way the transformers/peft documentation shows it: a tokenized
-`datasets.Dataset`, `DataCollatorForSeq2Seq` padding each batch, `Trainer.train()`.
+The same LoRA training (r=16, alpha=32, every linear layer, lr 5e-4, 3 warmup steps, cosine,
+8 examples per optimizer step, seed 0, max_length 256) of the embedded SmolLM2-135M-Instruct
+for one epoch over the same examples, through:
 
-    .venv/bin/python benchmarks/trainer_vs_finetune.py [--steps 30]
+    trainer        transformers.Trainer + peft as the documentation's first example writes it
+                   (random batches, DataCollatorForSeq2Seq padding each one)
+    trainer-group  the same with train_sampling_strategy="group_by_length" (the tuned Trainer)
+    trainer-group-bf16  and with bf16=True (CPU autocast), as finetune's default is here
+    trl-packed     trl's SFTTrainer, packing="bfd" with padding-free batches
+    finetune-pack  finetune with data.packing: true
+    finetune       finetune with its recipe defaults (nothing about speed set)
 
-Both runs are measured the same way: wall time of the training call, trained (unmasked)
-tokens per second, peak process resident memory above the level before training started
-(the CPU has no allocator statistics), training loss averaged over the last 5 steps, and
-the held-out loss of the trained adapter on the same 64 held-out examples.
+Packed runs count packed sequences per step; they get as many per step as keeps about 8
+examples per step, so every run takes about the same number of optimizer steps per epoch.
+
+Each run is a fresh process (no heap or thread state carried between runs); runs are
+interleaved (A B C D E A B C D E ...) and every figure is the median over the repeats.
+Measured the same way for all: wall time of the training loop (model loading, evaluation and
+saving excluded), trained (unmasked) tokens per second, the fraction of computed positions
+that are padding, the held-out loss of the trained adapter on the same held-out pairs,
+scored by the same code (finetune.evaluate), and the model FLOPs utilisation: the matmul
+FLOPs the epoch needs (`model_flops`, the same for every run) per second, over this CPU's
+sustained matmul rate in the run's precision (`matmul_peak.py`, measured at the start).
+
+    .venv/bin/python benchmarks/trainer_vs_finetune.py [--repeats 2] [--runs trainer,...]
+
+Datasets: `docstrings`, instruction pairs whose answers are Python standard-library
+docstrings (a line to a page: a long tail, much of it truncated at 256), and `summaries`,
+the same questions answered by the docstring's first sentence (short and uniform).
 """
 
 from __future__ import annotations
@@ -20,9 +36,11 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import math
 import pydoc
 import random
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -73,11 +91,17 @@ MODULES = [
     "fnmatch",
 ]
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
-LR, WARMUP, SEED, MICRO, MAX_LENGTH = 5e-4, 3, 0, 8, 256
+LR, WARMUP, SEED, EXAMPLES_PER_STEP, MAX_LENGTH = 5e-4, 3, 0, 8, 256
+RUNS = ("trainer", "trainer-group", "trainer-group-bf16", "trl-packed", "finetune-pack", "finetune")
+DATASETS = {"docstrings": 96, "summaries": 192}  # training examples: 12 and 24 steps
+HELD_OUT = 64
 
 
-def docstring_pairs(n_eval: int = 64) -> tuple[list[dict], list[dict]]:
-    """Instruction pairs whose answers are real docstrings: lengths from a line to a page."""
+# ---------------------------------------------------------------------------- data
+
+
+def docstring_pairs(kind: str) -> tuple[list[dict], list[dict]]:
+    """(train, held out) instruction pairs about the standard library, answers of `kind`."""
     pairs = []
     for name in MODULES:
         module = pydoc.locate(name)
@@ -85,111 +109,97 @@ def docstring_pairs(n_eval: int = 64) -> tuple[list[dict], list[dict]]:
             doc = inspect.getdoc(obj) if not attr.startswith("_") else None
             if not doc or not (callable(obj) or inspect.isclass(obj)) or len(doc) < 40:
                 continue
-            pairs.append({"prompt": f"What does {name}.{attr} do in Python?", "response": doc})
+            answer = doc if kind == "docstrings" else doc.split("\n\n")[0].split(". ")[0]
+            pairs.append({"prompt": f"What does {name}.{attr} do in Python?", "response": answer})
     unique = list({p["prompt"]: p for p in pairs}.values())
     random.Random(SEED).shuffle(unique)
-    return unique[n_eval:], unique[:n_eval]
+    return unique[HELD_OUT : HELD_OUT + DATASETS[kind]], unique[:HELD_OUT]
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+def tokenized(rows: list[dict], tokenizer) -> list:
+    """finetune's own tokenization (chat template, prompt masked), used by every run."""
+    from finetune.data import tokenize_rows
+    from finetune.recipe import DataSection
+
+    spec = DataSection(path="bench", template="chat", max_length=MAX_LENGTH)
+    numbered = [{**r, "_row": i} for i, r in enumerate(rows, start=1)]
+    return tokenize_rows(numbered, spec, tokenizer, "bench").examples
 
 
-def run_finetune(workdir: Path, train_file: Path, eval_file: Path, steps: int, packing: bool):
-    from finetune.recipe import load_recipe
-    from finetune.train import train
+def packed_count(examples: list) -> int:
+    """Sequences of MAX_LENGTH that finetune's packing fills with `examples`."""
+    from finetune.batching import pack
 
-    recipe = workdir / f"recipe-{packing}.yaml"
-    recipe.write_text(
-        json.dumps(
-            {
-                "model": {"path": "smollm2-135m-instruct"},
-                "adapter": {"method": "lora", **LORA},
-                "data": {
-                    "path": str(train_file),
-                    "eval_path": str(eval_file),
-                    "template": "chat",
-                    "max_length": MAX_LENGTH,
-                    "packing": packing,
-                    "group_by_length": True,
-                },
-                "train": {
-                    "max_steps": steps,
-                    "lr": LR,
-                    "micro_batch_size": MICRO if not packing else 2,
-                    "warmup_steps": WARMUP,
-                    "seed": SEED,
-                    "schedule": "cosine",
-                },
-                "output": {"dir": str(workdir / f"finetune-{packing}"), "overwrite": True},
-                "eval": {"max_examples": 1, "max_new_tokens": 1},
-            }
-        )
-    )
-    result = train(load_recipe(recipe))
-    history = result.history
-    return {
-        "train_s": result.state.elapsed,
-        "trained_tokens": result.state.trained_tokens,
-        "tokens_seen": result.state.tokens,
-        "final_loss": sum(r["loss"] for r in history[-5:]) / len(history[-5:]),
-        "eval_loss": result.evals[-1]["eval_loss"],
-        "peak_bytes": result.memory["peak_bytes"],
-        "steps": result.state.step,
-    }
+    return len(pack(examples, MAX_LENGTH, SEED))
 
 
-def run_trainer(workdir: Path, rows: list[dict], eval_rows: list[dict], steps: int):
-    """The documented way: tokenize into a Dataset, DataCollatorForSeq2Seq, Trainer.train()."""
-    from datasets import Dataset
+def packed_per_step(examples: list) -> int:
+    """Packed sequences per step that keep about EXAMPLES_PER_STEP examples per step."""
+    return max(1, round(EXAMPLES_PER_STEP * packed_count(examples) / len(examples)))
+
+
+def model_flops(examples: list, config, lora_r: int) -> float:
+    """The matmul FLOPs one epoch over `examples` needs: per real token, the frozen linear
+    layers' forward and input gradient (4 x their weights), the LoRA matrices' forward,
+    input and weight gradients (6 x theirs); causal attention (forward 2 n^2 d per layer,
+    backward twice that); the vocabulary projection where a token is trained (forward and
+    input gradient). Padding and logits at untrained positions are not needed: the FLOPs a
+    run spends on them lower its utilisation."""
+    d, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
+    head = config.head_dim if getattr(config, "head_dim", None) else d // config.num_attention_heads
+    q_width, kv_width = config.num_attention_heads * head, config.num_key_value_heads * head
+    shapes = [(d, q_width), (d, kv_width), (d, kv_width), (q_width, d)]
+    shapes += [(d, config.intermediate_size)] * 2 + [(config.intermediate_size, d)]
+    frozen = layers * sum(i * o for i, o in shapes)
+    lora = layers * sum(lora_r * (i + o) for i, o in shapes)
+    total = 0.0
+    for e in examples:
+        n, trained = len(e.input_ids), sum(x != -100 for x in e.labels[1:])
+        total += n * (4 * frozen + 6 * lora) + layers * 6 * n * n * q_width
+        total += trained * 4 * d * vocab
+    return total
+
+
+# ---------------------------------------------------------------------------- one run
+
+
+class Counting:
+    """Wraps a collator to count, per batch, trained tokens and computed (padded) positions."""
+
+    def __init__(self, collator) -> None:
+        self.collator = collator
+        self.trained = self.positions = self.real = 0
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        labels = batch["labels"]
+        self.trained += int((labels[:, 1:] != -100).sum())
+        self.positions += labels.numel()
+        mask = batch.get("attention_mask")
+        self.real += int(mask.sum()) if mask is not None else labels.numel()
+        return batch
+
+
+def hf_model(folder: str, dtype=torch.float32):
     from peft import LoraConfig, get_peft_model
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        DataCollatorForSeq2Seq,
-        Trainer,
-        TrainingArguments,
-    )
+    from transformers import AutoModelForCausalLM
 
-    from finetune.memory.measure import PeakMemory
-    from finetune.models import resolve_source
-
-    folder = resolve_source("smollm2-135m-instruct")
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-
-    def tokenize(row: dict) -> dict:
-        # The same rendering and masking as finetune: prompt through the chat template with
-        # the generation prompt, the answer and end-of-turn trained.
-        messages = [{"role": "user", "content": row["prompt"]}]
-        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(
-            [*messages, {"role": "assistant", "content": row["response"]}], tokenize=False
-        )
-        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        r = tokenizer(full[len(prompt) :], add_special_tokens=False)["input_ids"]
-        ids = (p + r)[:MAX_LENGTH]
-        labels = ([-100] * len(p) + r)[:MAX_LENGTH]
-        return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
-
-    train_ds = Dataset.from_list(rows).map(tokenize, remove_columns=["prompt", "response"])
     torch.manual_seed(SEED)
-    peak = PeakMemory(device="cpu").start()
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    model = get_peft_model(
-        model,
-        LoraConfig(
-            r=LORA["r"],
-            lora_alpha=LORA["alpha"],
-            lora_dropout=LORA["dropout"],
-            target_modules="all-linear",
-            task_type="CAUSAL_LM",
-        ),
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    config = LoraConfig(
+        r=LORA["r"],
+        lora_alpha=LORA["alpha"],
+        lora_dropout=LORA["dropout"],
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
     )
-    args = TrainingArguments(
-        output_dir=str(workdir / "trainer"),
-        per_device_train_batch_size=MICRO,
-        gradient_accumulation_steps=1,
+    return get_peft_model(model, config)
+
+
+def hf_args(cls, workdir: Path, batch: int, steps: int, **extra):
+    return cls(
+        output_dir=str(workdir / "hf"),
+        per_device_train_batch_size=batch,
         learning_rate=LR,
         max_steps=steps,
         warmup_steps=WARMUP,
@@ -200,40 +210,158 @@ def run_trainer(workdir: Path, rows: list[dict], eval_rows: list[dict], steps: i
         seed=SEED,
         use_cpu=True,
         disable_tqdm=True,
+        **extra,
     )
-    collator = CountingCollator(DataCollatorForSeq2Seq(tokenizer, padding=True))
-    trainer = Trainer(model=model, args=args, train_dataset=train_ds, data_collator=collator)
+
+
+def run_trainer(run: str, train_rows, workdir: Path, tokenizer, folder: str) -> dict:
+    """The documented way: a tokenized Dataset, DataCollatorForSeq2Seq, Trainer.train()."""
+    from datasets import Dataset
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    examples = tokenized(train_rows, tokenizer)
+    dataset = Dataset.from_list(
+        [{**e, "attention_mask": [1] * len(e["input_ids"])} for e in examples]
+    )
+    extra = {}
+    if run.startswith("trainer-group"):
+        extra["train_sampling_strategy"] = "group_by_length"
+    if run.endswith("bf16"):
+        extra["bf16"] = True
+    steps = len(examples) // EXAMPLES_PER_STEP
+    precision = "bf16" if extra.get("bf16") else "fp32"
+    args = hf_args(TrainingArguments, workdir, EXAMPLES_PER_STEP, steps, **extra)
+    model = hf_model(folder)
+    collator = Counting(DataCollatorForSeq2Seq(tokenizer, padding=True))
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
     started = time.perf_counter()
     trainer.train()
-    train_s = time.perf_counter() - started
-    peak.stop()
+    return finished(trainer, model, collator, time.perf_counter() - started, precision)
+
+
+def run_trl(train_rows, workdir: Path, tokenizer, folder: str) -> dict:
+    """trl's SFTTrainer with best-fit-decreasing packing and padding-free batches."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    examples = tokenized(train_rows, tokenizer)
+    # Pre-tokenized with finetune's masking, so every run trains on the same tokens.
+    dataset = Dataset.from_list(
+        [
+            {"input_ids": e.input_ids, "completion_mask": [int(x != -100) for x in e.labels]}
+            for e in examples
+        ]
+    )
+    per_step = packed_per_step(examples)
+    steps = -(-packed_count(examples) // per_step)
+    args = hf_args(
+        SFTConfig,
+        workdir,
+        per_step,
+        steps,
+        packing=True,
+        packing_strategy="bfd",
+        padding_free=True,
+        max_length=MAX_LENGTH,
+        completion_only_loss=True,
+    )
+    model = hf_model(folder)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    collator = Counting(trainer.data_collator)
+    trainer.data_collator = collator
+    started = time.perf_counter()
+    trainer.train()
+    return finished(trainer, model, collator, time.perf_counter() - started, "fp32")
+
+
+def finished(trainer, model, collator: Counting, seconds: float, precision: str) -> dict:
     losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
-    trained = sum(collator.trained[:steps])
     return {
-        "train_s": train_s,
-        "trained_tokens": trained,
-        "final_loss": sum(losses[-5:]) / len(losses[-5:]),
-        "eval_loss": held_out_loss(model, tokenizer, eval_rows),
-        "peak_bytes": peak.peak_bytes,
+        "train_s": seconds,
         "steps": trainer.state.global_step,
+        "trained_tokens": collator.trained,
+        "positions": collator.positions,
+        "real_positions": collator.real,
+        "last_loss": losses[-1],
+        "model": model,
+        "precision": precision,
     }
 
 
-class CountingCollator:
-    """Wraps the baseline's collator only to count the trained tokens of each batch drawn."""
+def run_finetune(run: str, train_rows, workdir: Path) -> dict:
+    """finetune through its public API, as `finetune train` runs it."""
+    from finetune import train as train_module
+    from finetune.models import load_tokenizer, resolve_source
+    from finetune.precision import resolve_mixed_precision
+    from finetune.recipe import load_recipe
 
-    def __init__(self, collator) -> None:
-        self.collator = collator
-        self.trained: list[int] = []
+    data = {"path": str(write_jsonl(workdir / "train.jsonl", train_rows)), "template": "chat"}
+    data["max_length"] = MAX_LENGTH
+    micro = EXAMPLES_PER_STEP
+    if run == "finetune-pack":
+        data["packing"] = True
+        tokenizer = load_tokenizer(resolve_source("smollm2-135m-instruct"))
+        micro = packed_per_step(tokenized(train_rows, tokenizer))
+    recipe = workdir / "recipe.yaml"
+    recipe.write_text(
+        json.dumps(
+            {
+                "model": {"path": "smollm2-135m-instruct"},
+                "adapter": {"method": "lora", **LORA},
+                "data": data,
+                "train": {
+                    "epochs": 1,
+                    "lr": LR,
+                    "micro_batch_size": micro,
+                    "warmup_steps": WARMUP,
+                    "seed": SEED,
+                    "schedule": "cosine",
+                },
+                "output": {"dir": str(workdir / "run")},
+                "eval": {"max_examples": 0},
+            }
+        )
+    )
+    loop_s = []
+    original = train_module.Loop.train_steps
 
-    def __call__(self, features):
-        batch = self.collator(features)
-        self.trained.append(int((batch["labels"][:, 1:] != -100).sum()))
+    def timed(self, stop):  # the training loop's wall time, progress and metrics included
+        started = time.perf_counter()
+        try:
+            return original(self, stop)
+        finally:
+            loop_s.append(time.perf_counter() - started)
+
+    train_module.Loop.train_steps = timed
+    positions = []
+    collate = train_module.batching.collate
+
+    def counted(items, pad_id, packed):  # computed positions, padding included
+        batch = collate(items, pad_id, packed)
+        positions.append(batch["labels"].numel())
         return batch
+
+    train_module.batching.collate = counted
+    result = train_module.train(load_recipe(recipe))
+    return {
+        "train_s": loop_s[0],
+        "steps": result.state.step,
+        "trained_tokens": result.state.trained_tokens,
+        "positions": sum(positions),
+        "real_positions": result.state.tokens,
+        "last_loss": result.history[-1]["loss"],
+        "model": result.prepared.model,
+        "precision": "bf16" if resolve_mixed_precision("auto", "cpu") == "bf16" else "fp32",
+    }
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
 
 
 def held_out_loss(model, tokenizer, eval_rows: list[dict]) -> float:
-    """finetune's own evaluator on the baseline's model, so both are scored the same way."""
+    """finetune's own evaluator on every run's model, so all are scored the same way."""
     from finetune.data import tokenize_rows
     from finetune.evaluate import evaluate_loss
     from finetune.recipe import DataSection
@@ -241,70 +369,113 @@ def held_out_loss(model, tokenizer, eval_rows: list[dict]) -> float:
     spec = DataSection(path="eval", template="chat", max_length=MAX_LENGTH)
     rows = [{**r, "_row": i} for i, r in enumerate(eval_rows, start=1)]
     data = tokenize_rows(rows, spec, tokenizer, "eval")
-    return evaluate_loss(model, data, tokenizer.pad_token_id, MICRO).loss
+    return evaluate_loss(model, data, tokenizer.pad_token_id, EXAMPLES_PER_STEP).loss
+
+
+def one_run(run: str, dataset: str, out: Path) -> None:
+    """Child process: one training run, its figures written to `out` as JSON."""
+    from transformers import AutoTokenizer
+
+    from finetune.models import resolve_source
+    from finetune.noise import silence_third_party
+
+    silence_third_party()
+    folder = str(resolve_source("smollm2-135m-instruct"))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    train_rows, eval_rows = docstring_pairs(dataset)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-"))
+    if run.startswith("trainer"):
+        result = run_trainer(run, train_rows, workdir, tokenizer, folder)
+    elif run == "trl-packed":
+        result = run_trl(train_rows, workdir, tokenizer, folder)
+    else:
+        result = run_finetune(run, train_rows, workdir)
+    model = result.pop("model")
+    result["eval_loss"] = held_out_loss(model, tokenizer, eval_rows)
+    out.write_text(json.dumps(result))
+
+
+# ---------------------------------------------------------------------------- the table
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated, in order")
+    parser.add_argument("--datasets", default=",".join(DATASETS))
+    parser.add_argument("--one", nargs=3, metavar=("RUN", "DATASET", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    train_rows, eval_rows = docstring_pairs()
-    workdir = Path(tempfile.mkdtemp(prefix="bench-"))
-    train_file = write_jsonl(workdir / "train.jsonl", train_rows)
-    eval_file = write_jsonl(workdir / "eval.jsonl", eval_rows)
-    print(
-        f"{len(train_rows)} training pairs, {len(eval_rows)} held out; {args.steps} steps of "
-        f"{MICRO} examples; threads {torch.get_num_threads()}"
+    if args.one:
+        one_run(args.one[0], args.one[1], Path(args.one[2]))
+        return
+    runs, datasets = args.runs.split(","), args.datasets.split(",")
+    unknown = set(runs) - set(RUNS) | set(datasets) - set(DATASETS)
+    if unknown:
+        parser.error(f"unknown run or dataset: {', '.join(sorted(unknown))}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; runs {runs}")
+    from matmul_peak import peak_gflops
+
+    peaks = {dtype: peak_gflops(dtype) for dtype in ("fp32", "bf16")}
+    print("sustained matmul peak: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()))
+    flops = {dataset: dataset_flops(dataset) for dataset in datasets}
+    results: dict[tuple[str, str], list[dict]] = {}
+    scratch = Path(tempfile.mkdtemp(prefix="bench-results-"))
+    for repeat in range(args.repeats):
+        for dataset in datasets:
+            for run in runs:  # interleaved: every run once per repeat
+                out = scratch / f"{dataset}-{run}-{repeat}.json"
+                cmd = [sys.executable, __file__, "--one", run, dataset, str(out)]
+                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+                figures = json.loads(out.read_text())
+                results.setdefault((dataset, run), []).append(figures)
+                tps = figures["trained_tokens"] / figures["train_s"]
+                print(
+                    f"  {dataset:10} {run:18} repeat {repeat + 1}: {tps:6.1f} trained tok/s, "
+                    f"held-out {figures['eval_loss']:.4f}",
+                    flush=True,
+                )
+    print_table(results, runs, datasets, flops, peaks)
+
+
+def dataset_flops(dataset: str) -> float:
+    """Model FLOPs of one epoch of `dataset` (`model_flops`), the same for every run."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from finetune.models import resolve_source
+
+    folder = str(resolve_source("smollm2-135m-instruct"))
+    examples = tokenized(docstring_pairs(dataset)[0], AutoTokenizer.from_pretrained(folder))
+    return model_flops(examples, AutoConfig.from_pretrained(folder), LORA["r"])
+
+
+def median(values: list[dict], key) -> float:
+    return statistics.median(key(v) for v in values)
+
+
+def print_table(results, runs: list[str], datasets: list[str], flops, peaks) -> None:
+    head = (
+        "| dataset | run | matmuls | steps | trained tokens | padding | wall s | trained tok/s | "
+        "vs trainer-group | MFU | held-out loss | vs trainer-group |"
     )
-    results = {
-        "transformers.Trainer + peft": run_trainer(workdir, train_rows, eval_rows, args.steps),
-        "finetune (length-grouped)": run_finetune(
-            workdir, train_file, eval_file, args.steps, packing=False
-        ),
-    }
-    print_table(results)
-
-
-def print_table(results: dict[str, dict]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    base = results["transformers.Trainer + peft"]
-    base_tps = base["trained_tokens"] / base["train_s"]
-    table = Table(title="LoRA r16 on SmolLM2-135M-Instruct, CPU fp32")
-    for column in (
-        "run",
-        "steps",
-        "trained tokens",
-        "wall s",
-        "trained tok/s",
-        "speed-up",
-        "peak RSS MB",
-        "final loss (last 5)",
-        "held-out loss",
-        "loss vs base",
-    ):
-        table.add_column(column, justify="right")
-    for name, r in results.items():
-        tps = r["trained_tokens"] / r["train_s"]
-        table.add_row(
-            name,
-            str(r["steps"]),
-            f"{r['trained_tokens']:,}",
-            f"{r['train_s']:.1f}",
-            f"{tps:.0f}",
-            f"{tps / base_tps:.2f}x",
-            f"{r['peak_bytes'] / 1e6:.0f}",
-            f"{r['final_loss']:.4f}",
-            f"{r['eval_loss']:.4f}",
-            f"{100 * (r['eval_loss'] / base['eval_loss'] - 1):+.2f}%",
-        )
-    Console(width=200).print(table)
-    print("\nmarkdown:\n| " + " | ".join(c.header for c in table.columns) + " |")
-    print("|" + "---|" * len(table.columns))
-    for row in zip(*(c._cells for c in table.columns), strict=True):
-        print("| " + " | ".join(row) + " |")
-    assert all(math.isfinite(r["eval_loss"]) for r in results.values())
+    print("\n" + head + "\n|" + "---|" * head.count(" | ") + "---|")
+    for dataset in datasets:
+        base = results.get((dataset, "trainer-group"))
+        base_tps = base and median(base, lambda r: r["trained_tokens"] / r["train_s"])
+        base_loss = base and median(base, lambda r: r["eval_loss"])
+        for run in runs:
+            rs = results[(dataset, run)]
+            tps = median(rs, lambda r: r["trained_tokens"] / r["train_s"])
+            loss = median(rs, lambda r: r["eval_loss"])
+            padding = median(rs, lambda r: 1 - r["real_positions"] / r["positions"])
+            seconds = median(rs, lambda r: r["train_s"])
+            mfu = flops[dataset] / seconds / (peaks[rs[0]["precision"]] * 1e9)
+            print(
+                f"| {dataset} | {run} | {rs[0]['precision']} | {rs[0]['steps']} | "
+                f"{rs[0]['trained_tokens']:,} | {100 * padding:.0f}% | {seconds:.1f} | {tps:.0f} | "
+                + (f"{tps / base_tps:.2f}x | " if base else "- | ")
+                + f"{100 * mfu:.1f}% | {loss:.4f} | "
+                + (f"{100 * (loss / base_loss - 1):+.2f}% |" if base else "- |")
+            )
 
 
 if __name__ == "__main__":

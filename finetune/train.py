@@ -146,6 +146,10 @@ class Loop:
         self.steps = total_steps(recipe, len(self.items), accelerator.num_processes)
         optimizer, self.scheduler = make_optimizer(prepared.model, recipe, self.steps)
         self.model, self.optimizer = accelerator.prepare(prepared.model, optimizer)
+        # Under mixed precision accelerate wraps the model's forward in autocast for good;
+        # the steps enter autocast themselves, so evaluation, generation and the saved model
+        # then run in the weights' own precision, as the adapter reloads elsewhere.
+        accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
         # On the CPU the measured peak is the estimate's metric, live tensor bytes; on CUDA
         # torch's allocator statistics (PeakMemory) are the measurement.
         self.live = LiveTensorPeak(self.unwrapped(), enabled=prepared.loaded.device == "cpu")

@@ -14,7 +14,14 @@ from typing import Any
 from finetune.memory.arch import Architecture, from_config
 from finetune.memory.estimate import Estimate, Setup
 from finetune.methods import allows_gradient_checkpointing
-from finetune.precision import default_device, on_cuda, resolve_dtype, resolve_quantization
+from finetune.precision import (
+    autocast_dtype,
+    default_device,
+    on_cuda,
+    resolve_dtype,
+    resolve_mixed_precision,
+    resolve_quantization,
+)
 
 __all__ = [
     "Architecture",
@@ -31,11 +38,13 @@ def setup_from_recipe(recipe: Any, device: str | None = None) -> Setup:
     device = device or default_device()
     model, adapter, train = recipe.model, recipe.adapter, recipe.train
     targets = adapter.target_modules
+    dtype = resolve_dtype(model.dtype, device)
     return Setup(
         method=adapter.method,
         quant=resolve_quantization(model.quantization, device),
         double_quant=model.double_quant,
-        dtype=resolve_dtype(model.dtype, device),
+        dtype=dtype,
+        autocast=autocast_dtype(resolve_mixed_precision(train.mixed_precision, device), dtype),
         r=adapter.r,
         targets=targets if isinstance(targets, str) else tuple(targets),
         virtual_tokens=adapter.num_virtual_tokens,

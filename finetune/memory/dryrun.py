@@ -56,6 +56,14 @@ def mixed_precision(setup: Any) -> bool:
     return setup.method == "full" and setup.master_weights and setup.dtype != "float32"
 
 
+def autocast_dtype(setup: Any) -> torch.dtype | None:
+    """What the run's autocast casts matmuls to: the 16-bit dtype of mixed-precision full
+    fine-tuning, or `setup.autocast` over float32 weights; None when nothing is cast."""
+    if mixed_precision(setup):
+        return DTYPES[setup.dtype]
+    return DTYPES[setup.autocast] if getattr(setup, "autocast", None) else None
+
+
 @dataclass
 class DryRun:
     """What one dry-run training step allocated.
@@ -234,7 +242,7 @@ def dry_run(config: Any, setup: Any) -> DryRun:
     if setup.quant != "none":
         scales, _ = quantize(model, setup)
     model = prepare(model, setup)
-    if mixed_precision(setup):
+    if autocast_dtype(setup) is not None:
         emulate_autocast(model)
     if setup.quant != "none":
         upcast = sum(
@@ -255,7 +263,7 @@ def dry_run(config: Any, setup: Any) -> DryRun:
     trained = min(setup.logit_positions or most, most)
     optimizer = make_optimizer(model, setup)
     tracker = MemoryTracker(model)
-    with autocast_to(DTYPES[setup.dtype] if mixed_precision(setup) else None):
+    with autocast_to(autocast_dtype(setup)):
         step(model, optimizer, tracker, setup, trained, config.vocab_size)
     tracker.remove_hooks()
     return DryRun(

@@ -73,6 +73,9 @@ class Setup:
     optimizer: Optimizer = "adamw"
     attn: Attention = "sdpa"
     master_weights: bool = False
+    # The 16-bit dtype autocast casts the float32 weights' matmuls to (train.mixed_precision
+    # on float32 weights, the CPU's default where it has bf16 instructions); None: none.
+    autocast: str | None = None
     device: str = "cuda"
     # Whether attention runs with an explicit mask: micro-batches with padding (rows of
     # different lengths) or packing. None: yes when batch > 1, as real data varies in
@@ -86,6 +89,10 @@ class Setup:
             (self.method in METHODS, f"method must be one of {', '.join(METHODS)}"),
             (self.quant in QUANTS, f"quant must be one of {', '.join(QUANTS)}"),
             (self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}"),
+            (
+                self.autocast in (None, "bfloat16", "float16"),
+                f"autocast must be bfloat16, float16 or None (got {self.autocast})",
+            ),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}"),
             (self.attn in ATTENTIONS, f"attn must be one of {', '.join(ATTENTIONS)}"),
             (self.batch > 0, f"batch must be a positive number of sequences (got {self.batch})"),

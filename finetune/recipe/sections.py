@@ -242,7 +242,9 @@ class TrainSection(Section):
         1.0, gt=0, le=1e6, description="Clip gradients to this norm."
     )
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
-        "auto", description="Autocast precision: auto is bf16/fp16 on a GPU, none on the CPU."
+        "auto",
+        description="Autocast precision: auto is bf16/fp16 on a GPU, bf16 on a CPU with bf16 "
+        "instructions (AVX512-BF16, AMX), else none.",
     )
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward to save memory."
