@@ -17,6 +17,7 @@ thread and the live-tensor tracker), to show what they cost.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import tempfile
@@ -39,6 +40,9 @@ class Timed:
 
     def __init__(self, func) -> None:
         self.func, self.seconds = func, 0.0
+
+    def __get__(self, obj, owner=None):  # set on a class, it wraps a method
+        return self if obj is None else functools.partial(self, obj)
 
     def __call__(self, *args, **kwargs):
         started = time.perf_counter()
