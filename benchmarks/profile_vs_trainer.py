@@ -63,16 +63,9 @@ def same_batches(tokenizer) -> list[dict]:
 
 
 def trainer_run(rows, tokenizer, folder: str, bf16: bool, workdir: Path) -> dict:
-    from datasets import Dataset
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    examples = bench.tokenized(rows, tokenizer)
-    dataset = Dataset.from_list(
-        [
-            {"input_ids": e.input_ids, "attention_mask": [1] * len(e.input_ids), "labels": e.labels}
-            for e in examples
-        ]
-    )
+    dataset = bench.trainer_dataset(bench.tokenized(rows, tokenizer))
     args = bench.hf_args(
         TrainingArguments,
         workdir,

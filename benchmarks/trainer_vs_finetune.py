@@ -179,15 +179,10 @@ def hf_args(cls, workdir: Path, batch: int, steps: int, **extra):
 
 def run_trainer(run: str, train_rows, workdir: Path, tokenizer, folder: str) -> dict:
     """The documented way: a tokenized Dataset, DataCollatorForSeq2Seq, Trainer.train()."""
-    from datasets import Dataset
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     examples = tokenized(train_rows, tokenizer)
-    columns = [
-        {"input_ids": e.input_ids, "attention_mask": [1] * len(e.input_ids), "labels": e.labels}
-        for e in examples
-    ]
-    dataset = Dataset.from_list(columns)
+    dataset = trainer_dataset(examples)
     extra = {}
     if run.startswith("trainer-group"):
         extra["train_sampling_strategy"] = "group_by_length"
@@ -202,6 +197,17 @@ def run_trainer(run: str, train_rows, workdir: Path, tokenizer, folder: str) -> 
     started = time.perf_counter()
     trainer.train()
     return finished(trainer, model, collator, time.perf_counter() - started, precision)
+
+
+def trainer_dataset(examples: list):
+    """The Trainer's training set: finetune's tokens and labels as a `datasets.Dataset`."""
+    from datasets import Dataset
+
+    columns = [
+        {"input_ids": e.input_ids, "attention_mask": [1] * len(e.input_ids), "labels": e.labels}
+        for e in examples
+    ]
+    return Dataset.from_list(columns)
 
 
 def run_trl(train_rows, workdir: Path, tokenizer, folder: str) -> dict:

@@ -61,7 +61,7 @@ def autocast_dtype(setup: Any) -> torch.dtype | None:
     fine-tuning, or `setup.autocast` over float32 weights; None when nothing is cast."""
     if mixed_precision(setup):
         return DTYPES[setup.dtype]
-    return DTYPES[setup.autocast] if getattr(setup, "autocast", None) else None
+    return DTYPES[setup.autocast] if setup.autocast else None
 
 
 @dataclass
