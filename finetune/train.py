@@ -102,8 +102,13 @@ def run_with_peak(
     stop: StopRequests,
 ) -> RunResult:
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     device = prepared.loaded.device
+    # accelerate keeps its state (mixed precision included) in a process-wide singleton and
+    # refuses a second Accelerator with another precision; each run sets its own. The
+    # distributed part (PartialState, the process group) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(
         mixed_precision=resolve_mixed_precision(recipe.train.mixed_precision, device),
         cpu=device == "cpu",

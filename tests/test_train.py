@@ -182,3 +182,19 @@ def test_epochs_count_whole_micro_batches(recipe_file):
     # 6 micro-batches in two epochs, 3 optimizer steps of 2.
     assert total_steps(recipe, 10) == 3
     assert total_steps(recipe, 10, world_size=2) == 1  # 1 micro-batch of 6 an epoch
+
+
+def test_runs_in_one_process_may_differ_in_precision(recipe_file, tmp_path):
+    """accelerate's state is a process-wide singleton; a second run with another precision
+    (a notebook, a sweep, this test session) must get its own, not an error."""
+    from accelerate.state import AcceleratorState
+
+    for i, precision in enumerate(("bf16", "no", "bf16")):
+        path = recipe_file(
+            f"{i}.yaml",
+            train={"max_steps": 1, "mixed_precision": precision},
+            output={"dir": str(tmp_path / str(i))},
+        )
+        result = train(load_recipe(path))
+        assert result.state.step == 1
+        assert AcceleratorState().mixed_precision == precision
