@@ -82,7 +82,7 @@ def trainer_run(rows, tokenizer, folder: str, bf16: bool, workdir: Path) -> dict
         started = time.perf_counter()
         trainer.train()
         wall = time.perf_counter() - started
-    return breakdown(prof, wall, collate.func.trained, collate.seconds, trainer.log.seconds, 0.0)
+    return breakdown(prof, wall, collate.func, collate.seconds, trainer.log.seconds, 0.0)
 
 
 def finetune_run(rows, workdir: Path, measured: bool) -> dict:
@@ -117,7 +117,8 @@ def finetune_run(rows, workdir: Path, measured: bool) -> dict:
             }
         )
     )
-    collate = train_module.batching.collate = Timed(train_module.batching.collate)
+    collate = Timed(bench.Counting(train_module.batching.collate))
+    train_module.batching.collate = collate
     write = runs.MetricsWriter.write = Timed(runs.MetricsWriter.write)
     bar = progress.TrainProgress.update = Timed(progress.TrainProgress.update)
     original, seen = train_module.Loop.train_steps, {}
@@ -131,10 +132,9 @@ def finetune_run(rows, workdir: Path, measured: bool) -> dict:
         return stopped
 
     train_module.Loop.train_steps = profiled
-    result = train_module.train(load_recipe(recipe))
-    trained = result.state.trained_tokens
+    train_module.train(load_recipe(recipe))
     return breakdown(
-        seen["prof"], seen["wall"], trained, collate.seconds, write.seconds, bar.seconds
+        seen["prof"], seen["wall"], collate.func, collate.seconds, write.seconds, bar.seconds
     )
 
 
@@ -145,8 +145,8 @@ CATEGORIES = {
 }
 
 
-def breakdown(prof, wall, trained, collate_s, log_s, bar_s) -> dict:
-    """The run's wall time split by what ran (seconds)."""
+def breakdown(prof, wall, counted, collate_s, log_s, bar_s) -> dict:
+    """The run's wall time split by what ran (seconds), and the batches' padding."""
     events = prof.key_averages()
     seconds = defaultdict(float)
     for e in events:
@@ -161,7 +161,8 @@ def breakdown(prof, wall, trained, collate_s, log_s, bar_s) -> dict:
     seconds["outside torch ops"] = max(0.0, wall - torch_ops)
     return {
         "wall": wall,
-        "trained": trained,
+        "trained": counted.trained,
+        "padding": 1 - counted.real / counted.positions,
         "collation": collate_s,
         "metrics and logging": log_s,
         "progress bar": bar_s,
@@ -219,6 +220,7 @@ def print_table(results: dict) -> None:
         ]
         print(f"| {row} | " + " | ".join(cells) + " |")
     print("| trained tokens | " + " | ".join(str(r["trained"]) for r in results.values()) + " |")
+    print("| padding | " + " | ".join(f"{r['padding']:.1%}" for r in results.values()) + " |")
     print(f"torch threads: {torch.get_num_threads()}")
 
 

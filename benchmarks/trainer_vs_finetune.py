@@ -11,6 +11,7 @@ for one epoch over the same examples, through:
     trl-packed     trl's SFTTrainer, packing="bfd" with padding-free batches
     finetune-pack  finetune with data.packing: true
     finetune       finetune with its recipe defaults (nothing about speed set)
+    finetune-fp32  and with train.mixed_precision: "no" (to set beside trainer-group)
 
 Packed runs count packed sequences per step; they get as many per step as keeps about 8
 examples per step, so every run takes about the same number of optimizer steps per epoch.
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import itertools
 import json
 import pydoc
 import random
@@ -54,8 +56,18 @@ MODULES = (  # noqa: SIM905 (a word list reads better as text)
     "socket threading queue tempfile glob fnmatch"
 ).split()
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
-LR, WARMUP, SEED, EXAMPLES_PER_STEP, MAX_LENGTH = 5e-4, 3, 0, 8, 256
-RUNS = ("trainer", "trainer-group", "trainer-group-bf16", "trl-packed", "finetune-pack", "finetune")
+LR, WARMUP, EXAMPLES_PER_STEP, MAX_LENGTH = 5e-4, 3, 8, 256
+DATA_SEED = 0  # which pairs train and which are held out: the same for every run and seed
+SEED = 0  # the training seed (initialisation, order); one_run sets it from --seeds
+RUNS = (
+    "trainer",
+    "trainer-group",
+    "trainer-group-bf16",
+    "trl-packed",
+    "finetune-pack",
+    "finetune",
+    "finetune-fp32",
+)
 DATASETS = {"docstrings": 64, "summaries": 128}  # training examples: 8 and 16 steps
 HELD_OUT = 64
 
@@ -75,7 +87,7 @@ def docstring_pairs(kind: str) -> tuple[list[dict], list[dict]]:
             answer = doc if kind == "docstrings" else doc.split("\n\n")[0].split(". ")[0]
             pairs.append({"prompt": f"What does {name}.{attr} do in Python?", "response": answer})
     unique = list({p["prompt"]: p for p in pairs}.values())
-    random.Random(SEED).shuffle(unique)
+    random.Random(DATA_SEED).shuffle(unique)
     return unique[HELD_OUT : HELD_OUT + DATASETS[kind]], unique[:HELD_OUT]
 
 
@@ -133,8 +145,8 @@ class Counting:
         self.collator = collator
         self.trained = self.positions = self.real = 0
 
-    def __call__(self, features):
-        batch = self.collator(features)
+    def __call__(self, *args, **kwargs):
+        batch = self.collator(*args, **kwargs)
         labels = batch["labels"]
         self.trained += int((labels[:, 1:] != -100).sum())
         self.positions += labels.numel()
@@ -269,6 +281,9 @@ def run_finetune(run: str, train_rows, workdir: Path) -> dict:
     data = {"path": str(write_jsonl(workdir / "train.jsonl", train_rows)), "template": "chat"}
     data["max_length"] = MAX_LENGTH
     micro = EXAMPLES_PER_STEP
+    precision = resolve_mixed_precision("auto", "cpu")
+    if run == "finetune-fp32":
+        precision = "no"
     if run == "finetune-pack":
         data["packing"] = True
         tokenizer = load_tokenizer(resolve_source("smollm2-135m-instruct"))
@@ -287,6 +302,7 @@ def run_finetune(run: str, train_rows, workdir: Path) -> dict:
                     "warmup_steps": WARMUP,
                     "seed": SEED,
                     "schedule": "cosine",
+                    "mixed_precision": precision,
                 },
                 "output": {"dir": str(workdir / "run")},
                 "eval": {"max_examples": 0},
@@ -322,7 +338,7 @@ def run_finetune(run: str, train_rows, workdir: Path) -> dict:
         "real_positions": result.state.tokens,
         "last_loss": result.history[-1]["loss"],
         "model": result.prepared.model,
-        "precision": "bf16" if resolve_mixed_precision("auto", "cpu") == "bf16" else "fp32",
+        "precision": "bf16" if precision == "bf16" else "fp32",
     }
 
 
@@ -343,10 +359,12 @@ def held_out_loss(model, tokenizer, eval_rows: list[dict]) -> float:
     return evaluate_loss(model, data, tokenizer.pad_token_id, EXAMPLES_PER_STEP).loss
 
 
-def one_run(run: str, dataset: str, out: Path) -> None:
+def one_run(run: str, dataset: str, out: Path, seed: int) -> None:
     """Child process: one training run, its figures written to `out` as JSON."""
     from transformers import AutoTokenizer
 
+    global SEED
+    SEED = seed
     from finetune.models import resolve_source
     from finetune.noise import silence_third_party
 
@@ -371,13 +389,17 @@ def one_run(run: str, dataset: str, out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each seed")
+    parser.add_argument(
+        "--seeds", default="0", help="training seeds, comma-separated: each is a repeat too"
+    )
     parser.add_argument("--runs", default=",".join(RUNS), help="comma-separated, in order")
     parser.add_argument("--datasets", default=",".join(DATASETS))
-    parser.add_argument("--one", nargs=3, metavar=("RUN", "DATASET", "OUT"), help=argparse.SUPPRESS)
+    one = ("RUN", "DATASET", "OUT", "SEED")
+    parser.add_argument("--one", nargs=4, metavar=one, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        one_run(args.one[0], args.one[1], Path(args.one[2]))
+        one_run(args.one[0], args.one[1], Path(args.one[2]), int(args.one[3]))
         return
     runs, datasets = args.runs.split(","), args.datasets.split(",")
     unknown = set(runs) - set(RUNS) | set(datasets) - set(DATASETS)
@@ -391,21 +413,23 @@ def main() -> None:
     flops = {dataset: dataset_flops(dataset) for dataset in datasets}
     results: dict[tuple[str, str], list[dict]] = {}
     scratch = Path(tempfile.mkdtemp(prefix="bench-results-"))
-    for repeat in range(args.repeats):
-        for dataset in datasets:
-            for run in runs:  # interleaved: every run once per repeat
-                out = scratch / f"{dataset}-{run}-{repeat}.json"
-                cmd = [sys.executable, __file__, "--one", run, dataset, str(out)]
-                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-                figures = json.loads(out.read_text())
-                results.setdefault((dataset, run), []).append(figures)
-                tps = figures["trained_tokens"] / figures["train_s"]
-                print(
-                    f"  {dataset:10} {run:18} repeat {repeat + 1}: {tps:6.1f} trained tok/s, "
-                    f"held-out {figures['eval_loss']:.4f}",
-                    flush=True,
-                )
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    for repeat, seed, dataset, run in itertools.product(
+        range(args.repeats), seeds, datasets, runs
+    ):  # interleaved: every run once per repeat and seed
+        out = scratch / f"{dataset}-{run}-{seed}-{repeat}.json"
+        cmd = [sys.executable, __file__, "--one", run, dataset, str(out), str(seed)]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        figures = {**json.loads(out.read_text()), "seed": seed}
+        results.setdefault((dataset, run), []).append(figures)
+        tps = figures["trained_tokens"] / figures["train_s"]
+        print(
+            f"  {dataset:10} {run:18} seed {seed} repeat {repeat + 1}: {tps:6.1f} trained "
+            f"tok/s, held-out {figures['eval_loss']:.4f}",
+            flush=True,
+        )
     print_table(results, runs, datasets, flops, peaks)
+    print_losses(results, runs, datasets, seeds)
 
 
 def dataset_flops(dataset: str) -> float:
@@ -451,3 +475,18 @@ def print_table(results, runs: list[str], datasets: list[str], flops, peaks) -> 
 
 if __name__ == "__main__":
     main()
+
+
+def print_losses(results, runs: list[str], datasets: list[str], seeds: list[int]) -> None:
+    """Held-out loss by training seed: how far apart seeds of one run are, beside the gap
+    between runs (a run is deterministic at a seed; repeats only time it)."""
+    print("\n| dataset | run | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | range |")
+    print("|" + "---|" * (len(seeds) + 4))
+    for dataset, run in itertools.product(datasets, runs):
+        by_seed = {r["seed"]: r["eval_loss"] for r in results[(dataset, run)]}
+        losses = [by_seed[s] for s in seeds]
+        print(
+            f"| {dataset} | {run} | "
+            + " | ".join(f"{loss:.4f}" for loss in losses)
+            + f" | {statistics.mean(losses):.4f} | {max(losses) - min(losses):.4f} |"
+        )

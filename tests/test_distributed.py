@@ -93,6 +93,7 @@ def test_sigterm_under_torchrun_stops_every_process_at_the_same_step(recipe_file
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
 
+    assert (tmp_path / "two" / "report.json").exists(), err[-3000:]
     report = json.loads((tmp_path / "two" / "report.json").read_text())
     step = report["interrupted"]["step"]
     assert report["interrupted"]["reason"] == "interrupted by SIGTERM", err[-3000:]
