@@ -12,6 +12,7 @@ for one epoch over the same examples, through:
     finetune-pack  finetune with data.packing: true
     finetune       finetune with its recipe defaults (nothing about speed set)
     finetune-fp32  and with train.mixed_precision: "no" (to set beside trainer-group)
+    finetune-nogroup-fp32  and data.group_by_length: false too (to set beside trainer)
 
 Packed runs count packed sequences per step; they get as many per step as keeps about 8
 examples per step, so every run takes about the same number of optimizer steps per epoch.
@@ -67,6 +68,7 @@ RUNS = (
     "finetune-pack",
     "finetune",
     "finetune-fp32",
+    "finetune-nogroup-fp32",
 )
 DATASETS = {"docstrings": 64, "summaries": 128}  # training examples: 8 and 16 steps
 HELD_OUT = 64
@@ -282,8 +284,10 @@ def run_finetune(run: str, train_rows, workdir: Path) -> dict:
     data["max_length"] = MAX_LENGTH
     micro = EXAMPLES_PER_STEP
     precision = resolve_mixed_precision("auto", "cpu")
-    if run == "finetune-fp32":
+    if run.endswith("-fp32"):
         precision = "no"
+    if run == "finetune-nogroup-fp32":
+        data["group_by_length"] = False
     if run == "finetune-pack":
         data["packing"] = True
         tokenizer = load_tokenizer(resolve_source("smollm2-135m-instruct"))
@@ -473,10 +477,6 @@ def print_table(results, runs: list[str], datasets: list[str], flops, peaks) -> 
             )
 
 
-if __name__ == "__main__":
-    main()
-
-
 def print_losses(results, runs: list[str], datasets: list[str], seeds: list[int]) -> None:
     """Held-out loss by training seed: how far apart seeds of one run are, beside the gap
     between runs (a run is deterministic at a seed; repeats only time it)."""
@@ -490,3 +490,7 @@ def print_losses(results, runs: list[str], datasets: list[str], seeds: list[int]
             + " | ".join(f"{loss:.4f}" for loss in losses)
             + f" | {statistics.mean(losses):.4f} | {max(losses) - min(losses):.4f} |"
         )
+
+
+if __name__ == "__main__":
+    main()

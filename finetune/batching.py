@@ -17,8 +17,8 @@ from typing import Any
 
 from finetune.data import IGNORE_INDEX, TokenizedExample
 
-# Length grouping sorts within windows of this many micro-batches: close to sorted, yet
-# every epoch still mixes short and long batches (the Hugging Face Trainer uses 50 too).
+# Length grouping sorts within windows of at most this many micro-batches: close to sorted,
+# yet every epoch still mixes short and long batches (the Hugging Face Trainer's megabatch).
 GROUP_WINDOW = 50
 
 
@@ -81,7 +81,7 @@ def epoch_order(
     rng.shuffle(order)
     if not group_by_length:
         return order
-    window = batch_size * GROUP_WINDOW
+    window = batch_size * group_window(len(lengths), batch_size)
     grouped: list[int] = []
     for start in range(0, len(order), window):
         grouped += sorted(order[start : start + window], key=lambda i: -lengths[i])
@@ -89,6 +89,18 @@ def epoch_order(
     batches = [grouped[i : i + batch_size] for i in range(0, len(grouped), batch_size)]
     rng.shuffle(batches)
     return [i for b in batches for i in b]
+
+
+def group_window(n: int, batch_size: int) -> int:
+    """Micro-batches sorted together: 50, or a quarter of the epoch's batches when fewer.
+
+    Sorting a whole short epoch makes every batch uniform in length, and with the loss
+    normalised per step the tokens of short batches then weigh more than those of long
+    ones: held-out loss 0.7% worse than unsorted batches in benchmarks/trainer_vs_finetune.py
+    (64 and 128 examples, three seeds). The Trainer's rule, min(50, n / (4 x batch)), keeps
+    batches mixed there and is the same as a fixed 50 from 1,600 examples of 8 on.
+    """
+    return max(1, min(GROUP_WINDOW, n // (4 * batch_size)))
 
 
 def micro_batches(
