@@ -324,21 +324,13 @@ def run_finetune(run: str, train_rows, workdir: Path) -> dict:
             loop_s.append(time.perf_counter() - started)
 
     train_module.Loop.train_steps = timed
-    positions = []
-    collate = train_module.batching.collate
-
-    def counted(items, pad_id, packed):  # computed positions, padding included
-        batch = collate(items, pad_id, packed)
-        positions.append(batch["labels"].numel())
-        return batch
-
-    train_module.batching.collate = counted
+    counted = train_module.batching.collate = Counting(train_module.batching.collate)
     result = train_module.train(load_recipe(recipe))
     return {
         "train_s": loop_s[0],
         "steps": result.state.step,
         "trained_tokens": result.state.trained_tokens,
-        "positions": sum(positions),
+        "positions": counted.positions,
         "real_positions": result.state.tokens,
         "last_loss": result.history[-1]["loss"],
         "model": result.prepared.model,

@@ -96,9 +96,10 @@ def group_window(n: int, batch_size: int) -> int:
 
     Sorting a whole short epoch makes every batch uniform in length, and with the loss
     normalised per step the tokens of short batches then weigh more than those of long
-    ones: held-out loss 0.7% worse than unsorted batches in benchmarks/trainer_vs_finetune.py
-    (64 and 128 examples, three seeds). The Trainer's rule, min(50, n / (4 x batch)), keeps
-    batches mixed there and is the same as a fixed 50 from 1,600 examples of 8 on.
+    ones: held-out loss about 1% worse than unsorted batches on 64 docstring pairs, three
+    seeds (BENCHMARKS.md, benchmarks/trainer_vs_finetune.py). The Trainer's rule,
+    min(50, n / (4 x batch)), keeps batches mixed there and is the same as a fixed 50 from
+    1,600 examples of 8 on.
     """
     return max(1, min(GROUP_WINDOW, n // (4 * batch_size)))
 
