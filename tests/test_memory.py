@@ -101,31 +101,65 @@ def test_saved_activations_equal_autograd(method, dtype, attn):
     """The bytes autograd saves for backward in one real forward (tiny GQA Llama, every
     storage once, parameters excluded) equal the dry run's, for every method, dtype and
     attention (eager with prefix tuning included: the analytic model missed it)."""
+    setup = Setup(
+        method=method, dtype=dtype, batch=2, seq=16, virtual_tokens=10, attn=attn, device="cpu"
+    )
+    # Exact but for prefix and prompt tuning, where the dry run holds 80 bytes more (peft's
+    # virtual-token indices, 10 int64), under 0.03%.
+    saved = dry_run(tiny_config(), setup).saved_for_backward_bytes
+    assert saved == pytest.approx(saved_in_one_forward(setup), abs=80)
+
+
+@pytest.mark.parametrize("method", ["lora", "prefix", "full"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_saved_activations_under_bf16_autocast_equal_autograd(method, attn):
+    """The same under real CPU autocast (the CPU default where it has bf16 instructions)
+    against the dry run's emulation: 16-bit copies of inputs and weights, SDPA's inputs and
+    eager attention's matmuls cast. Eager attention under emulated autocast used to crash
+    the dry run (and with it `finetune estimate` of such a recipe)."""
+    setup = Setup(
+        method=method,
+        dtype="float32",
+        autocast="bfloat16",
+        master_weights=method == "full",
+        batch=2,
+        seq=16,
+        virtual_tokens=10,
+        attn=attn,
+        device="cpu",
+    )
+    saved = dry_run(tiny_config(), setup).saved_for_backward_bytes
+    assert saved == pytest.approx(saved_in_one_forward(setup), abs=80)
+
+
+def saved_in_one_forward(setup: Setup) -> int:
+    """Bytes autograd saves in one real forward of the tiny model as `setup` says, padded
+    as a batch of 2 is by default (Setup.masked), under autocast if `setup.autocast`."""
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
     config = tiny_config()
-    setup = Setup(
-        method=method, dtype=dtype, batch=2, seq=16, virtual_tokens=10, attn=attn, device="cpu"
-    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(
-        config, dtype=getattr(torch, dtype), attn_implementation=attn
+        config,
+        dtype=getattr(torch, setup.dtype),
+        attn_implementation=setup.attn,
     )
-    if method != "full":
-        model = get_peft_model(model, peft_config(method, setup))
+    if setup.method != "full":
+        model = get_peft_model(model, peft_config(setup.method, setup))
     model.train()
     ids = torch.randint(0, config.vocab_size, (2, 16))
     mask = torch.ones_like(ids)
-    mask[-1, -3:] = 0  # padded, as a batch of 2 is by default (Setup.masked)
+    mask[-1, -3:] = 0
     batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.clone()}
-    with saved_tensors(model) as found:  # the loss the training loop (and the dry run) takes
-        shift = setup.virtual_tokens if method == "prompt" else 0
+    autocast = getattr(torch, setup.autocast) if setup.autocast else None
+    with (
+        saved_tensors(model) as found,
+        torch.autocast("cpu", dtype=autocast, enabled=autocast is not None),
+    ):  # the loss the training loop (and the dry run) takes
+        shift = setup.virtual_tokens if setup.method == "prompt" else 0
         trained_positions_loss(model, batch, 15, shift)
-    # Exact but for prefix and prompt tuning, where the dry run holds 80 bytes more (peft's
-    # virtual-token indices, 10 int64), under 0.03%.
-    saved = dry_run(config, setup).saved_for_backward_bytes
-    assert saved == pytest.approx(sum(found.values()), abs=80)
+    return sum(found.values())
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -8,11 +8,11 @@
   states are fp32 too), and every Linear casts its input, weight and bias to the 16-bit
   dtype before the matmul, as autocast's lower-precision op list does; autograd records
   the casts, so the 16-bit weight copies stay saved for backward and gradients come back
-  to fp32, as under real autocast. SDPA casts q, k, v the same way. Other ops follow
+  to fp32, as under real autocast. SDPA casts q, k, v the same way, and eager attention's
+  two matmuls cast their inputs (`_AutocastMatmul`). Other ops follow
   torch's type promotion, as under autocast (RMSNorm's fp32 math, the fp32 residual
-  stream, the fp32 loss). Not emulated: eager attention's matmuls (left fp32, an
-  overcount) and autocast's weight-cast cache (each Linear runs once per forward, so it
-  would hit only for tied weights).
+  stream, the fp32 loss). Not emulated: autocast's weight-cast cache (each Linear runs
+  once per forward, so it would hit only for tied weights).
 - Data-dependent answers meta tensors cannot give (`KnownSizes`).
 """
 
@@ -34,14 +34,33 @@ _autocast_dtype: torch.dtype | None = None
 
 @contextlib.contextmanager
 def autocast_to(dtype: torch.dtype | None) -> Iterator[None]:
-    """Inside the block, emulated autocast (`emulate_autocast`, the fused SDPA) casts to
-    `dtype`; None casts nothing."""
+    """Inside the block, emulated autocast (`emulate_autocast`, the fused SDPA, eager
+    attention's matmuls) casts to `dtype`; None casts nothing."""
     global _autocast_dtype
     _autocast_dtype = dtype
     try:
-        yield
+        with _AutocastMatmul():
+            yield
     finally:
         _autocast_dtype = None
+
+
+class _AutocastMatmul(TorchFunctionMode):
+    """Eager attention's matmuls (q @ k^T and weights @ v, 4-D on both sides) cast their
+    inputs as autocast's lower-precision matmul does. Only 4-D ones: the rotary embedding's
+    3-D matmul runs with autocast disabled (a model whose rotary matmul is 4-D would be
+    counted in 16 bits, a small undercount)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        is_matmul = func in (torch.matmul, torch.Tensor.__matmul__)
+        if is_matmul and len(args) == 2 and all(_is_4d_meta(a) for a in args):
+            args = tuple(_autocast(a) for a in args)
+        return func(*args, **kwargs)
+
+
+def _is_4d_meta(tensor: Any) -> bool:
+    return isinstance(tensor, torch.Tensor) and tensor.is_meta and tensor.dim() == 4
 
 
 class _FusedAttention(TorchFunctionMode):
