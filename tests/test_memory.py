@@ -287,3 +287,24 @@ def test_peak_memory_cpu_sees_an_allocation():
     peak, baseline, named = int(out[0]), int(out[1]), out[2] == "True"
     assert peak >= 60 * 2**20
     assert named and baseline > 0
+
+
+def test_a_signal_raised_inside_a_free_reaches_the_next_op():
+    """A second Ctrl-C can land in the tracker's weakref callback, where Python would print
+    the exception and drop it; the tracker raises it at the next torch op instead."""
+    from finetune.memory.tracker import MemoryTracker
+
+    class Signalled(BaseException):
+        pass
+
+    def signal_arrives(cdata):
+        raise Signalled
+
+    tracker = MemoryTracker(record_events=False)
+    with tracker:
+        doomed = torch.ones(1000)
+        forget, tracker._forget = tracker._forget, signal_arrives
+        del doomed  # its weakref callback runs now and "receives" the signal
+        tracker._forget = forget
+        with pytest.raises(Signalled):
+            torch.ones(3) + 1

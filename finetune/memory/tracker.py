@@ -103,6 +103,7 @@ class MemoryTracker(TorchDispatchMode):
         self._phase = "forward"
         self._hooks: list[Any] = []
         self._saved_hooks: Any = None
+        self._deferred: BaseException | None = None  # see _free
         # The model's hooks act only inside the mode: between tracked training steps
         # (train.py tracks a few) the model runs untracked.
         self._inside = False
@@ -193,6 +194,9 @@ class MemoryTracker(TorchDispatchMode):
         self._saved_hooks.__exit__(*exc)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if self._deferred is not None:
+            err, self._deferred = self._deferred, None
+            raise err
         out = func(*args, **(kwargs or {}))
         category = PHASE_CATEGORY[self._phase]
         for item in tree_flatten(out)[0]:
@@ -222,6 +226,15 @@ class MemoryTracker(TorchDispatchMode):
             self.peak_phase = self._phase
 
     def _free(self, cdata: int) -> None:
+        # Python prints and drops an exception raised inside a weakref callback, and a signal
+        # handler's (a second Ctrl-C: stopping.Interrupted) can land here; keep it and raise
+        # it at the next torch op, so the stop still happens and no traceback is printed.
+        try:
+            self._forget(cdata)
+        except BaseException as err:  # re-raised by __torch_dispatch__
+            self._deferred = err
+
+    def _forget(self, cdata: int) -> None:
         entry = self._live.pop(cdata, None)
         self._refs.pop(cdata, None)
         if entry is None:
