@@ -308,3 +308,19 @@ def test_a_signal_raised_inside_a_free_reaches_the_next_op():
         tracker._forget = forget
         with pytest.raises(Signalled):
             torch.ones(3) + 1
+
+
+def test_a_signal_raised_inside_the_last_free_reaches_the_end_of_tracking():
+    from finetune.memory.tracker import MemoryTracker
+
+    class Signalled(BaseException):
+        pass
+
+    def signal_arrives(cdata):
+        raise Signalled
+
+    tracker = MemoryTracker(record_events=False)
+    with pytest.raises(Signalled), tracker:
+        doomed = torch.ones(1000)
+        tracker._forget = signal_arrives
+        del doomed  # no torch op follows inside the tracked block

@@ -192,6 +192,9 @@ class MemoryTracker(TorchDispatchMode):
         self._inside = False
         super().__exit__(*exc)
         self._saved_hooks.__exit__(*exc)
+        if self._deferred is not None and exc[0] is None:  # no torch op came after it
+            err, self._deferred = self._deferred, None
+            raise err
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         if self._deferred is not None:
