@@ -11,6 +11,8 @@ the memory measurement and the report count through these functions, so they agr
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -31,8 +33,9 @@ def count_trained(labels: torch.Tensor, virtual_tokens: int = 0) -> int:
 
 
 def logit_positions(labels: torch.Tensor, virtual_tokens: int = 0) -> int:
-    """Positions at which `trained_positions_loss` computes logits: those whose next token
-    is trained in any row of the batch."""
+    """Positions `trained_positions_loss` keeps: those whose next token is trained in any row
+    of the batch. Logits are computed at the trained rows of these positions, at most every
+    row of each (what the memory estimate counts)."""
     return int((predicted_labels(labels, virtual_tokens) != IGNORE_INDEX).any(dim=0).sum())
 
 
@@ -47,8 +50,11 @@ def trained_positions_loss(
     """Sum of the token losses of `batch`, divided by the trained tokens of the whole step.
 
     The vocabulary projection and the fp32 log-softmax are the costliest per-token work of a
-    small model (profiled: BENCHMARKS.md), so logits are computed only at positions whose
-    next token is trained: with the prompt masked that is a fraction of them. Equal to the
+    small model (profiled: BENCHMARKS.md), so logits are computed only where a next token is
+    trained: the model keeps the positions trained in any row (`logits_to_keep`), and
+    `logits_only_at` hands its output head only the rows trained at those. With the prompt
+    masked and rows of different lengths that is a fraction of all positions (of the kept
+    positions' rows, 39-43% were untrained in BENCHMARKS.md's datasets). Equal to the
     model's own loss with `num_items_in_batch=n_trained` (tested).
 
     Prompt tuning puts `virtual_tokens` embeddings in front of the sequence: label j is then
@@ -57,19 +63,48 @@ def trained_positions_loss(
     # No KV cache: with one, transformers would not build the packed mask.
     first = 0 if virtual_tokens else 1
     targets = batch["labels"][:, first:]
-    keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+    trained = targets != IGNORE_INDEX
+    keep = trained.any(dim=0).nonzero().squeeze(1)
     if keep.numel() == 0:
         return model(**batch, use_cache=False, num_items_in_batch=n_trained).loss
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     positions = keep + first + virtual_tokens - 1
-    logits = model(**inputs, use_cache=False, logits_to_keep=positions).logits
+    head = model.get_output_embeddings()
+    if head is None:  # no head to hook: logits at every row of the kept positions
+        logits = model(**inputs, use_cache=False, logits_to_keep=positions).logits
+        labels = targets[:, keep]
+    else:
+        rows, columns = trained[:, keep].nonzero().unbind(1)  # trained (row, position) pairs
+        with logits_only_at(head, rows, columns):
+            logits = model(**inputs, use_cache=False, logits_to_keep=positions).logits
+        labels = targets[:, keep][rows, columns]
     loss = torch.nn.functional.cross_entropy(
         logits.float().flatten(0, 1),
-        targets[:, keep].flatten(),
+        labels.flatten(),
         ignore_index=IGNORE_INDEX,
         reduction="sum",
     )
     return loss / n_trained
+
+
+@contextlib.contextmanager
+def logits_only_at(head: Any, rows: torch.Tensor, columns: torch.Tensor) -> Iterator[None]:
+    """While inside, the output `head` sees only the hidden states at (`rows`, `columns`)
+    of its input, as one row: the model's logits are then [1, pairs, vocab].
+
+    A hook on the model's own head, not a head of ours: whatever the model does to the
+    logits after it (soft-capping, scaling) is elementwise and still done by its own code."""
+
+    def pick(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        hidden = args[0]
+        picked = hidden[rows.to(hidden.device), columns.to(hidden.device)]
+        return (picked.unsqueeze(0), *args[1:])
+
+    handle = head.register_forward_pre_hook(pick)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def virtual_tokens_of(model: Any) -> int:

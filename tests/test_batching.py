@@ -7,7 +7,7 @@ from helpers import build_model, build_tokenizer, date_rows, write_jsonl
 
 from finetune.batching import build_items, collate, pack
 from finetune.data import IGNORE_INDEX, load_rows, tokenize_rows
-from finetune.positions import count_trained, trained_positions_loss
+from finetune.positions import count_trained, logit_positions, trained_positions_loss
 from finetune.recipe import DataSection, load_recipe
 from finetune.train import train
 
@@ -115,6 +115,24 @@ def test_prompt_tuning_loss_at_trained_positions_is_peft_models_own(tokenized, t
     model.zero_grad()
     theirs.backward()
     assert torch.allclose(mine, model.prompt_encoder["default"].embedding.weight.grad, atol=1e-6)
+
+
+def test_the_head_computes_logits_only_where_a_row_is_trained(tokenized):
+    """Rows of different lengths: a kept position is untrained in some rows, and those rows
+    get no logits; the head sees exactly the step's trained tokens."""
+    tokenizer, examples = tokenized
+    model = build_model(tokenizer)
+    batch = collate(build_items(examples, False, 128, 0), tokenizer.pad_token_id, False)
+    n = count_trained(batch["labels"])
+    rows, positions = batch["labels"].shape[0], logit_positions(batch["labels"])
+    assert n < rows * positions  # the batch has untrained rows at kept positions
+    seen = []
+    hook = model.get_output_embeddings().register_forward_hook(
+        lambda module, args, out: seen.append(tuple(out.shape))
+    )
+    trained_positions_loss(model, batch, n)
+    hook.remove()
+    assert seen == [(1, n, model.config.vocab_size)]
 
 
 @pytest.mark.parametrize("packed", [False, True])

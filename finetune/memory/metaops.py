@@ -127,10 +127,13 @@ def register_fused_sdpa() -> str:
 
 
 class KnownSizes(TorchDispatchMode):
-    """Answer the data-dependent questions meta tensors cannot: `nonzero` gets the number of
-    trained positions; a boolean `.item()` (transformers' "is every position attended?"
-    check on the attention mask) gets True for an unmasked micro-batch, False for a padded
-    or packed one, so transformers builds the 4D mask the real step builds."""
+    """Answer the data-dependent questions meta tensors cannot: `nonzero` of the 1-D mask of
+    positions gets the number of trained positions, `nonzero` of the 2-D mask of rows at
+    those positions gets all of them (every row trained at every kept position: the most
+    logits `trained_positions_loss` computes); a boolean `.item()` (transformers' "is every
+    position attended?" check on the attention mask) gets True for an unmasked micro-batch,
+    False for a padded or packed one, so transformers builds the 4D mask the real step
+    builds."""
 
     def __init__(self, rows: int, masked: bool) -> None:
         super().__init__()
@@ -138,7 +141,9 @@ class KnownSizes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         if func is torch.ops.aten.nonzero.default and args[0].is_meta:
-            return torch.empty(self.rows, args[0].dim(), dtype=torch.long, device="meta")
+            mask = args[0]
+            found = self.rows if mask.dim() == 1 else mask.numel()
+            return torch.empty(found, mask.dim(), dtype=torch.long, device="meta")
         is_item = func is torch.ops.aten._local_scalar_dense.default
         if is_item and args[0].is_meta and args[0].dtype == torch.bool:
             return self.unmasked
