@@ -6,10 +6,6 @@ One owner for each decision: loading a model (models.py), estimating a recipe's 
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-from typing import Any
-
 import torch
 
 
@@ -70,55 +66,3 @@ def autocast_dtype(mixed_precision: str, weights_dtype: str) -> str | None:
     if mixed_precision == "no" or weights_dtype != "float32":
         return None
     return "bfloat16" if mixed_precision == "bf16" else "float16"
-
-
-def caches_frozen_casts(autocast: str | torch.dtype | None, gradient_checkpointing: bool) -> bool:
-    """Whether a run keeps its frozen Linear weights cast once (`FrozenCasts`): under autocast
-    over float32 weights, unless gradient checkpointing is on (see `FrozenCasts`)."""
-    return autocast is not None and not gradient_checkpointing
-
-
-class FrozenCasts:
-    """A model's frozen float32 Linear weights (and biases), cast once to autocast's dtype
-    and swapped in while a training step's forward runs.
-
-    Autocast casts a float32 weight at every use and caches only casts of leaves that
-    require grad, so an adapter's frozen base weights were cast again at every micro-batch
-    (BENCHMARKS.md: 10-14% of a bf16 step on the CPU). The values are the ones autocast
-    computes, so training computes the same numbers. The copies live for the whole run, 2
-    bytes per frozen parameter beside its 4; without gradient checkpointing autocast's own
-    copies were alive at the step's peak anyway (saved for the input gradients), so the peak
-    grows only by the few no backward needs. Gradient checkpointing frees those saved
-    copies, which is why it turns the cache off (`caches_frozen_casts`). The memory dry run
-    swaps the same copies in, so estimate and measurement count them alike.
-    """
-
-    def __init__(self, model: Any, dtype: torch.dtype) -> None:
-        self.swaps: list[tuple[torch.nn.Module, str, torch.Tensor, torch.Tensor]] = []
-        casts: dict[int, torch.Tensor] = {}  # a weight two Linears share is cast once
-        for module in model.modules():
-            if type(module) is not torch.nn.Linear:  # bitsandbytes and adapter layers differ
-                continue
-            for name, param in module.named_parameters(recurse=False):
-                if param.dtype == torch.float32 and not param.requires_grad:
-                    if id(param) not in casts:
-                        casts[id(param)] = torch.nn.Parameter(
-                            param.detach().to(dtype), requires_grad=False
-                        )
-                    self.swaps.append((module, name, param, casts[id(param)]))
-        self._casts = list(casts.values())
-
-    def tensors(self) -> list[torch.Tensor]:
-        """The cast copies (for a memory tracker to count as weights)."""
-        return list(self._casts)
-
-    @contextlib.contextmanager
-    def swapped_in(self) -> Iterator[None]:
-        """Inside, every cached Linear computes with its cast copy."""
-        for module, name, _, cast in self.swaps:
-            module._parameters[name] = cast
-        try:
-            yield
-        finally:
-            for module, name, param, _ in self.swaps:
-                module._parameters[name] = param

@@ -21,12 +21,7 @@ from rich.console import Console
 from finetune import adapters, batching, data, evaluate, methods, models, runs
 from finetune.memory.measure import RSS_NAME, LiveTensorPeak, PeakMemory
 from finetune.positions import count_trained, trained_positions_loss, widest_shapes
-from finetune.precision import (
-    FrozenCasts,
-    autocast_dtype,
-    caches_frozen_casts,
-    resolve_mixed_precision,
-)
+from finetune.precision import resolve_mixed_precision
 from finetune.prepare import Prepared, make_optimizer, prepare, total_steps
 from finetune.recipe import Recipe, dump_recipe
 from finetune.runs import RunState, SavedCheckpoint
@@ -163,8 +158,6 @@ class Loop:
         # On the CPU the measured peak is the estimate's metric, live tensor bytes; on CUDA
         # torch's allocator statistics (PeakMemory) are the measurement.
         self.live = LiveTensorPeak(self.unwrapped(), enabled=prepared.loaded.device == "cpu")
-        self.casts = self.frozen_casts()
-        self.live.track_weights(self.casts.tensors() if self.casts else [])
         self.state = RunState()
         self.history: list[dict[str, Any]] = []
         self.evals: list[dict[str, Any]] = []
@@ -331,12 +324,7 @@ class Loop:
             batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
             last = i == len(batches) - 1
             # DDP averages gradients over processes, so scale by world size to get a sum.
-            with (
-                self.sync(last),
-                self.accelerator.autocast(),
-                self.casts.swapped_in() if self.casts else contextlib.nullcontext(),
-                self.live.phase("forward"),
-            ):
+            with self.sync(last), self.accelerator.autocast(), self.live.phase("forward"):
                 loss = self.forward_loss(batch, n_trained) * world
             with self.live.phase("backward"):
                 self.accelerator.backward(loss)
@@ -363,15 +351,6 @@ class Loop:
         if live is None:
             return {"measured": self.peak.to_dict()}
         return {"measured": live, "resident": {**self.peak.to_dict(), "metric": RSS_NAME}}
-
-    def frozen_casts(self) -> FrozenCasts | None:
-        """The frozen weights cast once for the steps' autocast, None when it casts nothing
-        or gradient checkpointing is on (see `FrozenCasts`)."""
-        weights = str(self.prepared.loaded.dtype).removeprefix("torch.")
-        autocast = autocast_dtype(self.accelerator.mixed_precision, weights)
-        if not caches_frozen_casts(autocast, self.prepared.gradient_checkpointing):
-            return None
-        return FrozenCasts(self.unwrapped(), getattr(torch, autocast))
 
     def forward_loss(self, batch: dict[str, Any], n_trained: int) -> torch.Tensor:
         return trained_positions_loss(self.model, batch, n_trained, self.virtual_tokens)

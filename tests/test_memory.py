@@ -3,11 +3,9 @@ optimizer bytes against real tensors, the CLI. Tiny models, CPU, offline."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import subprocess
 import sys
-from dataclasses import replace
 
 import pytest
 import torch
@@ -19,7 +17,6 @@ from finetune.memory.dryrun import dry_run, estimate_from_config
 from finetune.memory.measure import saved_tensors
 from finetune.memory.presets import get_preset
 from finetune.positions import trained_positions_loss
-from finetune.precision import FrozenCasts, caches_frozen_casts
 
 METHODS = ("lora", "dora", "ia3", "prefix", "prompt")
 
@@ -135,30 +132,6 @@ def test_saved_activations_under_bf16_autocast_equal_autograd(method, attn):
     assert saved == pytest.approx(saved_in_one_forward(setup), abs=80)
 
 
-@pytest.mark.parametrize("grad_ckpt", [False, True])
-def test_frozen_weights_16_bit_copies_are_counted_once_as_state(grad_ckpt):
-    """Under autocast the 16-bit copies of the frozen Linear weights (the tied head's once)
-    are their own component, beside the fp32 weights; gradient checkpointing turns them
-    off."""
-    setup = Setup(
-        method="lora", dtype="float32", autocast="bfloat16", batch=2, seq=16, device="cpu"
-    )
-    setup = replace(setup, grad_ckpt=grad_ckpt)
-    plain = estimate_from_config(tiny_config(), replace(setup, autocast=None))
-    est = estimate_from_config(tiny_config(), setup)
-    model = peft_model(tiny_config(), "lora", setup)
-    frozen = {
-        id(p): p.numel()
-        for m in model.modules()
-        if type(m) is torch.nn.Linear
-        for p in m.parameters(recurse=False)
-        if not p.requires_grad
-    }
-    copies = 0 if grad_ckpt else 2 * sum(frozen.values())
-    assert est.components["16-bit copies of frozen weights"] == copies
-    assert est.components["frozen base weights"] == plain.components["frozen base weights"]
-
-
 def saved_in_one_forward(setup: Setup) -> int:
     """Bytes autograd saves in one real forward of the tiny model as `setup` says, padded
     as a batch of 2 is by default (Setup.masked), under autocast if `setup.autocast`."""
@@ -180,11 +153,8 @@ def saved_in_one_forward(setup: Setup) -> int:
     mask[-1, -3:] = 0
     batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.clone()}
     autocast = getattr(torch, setup.autocast) if setup.autocast else None
-    # The training loop's forward: frozen weights' 16-bit copies swapped in under autocast.
-    casts = FrozenCasts(model, autocast) if caches_frozen_casts(autocast, False) else None
     with (
-        casts.swapped_in() if casts else contextlib.nullcontext(),
-        saved_tensors(model) as found,  # the copies are parameters then: not counted
+        saved_tensors(model) as found,
         torch.autocast("cpu", dtype=autocast, enabled=autocast is not None),
     ):  # the loss the training loop (and the dry run) takes
         shift = setup.virtual_tokens if setup.method == "prompt" else 0

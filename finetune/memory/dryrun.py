@@ -12,8 +12,6 @@ Decisions that differ from a real run, and why:
 - bitsandbytes layers do not run on meta: `standin.StandInLinear` stores and computes what
   Linear8bitLt / Linear4bit store and compute (see its docstring).
 - Gradient clipping (a norm per parameter, a few bytes) and `float(loss)` are skipped.
-- Under autocast the frozen Linear weights' 16-bit copies are made once and swapped in for
-  the forward (`precision.FrozenCasts`), as `train.Loop` does.
 
 From a dry run comes an `Estimate` (`estimate_from_config`), and from more dry runs its
 variants (`reestimate`, for the fit search) and the comparison of methods.
@@ -21,7 +19,6 @@ variants (`reestimate`, for the fit search) and the comparison of methods.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -49,7 +46,6 @@ from finetune.memory.standin import StandInLinear, quantize
 from finetune.memory.tracker import MemoryTracker
 from finetune.methods import adapts_modules, allows_gradient_checkpointing, input_virtual_tokens
 from finetune.positions import most_logit_positions, trained_positions_loss
-from finetune.precision import FrozenCasts, caches_frozen_casts
 from finetune.recipe import AdapterSection
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -78,7 +74,6 @@ class DryRun:
         total_params / trainable_params: exact counts (peft's, 4-bit weights unpacked).
         events: (key, nbytes) allocation (+) and free (-) stream, for `allocator.replay`.
         quantization_scale_bytes / upcast_bytes: parts of `weights` (quantized bases).
-        cast_bytes: part of `weights`: the frozen weights' 16-bit copies (`FrozenCasts`).
         seconds: wall time of the build and step.
     """
 
@@ -90,7 +85,6 @@ class DryRun:
     saved_for_backward_bytes: int
     quantization_scale_bytes: int = 0
     upcast_bytes: int = 0
-    cast_bytes: int = 0
     seconds: float = 0.0
     events: list[tuple[int, int]] = field(default_factory=list, repr=False)
 
@@ -248,11 +242,8 @@ def dry_run(config: Any, setup: Any) -> DryRun:
     if setup.quant != "none":
         scales, _ = quantize(model, setup)
     model = prepare(model, setup)
-    autocast = autocast_dtype(setup)
-    if autocast is not None:
+    if autocast_dtype(setup) is not None:
         emulate_autocast(model)
-    checkpointing = setup.grad_ckpt and allows_gradient_checkpointing(setup.method)
-    casts = FrozenCasts(model, autocast) if caches_frozen_casts(autocast, checkpointing) else None
     if setup.quant != "none":
         upcast = sum(
             p.numel() * 4
@@ -272,10 +263,8 @@ def dry_run(config: Any, setup: Any) -> DryRun:
     trained = min(setup.logit_positions or most, most)
     optimizer = make_optimizer(model, setup)
     tracker = MemoryTracker(model)
-    for tensor in casts.tensors() if casts else []:
-        tracker.track(tensor, "weights")
-    with autocast_to(autocast):
-        step(model, optimizer, tracker, setup, trained, config.vocab_size, casts)
+    with autocast_to(autocast_dtype(setup)):
+        step(model, optimizer, tracker, setup, trained, config.vocab_size)
     tracker.remove_hooks()
     return DryRun(
         peak_bytes=tracker.peak_bytes,
@@ -286,7 +275,6 @@ def dry_run(config: Any, setup: Any) -> DryRun:
         saved_for_backward_bytes=tracker.peak_saved_bytes,
         quantization_scale_bytes=scales,
         upcast_bytes=upcast,
-        cast_bytes=sum(t.numel() * t.element_size() for t in casts.tensors()) if casts else 0,
         seconds=time.perf_counter() - started,
         events=[(e.key, e.nbytes) for e in tracker.events],
     )
@@ -299,24 +287,15 @@ def dry_run(config: Any, setup: Any) -> DryRun:
 STEPS = 2
 
 
-def step(
-    model: Any,
-    optimizer: Any,
-    tracker: Any,
-    setup: Any,
-    trained: int,
-    vocab: int,
-    casts: FrozenCasts | None = None,
-) -> None:
-    """`STEPS` tracked training steps: forward and loss (with `casts` swapped in), backward,
-    optimizer, zero_grad (set_to_none), as train.Loop does."""
+def step(model: Any, optimizer: Any, tracker: Any, setup: Any, trained: int, vocab: int) -> None:
+    """`STEPS` tracked training steps: forward and loss, backward, optimizer, zero_grad
+    (set_to_none, as train.Loop does)."""
     with tracker, KnownSizes(trained, setup.attention_masked):
         for _ in range(STEPS):
             batch = meta_batch(setup, vocab)
             for tensor in batch.values():
                 tracker.track(tensor, "activations")
-            swapped = casts.swapped_in() if casts else contextlib.nullcontext()
-            with swapped, tracker.phase("forward"):  # as train.Loop.accumulate
+            with tracker.phase("forward"):  # as train.Loop.forward_loss
                 loss = trained_positions_loss(model, batch, trained, virtual_tokens(setup))
             with tracker.phase("backward"):
                 loss.backward()
@@ -349,13 +328,9 @@ def estimate_from_config(config: Any, setup: Setup, name: str = "") -> Estimate:
     b = run.breakdown
     mixed = mixed_precision(setup)
     components = {
-        "frozen base weights": b["weights"]
-        - run.quantization_scale_bytes
-        - run.upcast_bytes
-        - run.cast_bytes,
+        "frozen base weights": b["weights"] - run.quantization_scale_bytes - run.upcast_bytes,
         "quantization scales": run.quantization_scale_bytes,
         "kept/upcast in higher precision": run.upcast_bytes,
-        "16-bit copies of frozen weights": run.cast_bytes,
         # Under mixed precision the fp32 parameters are the master weights.
         "trainable parameters": 0 if mixed else b["adapter"],
         "gradients": b["gradients"],
@@ -374,9 +349,6 @@ def estimate_from_config(config: Any, setup: Setup, name: str = "") -> Estimate:
         notes={
             "activations": f"alive at the peak ({run.peak_phase}); "
             f"{run.saved_for_backward_bytes:,} B saved for backward at most",
-            "16-bit copies of frozen weights": "cast once for autocast, kept for the run"
-            if run.cast_bytes
-            else "",
             "master weights": "fp32 parameters; AdamW steps them (16-bit copies: activations)"
             if mixed
             else "",

@@ -38,7 +38,6 @@ COMPONENTS = (
     "frozen base weights",
     "quantization scales",
     "kept/upcast in higher precision",
-    "16-bit copies of frozen weights",
     "trainable parameters",
     "gradients",
     "optimizer states",
@@ -49,7 +48,7 @@ COMPONENTS = (
     "runtime overhead",
 )
 # The components the "weights + gradients + optimizer" headline adds up.
-STATE_COMPONENTS = COMPONENTS[: COMPONENTS.index("activations")]
+STATE_COMPONENTS = COMPONENTS[:7]
 
 
 @dataclass(frozen=True)

@@ -181,12 +181,6 @@ class LiveTensorPeak:
         self.tracked_steps: list[int] = []
         self.active = False
 
-    def track_weights(self, tensors: list[torch.Tensor]) -> None:
-        """Count `tensors`, made beside the model's parameters, as weights (`FrozenCasts`)."""
-        if self.tracker is not None:
-            for tensor in tensors:
-                self.tracker.track(tensor, "weights")
-
     def wants(self, step: int, shape: tuple[int, int, int]) -> bool:
         """Whether step `step` (1-based) with widest micro-batch `shape` is tracked."""
         if self.tracker is None:
