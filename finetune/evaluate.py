@@ -11,7 +11,7 @@ import torch
 
 from finetune.batching import collate, single
 from finetune.data import TokenizedData, generation_prompt, require_trained_tokens, tokenize_rows
-from finetune.positions import count_trained, virtual_tokens_of
+from finetune.positions import count_trained, trained_positions_loss, virtual_tokens_of
 from finetune.progress import stage_progress
 
 
@@ -43,9 +43,8 @@ def evaluate_loss(
         batch = collate([single(e) for e in chunk], pad_id, packed=False)
         batch = {k: v.to(device) for k, v in batch.items()}
         n = count_trained(batch["labels"], virtual_tokens)
-        if n > 0:
-            out = model(**batch, num_items_in_batch=n)
-            total += float(out.loss) * n
+        if n > 0:  # logits only where a token is scored, as in training (positions.py)
+            total += float(trained_positions_loss(model, batch, n, virtual_tokens)) * n
             tokens += n
         if advance is not None:
             advance(len(chunk))
