@@ -69,7 +69,7 @@ def trained_positions_loss(
         return model(**batch, use_cache=False, num_items_in_batch=n_trained).loss
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     positions = keep + first + virtual_tokens - 1
-    head = model.get_output_embeddings()
+    head = output_head(model)
     if head is None:  # no head to hook: logits at every row of the kept positions
         logits = model(**inputs, use_cache=False, logits_to_keep=positions).logits
         labels = targets[:, keep]
@@ -85,6 +85,15 @@ def trained_positions_loss(
         reduction="sum",
     )
     return loss / n_trained
+
+
+def output_head(model: Any) -> Any:
+    """The model's output embeddings (its vocabulary projection), through a
+    DistributedDataParallel wrapper; None where the model has none to give."""
+    parallel = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    inner = model.module if parallel else model
+    get = getattr(inner, "get_output_embeddings", None)
+    return get() if get is not None else None
 
 
 @contextlib.contextmanager
