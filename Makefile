@@ -5,9 +5,23 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # llama.cpp's Python binding (the [llamacpp] extra) checks GGUF exports in llama.cpp itself.
 # It has no binary wheel for every platform and builds from source (about 5 minutes on 2
-# cores, once: pip's wheel cache serves later installs in seconds). No multimodal library,
-# no BLAS: neither is used to check a text model, and both lengthen the build.
-LLAMACPP_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_BLAS=OFF
+# cores, once: tools/llamacpp_wheel.sh keeps the wheel per version and flags). No multimodal
+# library, no BLAS: neither is used to check a text model, and both lengthen the build.
+LLAMACPP_VERSION := 0.3.36
+# On x86-64 the build is portable, not -march=native (ggml's default). A native build on an
+# AMX machine (Sapphire Rapids and later; -march=native defines __AMX_INT8__ whatever
+# GGML_AMX_INT8 says) compiles ggml's AMX backend, which repacks the weights and crashes the
+# process with SIGSEGV in ggml_backend_amx_mul_mat on the first prompt of a few dozen tokens
+# (seen on a 2-core virtual Sapphire Rapids; upstream llama.cpp issue 20824, unfixed). A
+# native build is also tied to the CPU it was built on. x86-64-v3 (AVX2, FMA, F16C, BMI2)
+# runs on every Intel CPU since Haswell (2013) and AMD since Zen; no AVX512, no AMX.
+# Elsewhere (aarch64) llama.cpp's own default. Override with LLAMACPP_CMAKE_ARGS=...
+ifeq ($(shell uname -m),x86_64)
+LLAMACPP_CPU := -DGGML_NATIVE=OFF -DGGML_SSE42=ON -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON \
+	-DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX_VNNI=OFF -DGGML_AVX512=OFF \
+	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+endif
+LLAMACPP_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_BLAS=OFF $(LLAMACPP_CPU)
 
 .PHONY: setup demo test test-fast lint format clean
 

@@ -11,6 +11,7 @@ import torch
 
 from finetune.batching import collate, single
 from finetune.data import TokenizedData, generation_prompt, require_trained_tokens, tokenize_rows
+from finetune.peft_compat import generation_bridge
 from finetune.positions import count_trained, trained_positions_loss, virtual_tokens_of
 from finetune.progress import stage_progress
 
@@ -67,30 +68,37 @@ def generate(
     `advance(n)` is told of every n prompts answered."""
     was_training = model.training
     model.eval()
-    device = next(p.device for p in model.parameters())
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation continues from the right edge of each row
     outputs: list[str] = []
     try:
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start : start + batch_size]
-            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
-            enc = {k: v.to(device) for k, v in enc.items()}
-            gen = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=bool(sampling.get("do_sample", False)),
-                pad_token_id=tokenizer.pad_token_id,
-                **{k: v for k, v in sampling.items() if k != "do_sample"},
-            )
-            new = gen[:, enc["input_ids"].shape[1] :]
-            outputs += tokenizer.batch_decode(new, skip_special_tokens=True)
-            if advance is not None:
-                advance(len(chunk))
+        with generation_bridge(model):  # prefix/prompt tuning on transformers >= 5.24
+            for start in range(0, len(prompts), batch_size):
+                chunk = prompts[start : start + batch_size]
+                outputs += generate_chunk(model, tokenizer, chunk, max_new_tokens, sampling)
+                if advance is not None:
+                    advance(len(chunk))
     finally:
         tokenizer.padding_side = side
         model.train(was_training)
     return [o.strip() for o in outputs]
+
+
+def generate_chunk(
+    model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, sampling: dict[str, Any]
+) -> list[str]:
+    """One padded batch of `prompts` through generate(); the new text of each."""
+    device = next(p.device for p in model.parameters())
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    enc = {k: v.to(device) for k, v in enc.items()}
+    gen = model.generate(
+        **enc,
+        max_new_tokens=max_new_tokens,
+        do_sample=bool(sampling.get("do_sample", False)),
+        pad_token_id=tokenizer.pad_token_id,
+        **{k: v for k, v in sampling.items() if k != "do_sample"},
+    )
+    return tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 @dataclass

@@ -47,6 +47,10 @@ def silence_third_party() -> None:
     # transformers' generate() passes position ids; peft's prompt tuning drops them (its
     # virtual tokens come first) and says so at every exact-match evaluation.
     warnings.filterwarnings("ignore", message="Position ids are not supported for parameter")
+    # transformers 5.24 renamed `past_key_values` to `cache`; peft 0.21.2 still hands prefix
+    # tuning's keys and values to forward() under the old name, which transformers renames.
+    # (Generation, where the two names collided, is bridged in finetune.peft_compat.)
+    warnings.filterwarnings("ignore", message="`past_key_values` is deprecated and will be")
 
 
 def quiet_transformers() -> None:

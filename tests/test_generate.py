@@ -62,6 +62,46 @@ def test_generate_is_greedy_through_the_chat_template(method, made, capsys):
     assert out.strip() == expected.strip()
 
 
+PROBES = ["Convert 3 March 2024 to ISO.", "Convert 17 June 2024 to ISO.", "the quick brown fox"]
+
+
+def forward_greedy(model, tokenizer, prompt: str, n: int) -> str:
+    """Greedy decoding the slow way: the whole sequence through the model's forward pass at
+    every token, no cache, no generate(). What the adapter's logits say the answer is."""
+    import torch
+
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    new: list[int] = []
+    with torch.no_grad():
+        for _ in range(n):
+            token = int(
+                model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1].argmax()
+            )
+            if token == tokenizer.eos_token_id:
+                break
+            new.append(token)
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    return tokenizer.decode(new, skip_special_tokens=True).strip()
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_virtual_tokens_steer_generation_as_the_forward_pass_says(method, made):
+    """Issue 28: on transformers 5.24+ with peft 0.21.2, generate() dropped the prefix (every
+    answer the base model's) and re-inserted prompt tuning's virtual tokens at every step.
+    Greedy generation (as generate, chat and exact match run it, several prompts padded into
+    one batch) must equal greedy decoding through the adapter's own forward pass, and the
+    adapter must change some answer, or this would pass with the adapter ignored."""
+    session = inference.load(targets.resolve_target(str(made[method])), device="cpu")
+    model, tokenizer = session.model, session.tokenizer
+    prompts = [inference.render_prompt(tokenizer, p) for p in PROBES]
+    generated = evaluate.generate(model, tokenizer, prompts, 6)
+    adapter = [forward_greedy(model, tokenizer, p, 6) for p in prompts]
+    with model.disable_adapter():
+        base = [forward_greedy(model, tokenizer, p, 6) for p in prompts]
+    assert generated == adapter
+    assert adapter != base, "the trained adapter changes no answer: the test shows nothing"
+
+
 def test_generate_accepts_adapter_folders_and_models_and_samples(made, tiny_model_dir, capsys):
     code, out, err = run_main(
         capsys, "generate", str(made["lora"] / "adapter"), "a", "b", "--max-new-tokens", "3"

@@ -111,7 +111,7 @@ def assert_only_project_lines(proc: Any, writes: list[dict]) -> None:
     assert not [line for line in proc.stderr.splitlines() if warning.match(line)]
 
 
-@pytest.mark.parametrize("method", ["lora", "prompt"])
+@pytest.mark.parametrize("method", ["lora", "prefix", "prompt"])
 def test_a_training_run_prints_only_the_projects_lines(
     tmp_path, tiny_model_dir, instruction_data, method
 ):
