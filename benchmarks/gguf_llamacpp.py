@@ -23,13 +23,14 @@ from finetune.data import generation_prompt, load_rows
 from finetune.export import llamacpp
 
 
-def llama_exact_match(llm, pairs: list[tuple[str, str]], max_new_tokens: int, stop: set[int]):
-    correct = 0
-    for prompt, reference in pairs:
-        answer = llamacpp.greedy(llm, llamacpp.tokenize(llm, prompt), max_new_tokens, stop)
-        text = llm.detokenize(answer).decode("utf-8", "replace").strip()
-        correct += text == reference
-    return correct
+def llama_exact_match(
+    model: Path, lora: Path | None, pairs: list[tuple[str, str]], max_new_tokens: int, stop
+) -> int:
+    """Greedy answers from llama.cpp (in its child process), tokenized and detokenized there."""
+    request = llamacpp.Request(model, lora, answer=[p for p, _ in pairs], n_new=max_new_tokens)
+    request.stop = sorted(stop)
+    answers = llamacpp.run(request).answers
+    return sum(a.strip() == ref for a, (_, ref) in zip(answers, pairs, strict=True))
 
 
 def main() -> None:
@@ -64,9 +65,8 @@ def main() -> None:
     for name, report in files.items():
         base = Path(report.check.base_gguf) if report.check.base_gguf else args.out / name
         lora = args.out / name if report.check.base_gguf else None
-        llm = llamacpp.load(base, lora=lora)
         start = time.perf_counter()
-        correct = llama_exact_match(llm, pairs, n_new, stop)
+        correct = llama_exact_match(base, lora, pairs, n_new, stop)
         rows.append(
             (
                 labels[name],
@@ -75,7 +75,6 @@ def main() -> None:
                 time.perf_counter() - start,
             )
         )
-        llm.close()
     print(f"{args.run}, {len(pairs)} held-out rows of {path}, greedy, {n_new} new tokens at most;")
     print(f"llama-cpp-python {llamacpp.version()}, {datetime.date.today().isoformat()}\n")
     print("| model | file | exact match | time |")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,12 +57,8 @@ def adapter_session(run: Path):
 def llama_answers(path: Path, session, lora: Path | None = None) -> llamacpp.Comparison:
     """An independent look, not the exporter's own report: llama.cpp against the adapter
     model in transformers on the probe prompts."""
-    llm = llamacpp.load(path, lora=lora)
-    try:
-        texts = [inference.render_prompt(session.tokenizer, p) for p in checks.PROBE_PROMPTS]
-        return llamacpp.compare(llm, session.model, session.tokenizer, texts)
-    finally:
-        llm.close()
+    texts = [inference.render_prompt(session.tokenizer, p) for p in checks.PROBE_PROMPTS]
+    return llamacpp.compare(path, lora, session.model, session.tokenizer, texts)
 
 
 def metadata(path: Path) -> dict:
@@ -130,7 +128,7 @@ def test_the_old_metadata_is_what_llamacpp_refuses(lora_run, tmp_path):
         gguf_file.add_tensor(writer, name, tensor, gguf.GGMLQuantizationType.F32)
     gguf_file.finish(writer)
     with pytest.raises(llamacpp.LoadFailed, match=r"unknown pre-tokenizer type: 'gpt2'"):
-        llamacpp.load(path)
+        llamacpp.run(llamacpp.Request(path))
 
 
 # ------------------------------------------------------------------------ adapter GGUF
@@ -188,7 +186,99 @@ def test_without_llamacpp_the_export_says_which_check_it_ran(
         str(lora_run), tmp_path / "a.gguf", "gguf-adapter", base_gguf=tmp_path / "b.gguf"
     )
     assert adapter.check.runner == "the gguf reader" and adapter.check.max_logit_diff < 1e-5
+    assert "llama.cpp is not installed" in adapter.check.note
     assert "checked the weight updates" in adapter.check.note
+
+
+# ------------------------------------------------------------------------ llama.cpp crashing
+
+# The child that llama.cpp runs in, replaced by one that is killed by a real signal when the
+# model it is asked to run matches CRASH_ON, and runs the real child otherwise.
+CRASHING_CHILD = """
+import json, os, runpy, signal, sys
+request = json.load(open(sys.argv[1]))
+if {crash_on!r} in request["model"]:
+    os.kill(os.getpid(), signal.{signal})
+sys.argv = [{real!r}, *sys.argv[1:]]
+runpy.run_path({real!r}, run_name="__main__")
+"""
+
+
+@pytest.fixture
+def crashing_llamacpp(tmp_path, monkeypatch):
+    """make(crash_on, signal): llama.cpp's child process dies of `signal` (SIGSEGV, as the
+    native build on an AMX machine did) on every model whose path holds `crash_on`."""
+
+    def make(crash_on: str, signal: str = "SIGSEGV") -> None:
+        child = tmp_path / f"crashing_child_{signal}.py"
+        real = str(llamacpp.CHILD)
+        child.write_text(CRASHING_CHILD.format(crash_on=crash_on, signal=signal, real=real))
+        monkeypatch.setattr(llamacpp, "CHILD", child)
+        llamacpp.machine_check.cache_clear()
+
+    yield make
+    llamacpp.machine_check.cache_clear()
+
+
+def files_in(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+@needs_llamacpp
+@pytest.mark.parametrize("signal", ["SIGSEGV", "SIGILL"])
+def test_llamacpp_crashing_on_the_file_fails_the_check_in_one_line(
+    signal, lora_run, tmp_path, capsys, crashing_llamacpp
+):
+    """Issue 28: llama.cpp killed finetune with SIGSEGV (exit 139, no message). Now it dies in
+    its child process; the export says what crashed, exits 1 as for a failed check, and writes
+    nothing (no file, no temporary file). pytest itself is still alive to check."""
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "keep.txt").write_text("mine")
+    crashing_llamacpp("/.f16.", signal)  # the file is written as .f16.XXXX.gguf, then renamed
+    status, _, err = run_main(
+        capsys, "export", str(lora_run), "--format", "gguf", "--out", str(out_dir / "f16.gguf")
+    )
+    assert status == 1 and len(err.strip().splitlines()) == 1, err
+    assert re.search(rf"llama.cpp .* was killed by {signal} .*nothing was written", err), err
+    assert files_in(out_dir) == ["keep.txt"]
+
+
+@needs_llamacpp
+def test_llamacpp_crashing_on_every_model_falls_back_to_transformers(
+    lora_run, tiny_model_dir, tmp_path, capsys, crashing_llamacpp
+):
+    """Where llama.cpp crashes on the embedded model's chat as well, the machine's build is
+    what is broken: the export is checked by transformers (the model) or the gguf reader (the
+    adapter), and says so."""
+    crashing_llamacpp(".gguf")
+    model = export.export(str(lora_run), tmp_path / "m.gguf", "gguf", gguf_type="f32")
+    assert model.check.runner == "transformers" and model.check.max_logit_diff < 1e-4
+    assert re.search(r"crashes on this machine \(it was killed by SIGSEGV", model.check.note)
+    export.export(str(tiny_model_dir), tmp_path / "b.gguf", "gguf")
+    status, out, err = run_main(
+        capsys, "export", str(lora_run), "--format", "gguf-adapter", "--out",
+        str(tmp_path / "a.gguf"), "--base-gguf", str(tmp_path / "b.gguf"),
+    )  # fmt: skip
+    assert status == 0, err
+    assert "checked with the gguf reader instead" in " ".join(out.split()), out
+
+
+@needs_llamacpp
+@pytest.mark.slow
+def test_llamacpp_answers_a_chat_prompt_on_the_embedded_model():
+    """The set-up check (`python -m finetune.export.llamacpp_probe`, run by `make setup`): the
+    installed llama.cpp answers a chat completion on the embedded Q4_1 GGUF in a child
+    process. The native build crashed exactly here on a Sapphire Rapids machine."""
+    llamacpp.machine_check.cache_clear()
+    found = llamacpp.machine_check()
+    assert found is not None and found.works, found
+    assert found.detail and "CPU :" in found.system
+    probe = subprocess.run(
+        [sys.executable, "-m", "finetune.export.llamacpp_probe"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert probe.returncode == 0 and "answers a chat prompt" in probe.stdout, probe.stderr
 
 
 @pytest.mark.parametrize(

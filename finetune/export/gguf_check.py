@@ -54,28 +54,62 @@ def write_checked_file(out: Path, write: Callable[[Path], GGUFCheck]) -> GGUFChe
     return check
 
 
+class LlamaCppUnusable(Exception):
+    """llama.cpp crashes on this machine whatever it runs (the embedded model's chat too)."""
+
+
+def checked_in_llamacpp_or(
+    fallback: Callable[[], GGUFCheck],
+    path: Path,
+    lora: Path | None,
+    reference: Merged,
+    limit: float,
+    what: str,
+) -> GGUFCheck:
+    """The llama.cpp check where llama.cpp is installed and runs on this machine; else
+    `fallback()` (transformers or the gguf reader), with a note saying why.
+
+    Raises:
+        CheckFailed: either check failed, or llama.cpp crashed on this file only.
+    """
+    if not llamacpp.available():
+        check = fallback()
+        check.note = join_notes(f"llama.cpp is not installed ({llamacpp.INSTALL_HINT})", check.note)
+        return check
+    try:
+        return llamacpp_check(path, lora, reference, limit, what)
+    except LlamaCppUnusable as err:
+        check = fallback()
+        check.note = join_notes(f"{err}: checked with {check.runner} instead", check.note)
+        return check
+
+
+def join_notes(*notes: str) -> str:
+    return "; ".join(n for n in notes if n)
+
+
 def llamacpp_check(
     path: Path, lora: Path | None, reference: Merged, limit: float, what: str
 ) -> GGUFCheck:
-    """Load the file (or base + adapter) in llama.cpp and compare it with `reference`.
+    """Load the file (or base + adapter) in llama.cpp, in a child process, and compare it with
+    `reference`.
 
     Raises:
-        CheckFailed: llama.cpp refuses the file, splits text differently, or its logits
-            differ by more than `limit`.
+        CheckFailed: llama.cpp refuses the file, crashes on it (and not on the embedded
+            model), splits text differently, or its logits differ by more than `limit`.
+        LlamaCppUnusable: llama.cpp crashes on the embedded model too.
     """
-    try:
-        llm = llamacpp.load(path, lora=lora)
-    except llamacpp.LoadFailed as err:
-        raise CheckFailed(
-            f"GGUF check failed: llama.cpp refused {what}: {err}; nothing was written"
-        ) from None
     texts = [inference.render_prompt(reference.tokenizer, p) for p in PROBE_PROMPTS]
     try:
         # llama.cpp's own pre-tokenizer test text, tokenized only: it covers what the probe
         # prompts do not (digits, emoji, CJK, runs of whitespace).
-        found = llamacpp.compare(llm, reference.model, reference.tokenizer, texts, [CHKTXT])
-    finally:
-        llm.close()
+        found = llamacpp.compare(path, lora, reference.model, reference.tokenizer, texts, [CHKTXT])
+    except llamacpp.LoadFailed as err:
+        raise CheckFailed(
+            f"GGUF check failed: llama.cpp refused {what}: {err}; nothing was written"
+        ) from None
+    except llamacpp.Crashed as err:
+        raise crash_outcome(str(err), what) from None
     check = GGUFCheck(
         runner=f"llama.cpp (llama-cpp-python {llamacpp.version()})",
         max_logit_diff=found.max_logit_diff,
@@ -91,6 +125,27 @@ def llamacpp_check(
         )
     require_within(check, what)
     return check
+
+
+def crash_outcome(how: str, what: str) -> Exception:
+    """llama.cpp died running `what`: is it the file or the machine? The embedded model's chat
+    answers where llama.cpp works at all; if it crashes too, the machine's build is broken and
+    the check falls back. Otherwise (or with no embedded model to tell) the check fails."""
+    runner = f"llama.cpp (llama-cpp-python {llamacpp.version()})"
+    machine = llamacpp.machine_check()
+    if machine is not None and not machine.works:
+        return LlamaCppUnusable(
+            f"{runner} crashes on this machine (it {how} on the embedded model's chat too; "
+            f"rebuild it with `make setup`, whose portable build runs on this CPU class)"
+        )
+    told = (
+        "it answers the embedded model's chat on this machine, so the file is what it cannot run"
+        if machine is not None
+        else "if it crashes on every model here, rebuild it with `make setup`"
+    )
+    return CheckFailed(
+        f"GGUF check failed: {runner} {how} while running {what}; nothing was written ({told})"
+    )
 
 
 def require_within(check: GGUFCheck, what: str) -> None:

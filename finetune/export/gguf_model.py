@@ -10,7 +10,7 @@ import torch
 
 from finetune import inference, models
 from finetune.errors import UserError
-from finetune.export import gguf_file, llamacpp
+from finetune.export import gguf_file
 from finetune.export.checks import (
     GGUF_TOLERANCE,
     PROBE_PROMPTS,
@@ -20,7 +20,13 @@ from finetune.export.checks import (
     probe_logits,
     require_adapter,
 )
-from finetune.export.gguf_check import GGUFCheck, llamacpp_check, require_within, write_checked_file
+from finetune.export.gguf_check import (
+    GGUFCheck,
+    checked_in_llamacpp_or,
+    join_notes,
+    require_within,
+    write_checked_file,
+)
 from finetune.export.merging import Merged, build_merged
 from finetune.targets import Target
 
@@ -66,13 +72,14 @@ def write_checked_gguf(
         pre = gguf_file.write_model(
             merged.model, merged.tokenizer, tmp, gguf_type, name=out.stem, source=source
         )
-        if llamacpp.available():
-            check = llamacpp_check(tmp, None, merged, limit, f"the {gguf_type} file")
-        else:
-            check = transformers_check(merged, tmp, limit)
+        check = checked_in_llamacpp_or(
+            lambda: transformers_check(merged, tmp, limit), tmp, None, merged, limit,
+            f"the {gguf_type} file",
+        )  # fmt: skip
         check.pre_tokenizer = pre
         if source is not None:
-            check.note = f"tokenizer fields carried over from {source.name}"
+            carried = f"tokenizer fields carried over from {source.name}"
+            check.note = join_notes(check.note, carried)
         return check
 
     return write_checked_file(out, write)
@@ -88,7 +95,6 @@ def transformers_check(merged: Merged, path: Path, limit: float) -> GGUFCheck:
         tolerance=limit,
         tokens_identical=same,
         prompts=len(PROBE_PROMPTS),
-        note=f"llama.cpp is not installed ({llamacpp.INSTALL_HINT})",
     )
     if not same:
         raise CheckFailed(

@@ -1,6 +1,10 @@
 """llama.cpp itself, through llama-cpp-python (the optional `[llamacpp]` extra): the check
 that an exported GGUF runs there as the model does in transformers.
 
+llama.cpp runs in a child process (`llamacpp_child.py`), never in finetune's: a build of it
+can kill its process on some CPUs (issue 28), and then the child dies, and finetune says so
+in one line (`Crashed`) and goes on (see `gguf_check` for what it does then).
+
 A GGUF that transformers reads back can still be one llama.cpp refuses or tokenizes
 differently (issue 18: a pre-tokenizer name llama.cpp does not know). So the check loads the
 file the way a user will, compares llama.cpp's token ids with the transformers tokenizer's,
@@ -9,11 +13,15 @@ its logits with the merged model's, and greedy answers token by token.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
+import functools
 import importlib.util
+import json
 import os
-from collections.abc import Iterator
+import signal
+import subprocess
+import sys
+import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,77 +56,146 @@ class LoadFailed(Exception):
     """llama.cpp refused the file; the message is llama.cpp's own error line."""
 
 
-@contextlib.contextmanager
-def collected_errors() -> Iterator[list[str]]:
-    """llama.cpp reports why it refused a file only to its log; collect its error lines
-    (and keep its chatter off the terminal) while loading."""
-    import llama_cpp
-    from llama_cpp import _logger
-
-    errors: list[str] = []
-
-    @llama_cpp.llama_log_callback
-    def collect(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-        # GGML_LOG_LEVEL_ERROR in ggml.h (llama_cpp._logger's table predates the renumbering)
-        if level == 4:
-            errors.append(text.decode("utf-8", "replace").strip())
-
-    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
-    try:
-        yield errors
-    finally:
-        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+class Crashed(Exception):
+    """llama.cpp killed its process (a signal), hung, or died without an answer. The message
+    names how, and ends with the last line the process wrote."""
 
 
-def load(path: Path, lora: Path | None = None, n_ctx: int = CONTEXT) -> Any:
-    """Load a GGUF (and a LoRA GGUF on top of it) with every position's logits kept.
+CHILD = Path(__file__).with_name("llamacpp_child.py")
+TIMEOUT = 1800  # seconds: a 7B f16 file loads and answers the probes in a few minutes
+
+
+@dataclass
+class Request:
+    """What llama.cpp is asked, in one child process: token ids of `tokenize`, logits at
+    every position of each id list in `score` and the greedy continuation of each, greedy
+    answers (detokenized) to the `answer` prompts, and a chat completion of `chat`."""
+
+    model: Path
+    lora: Path | None = None
+    tokenize: list[str] = field(default_factory=list)
+    score: list[list[int]] = field(default_factory=list)
+    answer: list[str] = field(default_factory=list)
+    chat: list[dict[str, str]] = field(default_factory=list)
+    n_new: int = GREEDY_TOKENS
+    stop: list[int] = field(default_factory=list)
+    n_ctx: int = CONTEXT
+
+
+@dataclass
+class Reply:
+    tokens: list[list[int]]
+    logits: list[np.ndarray]
+    greedy: list[list[int]]
+    answers: list[str]
+    chat: str | None
+    system: str  # llama.cpp's system line: the CPU features it was built with
+
+
+def run(request: Request, timeout: float = TIMEOUT) -> Reply:
+    """Ask llama.cpp in a child process (`llamacpp_child.py`), so that a crash there ends that
+    process, not finetune's.
 
     Raises:
         LoadFailed: llama.cpp refused the model or the adapter, with its reason.
+        Crashed: the child was killed by a signal, hung past `timeout`, or left no answer.
     """
-    from llama_cpp import Llama
-
-    with collected_errors() as errors:
-        try:
-            return Llama(
-                model_path=str(path),
-                lora_path=str(lora) if lora else None,
-                n_ctx=n_ctx,
-                n_threads=threads(),
-                n_threads_batch=threads(),
-                logits_all=True,
-                verbose=False,
+    with tempfile.TemporaryDirectory(prefix="finetune-llamacpp-") as folder:
+        ask, prefix = Path(folder) / "request.json", str(Path(folder) / "reply")
+        ask.write_text(json.dumps(request_fields(request)), encoding="utf-8")
+        returncode, stderr = run_child([sys.executable, str(CHILD), str(ask), prefix], timeout)
+        facts_path = Path(prefix + ".json")
+        if returncode != 0 and not facts_path.is_file():
+            raise Crashed(how_it_died(returncode, stderr, timeout))
+        facts = json.loads(facts_path.read_text(encoding="utf-8"))
+        if facts["status"] == "refused":
+            raise LoadFailed(facts["reason"])
+        with np.load(prefix + ".npz", allow_pickle=False) as arrays:
+            return Reply(
+                tokens=[arrays[f"tokens_{i}"].tolist() for i in range(len(request.tokenize))],
+                logits=[arrays[f"logits_{i}"] for i in range(len(request.score))],
+                greedy=[arrays[f"greedy_{i}"].tolist() for i in range(len(request.score))],
+                answers=facts["answers"],
+                chat=facts.get("chat"),
+                system=facts["system"],
             )
-        except (ValueError, RuntimeError) as err:
-            # "llama_model_load: error loading model: ...": the reason, without the function
-            reason = errors[0].split(": ", 1)[-1] if errors else str(err)
-            raise LoadFailed(reason) from None
 
 
-def tokenize(llm: Any, text: str) -> list[int]:
-    """Token ids as llama.cpp splits `text` (special tokens parsed, no BOS added)."""
-    return list(llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+def request_fields(request: Request) -> dict[str, Any]:
+    fields = {k: v for k, v in vars(request).items() if k not in ("model", "lora")}
+    return {
+        **fields,
+        "model": str(request.model),
+        "lora": str(request.lora) if request.lora else None,
+        "threads": threads(),
+    }
 
 
-def logits(llm: Any, ids: list[int]) -> np.ndarray:
-    """llama.cpp's logits at every position of `ids`."""
-    llm.reset()
-    llm.eval(ids)
-    return np.array(llm.scores[: len(ids)], dtype=np.float32)
+def run_child(command: list[str], timeout: float) -> tuple[int | None, str]:
+    """(exit code, or None past the timeout; the child's stderr). Its stdout is dropped:
+    llama.cpp's own chatter."""
+    try:
+        done = subprocess.run(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=timeout
+        )
+    except subprocess.TimeoutExpired as late:  # run() has killed it
+        return None, (late.stderr or b"").decode("utf-8", "replace")
+    return done.returncode, done.stderr.decode("utf-8", "replace")
 
 
-def greedy(llm: Any, ids: list[int], n: int, stop: set[int]) -> list[int]:
-    """Up to `n` argmax tokens after `ids`, ending at a stop token (not included)."""
-    llm.reset()
-    llm.eval(ids)
-    out: list[int] = []
-    for _ in range(n):
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        if token in stop:
-            break
-        out.append(token)
-        llm.eval([token])
-    return out
+def how_it_died(returncode: int | None, stderr: str, timeout: float) -> str:
+    """'killed by SIGSEGV (segmentation fault)', with the child's last line of stderr."""
+    if returncode is None:
+        how = f"did not answer within {timeout:.0f} s and was stopped"
+    elif returncode < 0:
+        number = -returncode
+        name = signal.Signals(number).name if number in signal.valid_signals() else str(number)
+        said = signal.strsignal(number) or "a signal"
+        how = f"was killed by {name} ({said[:1].lower()}{said[1:]})"
+    else:
+        how = f"ended with exit code {returncode} and no answer"
+    last = [line.strip() for line in stderr.splitlines() if line.strip()]
+    # faulthandler's stack ends with the Python frame that called into llama.cpp
+    where = next((line for line in reversed(last) if line.startswith("File ")), "")
+    detail = where or (last[-1] if last else "")
+    return how + (f" ({detail[:200]})" if detail else "")
+
+
+PROBE_CHAT = [{"role": "user", "content": "Convert the 5th of January 2034 to ISO 8601."}]
+
+
+@dataclass
+class MachineCheck:
+    """Whether llama.cpp runs on this machine: a chat completion on the embedded model."""
+
+    works: bool
+    detail: str  # the model's answer, or how llama.cpp died
+    system: str = ""  # llama.cpp's system line (the CPU features it was built with)
+    seconds: float = 0.0
+
+
+@functools.cache
+def machine_check() -> MachineCheck | None:
+    """A chat completion (a few dozen tokens of prompt: a single short eval did not crash the
+    broken build) on the embedded SmolLM2-135M-Instruct GGUF, in a child process. None when
+    the embedded model or llama.cpp is not installed. Asked once per process."""
+    from finetune import models
+    from finetune.errors import UserError
+
+    if not available():
+        return None
+    try:
+        gguf = models.embedded_gguf_path()
+    except UserError:
+        return None
+    start = time.perf_counter()
+    try:
+        reply = run(Request(gguf, chat=PROBE_CHAT, n_new=16), timeout=300)
+    except Crashed as err:
+        return MachineCheck(False, str(err))
+    except LoadFailed as err:
+        return MachineCheck(False, f"refused the embedded model ({err})")
+    return MachineCheck(True, (reply.chat or "").strip(), reply.system, time.perf_counter() - start)
 
 
 @dataclass
@@ -136,39 +213,46 @@ class Comparison:
 
 
 def compare(
-    llm: Any,
+    path: Path,
+    lora: Path | None,
     model: Any,
     tokenizer: Any,
     texts: list[str],
     tokenize_only: list[str] = (),
     n_new: int = GREEDY_TOKENS,
 ) -> Comparison:
-    """Compare llama.cpp (`llm`) with a transformers model on already-rendered prompts:
-    tokens (of `tokenize_only` too), logits at every position, greedy answers.
+    """Compare llama.cpp running `path` (with `lora` on top) with a transformers model on
+    already-rendered prompts: tokens (of `tokenize_only` too), logits at every position,
+    greedy answers. llama.cpp runs in a child process (`run`).
 
     Tokenization first: if llama.cpp splits a prompt differently, logits mean nothing.
+
+    Raises:
+        LoadFailed: llama.cpp refused the model or the adapter.
+        Crashed: llama.cpp killed its process.
     """
     import torch
 
     stop = {t for t in (tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None}
+    every = [*tokenize_only, *texts]
+    ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in every]
+    request = Request(path, lora, tokenize=every, score=ids[len(tokenize_only) :], n_new=n_new)
+    request.stop = sorted(stop)
+    reply = run(request)
     result = Comparison(len(texts), True, 0.0, 0)
-    for text in [*tokenize_only, *texts]:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        theirs = tokenize(llm, text)
-        if theirs != ids:
+    for text, mine, theirs in zip(every, ids, reply.tokens, strict=True):
+        if theirs != mine:
             result.tokens_identical = False
-            result.first_difference = first_difference(tokenizer, ids, theirs, text)
+            result.first_difference = first_difference(tokenizer, mine, theirs, text)
             return result
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    scored = zip(texts, request.score, reply.logits, reply.greedy, strict=True)
+    for text, prompt_ids, got, answer in scored:
         with torch.no_grad():
-            expected = model(torch.tensor([ids])).logits[0].float().numpy()
-        got = logits(llm, ids)
+            expected = model(torch.tensor([prompt_ids])).logits[0].float().numpy()
         result.max_logit_diff = max(result.max_logit_diff, float(np.abs(expected - got).max()))
-        result.positions += len(ids)
+        result.positions += len(prompt_ids)
         result.top1_identical += int((expected.argmax(-1) == got.argmax(-1)).sum())
-        mine = hf_greedy(model, ids, n_new, stop)
-        answer = greedy(llm, ids, n_new, stop)
+        mine = hf_greedy(model, prompt_ids, n_new, stop)
         result.greedy_identical += mine == answer
         result.answers.append({"prompt": text, "transformers": mine, "llama.cpp": answer})
     return result
