@@ -113,6 +113,9 @@ def run_with_peak(
         mixed_precision=resolve_mixed_precision(recipe.train.mixed_precision, device),
         cpu=device == "cpu",
     )
+    if saved is not None:  # nothing is written yet: a run with no step left stops here
+        planned = total_steps(recipe, len(run_items(recipe, prepared)), accelerator.num_processes)
+        runs.refuse_finished(run_dir, saved, planned)
     if resume:
         prepared.notes.append(
             f"resumed from {saved.path}"
@@ -123,6 +126,14 @@ def run_with_peak(
         runs.start_run_dir(run_dir, fresh=not resume, recipe_yaml=dump_recipe(recipe))
         runs.remove_partial_writes(run_dir)
     return Loop(recipe, prepared, accelerator, run_dir, saved, peak).run(stop)
+
+
+def run_items(recipe: Recipe, prepared: Prepared) -> list:
+    """The training examples as the loop batches them (packed into sequences or not)."""
+    data = recipe.data
+    return batching.build_items(
+        prepared.splits.train.examples, data.packing, data.max_length, recipe.train.seed
+    )
 
 
 class Loop:
@@ -145,9 +156,7 @@ class Loop:
         self.train_data = prepared.splits.train
         self.pad_id = prepared.loaded.tokenizer.pad_token_id
         self.packed = recipe.data.packing
-        self.items = batching.build_items(
-            self.train_data.examples, self.packed, recipe.data.max_length, recipe.train.seed
-        )
+        self.items = run_items(recipe, prepared)
         self.steps = total_steps(recipe, len(self.items), accelerator.num_processes)
         optimizer, self.scheduler = make_optimizer(prepared.model, recipe, self.steps)
         self.model, self.optimizer = accelerator.prepare(prepared.model, optimizer)
@@ -158,7 +167,7 @@ class Loop:
         # On the CPU the measured peak is the estimate's metric, live tensor bytes; on CUDA
         # torch's allocator statistics (PeakMemory) are the measurement.
         self.live = LiveTensorPeak(self.unwrapped(), enabled=prepared.loaded.device == "cpu")
-        self.state = RunState()
+        self.state = RunState(data_sha256=runs.data_fingerprint(Path(recipe.data.path)))
         self.history: list[dict[str, Any]] = []
         self.evals: list[dict[str, Any]] = []
         self.checkpoint: Path | None = None  # the newest, on every process (only one writes)

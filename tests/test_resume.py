@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT
+from helpers import ROOT, run_main
 from safetensors.torch import load_file
 
 from finetune.cli import main
@@ -362,3 +362,93 @@ def test_the_lock_goes_with_a_run_that_fails_before_writing(capsys, recipe_file,
     code, _, err = run_main(capsys, "train", str(path))
     assert code == 2 and "broken.jsonl" in err and "row 2" in err, err  # found after the lock
     assert not (tmp_path / "run").exists()  # neither the folder nor its lock is left behind
+
+
+# ------------------------------------------------------------------ --resume refuses, loses nothing
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder`, by relative path, with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def resume_refused(capsys, recipe: Path, run: Path, pattern: str, *overrides: str) -> None:
+    """`finetune train RECIPE OVERRIDES --resume` ends in one line matching `pattern`, exit 2,
+    and the run directory is byte for byte as it was."""
+    import re
+
+    before = snapshot(run)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as ended:
+        main(["train", str(recipe), *overrides, "--resume"])
+    err = capsys.readouterr().err.strip()
+    assert ended.value.code == 2 and len(err.splitlines()) == 1, err
+    assert re.search(pattern, err), err
+    assert snapshot(run) == before
+
+
+@pytest.fixture
+def finished_run(recipe_file, tmp_path):
+    """A finished 4-step run with checkpoints at steps 2 and 4."""
+    run = tmp_path / "run"
+    recipe = recipe_file(train={"max_steps": 4, "save_every": 2}, output={"dir": str(run)})
+    train(load_recipe(recipe))
+    return recipe, run
+
+
+def test_resume_never_retrains_a_finished_adapter_without_a_checkpoint(capsys, finished_run):
+    """Issue 30: checkpoints/ deleted to save space, then --resume to train longer: it started
+    from step 0 and replaced the finished adapter. Also with the folder gone entirely."""
+    import shutil
+
+    recipe, run = finished_run
+    for step in (run / "checkpoints").iterdir():
+        shutil.rmtree(step)
+    pattern = r"--resume: .*holds a trained adapter/ but no checkpoint .*adapter\.init_from="
+    resume_refused(capsys, recipe, run, pattern, "train.max_steps=8")
+    (run / "checkpoints").rmdir()
+    resume_refused(capsys, recipe, run, pattern)
+
+
+def test_resume_of_a_finished_run_changes_nothing_unless_it_is_made_longer(capsys, finished_run):
+    recipe, run = finished_run
+    resume_refused(capsys, recipe, run, r"is at step 4 of 4; nothing to continue.*max_steps")
+    code, _, err = run_main(capsys, "train", str(recipe), "train.max_steps=6", "--resume")
+    assert code == 0, err
+    steps = [json.loads(line).get("step") for line in (run / "metrics.jsonl").open()]
+    assert [s for s in steps if s] == list(range(1, 7))
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [("train.lr=0.001", "train.lr"), ("train.schedule=constant", "train.schedule"),
+     ("train.weight_decay=0.5", "train.weight_decay")],
+)  # fmt: skip
+def test_resume_refuses_optimizer_settings_the_checkpoint_would_ignore(
+    capsys, recipe_file, tmp_path, override, field
+):
+    """The restored optimizer and scheduler keep the old lr (issue 30: train.lr=1e-5 was
+    recorded in recipe.yaml and ignored)."""
+    import shutil
+
+    run = tmp_path / "run"
+    recipe = recipe_file(train={"max_steps": 4, "save_every": 2}, output={"dir": str(run)})
+    train(load_recipe(recipe))
+    shutil.rmtree(run / "checkpoints" / "step-4")
+    resume_refused(capsys, recipe, run, rf"--resume: {field} is .* was made with", override)
+
+
+def test_resume_refuses_other_data_under_the_same_path(capsys, recipe_file, tmp_path):
+    """Issue 30: a different dataset under the same path continued 'at the exact data
+    position' (loss 0.6 -> 4.3). One changed character in one row is enough to refuse."""
+    import shutil
+
+    run = tmp_path / "run"
+    recipe = recipe_file(train={"max_steps": 4, "save_every": 2}, output={"dir": str(run)})
+    train(load_recipe(recipe))
+    shutil.rmtree(run / "checkpoints" / "step-4")
+    data = Path(load_recipe(recipe).data.path)
+    rows = data.read_text().splitlines()
+    rows[3] = rows[3].replace("2024", "2025", 1)
+    data.write_text("\n".join(rows) + "\n")
+    resume_refused(capsys, recipe, run, r"--resume: data\.path .* is not the data step-2 was")

@@ -55,6 +55,9 @@ class RunState:
     # padded or packed) and without ("unmasked"): [padded length, logits positions]. The
     # report's memory estimate dry-runs these shapes.
     widest: dict[str, list[int]] = field(default_factory=dict)
+    # sha256 of the training data's bytes (`data_fingerprint`): the data position a checkpoint
+    # holds means something only for this content. Empty in checkpoints of older versions.
+    data_sha256: str = ""
 
 
 @dataclass
@@ -198,14 +201,76 @@ def read_checkpoint(checkpoint: Path) -> SavedCheckpoint:
 
 def checkpoint_to_resume(recipe: Recipe, run_dir: Path) -> SavedCheckpoint | None:
     """For --resume: check that `recipe` may continue the run in `run_dir`, then read its
-    newest checkpoint (None when it has none yet).
+    newest checkpoint (None when it has none yet). Nothing is written before this returns.
 
     Raises:
-        UserError: the recipe changes what the checkpoints mean, or the checkpoint is corrupt.
+        UserError: the recipe or the training data changes what the checkpoints mean, the
+            run's trained adapter has no checkpoint to go on from (resuming would train it
+            again from step 0), or the checkpoint is corrupt. (`refuse_finished` checks, once
+            the data is read, that some step is left to train.)
     """
     latest = latest_checkpoint(run_dir)
     check_resumable(recipe, run_dir)
-    return read_checkpoint(latest) if latest else None
+    if latest is None:
+        refuse_retraining(run_dir)
+        return None
+    saved = read_checkpoint(latest)
+    check_same_data(recipe, saved)
+    return saved
+
+
+def refuse_retraining(run_dir: Path) -> None:
+    """A run with a trained adapter and no checkpoint (checkpoints/ deleted, or save_every 0)
+    cannot be continued: --resume would start from step 0 and replace that adapter."""
+    if (adapter_path(run_dir) / "adapter_config.json").is_file():
+        raise UserError(
+            f"--resume: {run_dir} holds a trained {ADAPTER}/ but no checkpoint to continue "
+            f"from ({CHECKPOINTS}/ is empty or gone), and resuming would train it again from "
+            f"step 0; to train it further, start a new run from it: adapter.init_from="
+            f"{adapter_path(run_dir)} output.dir=<a new folder>"
+        )
+
+
+def data_fingerprint(path: Path) -> str:
+    """sha256 of a data file's bytes, or of every file in a data folder (names and bytes, in
+    name order); empty when the path does not exist (the data checks say so later)."""
+    import hashlib
+
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if not file.is_file():
+            return ""
+        digest.update(str(file.relative_to(path) if path.is_dir() else "").encode())
+        with file.open("rb") as source:
+            for block in iter(lambda: source.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def check_same_data(recipe: Recipe, saved: SavedCheckpoint) -> None:
+    """Refuse a checkpoint whose data position is in other data than data.path holds now."""
+    if not saved.state.data_sha256:
+        return  # a checkpoint of an older version: its recipe fields were checked
+    if data_fingerprint(Path(recipe.data.path)) != saved.state.data_sha256:
+        raise UserError(
+            f"--resume: data.path {recipe.data.path} is not the data {saved.path.name} was "
+            "trained on (its content changed), so the saved data position means nothing in "
+            "it; put the original data back, or start a new run (adapter.init_from="
+            f"{saved.path / ADAPTER} can start from this checkpoint's adapter)"
+        )
+
+
+def refuse_finished(run_dir: Path, saved: SavedCheckpoint, planned_steps: int) -> None:
+    """A checkpoint already at the last step the recipe asks for leaves nothing to train:
+    resuming would only rewrite the run's record (its report, metrics and memory)."""
+    if saved.state.step >= planned_steps:
+        raise UserError(
+            f"--resume: the run in {run_dir} is at step {saved.state.step} of "
+            f"{planned_steps}; nothing to continue. To train it longer, raise train.max_steps "
+            "(or train.epochs) and --resume; to train again, start a new run"
+        )
 
 
 def restore_rng(saved: SavedCheckpoint) -> None:
@@ -217,12 +282,22 @@ def restore_rng(saved: SavedCheckpoint) -> None:
 
 
 # What a resumed run must share with the run it continues: anything else (max_steps, eval
-# and save intervals, output options) may change between the two.
+# and save intervals, output options) may change between the two. lr and weight decay live
+# in the restored optimizer and scheduler: a new value would be written to recipe.yaml and
+# not used. The schedule's shape and warm-up are the scheduler's meaning.
 RESUME_MUST_MATCH = {
     "model": None,
     "adapter": None,
     "data": None,
-    "train": ("micro_batch_size", "grad_accum", "seed"),
+    "train": (
+        "micro_batch_size",
+        "grad_accum",
+        "seed",
+        "lr",
+        "weight_decay",
+        "schedule",
+        "warmup_steps",
+    ),
 }
 
 
