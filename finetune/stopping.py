@@ -9,9 +9,11 @@ under a temporary name and renamed into place, so stopping mid-write corrupts no
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from types import FrameType
 from typing import Any
 
@@ -26,6 +28,30 @@ class Interrupted(BaseException):
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
         self.exit_code = 128 + signum
+
+
+class Terminated(Interrupted):
+    """SIGTERM outside a training run (`kill`, `docker stop`): it unwinds as Ctrl-C does, so
+    temporary outputs are removed and child processes stopped, instead of the process
+    vanishing on the spot with its partial files left behind."""
+
+
+@contextlib.contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """Within: SIGTERM raises `Terminated` (a training run installs its own handler inside,
+    `StopRequests`, and puts this one back). Outside the main thread it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def unwind(signum: int, frame: FrameType | None) -> None:
+        raise Terminated(signum)
+
+    previous = signal.signal(signal.SIGTERM, unwind)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class StopRequests:

@@ -84,6 +84,12 @@ def forward_greedy(model, tokenizer, prompt: str, n: int) -> str:
     return tokenizer.decode(new, skip_special_tokens=True).strip()
 
 
+def own_generation_steps(model) -> list:
+    """The instance-level prepare_inputs_for_generation of the peft model and its base."""
+    owners = (model, model.base_model)
+    return [owner.__dict__.get("prepare_inputs_for_generation") for owner in owners]
+
+
 @pytest.mark.parametrize("method", ["prefix", "prompt"])
 def test_virtual_tokens_steer_generation_as_the_forward_pass_says(method, made):
     """Issue 28: on transformers 5.24+ with peft 0.21.2, generate() dropped the prefix (every
@@ -94,7 +100,9 @@ def test_virtual_tokens_steer_generation_as_the_forward_pass_says(method, made):
     session = inference.load(targets.resolve_target(str(made[method])), device="cpu")
     model, tokenizer = session.model, session.tokenizer
     prompts = [inference.render_prompt(tokenizer, p) for p in PROBES]
+    before = own_generation_steps(model)
     generated = evaluate.generate(model, tokenizer, prompts, 6)
+    assert own_generation_steps(model) == before  # the bridge leaves nothing behind
     adapter = [forward_greedy(model, tokenizer, p, 6) for p in prompts]
     with model.disable_adapter():
         base = [forward_greedy(model, tokenizer, p, 6) for p in prompts]

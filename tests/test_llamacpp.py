@@ -8,14 +8,17 @@ FINETUNE_REQUIRE_LLAMACPP=1 so that a missing build fails here instead of skippi
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import build_tokenizer, date_rows, run_main, with_llamacpp, write_jsonl
+from helpers import ROOT, build_tokenizer, date_rows, run_main, with_llamacpp, write_jsonl
 
 from finetune import export, inference, targets
 from finetune.errors import UserError
@@ -308,3 +311,136 @@ def test_adapter_without_a_base_gguf_says_how_to_make_one(lora_run, tmp_path, ca
     assert status == 2 and len(err.splitlines()) == 1, err
     assert re.search(r"--base-gguf: .*not a GGUF file.*finetune export .* --format gguf", err)
     assert not out.exists()
+
+
+# A stand-in for the llama_cpp package, put first on the child's PYTHONPATH: the real child
+# process runs and imports it, and it fails the way FAKE_LLAMA says when the model loads.
+FAKE_LLAMA_CPP = """
+import os, pathlib, time
+
+def llama_log_callback(function):
+    return function
+
+def llama_log_set(*args):
+    pass
+
+def llama_print_system_info():
+    return b"fake"
+
+def fail(mode):
+    pathlib.Path(os.environ["FAKE_LLAMA_PID"]).write_text(str(os.getpid()))
+    if mode == "hang":
+        time.sleep(600)
+    if mode == "exit0":
+        os._exit(0)
+    if mode == "oserror":
+        raise OSError(28, "No space left on device")
+    if mode == "abort":
+        os.abort()
+
+class Llama:
+    def __init__(self, **settings):
+        fail(os.environ["FAKE_LLAMA"])
+"""
+
+
+@pytest.fixture
+def fake_llama(tmp_path, monkeypatch):
+    """env(mode): the environment under which llama.cpp's child process fails as `mode` says;
+    also set in this process's environment, which in-process commands' children inherit."""
+    package = tmp_path / "fake" / "llama_cpp"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(FAKE_LLAMA_CPP)
+
+    def env(mode: str) -> dict[str, str]:
+        extra = {
+            "PYTHONPATH": str(package.parent),
+            "FAKE_LLAMA": mode,
+            "FAKE_LLAMA_PID": str(tmp_path / "child.pid"),
+        }
+        for key, value in extra.items():
+            monkeypatch.setenv(key, value)
+        llamacpp.machine_check.cache_clear()
+        return extra
+
+    yield env
+    llamacpp.machine_check.cache_clear()
+
+
+@needs_llamacpp
+@pytest.mark.parametrize(
+    ("mode", "pattern"),
+    [
+        ("exit0", r"process running llama.cpp on the f16 file failed \(exit code 0: no message"),
+        ("oserror", r"failed \(exit code 1: OSError: \[Errno 28\] No space left on device\)"),
+    ],
+)
+def test_a_failing_llamacpp_process_is_one_line_naming_its_error(
+    mode, pattern, lora_run, tmp_path, capsys, fake_llama
+):
+    """A Python error in the child (or an exit without an answer) is neither the file's fault
+    nor the machine's: the line gives the child's own error, exit 1, nothing written."""
+    fake_llama(mode)
+    out = tmp_path / "out" / "f16.gguf"
+    out.parent.mkdir()
+    status, _, err = run_main(
+        capsys, "export", str(lora_run), "--format", "gguf", "--out", str(out)
+    )
+    assert status == 1 and len(err.strip().splitlines()) == 1, err
+    assert re.search(pattern, err), err
+    assert files_in(out.parent) == []
+
+
+@needs_llamacpp
+def test_a_crash_names_the_innermost_frame(lora_run, tmp_path, fake_llama):
+    """faulthandler prints the innermost frame first: that is where llama.cpp was entered."""
+    fake_llama("abort")
+    model = export.export(str(lora_run), tmp_path / "m.gguf", "gguf", gguf_type="f32")
+    assert model.check.runner == "transformers"  # the embedded model's chat aborts too
+    assert re.search(
+        r"killed by SIGABRT \(aborted\) \(File .*llama_cpp/__init__.py", model.check.note
+    )
+
+
+@needs_llamacpp
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
+def test_stopping_an_export_stops_llamacpp_and_leaves_nothing(
+    signum, lora_run, tmp_path, fake_llama
+):
+    """Issue 28's red team: SIGTERM (`kill`, `docker stop`) to an export checking in llama.cpp
+    left the child running with no timeout, and its files behind. Now SIGTERM unwinds like
+    Ctrl-C: exit 143, the child gone, no temporary file in TMPDIR or beside --out. SIGKILL
+    cannot clean up, but the child still dies with its parent."""
+    env = {**os.environ, **fake_llama("hang"), "TMPDIR": str(tmp_path / "tmp")}
+    (tmp_path / "tmp").mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    pid_file = Path(env["FAKE_LLAMA_PID"])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "finetune", "export", str(lora_run), "--format", "gguf", "--out",
+         str(out / "m.gguf")],
+        env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 180
+    while not pid_file.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert pid_file.exists(), proc.communicate()[1][-2000:]
+    child = int(pid_file.read_text())
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == {signal.SIGTERM: 143, signal.SIGINT: 130}.get(signum, -9), err
+    for _ in range(50):  # the kernel delivers the parent-death signal asynchronously
+        if not alive(child):
+            break
+        time.sleep(0.1)
+    assert not alive(child)
+    if signum != signal.SIGKILL:
+        assert files_in(tmp_path / "tmp") == [] and files_in(out) == [], err
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has ended; only its exit status waits to be read

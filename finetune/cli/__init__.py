@@ -18,14 +18,15 @@ from finetune.cli.app import app, console, fail
 from finetune.errors import UserError, closest
 from finetune.noise import silence_third_party
 from finetune.outputs import write_error
-from finetune.stopping import Interrupted
+from finetune.stopping import Interrupted, Terminated, sigterm_unwinds
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning user errors into one line and exit code 2."""
     silence_third_party()
     try:
-        code = app(args=argv, standalone_mode=False, prog_name="finetune")
+        with sigterm_unwinds():
+            code = app(args=argv, standalone_mode=False, prog_name="finetune")
         # Without standalone mode, click returns a typer.Exit's code instead of exiting.
         if isinstance(code, int) and code:
             sys.exit(code)
@@ -36,6 +37,9 @@ def main(argv: list[str] | None = None) -> None:
     except (typer.Abort, KeyboardInterrupt):
         console.print("aborted")
         sys.exit(130)
+    except Terminated as err:
+        console.print("stopped by SIGTERM")
+        sys.exit(err.exit_code)
     except Interrupted as err:  # a second Ctrl-C or SIGTERM while a run was saving and stopping
         console.print(f"stopped at once by a second {err}; every file written is complete")
         sys.exit(err.exit_code)

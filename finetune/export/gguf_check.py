@@ -46,12 +46,17 @@ def write_checked_file(out: Path, write: Callable[[Path], GGUFCheck]) -> GGUFChe
         tmp.chmod(0o644)
         os.replace(tmp, out)
     except BaseException as err:
-        error = outputs.write_error(err, out)
+        # A failed check is a verdict on the file, even when its words mention a full disk
+        # (the llama.cpp process's own error): not a failure to write `out`.
+        error = None if isinstance(err, CheckFailed) else outputs.write_error(err, out)
         tmp.unlink(missing_ok=True)
         if error is not None:
             raise error from None
         raise
     return check
+
+
+REBUILD = "rebuild it for this CPU: `make -B setup LLAMACPP_CMAKE_ARGS=...`, see the Makefile"
 
 
 class LlamaCppUnusable(Exception):
@@ -110,6 +115,11 @@ def llamacpp_check(
         ) from None
     except llamacpp.Crashed as err:
         raise crash_outcome(str(err), what) from None
+    except llamacpp.ChildFailed as err:
+        raise CheckFailed(
+            f"GGUF check failed: the process running llama.cpp on {what} failed ({err}); "
+            "nothing was written"
+        ) from None
     check = GGUFCheck(
         runner=f"llama.cpp (llama-cpp-python {llamacpp.version()})",
         max_logit_diff=found.max_logit_diff,
@@ -135,13 +145,13 @@ def crash_outcome(how: str, what: str) -> Exception:
     machine = llamacpp.machine_check()
     if machine is not None and not machine.works:
         return LlamaCppUnusable(
-            f"{runner} crashes on this machine (it {how} on the embedded model's chat too; "
-            f"rebuild it with `make setup`, whose portable build runs on this CPU class)"
+            f"{runner} crashes on this machine (it {how} running {what}, and "
+            f"{machine.detail} on the embedded model's chat; {REBUILD})"
         )
     told = (
         "it answers the embedded model's chat on this machine, so the file is what it cannot run"
         if machine is not None
-        else "if it crashes on every model here, rebuild it with `make setup`"
+        else f"if it crashes on every model here, {REBUILD}"
     )
     return CheckFailed(
         f"GGUF check failed: {runner} {how} while running {what}; nothing was written ({told})"

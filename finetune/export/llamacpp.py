@@ -29,7 +29,9 @@ from typing import Any
 import numpy as np
 
 PINNED = "0.3.36"  # pyproject's [llamacpp] extra and the Makefile install this one
-INSTALL_HINT = f"pip install 'llama-cpp-python=={PINNED}' (or pip install -e '.[llamacpp]')"
+# make setup builds it portable (x86-64-v3, no AMX): a plain pip build is -march=native,
+# which crashed on Sapphire Rapids (see the Makefile).
+INSTALL_HINT = f"make setup builds llama-cpp-python=={PINNED} for this CPU class"
 GREEDY_TOKENS = 12  # as many as the quickstart recipe's eval.max_new_tokens
 CONTEXT = 512
 
@@ -57,8 +59,13 @@ class LoadFailed(Exception):
 
 
 class Crashed(Exception):
-    """llama.cpp killed its process (a signal), hung, or died without an answer. The message
-    names how, and ends with the last line the process wrote."""
+    """llama.cpp killed its process (a signal) or hung. The message names how, with the
+    innermost Python frame the crash reached."""
+
+
+class ChildFailed(Exception):
+    """The llama.cpp process failed without a word on the file: a Python error in it (the
+    message is its last line), or its request could not be written."""
 
 
 CHILD = Path(__file__).with_name("llamacpp_child.py")
@@ -98,27 +105,42 @@ def run(request: Request, timeout: float = TIMEOUT) -> Reply:
 
     Raises:
         LoadFailed: llama.cpp refused the model or the adapter, with its reason.
-        Crashed: the child was killed by a signal, hung past `timeout`, or left no answer.
+        Crashed: the child was killed by a signal or hung past `timeout`.
+        ChildFailed: the child failed with a Python error, or its files could not be written.
     """
-    with tempfile.TemporaryDirectory(prefix="finetune-llamacpp-") as folder:
-        ask, prefix = Path(folder) / "request.json", str(Path(folder) / "reply")
+    try:
+        folder = tempfile.TemporaryDirectory(prefix="finetune-llamacpp-")
+        ask = Path(folder.name) / "request.json"
         ask.write_text(json.dumps(request_fields(request)), encoding="utf-8")
+    except OSError as err:
+        where = getattr(err, "filename", None) or tempfile.gettempdir()
+        raise ChildFailed(
+            f"cannot write its request in {where} ({err.strerror or err}); set TMPDIR to a "
+            "writable folder with space"
+        ) from None
+    with folder:
+        prefix = str(Path(folder.name) / "reply")
         returncode, stderr = run_child([sys.executable, str(CHILD), str(ask), prefix], timeout)
         facts_path = Path(prefix + ".json")
-        if returncode != 0 and not facts_path.is_file():
-            raise Crashed(how_it_died(returncode, stderr, timeout))
-        facts = json.loads(facts_path.read_text(encoding="utf-8"))
-        if facts["status"] == "refused":
-            raise LoadFailed(facts["reason"])
-        with np.load(prefix + ".npz", allow_pickle=False) as arrays:
-            return Reply(
-                tokens=[arrays[f"tokens_{i}"].tolist() for i in range(len(request.tokenize))],
-                logits=[arrays[f"logits_{i}"] for i in range(len(request.score))],
-                greedy=[arrays[f"greedy_{i}"].tolist() for i in range(len(request.score))],
-                answers=facts["answers"],
-                chat=facts.get("chat"),
-                system=facts["system"],
-            )
+        if not facts_path.is_file():  # the child writes it last: without it, no answer
+            if returncode is None or returncode < 0:
+                raise Crashed(how_it_died(returncode, stderr, timeout))
+            raise ChildFailed(f"exit code {returncode}: {last_line(stderr) or 'no message'}")
+        return read_reply(request, prefix, json.loads(facts_path.read_text(encoding="utf-8")))
+
+
+def read_reply(request: Request, prefix: str, facts: dict[str, Any]) -> Reply:
+    if facts["status"] == "refused":
+        raise LoadFailed(facts["reason"])
+    with np.load(prefix + ".npz", allow_pickle=False) as arrays:
+        return Reply(
+            tokens=[arrays[f"tokens_{i}"].tolist() for i in range(len(request.tokenize))],
+            logits=[arrays[f"logits_{i}"] for i in range(len(request.score))],
+            greedy=[arrays[f"greedy_{i}"].tolist() for i in range(len(request.score))],
+            answers=facts["answers"],
+            chat=facts.get("chat"),
+            system=facts["system"],
+        )
 
 
 def request_fields(request: Request) -> dict[str, Any]:
@@ -133,32 +155,47 @@ def request_fields(request: Request) -> dict[str, Any]:
 
 def run_child(command: list[str], timeout: float) -> tuple[int | None, str]:
     """(exit code, or None past the timeout; the child's stderr). Its stdout is dropped:
-    llama.cpp's own chatter."""
+    llama.cpp's own chatter. An exception here (Ctrl-C, SIGTERM: `stopping.Terminated`)
+    kills the child before it propagates, and on Linux the child is killed when this
+    process dies in any way (SIGKILL included)."""
     try:
         done = subprocess.run(
-            command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=timeout
+            command,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            timeout=timeout,
+            preexec_fn=die_with_parent if sys.platform == "linux" else None,
         )
     except subprocess.TimeoutExpired as late:  # run() has killed it
         return None, (late.stderr or b"").decode("utf-8", "replace")
     return done.returncode, done.stderr.decode("utf-8", "replace")
 
 
+def die_with_parent() -> None:
+    """In the child, before it starts: SIGKILL it when its parent dies (prctl PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+
+
 def how_it_died(returncode: int | None, stderr: str, timeout: float) -> str:
-    """'killed by SIGSEGV (segmentation fault)', with the child's last line of stderr."""
+    """'was killed by SIGSEGV (segmentation fault)', with the innermost Python frame."""
     if returncode is None:
         how = f"did not answer within {timeout:.0f} s and was stopped"
-    elif returncode < 0:
+    else:
         number = -returncode
         name = signal.Signals(number).name if number in signal.valid_signals() else str(number)
         said = signal.strsignal(number) or "a signal"
         how = f"was killed by {name} ({said[:1].lower()}{said[1:]})"
-    else:
-        how = f"ended with exit code {returncode} and no answer"
-    last = [line.strip() for line in stderr.splitlines() if line.strip()]
-    # faulthandler's stack ends with the Python frame that called into llama.cpp
-    where = next((line for line in reversed(last) if line.startswith("File ")), "")
-    detail = where or (last[-1] if last else "")
-    return how + (f" ({detail[:200]})" if detail else "")
+    # faulthandler prints the stack innermost frame first: the call into llama.cpp
+    frames = [line.strip() for line in stderr.splitlines() if line.strip().startswith("File ")]
+    return how + (f" ({frames[0][:200]})" if frames else "")
+
+
+def last_line(stderr: str) -> str:
+    """A Python error's own line ('OSError: [Errno 28] No space left on device')."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    return lines[-1][:300] if lines else ""
 
 
 PROBE_CHAT = [{"role": "user", "content": "Convert the 5th of January 2034 to ISO 8601."}]
@@ -193,6 +230,8 @@ def machine_check() -> MachineCheck | None:
         reply = run(Request(gguf, chat=PROBE_CHAT, n_new=16), timeout=300)
     except Crashed as err:
         return MachineCheck(False, str(err))
+    except ChildFailed as err:
+        return MachineCheck(False, f"failed ({err})")
     except LoadFailed as err:
         return MachineCheck(False, f"refused the embedded model ({err})")
     return MachineCheck(True, (reply.chat or "").strip(), reply.system, time.perf_counter() - start)
@@ -230,6 +269,7 @@ def compare(
     Raises:
         LoadFailed: llama.cpp refused the model or the adapter.
         Crashed: llama.cpp killed its process.
+        ChildFailed: the process running llama.cpp failed otherwise.
     """
     import torch
 

@@ -29,7 +29,7 @@ def main() -> int:
         f"llama.cpp check: BROKEN on this machine: llama-cpp-python {llamacpp.version()} "
         f"{found.detail}. "
         "GGUF exports fall back to the transformers check and the llama.cpp tests fail. "
-        "Build it for this CPU: see LLAMACPP_CMAKE_ARGS in the Makefile",
+        "Rebuild it for this CPU: `make -B setup LLAMACPP_CMAKE_ARGS=...` (see the Makefile)",
         file=sys.stderr,
     )
     return 1
