@@ -138,3 +138,30 @@ def test_prefix_projection_takes_its_own_lr_default(tmp_path):
     )
     set_lr = load_recipe(write(tmp_path, text), ["train.lr=0.02"])
     assert set_lr.train.lr == 0.02
+
+
+def test_paths_typed_on_the_command_line_follow_the_shell(tmp_path, monkeypatch):
+    """Issue 30: `finetune validate recipes/quickstart.yaml data.eval_path=recipes/data/...`
+    run from the project root looked in recipes/recipes/data/...: a path typed at the shell
+    is relative to where the command runs. One copied from the recipe (that exists only
+    beside it) still works; one found nowhere is named as typed, from the current folder."""
+    folder = tmp_path / "recipes"
+    (folder / "data").mkdir(parents=True)
+    (folder / "data" / "train.jsonl").write_text("{}\n")
+    (tmp_path / "held.jsonl").write_text("{}\n")
+    (tmp_path / "init").mkdir()
+    recipe = folder / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"data": {"path": "data/train.jsonl"}}))
+    monkeypatch.chdir(tmp_path)
+    loaded = load_recipe(
+        "recipes/r.yaml",
+        ["data.eval_path=held.jsonl", "adapter.init_from=init", "model.path=org/some-model"],
+    )
+    assert loaded.data.eval_path == str(tmp_path / "held.jsonl")
+    assert loaded.adapter.init_from == str(tmp_path / "init")
+    assert loaded.model.path == "org/some-model"  # a hub id, not a path here
+    assert loaded.data.path == str(folder / "data" / "train.jsonl")  # from the file
+    copied = load_recipe("recipes/r.yaml", ["data.path=data/train.jsonl"])
+    assert copied.data.path == str(folder / "data" / "train.jsonl")
+    missing = load_recipe("recipes/r.yaml", ["data.eval_path=nowhere.jsonl"])
+    assert missing.data.eval_path == str(tmp_path / "nowhere.jsonl")

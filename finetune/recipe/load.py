@@ -3,6 +3,7 @@ paths made absolute, and the resolved copy a run writes beside itself."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a recipe is a mapping of sections (model, adapter, data, ...)")
     for item in overrides:
-        apply_override(raw, item)
+        anchor_shell_path(raw, apply_override(raw, item), path.parent)
     recipe = resolve_paths(validate(raw, source=str(path)), path.parent)
     recipe._source = path.resolve()
     return recipe
@@ -118,8 +119,9 @@ def suggest_key(loc: tuple[Any, ...]) -> str:
     return closest(str(loc[-1]), list(model.model_fields))
 
 
-def apply_override(raw: dict[str, Any], item: str) -> None:
-    """Apply one `section.key=value` override; the value is parsed as YAML (1e-4, true, [a, b])."""
+def apply_override(raw: dict[str, Any], item: str) -> list[str]:
+    """Apply one `section.key=value` override; the value is parsed as YAML (1e-4, true, [a, b]).
+    Returns the key's parts."""
     key, sep, text = item.partition("=")
     parts = key.strip().split(".")
     if not sep or not all(parts):
@@ -135,6 +137,50 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
             raise UserError(f"override '{item}': '{part}' is not a section")
         node = child
     node[parts[-1]] = value
+    return parts
+
+
+# Paths a recipe names relative to its own folder; typed on the command line, relative to
+# where the command runs (the shell completed them from there).
+INPUT_PATHS = {("data", "path"), ("data", "eval_path"), ("adapter", "init_from"), ("model", "path")}
+
+
+def anchor_shell_path(raw: dict[str, Any], parts: list[str], recipe_dir: Path) -> None:
+    """A relative input path given as an override: made absolute against the current folder
+    where it exists there; else left to the recipe's folder if it exists there (a path copied
+    from the recipe); else against the current folder, so "not found" names the path the user
+    typed. A model.path that exists in neither place stays as typed (a hub id, the embedded
+    model's name)."""
+    if tuple(parts) not in INPUT_PATHS:
+        return
+    section, key = parts
+    value = raw[section][key]
+    if not isinstance(value, str) or not value.strip():
+        return
+    typed = expanded(value)
+    if typed.is_absolute():
+        return
+    here = Path.cwd() / typed
+    if found(here) or not (section == "model" or found(recipe_dir / typed)):
+        raw[section][key] = str(Path(os.path.abspath(here)))
+
+
+def expanded(value: str) -> Path:
+    """`~` and `~user` expanded; a `~user` with no home folder stays as typed, so the check
+    that reads the path names it as not found."""
+    try:
+        return Path(value).expanduser()
+    except RuntimeError:
+        return Path(value)
+
+
+def found(path: Path) -> bool:
+    """Exists, for a path that may be anything a user typed (a NUL byte, 5,000 characters):
+    the check that uses it later says what is wrong with it."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
 
 
 def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
@@ -143,7 +189,7 @@ def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
     def resolve(value: str | None) -> str | None:
         if not value:
             return value
-        candidate = Path(value).expanduser()
+        candidate = expanded(value)
         return str(candidate if candidate.is_absolute() else (base / candidate).resolve())
 
     data = recipe.data.model_copy(
