@@ -159,6 +159,7 @@ def anchor_shell_path(raw: dict[str, Any], parts: list[str], recipe_dir: Path) -
         return
     typed = expanded(value)
     if typed.is_absolute():
+        raw[section][key] = str(typed)  # `~/model`: expanded here, as the shell would have
         return
     here = Path.cwd() / typed
     if found(here) or not (section == "model" or found(recipe_dir / typed)):
