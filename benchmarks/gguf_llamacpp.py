@@ -27,8 +27,8 @@ def llama_exact_match(
     model: Path, lora: Path | None, pairs: list[tuple[str, str]], max_new_tokens: int, stop
 ) -> int:
     """Greedy answers from llama.cpp (in its child process), tokenized and detokenized there."""
-    request = llamacpp.Request(model, lora, answer=[p for p, _ in pairs], n_new=max_new_tokens)
-    request.stop = sorted(stop)
+    prompts = [p for p, _ in pairs]
+    request = llamacpp.Request(model, lora, answer=prompts, n_new=max_new_tokens, stop=sorted(stop))
     answers = llamacpp.run(request).answers
     return sum(a.strip() == ref for a, (_, ref) in zip(answers, pairs, strict=True))
 

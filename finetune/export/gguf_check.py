@@ -56,9 +56,6 @@ def write_checked_file(out: Path, write: Callable[[Path], GGUFCheck]) -> GGUFChe
     return check
 
 
-REBUILD = "rebuild it for this CPU: `make -B setup LLAMACPP_CMAKE_ARGS=...`, see the Makefile"
-
-
 class LlamaCppUnusable(Exception):
     """llama.cpp crashes on this machine whatever it runs (the embedded model's chat too)."""
 
@@ -121,7 +118,7 @@ def llamacpp_check(
             "nothing was written"
         ) from None
     check = GGUFCheck(
-        runner=f"llama.cpp (llama-cpp-python {llamacpp.version()})",
+        runner=llamacpp.runner(),
         max_logit_diff=found.max_logit_diff,
         tolerance=limit,
         tokens_identical=found.tokens_identical,
@@ -141,17 +138,17 @@ def crash_outcome(how: str, what: str) -> Exception:
     """llama.cpp died running `what`: is it the file or the machine? The embedded model's chat
     answers where llama.cpp works at all; if it crashes too, the machine's build is broken and
     the check falls back. Otherwise (or with no embedded model to tell) the check fails."""
-    runner = f"llama.cpp (llama-cpp-python {llamacpp.version()})"
+    runner = llamacpp.runner()
     machine = llamacpp.machine_check()
     if machine is not None and not machine.works:
         return LlamaCppUnusable(
             f"{runner} crashes on this machine (it {how} running {what}, and "
-            f"{machine.detail} on the embedded model's chat; {REBUILD})"
+            f"{machine.detail} on the embedded model's chat; {llamacpp.REBUILD})"
         )
     told = (
         "it answers the embedded model's chat on this machine, so the file is what it cannot run"
         if machine is not None
-        else f"if it crashes on every model here, {REBUILD}"
+        else f"if it crashes on every model here, {llamacpp.REBUILD}"
     )
     return CheckFailed(
         f"GGUF check failed: {runner} {how} while running {what}; nothing was written ({told})"

@@ -32,6 +32,7 @@ PINNED = "0.3.36"  # pyproject's [llamacpp] extra and the Makefile install this 
 # make setup builds it portable (x86-64-v3, no AMX): a plain pip build is -march=native,
 # which crashed on Sapphire Rapids (see the Makefile).
 INSTALL_HINT = f"make setup builds llama-cpp-python=={PINNED} for this CPU class"
+REBUILD = "rebuild it for this CPU: `make -B setup LLAMACPP_CMAKE_ARGS=...`, see the Makefile"
 GREEDY_TOKENS = 12  # as many as the quickstart recipe's eval.max_new_tokens
 CONTEXT = 512
 
@@ -52,6 +53,11 @@ def version() -> str:
     from importlib.metadata import version as installed
 
     return installed("llama_cpp_python")
+
+
+def runner() -> str:
+    """How a check names what ran it: 'llama.cpp (llama-cpp-python 0.3.36)'."""
+    return f"llama.cpp (llama-cpp-python {version()})"
 
 
 class LoadFailed(Exception):
@@ -276,8 +282,8 @@ def compare(
     stop = {t for t in (tokenizer.eos_token_id, tokenizer.pad_token_id) if t is not None}
     every = [*tokenize_only, *texts]
     ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in every]
-    request = Request(path, lora, tokenize=every, score=ids[len(tokenize_only) :], n_new=n_new)
-    request.stop = sorted(stop)
+    scored_ids = ids[len(tokenize_only) :]
+    request = Request(path, lora, every, scored_ids, n_new=n_new, stop=sorted(stop))
     reply = run(request)
     result = Comparison(len(texts), True, 0.0, 0)
     for text, mine, theirs in zip(every, ids, reply.tokens, strict=True):
@@ -285,7 +291,7 @@ def compare(
             result.tokens_identical = False
             result.first_difference = first_difference(tokenizer, mine, theirs, text)
             return result
-    scored = zip(texts, request.score, reply.logits, reply.greedy, strict=True)
+    scored = zip(texts, scored_ids, reply.logits, reply.greedy, strict=True)
     for text, prompt_ids, got, answer in scored:
         with torch.no_grad():
             expected = model(torch.tensor([prompt_ids])).logits[0].float().numpy()

@@ -29,7 +29,7 @@ def main() -> int:
         f"llama.cpp check: BROKEN on this machine: llama-cpp-python {llamacpp.version()} "
         f"{found.detail}. "
         "GGUF exports fall back to the transformers check and the llama.cpp tests fail. "
-        "Rebuild it for this CPU: `make -B setup LLAMACPP_CMAKE_ARGS=...` (see the Makefile)",
+        f"To {llamacpp.REBUILD}",
         file=sys.stderr,
     )
     return 1

@@ -32,6 +32,7 @@ from finetune.runs.layout import (
     CHECKPOINT_PREFIX,
     CHECKPOINTS,
     adapter_path,
+    has_adapter,
     read_recipe_fields,
     write_atomically,
 )
@@ -222,7 +223,7 @@ def checkpoint_to_resume(recipe: Recipe, run_dir: Path) -> SavedCheckpoint | Non
 def refuse_retraining(run_dir: Path) -> None:
     """A run with a trained adapter and no checkpoint (checkpoints/ deleted, or save_every 0)
     cannot be continued: --resume would start from step 0 and replace that adapter."""
-    if (adapter_path(run_dir) / "adapter_config.json").is_file():
+    if has_adapter(run_dir):
         raise UserError(
             f"--resume: {run_dir} holds a trained {ADAPTER}/ but no checkpoint to continue "
             f"from ({CHECKPOINTS}/ is empty or gone), and resuming would train it again from "

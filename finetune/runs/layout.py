@@ -114,6 +114,11 @@ def read_recipe_fields(run_dir: Path) -> dict[str, Any] | None:
     return raw if isinstance(raw, dict) else None
 
 
+def has_adapter(run_dir: Path) -> bool:
+    """The run finished and wrote its adapter/ (peft writes adapter_config.json in it)."""
+    return (adapter_path(run_dir) / "adapter_config.json").is_file()
+
+
 def require_adapter(run_dir: Path) -> Path:
     """The run's adapter/ folder.
 
@@ -121,7 +126,7 @@ def require_adapter(run_dir: Path) -> Path:
         UserError: the run has none yet (it stopped before the end).
     """
     adapter_dir = adapter_path(run_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():
+    if not has_adapter(run_dir):
         example = Path(CHECKPOINTS) / f"{CHECKPOINT_PREFIX}N" / ADAPTER
         raise UserError(
             f"{run_dir}: the run directory has no {ADAPTER}/ (did training finish?); finish it "
