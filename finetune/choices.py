@@ -10,7 +10,9 @@ ADAPTER_METHODS = ("lora", "dora", "ia3", "prefix", "prompt")  # finetune.method
 ESTIMATE_METHODS = ("full", *ADAPTER_METHODS)
 QUANTS = ("none", "int8", "nf4", "fp4")
 DTYPES = ("float32", "bfloat16", "float16")
-OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
+# adamw: torch's default implementation for the device (foreach on CUDA, for-loop on the
+# CPU, as training gets it); the others name one (finetune.memory.dryrun.adamw_options).
+OPTIMIZERS = ("adamw", "adamw-foreach", "adamw-fused", "adamw-forloop", "adamw8bit", "sgd")
 ATTENTIONS = ("sdpa", "eager", "flash")
 ESTIMATE_FORMATS = ("table", "json", "markdown")
 EXPORT_FORMATS = ("adapter", "merged", "gguf", "gguf-adapter")

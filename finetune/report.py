@@ -10,6 +10,7 @@ from typing import Any
 
 from finetune import runs
 from finetune.outputs import write_file_atomically
+from finetune.precision import resolve_mixed_precision
 from finetune.train import RunResult
 
 
@@ -68,6 +69,10 @@ def build_report(result: RunResult, wall_time_s: float, estimates: Any) -> dict[
             "first_loss": history[0]["loss"] if history else None,
             "final_loss": history[-1]["loss"] if history else None,
             "gradient_checkpointing": p.gradient_checkpointing,
+            # As accelerate ran it (auto resolved): the estimate's autocast follows it.
+            "mixed_precision": resolve_mixed_precision(
+                recipe.train.mixed_precision, p.loaded.device
+            ),
             "skipped_steps": state.skipped_steps,
         },
         "stopped": result.stopped,

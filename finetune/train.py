@@ -288,6 +288,7 @@ class Loop:
             if finite:
                 with self.live.phase("optimizer"):
                     self.optimizer.step()
+                self.live.keep_optimizer_states(self.optimizer)
         if not finite and self.recipe.train.on_nonfinite == "stop":
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFinite(

@@ -198,10 +198,11 @@ def test_headline_84_gb_and_13_gb():
     data = json.loads(out.stdout)
     assert any("= 84 GB at 7B nominal" in line for line in data["headline"])
     assert abs(data["full_fp16_budget_bytes"] - 80.86e9) < 0.01e9  # exact 6.74B params
-    # pure fp16 AdamW: m and v in fp16, 4 B/param (the budget's 8 assumes fp32 states),
-    # plus the step's own temporaries at the peak (about 0.08 B/param)
+    # pure fp16 AdamW: m and v in fp16, 4 B/param (the budget's 8 assumes fp32 states);
+    # on CUDA torch's default (foreach) step holds whole-model fp16 temporaries beside them
     states = data["components"]["optimizer states"]
-    assert 4 * data["total_params"] <= states < 4.2 * data["total_params"]
+    assert 4 * data["total_params"] <= states < 4.01 * data["total_params"]
+    assert data["components"]["optimizer step temporaries"] >= 2 * data["total_params"]
     lora = json.loads(
         run_cli("llama-2-7b", "--method", "lora", "--quant", "int8", "--format", "json").stdout
     )

@@ -199,7 +199,14 @@ def estimate(
         bool | None,
         typer.Option("--grad-ckpt/--no-grad-ckpt", help="Gradient checkpointing [default: off]."),
     ] = None,
-    optimizer: Annotated[Optimizer | None, typer.Option(help="[default: adamw]")] = None,
+    optimizer: Annotated[
+        Optimizer | None,
+        typer.Option(
+            help="AdamW's implementation: adamw is torch's default for the device (foreach on "
+            "CUDA, which holds whole-model temporaries in its step; for-loop on the CPU), as "
+            "training runs it. [default: adamw]"
+        ),
+    ] = None,
     attn: Annotated[Attention | None, typer.Option(help="[default: sdpa]")] = None,
     masked: Annotated[
         bool | None,

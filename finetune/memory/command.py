@@ -26,6 +26,7 @@ from finetune.memory.render import (
 )
 from finetune.memory.target import resolve_subject
 from finetune.outputs import claim_output
+from finetune.precision import autocast_dtype, resolve_mixed_precision
 
 SETUP_FIELDS = {f.name for f in fields(Setup)}
 
@@ -48,6 +49,13 @@ class EstimateOptions:
     optimizer: str | None = None
     attn: str | None = None
     masked: bool | None = None
+
+
+def bare_setup() -> Setup:
+    """The setup of a model estimated without a recipe: training's defaults on a GPU, so
+    `train.mixed_precision: auto` too (bf16 autocast, which casts float32 adapter weights
+    and upcast layers at every matmul)."""
+    return Setup(autocast=autocast_dtype(resolve_mixed_precision("auto", "cuda")))
 
 
 def show_estimate(
@@ -83,7 +91,7 @@ def show_estimate(
     if resolved.setup is not None:
         base = resolved.setup
     else:
-        base = setup_from_recipe(resolved.recipe, device) if resolved.recipe else Setup()
+        base = setup_from_recipe(resolved.recipe, device) if resolved.recipe else bare_setup()
     given = {k: v for k, v in asdict(options).items() if v is not None and k in SETUP_FIELDS}
     if isinstance(given.get("targets"), str) and given["targets"] != "all-linear":
         given["targets"] = tuple(t.strip() for t in given["targets"].split(",") if t.strip())

@@ -22,7 +22,7 @@ from finetune.memory.arch import Architecture
 
 Method = Literal["full", "lora", "dora", "ia3", "prefix", "prompt"]
 Quant = Literal["none", "int8", "nf4", "fp4"]
-Optimizer = Literal["adamw", "adamw8bit", "sgd"]
+Optimizer = Literal["adamw", "adamw-foreach", "adamw-fused", "adamw-forloop", "adamw8bit", "sgd"]
 Attention = Literal["sdpa", "eager", "flash"]
 
 METHODS = ESTIMATE_METHODS
@@ -33,6 +33,17 @@ METRIC = "peak memory allocated by tensors (torch.cuda.max_memory_allocated)"
 CPU_METRIC = "peak bytes of live tensors (compare with the process's resident-memory growth)"
 # CUDA context plus kernels: hundreds of MB to over 1 GB; never part of max allocated.
 CUDA_CONTEXT_BYTES = 600 * 10**6
+# cuBLAS's workspace, one per thread that runs matmuls and stream, taken from torch's
+# caching allocator (so it is part of max allocated): 32 MiB on compute capability 9, 10
+# and 12 (Hopper, Blackwell), else 4096 KiB x 2 + 16 KiB x 8 (torch
+# aten/src/ATen/cuda/CublasHandlePool.cpp, `parseChosenWorkspaceSize`; the
+# CUBLAS_WORKSPACE_CONFIG environment variable overrides it). A training step runs
+# matmuls on two threads: the forward on the caller's, the backward on autograd's device
+# thread (measured on an H200: two 32 MiB blocks, the first at the first forward matmul,
+# the second with no Python frame, in backward).
+CUBLAS_WORKSPACE_HOPPER = 4096 * 8 * 1024
+CUBLAS_WORKSPACE_OTHER = 4096 * 1024 * 2 + 16 * 1024 * 8
+MATMUL_THREADS = 2
 
 COMPONENTS = (
     "frozen base weights",
@@ -42,9 +53,11 @@ COMPONENTS = (
     "gradients",
     "optimizer states",
     "master weights",
+    "optimizer step temporaries",
     "activations",
     "backward temporaries",
     "logits and loss",
+    "library workspaces",
     "runtime overhead",
 )
 # The components the "weights + gradients + optimizer" headline adds up.
@@ -73,8 +86,9 @@ class Setup:
     optimizer: Optimizer = "adamw"
     attn: Attention = "sdpa"
     master_weights: bool = False
-    # The 16-bit dtype autocast casts the float32 weights' matmuls to (train.mixed_precision
-    # on float32 weights, the CPU's default where it has bf16 instructions); None: none.
+    # The 16-bit dtype autocast casts matmuls to (train.mixed_precision: bf16 by default on
+    # a GPU and on a CPU with bf16 instructions; float32 adapters and upcast parameters are
+    # cast over a 16-bit base too); None: no autocast.
     autocast: str | None = None
     device: str = "cuda"
     # Whether attention runs with an explicit mask: micro-batches with padding (rows of

@@ -169,6 +169,9 @@ def candidate_changes(setup: Setup) -> list[tuple[str, dict[str, Any]]]:
         batch //= 2
         out.append((f"--batch {batch}", {"batch": batch}))
     if setup.method == "full":
+        if setup.optimizer in ("adamw", "adamw-foreach") and setup.device == "cuda":
+            # the same arithmetic without foreach's whole-model temporaries
+            out.append(("--optimizer adamw-fused", {"optimizer": "adamw-fused"}))
         out.append(("--optimizer adamw8bit", {"optimizer": "adamw8bit"}))
         out.append(("--method lora", {"method": "lora"}))
     if setup.quant in ("none",):

@@ -217,6 +217,11 @@ class LiveTensorPeak:
         """The tracker's phase while a tracked step runs, else nothing."""
         return self.tracker.phase(name) if self.active else contextlib.nullcontext()
 
+    def keep_optimizer_states(self, optimizer: Any) -> None:
+        """After a tracked optimizer step: its states are `optimizer`, the rest temporaries."""
+        if self.active:
+            self.tracker.keep_optimizer_states(optimizer)
+
     def to_dict(self) -> dict[str, Any] | None:
         """Plain data for the report: metric, peak, its breakdown, the steps tracked."""
         if self.tracker is None:

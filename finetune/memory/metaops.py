@@ -33,16 +33,29 @@ _autocast_dtype: torch.dtype | None = None
 
 
 @contextlib.contextmanager
-def autocast_to(dtype: torch.dtype | None) -> Iterator[None]:
+def autocast_to(dtype: torch.dtype | None, device: str = "cpu") -> Iterator[None]:
     """Inside the block, emulated autocast (`emulate_autocast`, the fused SDPA, eager
-    attention's matmuls) casts to `dtype`; None casts nothing."""
+    attention's matmuls) casts to `dtype`; None casts nothing.
+
+    For a CUDA setup torch's CUDA autocast flag is on too (it does not act on meta
+    tensors): library code that asks `torch.is_autocast_enabled()` takes the branch it
+    takes on the GPU (peft's bitsandbytes LoRA and IA3 layers skip their input casts).
+    """
     global _autocast_dtype
     _autocast_dtype = dtype
+    flag = dtype is not None and device == "cuda"
+    was_enabled, was_dtype = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+    if flag:
+        torch.set_autocast_enabled("cuda", True)
+        torch.set_autocast_dtype("cuda", dtype)
     try:
         with _AutocastMatmul():
             yield
     finally:
         _autocast_dtype = None
+        if flag:
+            torch.set_autocast_enabled("cuda", was_enabled)
+            torch.set_autocast_dtype("cuda", was_dtype)
 
 
 class _AutocastMatmul(TorchFunctionMode):

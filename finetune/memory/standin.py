@@ -33,10 +33,20 @@ class StandInLinear(torch.nn.Linear):
       compute dtype, a temporary of out x in.
     """
 
-    def __init__(self, linear: torch.nn.Linear, quant: str, double_quant: bool, device: str):
+    def __init__(
+        self,
+        linear: torch.nn.Linear,
+        quant: str,
+        double_quant: bool,
+        device: str,
+        compute_dtype: torch.dtype | None = None,
+    ):
         torch.nn.Module.__init__(self)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.quant, self.device_kind = quant, device
+        # 4-bit: the matmul's dtype (finetune loads with bnb_4bit_compute_dtype = the
+        # model's dtype); int8 computes in its input's dtype.
+        self.compute_dtype = compute_dtype if quant != "int8" else None
         meta = torch.device("meta")
         numel = self.in_features * self.out_features
         if quant == "int8":
@@ -65,8 +75,14 @@ class StandInLinear(torch.nn.Linear):
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # As Linear4bit.forward: the input cast to the compute dtype, the output back to
+        # the input's dtype (both copies; a float32 residual stream over a bf16 compute
+        # dtype pays for them).
+        input_dtype = x.dtype
+        if self.compute_dtype is not None:
+            x = x.to(self.compute_dtype)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return _QuantMatmul.apply(x, self.weight, bias, self)
+        return _QuantMatmul.apply(x, self.weight, bias, self).to(input_dtype)
 
 
 class _QuantMatmul(torch.autograd.Function):
@@ -97,7 +113,7 @@ class _QuantMatmul(torch.autograd.Function):
         return grad @ dequantized, None, None, None
 
 
-def quantize(model: Any, setup: Any) -> tuple[int, int]:
+def quantize(model: Any, setup: Any, compute_dtype: torch.dtype) -> tuple[int, int]:
     """Swap the Linear layers bitsandbytes would quantize for `StandInLinear`.
 
     transformers keeps the output head (and what it ties to) unquantized. Returns the
@@ -109,9 +125,28 @@ def quantize(model: Any, setup: Any) -> tuple[int, int]:
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, torch.nn.Linear) and child is not head:
-                stand_in = StandInLinear(child, setup.quant, setup.double_quant, setup.device)
+                stand_in = StandInLinear(
+                    child, setup.quant, setup.double_quant, setup.device, compute_dtype
+                )
                 setattr(module, child_name, stand_in)
                 scales += stand_in.scale_bytes()
     flag = "is_loaded_in_8bit" if setup.quant == "int8" else "is_loaded_in_4bit"
     setattr(model, flag, True)
     return scales, 0
+
+
+def cast_adapter_inputs_as_bitsandbytes_layers(model: Any) -> None:
+    """Make peft's LoRA layers over stand-ins cast their input as peft's bitsandbytes LoRA
+    layers do under CUDA autocast (call it only then).
+
+    Over a real bitsandbytes layer peft uses its bnb LoRA classes, which cast the input to
+    the adapter's dtype only when autocast is off (`requires_conversion = not
+    torch.is_autocast_enabled()`, peft/tuners/lora/bnb.py); over a stand-in it uses the
+    plain `lora.Linear`, which always casts. Under CUDA autocast (the GPU default) the
+    plain layer would keep a float32 copy of every input alive for backward that the GPU
+    run does not make.
+    """
+    for module in model.modules():
+        over_stand_in = isinstance(getattr(module, "base_layer", None), StandInLinear)
+        if over_stand_in and hasattr(module, "lora_A"):
+            module.cast_input_dtype_enabled = False

@@ -39,16 +39,18 @@ CATEGORIES = (
     "adapter",
     "gradients",
     "optimizer",
+    "optimizer step",
     "activations",
     "logits",
     "backward temporaries",
+    "library workspaces",
 )
 # What a tensor created in each phase is, unless retagged (gradients, logits).
 PHASE_CATEGORY = {
     "forward": "activations",
     "logits": "logits",
     "backward": "backward temporaries",
-    "optimizer": "optimizer",
+    "optimizer": "optimizer step",
 }
 
 
@@ -99,6 +101,7 @@ class MemoryTracker(TorchDispatchMode):
         self._live: dict[int, _Storage] = {}
         self._refs: dict[int, weakref.ref] = {}
         self._next_key = 0
+        self._peak_key = -1  # the last storage added when the peak was reached
         self._total = 0
         self._phase = "forward"
         self._hooks: list[Any] = []
@@ -151,6 +154,27 @@ class MemoryTracker(TorchDispatchMode):
             self.current[known.category] -= known.nbytes
             self.current[category] += known.nbytes
             known.category = category
+
+    def keep_optimizer_states(self, optimizer: Any) -> None:
+        """Retag what `optimizer` keeps between steps (moments, step counts) as
+        `optimizer`; the rest its step allocated stays `optimizer step` (temporaries:
+        foreach AdamW's whole-model ones are the size of the weights)."""
+        for state in optimizer.state.values():
+            for value in state.values():
+                if isinstance(value, torch.Tensor):
+                    self._retag_since_peak(value, "optimizer")
+                    self.track(value, "optimizer")
+
+    def _retag_since_peak(self, tensor: torch.Tensor, category: str) -> None:
+        """Move `tensor` to `category` in the peak's breakdown too, if it was alive at the
+        peak (it is alive now, so it was if it came before the peak's last storage): a
+        peak in the step that created the optimizer's states counts them as states."""
+        storage = _storage(tensor)
+        known = self._live.get(storage._cdata) if storage is not None else None
+        if known is None or known.category == category or known.key > self._peak_key:
+            return
+        self.peak_breakdown[known.category] -= known.nbytes
+        self.peak_breakdown[category] += known.nbytes
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -227,6 +251,7 @@ class MemoryTracker(TorchDispatchMode):
             self.peak_bytes = self._total
             self.peak_breakdown = dict(self.current)
             self.peak_phase = self._phase
+            self._peak_key = entry.key
 
     def _free(self, cdata: int) -> None:
         # Python prints and drops an exception raised inside a weakref callback, and a signal

@@ -1,0 +1,57 @@
+"""The estimate against runs measured on a GPU (an H200: benchmarks/gpu_cases/), re-estimated
+here by benchmarks/memory_gpu.py from each run's recorded setup. The dry run is
+deterministic, so the bounds cannot flake; a change to the estimator that moves a case
+past them fails here."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import statistics
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CASES = ROOT / "benchmarks" / "gpu_cases"
+
+
+def memory_gpu():
+    spec = importlib.util.spec_from_file_location("memory_gpu", ROOT / "benchmarks/memory_gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# The goal: 3% of max allocated, 5% of max reserved, in every case. int8 on CUDA keeps the
+# input columns holding an outlier (|x| >= 6) for backward, which depends on weights and
+# data the dry run does not have (docs/memory.md, Known gaps): 0.44 GB of the 7B body's
+# 14.44 GB with random weights (-3.1%); half a point more is allowed there, no more.
+ALLOCATED, ALLOCATED_INT8_ON_CUDA, RESERVED = 0.03, 0.035, 0.05
+
+
+@pytest.fixture(scope="module")
+def rows():
+    bench = memory_gpu()
+    cases = bench.find_cases([CASES / "reports"], [CASES / "models"])
+    assert len(cases) == 8
+    return bench, [bench.estimate(case) for case in cases]
+
+
+def test_every_measured_gpu_case_is_within_the_goal(rows):
+    _, rows = rows
+    for row in rows:
+        int8 = row.case.setup["quant"] == "int8"
+        limit = ALLOCATED_INT8_ON_CUDA if int8 else ALLOCATED
+        assert abs(row.allocated_error) <= limit, (row.case.name, row.allocated_error)
+        assert abs(row.reserved_error) <= RESERVED, (row.case.name, row.reserved_error)
+    assert statistics.median(abs(r.allocated_error) for r in rows) <= 0.02
+
+
+def test_the_summary_lines_have_the_documented_form(rows):
+    bench, rows = rows
+    line = bench.summary("allocated", [r.allocated_error for r in rows])
+    form = r"allocated: median \|error\| \d+\.\d%, worst [+-]\d+\.\d% over 8 cases"
+    assert re.fullmatch(form, line)
+    table = bench.table(rows)
+    assert len(table) == 2 + 8 and all(line.startswith("| ") for line in table)
