@@ -244,3 +244,38 @@ def test_cuda_steps_hold_two_cublas_workspaces(monkeypatch):
     assert dryrun.cublas_workspace_bytes() == 4096 * 1024 * 2 + 16 * 1024 * 8
     cpu = dryrun.estimate_from_config(cfg, replace(setup, device="cpu"))
     assert cpu.components["library workspaces"] == 0
+
+
+@pytest.mark.parametrize(
+    "dtype, masked, head_dim, kernel",
+    [
+        (torch.bfloat16, False, 128, "flash"),
+        (torch.bfloat16, False, 512, "efficient"),  # flash stops at 256
+        (torch.bfloat16, True, 128, "efficient"),  # flash takes no mask
+        (torch.float32, False, 128, "efficient"),  # flash is 16-bit only
+        (torch.float32, True, 20, "efficient"),  # fp32 aligns to 4
+        (torch.bfloat16, True, 20, "math"),  # 16-bit aligns to 8
+        (torch.float32, True, 18, "math"),
+    ],
+)
+def test_cuda_sdpa_kernel_choice_follows_torchs_rules(dtype, masked, head_dim, kernel):
+    from finetune.memory.metaops import cuda_sdpa_kernel
+
+    assert cuda_sdpa_kernel(dtype, masked, head_dim, head_dim) == kernel
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["unpadded", "padded"])
+def test_cuda_math_attention_equals_a_real_math_kernel_step(masked):
+    """A head size no fused CUDA kernel takes (18: not a multiple of 4 in fp32) runs the
+    math kernel on CUDA, which keeps every head's seq x seq weights for backward: the
+    dry run for CUDA equals, to the byte, a real CPU step forced onto the math kernel
+    (cuBLAS workspaces aside); the CPU dry run (flash kernel) keeps less."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    odd = dryrun.build_config({"model_type": "llama", **SMALL, **CONFIGS["llama"], "head_dim": 18})
+    setup = Setup(batch=2, seq=64, masked=masked, dtype="float32", device="cpu", logit_positions=20)
+    with sdpa_kernel(SDPBackend.MATH):
+        real = real_step(odd, setup)
+    cuda = dryrun.dry_run(odd, replace(setup, device="cuda"))
+    assert cuda.peak_bytes - cuda.breakdown["library workspaces"] == real.peak_bytes
+    assert dryrun.dry_run(odd, setup).peak_bytes < real.peak_bytes

@@ -2,7 +2,8 @@
 
 - SDPA on meta tensors would fall back to the math kernel, which stores the s x s score
   matrix that no fused kernel stores; it is routed to the fused CPU flash kernel, which
-  saves what CUDA's flash kernel saves (output and a fp32 logsumexp per head and row).
+  saves what CUDA's flash kernel saves (output and a fp32 logsumexp per head and row),
+  except on CUDA where torch itself would run the math kernel (`cuda_sdpa_kernel`).
 - Mixed precision: torch.autocast does not act on meta tensors, so the dry run does what
   autocast does by hand: parameters are fp32 (the master weights, so gradients and AdamW
   states are fp32 too), and every Linear casts its input, weight and bias to the 16-bit
@@ -30,6 +31,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 # The 16-bit dtype the by-hand autocast casts to during a mixed-precision dry run, else
 # None. A plain global, not a mode: backward (checkpoint recomputation) must see it too.
 _autocast_dtype: torch.dtype | None = None
+# The device the dry run stands for: SDPA's kernel choice depends on it.
+_device: str = "cpu"
 
 
 @contextlib.contextmanager
@@ -41,8 +44,8 @@ def autocast_to(dtype: torch.dtype | None, device: str = "cpu") -> Iterator[None
     tensors): library code that asks `torch.is_autocast_enabled()` takes the branch it
     takes on the GPU (peft's bitsandbytes LoRA and IA3 layers skip their input casts).
     """
-    global _autocast_dtype
-    _autocast_dtype = dtype
+    global _autocast_dtype, _device
+    _autocast_dtype, _device = dtype, device
     flag = dtype is not None and device == "cuda"
     was_enabled, was_dtype = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
     if flag:
@@ -52,7 +55,7 @@ def autocast_to(dtype: torch.dtype | None, device: str = "cpu") -> Iterator[None
         with _AutocastMatmul():
             yield
     finally:
-        _autocast_dtype = None
+        _autocast_dtype, _device = None, "cpu"
         if flag:
             torch.set_autocast_enabled("cuda", was_enabled)
             torch.set_autocast_dtype("cuda", was_dtype)
@@ -76,14 +79,44 @@ def _is_4d_meta(tensor: Any) -> bool:
     return isinstance(tensor, torch.Tensor) and tensor.is_meta and tensor.dim() == 4
 
 
+def cuda_sdpa_kernel(dtype: torch.dtype, masked: bool, head_dim: int, value_dim: int) -> str:
+    """The kernel torch's CUDA SDPA picks on an Ampere-or-newer GPU (sm80 to sm121), as
+    `select_sdp_backend` in aten/src/ATen/native/transformers/cuda/sdp_utils.cpp decides:
+
+    - flash (`can_use_flash_attention`): fp16 or bf16, no attn_mask, q, k and v of one
+      head size of at most 256 (`check_head_dim_size_flash`);
+    - memory-efficient (`can_use_mem_efficient_attention`): fp32, fp16 or bf16, a mask
+      allowed, head sizes divisible by the GEMM alignment (`minimum_gemm_alignment`:
+      8 for 16-bit, 4 for fp32 on tensor-core GPUs);
+    - math otherwise: the composite implementation, which upcasts 16-bit inputs to fp32
+      and keeps the [heads x seq x seq] attention weights for backward.
+
+    cuDNN attention, which torch prefers on Hopper and Blackwell with a recent cuDNN
+    (`check_prefer_cudnn_attention`), keeps what flash keeps (the output and an fp32
+    log-sum-exp per head and row) and falls back to flash or memory-efficient where it
+    cannot run, so it does not change the memory.
+    """
+    half = dtype in (torch.float16, torch.bfloat16)
+    if half and not masked and head_dim == value_dim and head_dim <= 256:
+        return "flash"
+    alignment = 8 if half else 4
+    if head_dim % alignment == 0 and value_dim % alignment == 0:
+        return "efficient"
+    return "math"
+
+
 class _FusedAttention(TorchFunctionMode):
-    """Route F.scaled_dot_product_attention on meta tensors to the fused flash kernel."""
+    """Route F.scaled_dot_product_attention on meta tensors to the fused flash kernel,
+    or, on CUDA where no fused kernel takes the call (`cuda_sdpa_kernel`), to the math
+    kernel meta tensors run anyway."""
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         if func is torch.nn.functional.scaled_dot_product_attention and args[0].is_meta:
             q, k, v = (_autocast(t) for t in args[:3])
             mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
+            if _device == "cuda" and _math_on_cuda(q, v, mask):
+                return func(q, k, v, *args[3:], **kwargs)
             if mask is not None and mask.dtype == torch.bool:
                 # What SDPA's front end does (convert_boolean_attn_mask) before any kernel:
                 # an additive mask in the query's dtype, which the kernel saves for backward.
@@ -98,6 +131,11 @@ class _FusedAttention(TorchFunctionMode):
                 scale=kwargs.get("scale"),
             )[0]
         return func(*args, **kwargs)
+
+
+def _math_on_cuda(q: torch.Tensor, v: torch.Tensor, mask: Any) -> bool:
+    kernel = cuda_sdpa_kernel(q.dtype, mask is not None, q.shape[-1], v.shape[-1])
+    return kernel == "math"
 
 
 def _autocast(tensor: Any) -> Any:
