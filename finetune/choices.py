@@ -12,7 +12,8 @@ QUANTS = ("none", "int8", "nf4", "fp4")
 DTYPES = ("float32", "bfloat16", "float16")
 # adamw: torch's default implementation for the device (foreach on CUDA, for-loop on the
 # CPU, as training gets it); the others name one (finetune.memory.dryrun.adamw_options).
-OPTIMIZERS = ("adamw", "adamw-foreach", "adamw-fused", "adamw-forloop", "adamw8bit", "sgd")
+TRAIN_OPTIMIZERS = ("adamw", "adamw-foreach", "adamw-fused", "adamw-forloop", "adamw8bit")
+OPTIMIZERS = (*TRAIN_OPTIMIZERS, "sgd")  # sgd: estimates only (the states-free floor)
 ATTENTIONS = ("sdpa", "eager", "flash")
 ESTIMATE_FORMATS = ("table", "json", "markdown")
 EXPORT_FORMATS = ("adapter", "merged", "gguf", "gguf-adapter")

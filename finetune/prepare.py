@@ -93,13 +93,27 @@ def total_steps(recipe: Recipe, n_items: int, world_size: int = 1) -> int:
     return max(1, math.ceil(recipe.train.epochs * per_epoch / recipe.train.grad_accum))
 
 
+def adamw(params: list[Any], name: str, lr: float, weight_decay: float) -> Any:
+    """`train.optimizer`'s AdamW: torch's with the implementation named (none named:
+    torch's default for the device), or bitsandbytes' 8-bit one."""
+    if name == "adamw8bit":
+        import bitsandbytes
+
+        return bitsandbytes.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+    implementation = {
+        "adamw": {},
+        "adamw-foreach": {"foreach": True},
+        "adamw-forloop": {"foreach": False},
+        "adamw-fused": {"fused": True},
+    }[name]
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **implementation)
+
+
 def make_optimizer(model: Any, recipe: Recipe, steps: int) -> tuple[Any, Any]:
     from transformers import get_scheduler
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params, lr=recipe.train.lr, weight_decay=recipe.train.weight_decay
-    )
+    optimizer = adamw(params, recipe.train.optimizer, recipe.train.lr, recipe.train.weight_decay)
     name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
     scheduler = get_scheduler(
         name[recipe.train.schedule],

@@ -70,3 +70,17 @@ def test_full_finetuning_is_estimated_beside_the_run(run_report):
         assert full["setup"][key] == run["setup"][key]
     assert full["components"]["optimizer states"] > run["components"]["optimizer states"]
     assert full["allocated_bytes"] > run["allocated_bytes"]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw-foreach", "adamw-fused", "adamw8bit"])
+def test_each_optimizer_trains_and_is_estimated_as_it_allocates(optimizer, recipe_file, tmp_path):
+    """train.optimizer picks the implementation, and the run's estimate is made with that
+    one, within the estimate's goal of the live-tensor peak the run measures (a wide
+    adapter, so that the states and the step's temporaries weigh)."""
+    adapter = {"method": "lora", "r": 32, "alpha": 32}
+    path = recipe_file(adapter=adapter, train={"max_steps": 3, "optimizer": optimizer})
+    main(["train", str(path)])
+    memory = json.loads((tmp_path / "run" / "report.json").read_text())["memory"]
+    assert memory["estimate"]["setup"]["optimizer"] == optimizer
+    measured = memory["measured"]["peak_bytes"]
+    assert memory["estimate"]["allocated_bytes"] == pytest.approx(measured, rel=0.05)

@@ -17,6 +17,7 @@ from pydantic import (
     model_validator,
 )
 
+from finetune.choices import TRAIN_OPTIMIZERS
 from finetune.inputs import MAX_SEED, duration_seconds
 from finetune.methods import METHODS
 
@@ -234,6 +235,13 @@ class TrainSection(Section):
         4, ge=1, le=65536, description="Examples per forward/backward pass."
     )
     grad_accum: int = Field(1, ge=1, le=65536, description="Micro-batches per optimizer step.")
+    optimizer: Literal[TRAIN_OPTIMIZERS] = Field(  # type: ignore[valid-type]
+        "adamw",
+        description="AdamW's implementation: adamw is torch's default for the device "
+        "(foreach on a GPU: whole-model temporaries in the step; for-loop on the CPU); "
+        "adamw-fused, adamw-foreach and adamw-forloop name one; adamw8bit is "
+        "bitsandbytes' 8-bit AdamW (a quarter of the states' memory).",
+    )
     schedule: Literal["cosine", "linear", "constant"] = Field(
         "cosine", description="Learning-rate schedule after warmup."
     )

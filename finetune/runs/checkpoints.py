@@ -296,6 +296,7 @@ RESUME_MUST_MATCH = {
         "seed",
         "lr",
         "weight_decay",
+        "optimizer",  # its states' layout (8-bit or not) and its update
         "schedule",
         "warmup_steps",
     ),
