@@ -12,7 +12,7 @@ from typing import Any
 
 from finetune.errors import UserError
 from finetune.inputs import require_file
-from finetune.methods import MERGEABLE, METHODS, build_config, method_of_config
+from finetune.methods import MERGEABLE, METHODS, adapts_modules, build_config, method_of_config
 from finetune.recipe import AdapterSection
 
 
@@ -55,6 +55,7 @@ def attach(
         model.enable_input_require_grads()
     if spec.init_from:
         return load_init_adapter(model, spec)
+    check_target_modules(model, spec)
     if spec.target_modules == "all-linear" and spec.method in MERGEABLE:
         spec = spec.model_copy(update={"target_modules": linear_module_names(model)})
     model_type = getattr(model.config, "model_type", None)
@@ -62,11 +63,7 @@ def attach(
         peft_model = get_peft_model(model, build_config(spec, model_type, tokenizer_path))
     except ValueError as err:
         if "not found in the base model" in str(err) or "Target modules" in str(err):
-            raise UserError(
-                f"adapter.target_modules {spec.target_modules} match no layer; the Linear "
-                f"layers of this model are {', '.join(linear_module_names(model))} "
-                "(or use all-linear)"
-            ) from None
+            raise UserError(unknown_targets_line(model, spec)) from None
         raise
     if spec.method == "prefix" and spec.virtual_init == "text" and spec.prefix_init_text:
         init_prefix_from_text(peft_model, tokenizer, spec.prefix_init_text)
@@ -184,6 +181,41 @@ def linear_module_names(model: Any) -> list[str]:
         if isinstance(module, torch.nn.Linear) and module is not head
     }
     return sorted(names)
+
+
+def adaptable_modules(model: Any) -> list[str]:
+    """Full names of the layers a target name can pick: every Linear layer, the output head
+    included, and every embedding (peft adapts both with LoRA)."""
+    import torch
+
+    kinds = (torch.nn.Linear, torch.nn.Embedding)
+    return [name for name, module in model.named_modules() if isinstance(module, kinds)]
+
+
+def picks_a_layer(target: str, modules: list[str]) -> bool:
+    """peft's rule for a name in target_modules: a module's full name, or its last parts."""
+    return any(name == target or name.endswith("." + target) for name in modules)
+
+
+def check_target_modules(model: Any, spec: AdapterSection) -> None:
+    """Refuse `adapter.target_modules` names that pick no layer of `model` (a real model or
+    one built on the meta device from its config: the check before the GPU fit check).
+
+    Raises:
+        UserError: one line naming the unknown names and the model's Linear layers.
+    """
+    if spec.init_from or isinstance(spec.target_modules, str) or not adapts_modules(spec.method):
+        return
+    modules = adaptable_modules(model)
+    if not all(picks_a_layer(target, modules) for target in spec.target_modules):
+        raise UserError(unknown_targets_line(model, spec))
+
+
+def unknown_targets_line(model: Any, spec: AdapterSection) -> str:
+    return (
+        f"adapter.target_modules {spec.target_modules} match no layer; the Linear layers of "
+        f"this model are {', '.join(linear_module_names(model))} (or use all-linear)"
+    )
 
 
 def load_init_adapter(model: Any, spec: AdapterSection) -> Any:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -44,21 +45,34 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare(recipe: Recipe, device: str | None = None, strict: bool = False) -> Prepared:
+def prepare(
+    recipe: Recipe,
+    device: str | None = None,
+    strict: bool = False,
+    force: bool = False,
+    gpu_free_bytes: int | None = None,
+) -> Prepared:
     """Load model, attach the adapter and tokenize the data; raise on any bad input.
 
-    The data checks (finetune.doctor) run before the model loads: an error, or with
-    `strict` a warning, stops the run there; other warnings become notes of the run.
+    Every input check runs before the model loads, and before the CUDA fit check, so a bad
+    input gets the same line on every device: the model folder, the data with its checks
+    (finetune.doctor: an error, or with `strict` a warning, stops the run; other warnings
+    become notes), the target modules. Then, on CUDA, whether the run fits the free memory
+    (`force` skips it; `gpu_free_bytes` stands in for the device's free memory, for tests).
     """
+    from finetune.memory.fit import check_recipe_fits_device
+
+    device = device or models.default_device()
     seed_everything(recipe.train.seed)
     tracking.check_available(recipe.train.report_to)
-    # Data first: a broken row should not wait for a model to load.
-    tokenizer = models.load_tokenizer(
-        models.resolve_source(recipe.model.path), recipe.model.trust_remote_code
-    )
+    source = models.resolve_source(recipe.model.path)
+    if isinstance(source, Path):  # raises now; its note comes with the loaded model
+        models.needs_remote_code(source, recipe.model.trust_remote_code)
+    tokenizer = models.load_tokenizer(source, recipe.model.trust_remote_code)
     splits = data.prepare(recipe.data, tokenizer, recipe.train.seed)
     diagnosis = doctor.diagnose(recipe, tokenizer, splits)
     doctor.refuse(diagnosis, strict)
+    check_recipe_fits_device(recipe, device, force=force, free_bytes=gpu_free_bytes)
     loaded = models.load_model(recipe.model, device, tokenizer=tokenizer)
     notes = list(loaded.notes) + recipe.method_default_notes() + diagnosis.warning_lines()
     if recipe.eval.max_examples == 0 and splits.eval_rows and recipe.data.format != "text":

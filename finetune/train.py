@@ -56,10 +56,12 @@ def train(
     resume: bool = False,
     prepared: Prepared | None = None,
     strict: bool = False,
+    force: bool = False,
 ) -> RunResult:
     """Run the recipe end to end and return what happened; the report is written by the caller.
 
-    `strict`: data warnings stop the run before the model loads, as errors do.
+    `strict`: data warnings stop the run before the model loads, as errors do. `force`: train
+    on CUDA even when the estimate says the run cannot fit.
     """
     stop = StopRequests(recipe.train.max_time_s)  # the time budget counts model loading too
     run_dir = Path(recipe.output.dir)
@@ -77,7 +79,7 @@ def train(
         # The baseline is taken before the model loads, so the peak is what this run added.
         peak = PeakMemory(device=models.default_device()).start()
         try:
-            prepared = prepared or prepare(recipe, strict=strict)
+            prepared = prepared or prepare(recipe, strict=strict, force=force)
             return run_with_peak(recipe, run_dir, resume, saved, prepared, peak, stop)
         finally:
             peak.stop()  # also on errors: the sampling thread must not outlive the run

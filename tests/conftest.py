@@ -1,12 +1,34 @@
 """Shared fixtures: a tiny Llama-family model and tokenizer, built in-process and saved as a
-real model folder, plus small datasets. Nothing is downloaded."""
+real model folder, plus small datasets. Nothing is downloaded.
+
+Every test runs on the CPU, even on a machine with a GPU: finetune picks CUDA when it sees
+one (int8 by default, the fit check before the model loads, another memory metric), which
+would change what a CPU test means. So this file hides the GPUs at import, before torch
+initialises CUDA: `CUDA_VISIBLE_DEVICES` becomes empty for this process and every
+subprocess it starts (run_cli included), and its original value is kept in
+FINETUNE_TEST_GPUS. Tests marked `gpu` (tests/test_gpu.py) run finetune in subprocesses with
+the original value restored (`helpers.gpu_env`), and skip with one line when such a
+subprocess sees no CUDA device (asked once per session).
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+from helpers import hide_gpus
 
-import pytest
-from helpers import build_model, build_tokenizer, date_rows, run_cli, tiny_recipe, write_jsonl
+hide_gpus()  # first: before anything below can initialise CUDA
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+from helpers import (  # noqa: E402
+    build_model,
+    build_tokenizer,
+    date_rows,
+    gpu_skip_reason,
+    run_cli,
+    tiny_recipe,
+    write_jsonl,
+)
 
 
 @pytest.fixture(scope="session")
@@ -44,3 +66,12 @@ def recipe_file(tmp_path, tiny_model_dir, instruction_data):
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture(autouse=True)
+def _gpu_or_skip(request):
+    """Skip a `gpu` test when no CUDA device is visible with the original devices."""
+    if request.node.get_closest_marker("gpu") is not None:
+        reason = gpu_skip_reason()
+        if reason:
+            pytest.skip(reason)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from functools import cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,16 +46,16 @@ def build_tokenizer():
     return tokenizer
 
 
-def build_model(tokenizer, seed: int = 0):
+def build_model(tokenizer, seed: int = 0, hidden: int = 64, layers: int = 2):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
@@ -85,9 +86,63 @@ def date_rows(n: int, offset: int = 0) -> list[dict]:
     return rows
 
 
+# The original CUDA_VISIBLE_DEVICES while the tests hide the GPUs (see conftest.py); UNSET
+# when it was not set (every GPU visible).
+GPUS_VAR, UNSET = "FINETUNE_TEST_GPUS", "<unset>"
+
+
+def hide_gpus() -> None:
+    """Hide every GPU from this process and its subprocesses, keeping the original value.
+
+    Kept only the first time, so a process started by the tests (a pytest-xdist worker)
+    still knows what the user's shell had.
+    """
+    if GPUS_VAR not in os.environ:
+        os.environ[GPUS_VAR] = os.environ.get("CUDA_VISIBLE_DEVICES", UNSET)
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
+def gpu_env() -> dict[str, str | None]:
+    """run_cli's `env` for a `gpu` test: the GPUs the tests were started with (None unsets)."""
+    original = os.environ.get(GPUS_VAR, UNSET)
+    return {"CUDA_VISIBLE_DEVICES": None if original == UNSET else original}
+
+
+def cli_env(env: dict | None = None) -> dict[str, str]:
+    """A subprocess's environment: this one, offline, wide, with `env` on top (None unsets)."""
+    full = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", **(env or {})}
+    return {name: value for name, value in full.items() if value is not None}
+
+
+def run_python(code: str, env: dict | None = None, timeout: int = 120):
+    """Run `python -c CODE` in a subprocess with run_cli's environment."""
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=cli_env(env),
+        timeout=timeout,
+    )
+
+
+@cache
+def gpu_skip_reason() -> str | None:
+    """None when a subprocess with the original devices sees a CUDA GPU, else why not (one
+    line). Asked once per session, in a subprocess: this process has them hidden."""
+    probe = run_python("import torch; print(torch.cuda.device_count())", env=gpu_env())
+    count = probe.stdout.strip().splitlines()[-1:] if probe.returncode == 0 else []
+    if count and count[0].isdigit() and int(count[0]) > 0:
+        return None
+    shown = os.environ.get(GPUS_VAR, UNSET)
+    return f"no CUDA GPU visible (CUDA_VISIBLE_DEVICES={shown}): tests marked gpu need one"
+
+
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 300):
-    """Run `python -m finetune ARGS` in a subprocess, offline, and return the completed process."""
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", **(env or {})}
+    """Run `python -m finetune ARGS` in a subprocess, offline, and return the completed process.
+
+    `env` adds to the environment; a None value unsets that variable (see gpu_env)."""
+    full_env = cli_env(env)
     return subprocess.run(
         [sys.executable, "-m", "finetune", *args],
         capture_output=True,

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from finetune.cli import main
+from finetune.errors import UserError
 
 BAD = Path(__file__).resolve().parent / "bad_inputs"
 
@@ -1586,3 +1587,48 @@ def test_nothing_was_written_beside_the_corpus(capsys):
         with capsys.disabled():
             print(f"\nbad-input corpus: {clean} of {len(OUTCOMES)} cases end cleanly", end="")
             print(f" (not yet: {not_clean})" if not_clean else "")
+
+
+# ------------------------------------------------------- the same line on CUDA (issue 29)
+
+# Train cases whose input is refused before the model loads: on CUDA the fit check comes
+# after them. (output.dir is claimed before the pre-flight and the command line is parsed
+# before it, so those cases cannot meet the fit check.)
+BEFORE_FIT = [
+    c
+    for c in CASES
+    if c.args[:1] == ("train",)
+    and not (c.trained or "resume-" in c.id or c.id.startswith(("output-dir-", "cli-")))
+]
+# A GPU budget no run fits: the refusal would come first if any input check came after it.
+NO_GPU_MEMORY = 1
+
+
+def preflight_on_cuda(args: list[str]) -> None:
+    """`finetune train ARGS` up to the model loading, as on a GPU with NO_GPU_MEMORY free."""
+    from finetune.adapters import check_init_from
+    from finetune.prepare import prepare
+    from finetune.recipe import load_recipe
+
+    recipe, *rest = args[1:]
+    overrides = [a for a in rest if not a.startswith("--")]
+    spec = load_recipe(Path(recipe), overrides)
+    check_init_from(spec.adapter)
+    prepare(spec, device="cuda", strict="--strict" in rest, gpu_free_bytes=NO_GPU_MEMORY)
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in BEFORE_FIT])
+def test_a_bad_input_is_named_before_the_cuda_fit_check(case, tmp_path, tiny_model_dir):
+    if case.setup is not None:
+        case.setup(tmp_path, tiny_model_dir, None)
+    args = [expand(a, tmp_path, tiny_model_dir) for a in case.args]
+    with pytest.raises(UserError) as raised:
+        preflight_on_cuda(args)
+    assert re.search(case.expect, str(raised.value)), str(raised.value)
+
+
+def test_a_good_recipe_meets_the_cuda_fit_check(tiny_model_dir, tmp_path):
+    """The other half: with the same budget a good recipe is refused by the fit check."""
+    args = run("base.yaml", "model.path=<model>", "output.dir=<run>")
+    with pytest.raises(UserError, match=r"this run needs about .* GB of GPU memory"):
+        preflight_on_cuda([expand(a, tmp_path, tiny_model_dir) for a in args])

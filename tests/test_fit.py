@@ -91,12 +91,9 @@ def test_device_verdict_is_pure_and_names_the_shortfall():
     assert "\n" not in line
 
 
-def test_the_device_check_is_a_no_op_without_cuda():
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("this check is for machines without CUDA")
-    check_recipe_fits_device(recipe=None)  # never reads the recipe on the CPU
+def test_the_device_check_is_a_no_op_on_the_cpu_and_with_force():
+    check_recipe_fits_device(recipe=None, device="cpu")  # never reads the recipe
+    check_recipe_fits_device(recipe=None, device="cuda", force=True)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), 0.0, -24.0, float("inf")])

@@ -15,6 +15,9 @@ SETTINGS = {  # (adapter, data): padded micro-batches, packed ones, prompt tunin
     "lora": (LORA, {}),
     "lora-packed": (LORA, {"packing": True}),
     "prompt": ({"method": "prompt", "num_virtual_tokens": 4}, {}),
+    # LoRA on the output head and the embeddings (issue 30): peft adapts both, and the
+    # report's estimate used to refuse them as "--targets: lm_head match no Linear layer".
+    "lora-head-embed": ({**LORA, "target_modules": ["q_proj", "lm_head", "embed_tokens"]}, {}),
 }
 
 
@@ -84,3 +87,14 @@ def test_each_optimizer_trains_and_is_estimated_as_it_allocates(optimizer, recip
     assert memory["estimate"]["setup"]["optimizer"] == optimizer
     measured = memory["measured"]["peak_bytes"]
     assert memory["estimate"]["allocated_bytes"] == pytest.approx(measured, rel=0.05)
+
+
+def test_lora_on_the_head_and_embeddings_trains_them(recipe_file, tmp_path):
+    from safetensors import safe_open
+
+    adapter, _ = SETTINGS["lora-head-embed"]
+    main(["train", str(recipe_file(adapter=adapter, train={"max_steps": 1}))])
+    with safe_open(tmp_path / "run" / "adapter" / "adapter_model.safetensors", "pt") as f:
+        names = list(f.keys())
+    assert any("lm_head.lora_B" in n for n in names), names
+    assert any("embed_tokens.lora_embedding_B" in n for n in names), names

@@ -45,7 +45,6 @@ def train(
     import time
 
     from finetune.adapters import check_init_from
-    from finetune.memory.fit import check_recipe_fits_device
     from finetune.recipe import load_recipe
     from finetune.report import write_report
     from finetune.train import train as run_training
@@ -53,8 +52,8 @@ def train(
     started = time.perf_counter()
     spec = load_recipe(recipe, overrides or [])
     check_init_from(spec.adapter)
-    check_recipe_fits_device(spec, force)  # before the model loads; a no-op on the CPU
-    result = run_training(spec, resume=resume, strict=strict)
+    # The CUDA fit check runs inside, after every input check and before the model loads.
+    result = run_training(spec, resume=resume, strict=strict, force=force)
     if result.main_process:
         report = write_report(result, time.perf_counter() - started)
         show_report(result.run_dir, report)

@@ -182,11 +182,13 @@ def prepare(model: Any, setup: Any) -> Any:
 
 
 def check_targets(model: Any, setup: Any) -> None:
-    """Refuse target names that match no Linear module, naming the model's real ones."""
+    """Refuse target names that pick no layer, naming the model's Linear ones. The output
+    head and the embeddings count: peft adapts them with LoRA and training accepts them."""
     if isinstance(setup.targets, str) or not adapts_modules(setup.method):
         return
     names = linear_names(model)
-    unknown = [t for t in setup.targets if t not in names]
+    modules = adapters.adaptable_modules(model)
+    unknown = [t for t in setup.targets if not adapters.picks_a_layer(t, modules)]
     if unknown:
         raise UserError(
             f"--targets: {', '.join(unknown)} match no Linear layer of this model; its "

@@ -22,6 +22,7 @@ from finetune.memory.estimate import Estimate, Setup
 from finetune.memory.render import human
 from finetune.memory.target import subject_for_recipe
 from finetune.methods import allows_gradient_checkpointing
+from finetune.precision import on_cuda
 
 # A bound on the search: each 7B dry run takes 1-4 s on a 2-core CPU.
 MAX_BATCH = 1024
@@ -215,19 +216,31 @@ def refusal(verdict: DeviceVerdict, fix: str) -> str:
     )
 
 
-def check_recipe_fits_device(recipe: Any, force: bool = False) -> None:
-    """Before the model loads: refuse a CUDA run the estimate says cannot fit.
+def check_recipe_fits_device(
+    recipe: Any, device: str, *, force: bool = False, free_bytes: int | None = None
+) -> None:
+    """Before the model loads, after every other input check: refuse a CUDA run the estimate
+    says cannot fit.
 
-    A no-op on the CPU (no device memory to compare with) and with `force`.
+    A no-op on the CPU (no device memory to compare with) and with `force`. `free_bytes` is
+    the device's free memory, by default `torch.cuda.mem_get_info()`'s; a test passes a
+    budget to drive this check on a machine without CUDA.
 
     Raises:
-        UserError: the estimate exceeds `torch.cuda.mem_get_info()`'s free bytes.
+        UserError: a target module name picks no layer (the recipe's line, as loading the
+            model would say it), or the estimate exceeds the free bytes.
     """
-    if force or not torch.cuda.is_available():
+    if force or not on_cuda(device):
         return
-    subject = subject_for_recipe(recipe)
-    est = estimate_from_config(subject.hf_config(), setup_from_recipe(recipe, "cuda"))
-    free, _total = torch.cuda.mem_get_info()
+    from finetune.adapters import check_target_modules
+    from finetune.memory.dryrun import build_model
+
+    config, setup = subject_for_recipe(recipe).hf_config(), setup_from_recipe(recipe, device)
+    # The dry run would name unknown targets as estimate's --targets option; the recipe's
+    # own line comes first, from the same model built on meta.
+    check_target_modules(build_model(config, setup), recipe.adapter)
+    est = estimate_from_config(config, setup)
+    free = torch.cuda.mem_get_info()[0] if free_bytes is None else free_bytes
     verdict = device_verdict(est.verdict_bytes, free)
     if not verdict.fits:
         advice = fit_advice(est, free)[-1]

@@ -87,8 +87,9 @@ class AdapterSection(Section):
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA/DoRA input.")
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear",
-        description="Module names to adapt (LoRA, DoRA, IA3); 'all-linear' is every Linear "
-        "layer except the output head.",
+        description="Module names to adapt (LoRA, DoRA, IA3); LoRA also takes the output "
+        "head (lm_head) and embeddings (embed_tokens); 'all-linear' is every Linear layer "
+        "except the output head.",
     )
     num_virtual_tokens: int = Field(
         20, ge=1, le=4096, description="Virtual tokens for prefix and prompt tuning."
