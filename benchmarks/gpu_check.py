@@ -386,6 +386,7 @@ class Outcome:
     status: str  # passed, failed, skipped
     seconds: float = 0.0
     note: str = ""
+    report: Path | None = None  # its report.json, in the shared format, when it passed
 
 
 def collect(cell: Cell, out: Path, rc: int | None, seconds: float) -> Outcome:
@@ -400,7 +401,7 @@ def collect(cell: Cell, out: Path, rc: int | None, seconds: float) -> Outcome:
     shutil.copy(report, reports / f"{cell.name}.json")
     if (run / "metrics.jsonl").is_file():
         shutil.copy(run / "metrics.jsonl", reports / f"{cell.name}.metrics.jsonl")
-    return Outcome(cell, "passed", seconds)
+    return Outcome(cell, "passed", seconds, report=reports / f"{cell.name}.json")
 
 
 def run_matrix(cells: list[Cell], out: Path, args, deadline: float, advance) -> list[Outcome]:
@@ -443,7 +444,7 @@ def start_due(pending, running, out, args, deadline, done, advance) -> list[Cell
     return left
 
 
-def matrix_lines(outcomes: list[Outcome], out: Path) -> list[str]:
+def matrix_lines(outcomes: list[Outcome]) -> list[str]:
     """One row per cell: what it measured (from its report) or why it has no figures."""
     lines = [
         "| cell | result | seconds | measured allocated GB | measured reserved GB | note |",
@@ -451,9 +452,8 @@ def matrix_lines(outcomes: list[Outcome], out: Path) -> list[str]:
     ]
     for o in outcomes:
         allocated = reserved = "-"
-        report = out / "reports" / f"{o.cell.name}.json"
-        if o.status == "passed":
-            measured = json.loads(report.read_text())["memory"]["measured"]
+        if o.report is not None:
+            measured = json.loads(o.report.read_text())["memory"]["measured"]
             allocated = f"{measured['peak_bytes'] / 1e9:.3f}"
             # The CPU has no caching allocator, so no reserved figure.
             if measured.get("reserved_bytes"):
@@ -465,10 +465,11 @@ def matrix_lines(outcomes: list[Outcome], out: Path) -> list[str]:
     return lines
 
 
-def memory_table(out: Path, device: str) -> tuple[bool, list[str]]:
-    """benchmarks/memory_gpu.py over this check's reports: its table and two summary lines."""
+def memory_table(reports: Path, models: Path, device: str) -> tuple[bool, list[str]]:
+    """benchmarks/memory_gpu.py over `reports`: its table and two summary lines."""
     command = [sys.executable, str(ROOT / "benchmarks" / "memory_gpu.py")]
-    command += ["--cases", str(out / "reports"), "--models", str(out / "models")]
+    command += ["--cases", str(reports), "--models", str(models)]
+    command += ["--jobs", str(min(8, os.cpu_count() or 1))]
     if device == "cpu":
         command.append("--any-device")  # a CPU run has no CUDA measurement to compare
     try:
@@ -477,7 +478,6 @@ def memory_table(out: Path, device: str) -> tuple[bool, list[str]]:
         )
     except subprocess.TimeoutExpired:
         return False, ["`memory_gpu.py` timed out"]
-    (out / "logs" / "memory_gpu.log").write_text(done.stdout + done.stderr)
     if done.returncode != 0:
         tail = done.stderr.strip().splitlines()[-5:]
         return False, [f"`memory_gpu.py` failed (exit {done.returncode}):", "```", *tail, "```"]
@@ -506,7 +506,9 @@ def run_timing(args, out: Path, say) -> tuple[bool, list[str]]:
     """finetune, a plain peft loop and Trainer + peft, one after another on the 7B body."""
     from matmul_peak import peak_gflops
 
-    peak = peak_gflops("bf16", args.device)
+    # The CPU's own peak over five shapes takes minutes there; one small shape will do for
+    # a run that only checks the part works (no figure of it is a GPU figure).
+    peak = peak_gflops("bf16", "cuda") if args.device == "cuda" else cpu_peak()
     say(f"bf16 matmul peak on {args.device}: {peak / 1000:.1f} TFLOP/s")
     folder = out / "models" / ("llama7b" if args.big else "smol")
     params = sum_params(folder)
@@ -528,6 +530,13 @@ def run_timing(args, out: Path, say) -> tuple[bool, list[str]]:
     hf_ok, hf_rows = hf_timing(args, out, folder)
     lines = timing_lines(rows + hf_rows, params, peak, args.device)
     return ok and hf_ok, lines
+
+
+def cpu_peak() -> float:
+    import torch
+    from matmul_peak import rate_gflops
+
+    return rate_gflops(512, 512, 512, torch.bfloat16, repeats=1)
 
 
 def sum_params(folder: Path) -> int:
@@ -856,12 +865,12 @@ def matrix_part(args, out: Path, clock: Clock, progress, task) -> Part:
             progress.console.print(f"  {outcome.cell.name}: {outcome.status} {outcome.note}")
 
     outcomes = run_matrix(cells, out, args, deadline, advance)
-    lines = matrix_lines(outcomes, out)
+    lines = matrix_lines(outcomes)
     failed = [o for o in outcomes if o.status == "failed"]
     skipped = [o for o in outcomes if o.status == "skipped"]
     table_ok, table = (False, ["no cell passed: no memory table"])
     if len(failed) + len(skipped) < len(outcomes):
-        table_ok, table = memory_table(out, args.device)
+        table_ok, table = memory_table(out / "reports", out / "models", args.device)
     note = f"{len(outcomes) - len(failed) - len(skipped)} passed, {len(failed)} failed"
     note += f", {len(skipped)} skipped (budget)" if skipped else ""
     return Part("matrix", not failed and table_ok, 0, [*lines, "", *table], note)

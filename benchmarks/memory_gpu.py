@@ -171,13 +171,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", type=Path, action="append", required=True)
     parser.add_argument("--models", type=Path, action="append", required=True)
     parser.add_argument("--any-device", action="store_true", help="CPU runs too")
+    # A dry run takes seconds of one core per case: a matrix of dozens wants several.
+    parser.add_argument("--jobs", type=int, default=1, help="cases estimated at a time")
     args = parser.parse_args(argv)
     cases = find_cases(args.cases, args.models, args.any_device)
     if not cases:
         print("no CUDA training reports found under --cases", file=sys.stderr)
         return 2
     warnings.simplefilter("ignore", FutureWarning)  # transformers' renames, not ours
-    rows = [estimate(case) for case in cases]
+    if args.jobs > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(args.jobs) as pool:
+            rows = list(pool.map(estimate, cases))
+    else:
+        rows = [estimate(case) for case in cases]
     print("\n".join(table(rows)))
     print()
     print(summary("allocated", [r.allocated_error for r in rows]))
