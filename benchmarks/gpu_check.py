@@ -509,7 +509,7 @@ def run_timing(args, out: Path, say) -> tuple[bool, list[str]]:
     # The CPU's own peak over five shapes takes minutes there; one small shape will do for
     # a run that only checks the part works (no figure of it is a GPU figure).
     peak = peak_gflops("bf16", "cuda") if args.device == "cuda" else cpu_peak()
-    say(f"bf16 matmul peak on {args.device}: {peak / 1000:.1f} TFLOP/s")
+    say(f"bf16 matmul peak on {args.device}: {peak:,.0f} GFLOP/s")
     folder = out / "models" / ("llama7b" if args.big else "smol")
     params = sum_params(folder)
     rows, ok = [], True
@@ -571,7 +571,7 @@ def hf_timing(args, out: Path, folder: Path) -> tuple[bool, list]:
 
 def timing_lines(rows, params: int, peak_gflops: float, device: str) -> list[str]:
     lines = [
-        f"bf16 matmul peak measured on this {device}: {peak_gflops / 1000:.1f} TFLOP/s; "
+        f"bf16 matmul peak measured on this {device}: {peak_gflops:,.0f} GFLOP/s; "
         f"LoRA counted as 4 x {params:,} FLOPs per token.",
         "",
         "| runner | shape | median tokens/s | MFU |",
