@@ -25,7 +25,7 @@ LLAMACPP_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_BLAS=OFF $(LLAMACPP_CPU)
 # To the build script through the environment: flags holding quotes arrive as written.
 export LLAMACPP_CMAKE_ARGS
 
-.PHONY: setup demo test test-fast lint format clean lock
+.PHONY: setup demo test test-fast lint format clean lock gpu-check
 
 setup: $(STAMP)
 
@@ -60,6 +60,14 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+# On a machine with CUDA and no package index or model hub: every part of the GPU check in
+# under 8 minutes on one H200 (README, "On a GPU machine"). The Python environment is the
+# machine's own (GPU_PYTHON): the wheels it needs are listed in the README; nothing installs.
+GPU_PYTHON ?= python3
+GPU_CHECK_ARGS ?=
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

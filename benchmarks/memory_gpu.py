@@ -6,8 +6,10 @@ Run: PYTHONPATH=. .venv/bin/python benchmarks/memory_gpu.py \
 
 `--cases DIR` (repeatable): report.json files of `finetune train` runs (the format of
 `../shared/gpu-measurements/reports/`; files without `memory.measured` on CUDA, such as
-saved `finetune estimate` outputs, are skipped). `--models DIR` (repeatable): folders of
-model configs, matched by the basename of each report's `model.path` (`smol`, `llama7b`).
+saved `finetune estimate` outputs, are skipped; `--any-device` keeps CPU runs, as
+benchmarks/gpu_check.py --device cpu does to check itself without a GPU). `--models DIR`
+(repeatable): folders of model configs, matched by the basename of each report's
+`model.path` (`smol`, `llama7b`).
 Each case is estimated from the report's `memory.estimate.setup`, the exact setup the run
 estimated (batch, sequence, trained logit positions, mask, quantization, dtype, device),
 with today's estimator: a dry run on the meta device, no GPU needed.
@@ -62,23 +64,27 @@ def relative_error(estimate: int, measured: int) -> float:
     return (estimate - measured) / measured
 
 
-def find_cases(case_dirs: list[Path], model_dirs: list[Path]) -> list[Case]:
-    """Every CUDA training report under `case_dirs` whose model config is found."""
+def find_cases(
+    case_dirs: list[Path], model_dirs: list[Path], any_device: bool = False
+) -> list[Case]:
+    """Every CUDA training report under `case_dirs` whose model config is found (with
+    `any_device`, CPU training reports too)."""
     cases = []
     for folder in case_dirs:
         for path in sorted(folder.glob("*.json")):
-            case = read_case(path, model_dirs)
+            case = read_case(path, model_dirs, any_device)
             if case is not None:
                 cases.append(case)
     return cases
 
 
-def read_case(path: Path, model_dirs: list[Path]) -> Case | None:
+def read_case(path: Path, model_dirs: list[Path], any_device: bool = False) -> Case | None:
     report = json.loads(path.read_text())
     memory = report.get("memory") or {}
     measured = memory.get("measured") or {}
     setup = (memory.get("estimate") or {}).get("setup")
-    if not setup or not str(measured.get("device", "")).startswith("cuda"):
+    on_cuda = str(measured.get("device", "")).startswith("cuda")
+    if not setup or not measured or not (on_cuda or any_device):
         return None  # not a CUDA training run (an estimate's own JSON, a CPU run)
     setup = with_autocast(setup, report.get("training") or {})
     model_name = Path(report["model"]["path"]).name
@@ -90,7 +96,8 @@ def read_case(path: Path, model_dirs: list[Path]) -> Case | None:
         config_dir=config_dir,
         setup=setup,
         measured_allocated=int(measured["peak_bytes"]),
-        measured_reserved=int(measured["reserved_bytes"]),
+        # The CPU has no caching allocator: what it measures is its live-tensor peak.
+        measured_reserved=int(measured.get("reserved_bytes") or measured["peak_bytes"]),
     )
 
 
@@ -163,13 +170,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=Path, action="append", required=True)
     parser.add_argument("--models", type=Path, action="append", required=True)
+    parser.add_argument("--any-device", action="store_true", help="CPU runs too")
+    # A dry run takes seconds of one core per case: a matrix of dozens wants several.
+    parser.add_argument("--jobs", type=int, default=1, help="cases estimated at a time")
     args = parser.parse_args(argv)
-    cases = find_cases(args.cases, args.models)
+    cases = find_cases(args.cases, args.models, args.any_device)
     if not cases:
         print("no CUDA training reports found under --cases", file=sys.stderr)
         return 2
     warnings.simplefilter("ignore", FutureWarning)  # transformers' renames, not ours
-    rows = [estimate(case) for case in cases]
+    if args.jobs > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(args.jobs) as pool:
+            rows = list(pool.map(estimate, cases))
+    else:
+        rows = [estimate(case) for case in cases]
     print("\n".join(table(rows)))
     print()
     print(summary("allocated", [r.allocated_error for r in rows]))
