@@ -82,6 +82,24 @@ def test_fit_advice_uses_reserved_plus_context_and_names_a_change():
     assert lines[-1].startswith("fits with --")
 
 
+def test_train_is_told_the_change_as_recipe_overrides_that_validate():
+    """`finetune train`'s refusal names the change as overrides of the recipe's fields (it
+    has no --grad-ckpt or --batch), and each of them is a field the recipe takes."""
+    from finetune.memory.fit import RECIPE_FIELDS, as_recipe_overrides, candidate_changes
+    from finetune.recipe import Recipe
+
+    est = tiny_estimate(batch=8, seq=256)
+    advice = fit_advice(est, est.verdict_bytes - 1, spell=as_recipe_overrides)[-1]
+    assert advice.startswith("fits with train.") and "--" not in advice
+    setup = Setup(**{**vars(est.setup), "method": "full", "batch": 4, "seq": 512})
+    for label, change in candidate_changes(setup):
+        for override in as_recipe_overrides(label, change).split():
+            field, value = override.split("=")
+            section, key = field.split(".")
+            assert key in Recipe.model_fields[section].annotation.model_fields, override
+    assert set(RECIPE_FIELDS) >= {k for _, c in candidate_changes(setup) for k in c}
+
+
 def test_device_verdict_is_pure_and_names_the_shortfall():
     assert device_verdict(10, 10).fits
     short = device_verdict(30 * 10**9, 24 * 10**9)

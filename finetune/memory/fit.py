@@ -121,15 +121,22 @@ def fit_lines(est: Estimate, gpu_bytes: float, search: FitSearch | None = None) 
     return lines
 
 
-def fit_advice(est: Estimate, gpu_bytes: float, search: FitSearch | None = None) -> list[str]:
+def fit_advice(
+    est: Estimate,
+    gpu_bytes: float,
+    search: FitSearch | None = None,
+    spell: Callable[[str, dict[str, Any]], str] | None = None,
+) -> list[str]:
     """Whether the estimate fits in `gpu_bytes`, and if not, which change makes it fit.
 
     The verdict is on `Estimate.verdict_bytes`: the caching allocator's modelled reserved
     peak plus the CUDA context. Each candidate change is re-estimated by a dry run (when
     the estimate came from one); single changes are tried first, then the changes
-    accumulated in order.
+    accumulated in order. `spell` writes a change as the user would make it (default:
+    `finetune estimate`'s options; `as_recipe_overrides` for `finetune train`).
     """
     search = search or FitSearch(est, gpu_bytes)
+    spell = spell or (lambda label, change: label)
     metric = est.verdict_metric
     if est.verdict_bytes <= gpu_bytes:
         return [f"fits: {human(est.verdict_bytes)} of {human(gpu_bytes)} ({metric})"]
@@ -143,12 +150,12 @@ def fit_advice(est: Estimate, gpu_bytes: float, search: FitSearch | None = None)
         except UserError:  # an incompatible combination or one the dry run refuses
             continue
         if trial.verdict_bytes <= gpu_bytes:
-            return [*lines, f"fits with {label}: {human(trial.verdict_bytes)}"]
+            return [*lines, f"fits with {spell(label, change)}: {human(trial.verdict_bytes)}"]
     applied: dict[str, Any] = {}
     labels = []
     for label, change in changes:
         applied.update(change)
-        labels.append(label)
+        labels.append(spell(label, change))
         try:
             trial = search.estimate(replace(est.setup, **applied))
         except UserError:  # an incompatible combination (full + quant): skip it
@@ -158,6 +165,27 @@ def fit_advice(est: Estimate, gpu_bytes: float, search: FitSearch | None = None)
         if trial.verdict_bytes <= gpu_bytes:
             return [*lines, f"fits with {' + '.join(labels)}: {human(trial.verdict_bytes)}"]
     return [*lines, "no combination of the usual changes fits; use a smaller model"]
+
+
+# What each change of `candidate_changes` is in a recipe, as a command-line override.
+RECIPE_FIELDS = {
+    "grad_ckpt": "train.gradient_checkpointing",
+    "batch": "train.micro_batch_size",
+    "optimizer": "train.optimizer",
+    "method": "adapter.method",
+    "quant": "model.quantization",
+    "double_quant": "model.double_quant",
+    "seq": "data.max_length",
+}
+
+
+def as_recipe_overrides(label: str, change: dict[str, Any]) -> str:
+    """A change as `finetune train` takes it: `train.micro_batch_size=2 ...`."""
+
+    def value(v: Any) -> str:
+        return str(v).lower() if isinstance(v, bool) else str(v)
+
+    return " ".join(f"{RECIPE_FIELDS[k]}={value(v)}" for k, v in change.items())
 
 
 def candidate_changes(setup: Setup) -> list[tuple[str, dict[str, Any]]]:
@@ -243,6 +271,6 @@ def check_recipe_fits_device(
     free = torch.cuda.mem_get_info()[0] if free_bytes is None else free_bytes
     verdict = device_verdict(est.verdict_bytes, free)
     if not verdict.fits:
-        advice = fit_advice(est, free)[-1]
+        advice = fit_advice(est, free, spell=as_recipe_overrides)[-1]
         fix = advice.removeprefix("fits with ").split(":")[0]
         raise UserError(refusal(verdict, f"try {fix}" if advice.startswith("fits") else advice))
