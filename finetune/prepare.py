@@ -72,9 +72,10 @@ def prepare(
     splits = data.prepare(recipe.data, tokenizer, recipe.train.seed)
     diagnosis = doctor.diagnose(recipe, tokenizer, splits)
     doctor.refuse(diagnosis, strict)
-    check_recipe_fits_device(recipe, device, force=force, free_bytes=gpu_free_bytes)
+    unchecked = check_recipe_fits_device(recipe, device, force=force, free_bytes=gpu_free_bytes)
     loaded = models.load_model(recipe.model, device, tokenizer=tokenizer)
     notes = list(loaded.notes) + recipe.method_default_notes() + diagnosis.warning_lines()
+    notes += [unchecked] if unchecked else []
     if recipe.eval.max_examples == 0 and splits.eval_rows and recipe.data.format != "text":
         notes.append("eval.max_examples is 0: exact-match generation skipped")
     checkpointing = recipe.train.gradient_checkpointing

@@ -214,3 +214,23 @@ def test_recipes_cannot_name_code_to_import(tmp_path):
     recipe.write_text("data: {path: x.jsonl}\nmodel: {_component_: os.system}\n")
     with pytest.raises(UserError, match=r"unknown key 'model\._component_'"):
         load_recipe(recipe)
+
+
+def test_a_trusted_custom_model_is_not_refused_by_the_cuda_fit_check(tiny_model_dir, tmp_path):
+    """transformers cannot build a model of its own code on meta, so the fit check cannot
+    be made: with model.trust_remote_code the run goes on with a note (it used to be
+    refused on CUDA only); without it, the remote-code refusal stands."""
+    from finetune.memory.fit import check_recipe_fits_device
+
+    folder = custom_code_folder(tiny_model_dir, tmp_path / "model", "tiny-custom")
+    data = write_jsonl(tmp_path / "train.jsonl", date_rows(4))
+    sections = {
+        "model": {"path": str(folder), "trust_remote_code": True},
+        "data": {"path": str(data)},
+    }
+    recipe = Recipe.model_validate(sections)
+    note = check_recipe_fits_device(recipe, "cuda", free_bytes=1)
+    assert note and "not checked" in note and "tiny-custom" in note
+    sections["model"]["trust_remote_code"] = False
+    with pytest.raises(UserError, match="tiny-custom"):
+        check_recipe_fits_device(Recipe.model_validate(sections), "cuda", free_bytes=1)

@@ -246,7 +246,7 @@ def refusal(verdict: DeviceVerdict, fix: str) -> str:
 
 def check_recipe_fits_device(
     recipe: Any, device: str, *, force: bool = False, free_bytes: int | None = None
-) -> None:
+) -> str | None:
     """Before the model loads, after every other input check: refuse a CUDA run the estimate
     says cannot fit.
 
@@ -254,16 +254,25 @@ def check_recipe_fits_device(
     the device's free memory, by default `torch.cuda.mem_get_info()`'s; a test passes a
     budget to drive this check on a machine without CUDA.
 
+    Returns:
+        A note when the check could not be made: a model that runs its own code
+        (model.trust_remote_code) is not one transformers can build on meta.
+
     Raises:
         UserError: a target module name picks no layer (the recipe's line, as loading the
             model would say it), or the estimate exceeds the free bytes.
     """
     if force or not on_cuda(device):
-        return
+        return None
     from finetune.adapters import check_target_modules
     from finetune.memory.dryrun import build_model
 
-    config, setup = subject_for_recipe(recipe).hf_config(), setup_from_recipe(recipe, device)
+    try:
+        config, setup = subject_for_recipe(recipe).hf_config(), setup_from_recipe(recipe, device)
+    except UserError as err:
+        if not recipe.model.trust_remote_code:
+            raise
+        return f"GPU memory not checked before loading: the model runs its own code ({err})"
     # The dry run would name unknown targets as estimate's --targets option; the recipe's
     # own line comes first, from the same model built on meta.
     check_target_modules(build_model(config, setup), recipe.adapter)
@@ -274,3 +283,4 @@ def check_recipe_fits_device(
         advice = fit_advice(est, free, spell=as_recipe_overrides)[-1]
         fix = advice.removeprefix("fits with ").split(":")[0]
         raise UserError(refusal(verdict, f"try {fix}" if advice.startswith("fits") else advice))
+    return None
