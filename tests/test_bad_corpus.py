@@ -35,6 +35,7 @@ class Case:
     why: str
     setup: Callable[[Path, Path, Path], None] | None = None  # (tmp, tiny model, trained run)
     trained: bool = False  # the setup copies the trained run (the resume-* cases do too)
+    env: tuple[tuple[str, str], ...] = ()  # environment variables (placeholders expanded)
 
 
 def run(recipe: str, *overrides: str, command: str = "train") -> tuple[str, ...]:
@@ -1483,6 +1484,69 @@ CASES = [
         long_prompts,
         trained=True,
     ),
+    # ------------------------------------------- issue 30, round 3: shared resources
+    Case(
+        "cache-env-empty",
+        ("generate", "<tmp>/random.gguf", "hi"),
+        r"FINETUNE_CACHE is set but empty; unset it",
+        "an empty FINETUNE_CACHE used to mean the current directory",
+        random_gguf,
+        env=(("FINETUNE_CACHE", ""),),
+    ),
+    Case(
+        "cache-env-file",
+        ("generate", "<tmp>/random.gguf", "hi"),
+        r"FINETUNE_CACHE=.*work\.txt is a file, not a folder; set FINETUNE_CACHE",
+        "a cache that is a file used to end in a traceback",
+        lambda tmp, tiny, trained: (
+            random_gguf(tmp, tiny, trained),
+            cwd_with_files(tmp, tiny, trained),
+        ),
+        env=(("FINETUNE_CACHE", "<tmp>/work.txt"),),
+    ),
+    Case(
+        "cache-env-under-a-file",
+        ("eval", "<tmp>/random.gguf", "--data", "<bad>/good.jsonl"),
+        r"FINETUNE_CACHE=.*work\.txt/cache cannot be created",
+        "a cache folder below a file",
+        lambda tmp, tiny, trained: (
+            random_gguf(tmp, tiny, trained),
+            cwd_with_files(tmp, tiny, trained),
+        ),
+        env=(("FINETUNE_CACHE", "<tmp>/work.txt/cache"),),
+    ),
+    Case(
+        "combine-weights-zero",
+        ("combine", "<run>", "<tmp>/run2", "--out", "<tmp>/c", "--weights", "0,0"),
+        r"--weights 0,0: all zero makes an adapter that changes nothing",
+        "used to write an all-zero adapter, exit 0",
+        copy_two_runs,
+        trained=True,
+    ),
+    Case(
+        "combine-weights-negative",
+        ("combine", "<run>", "<tmp>/run2", "--out", "<tmp>/c", "--weights", "1,-0.5"),
+        r"--weights must be at least 0 \(got -0\.5\)",
+        "a negative weight flips an adapter's update",
+        copy_two_runs,
+        trained=True,
+    ),
+    Case(
+        "combine-same-adapter-twice",
+        ("combine", "<run>", "<run>", "--out", "<tmp>/c"),
+        r"run: the same adapter as .*run; combine different adapters, or pass --weights",
+        "used to give twice the adapter's update",
+        copy_run,
+        trained=True,
+    ),
+    Case(
+        "combine-copy-of-an-adapter",
+        ("combine", "<run>", "<tmp>/run2", "--out", "<tmp>/c"),
+        r"run2: the same adapter as .*run; combine different adapters",
+        "a copied run is the same adapter under another name",
+        copy_two_runs,
+        trained=True,
+    ),
 ]
 
 
@@ -1553,6 +1617,8 @@ def test_bad_input_ends_cleanly(case, capsys, tmp_path, tiny_model_dir, request,
     # current directory or the home folder can only ever reach that folder.
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for name, value in case.env:
+        monkeypatch.setenv(name, expand(value, tmp_path, tiny_model_dir))
     capsys.readouterr()
     before = snapshot(tmp_path)
     args = [expand(a, tmp_path, tiny_model_dir) for a in case.args]

@@ -10,8 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import run_cli
 
+from finetune import export as exports
+from finetune.errors import UserError
 from finetune.export import export
 
 # ------------------------------------------------------------ item 7: the model cache
@@ -56,3 +59,62 @@ def test_a_bad_finetune_cache_is_one_line(kind, tiny_gguf, tmp_path):
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "FINETUNE_CACHE" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f", "ro"]  # nothing made in the cwd
+
+
+# ------------------------------------------------------------ item 4: combine's weights
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory, tiny_model_dir):
+    from test_export import Runs
+
+    return Runs(tmp_path_factory.mktemp("runs"), tiny_model_dir)
+
+
+def lora_deltas(adapter_dir: Path, base: Path) -> dict[str, torch.Tensor]:
+    """Each LoRA module's update delta_W, as plain peft computes it."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, str(adapter_dir))
+    return {
+        name: module.get_delta_weight("default").detach()
+        for name, module in model.named_modules()
+        if hasattr(module, "lora_A") and "default" in module.lora_A
+    }
+
+
+def test_linear_combine_is_the_weighted_sum_of_the_updates(made, tiny_model_dir, tmp_path):
+    first = made.get("lora", "lora")
+    second = made.get("lora-b", "lora", train_section={"seed": 1, "lr": 1e-2})
+    one, two = (lora_deltas(r / "adapter", tiny_model_dir) for r in (first, second))
+    for weights, scale in (("0.7,0.3", (0.7, 0.3)), (None, (0.5, 0.5))):
+        out = tmp_path / f"c{weights}"
+        exports.combine([str(first), str(second)], out, weights=weights)
+        got = lora_deltas(out, tiny_model_dir)
+        assert got.keys() == one.keys()
+        for name in one:
+            want = scale[0] * one[name] + scale[1] * two[name]
+            assert torch.allclose(got[name], want, atol=1e-6), name
+
+
+def test_one_adapter_many_times_is_that_adapter_not_a_multiple(made, tiny_model_dir, tmp_path):
+    first = made.get("lora", "lora")
+    copies = [str(first)] * 5
+    with pytest.raises(UserError, match="the same adapter as"):
+        exports.combine(copies, tmp_path / "refused")
+    exports.combine(copies, tmp_path / "avg", weights=",".join(["0.2"] * 5))
+    want = lora_deltas(first / "adapter", tiny_model_dir)
+    got = lora_deltas(tmp_path / "avg", tiny_model_dir)
+    for name in want:
+        assert torch.allclose(got[name], want[name], atol=1e-6), name
+
+
+@pytest.mark.parametrize("weights", ["0,0", "-1,2", "0.5,-0.0001", "inf,1", "1,nan"])
+def test_weights_that_mean_nothing_or_flip_an_adapter_are_refused(weights, made, tmp_path):
+    first = made.get("lora", "lora")
+    second = made.get("lora-b", "lora", train_section={"seed": 1, "lr": 1e-2})
+    with pytest.raises(UserError, match="--weights"):
+        exports.combine([str(first), str(second)], tmp_path / "c", weights=weights)
+    assert not (tmp_path / "c").exists()

@@ -291,7 +291,8 @@ def combine(
         "linear"
     ),
     weights: Annotated[
-        str | None, typer.Option(help="Comma-separated, one per adapter [default: equal].")
+        str | None,
+        typer.Option(help="Comma-separated, one per adapter [default: 1/N each: the average]."),
     ] = None,
     density: Annotated[
         float | None, typer.Option(help="Kept fraction for ties/dare [default: 1 / 0.5].")
