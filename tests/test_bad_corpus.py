@@ -1547,6 +1547,24 @@ CASES = [
         copy_two_runs,
         trained=True,
     ),
+    Case(
+        "resume-copied-run-elsewhere",
+        ("train", "<tmp>/run2/recipe.yaml", "output.dir=<run>", "--resume"),
+        r"--resume: .*run2/recipe\.yaml is the recipe of the run in .*run2, but output\.dir=.*"
+        r"names another folder",
+        "a run's own recipe resumes that run, not the folder its output.dir names",
+        copy_two_runs,
+        trained=True,
+    ),
+    Case(
+        "train-copied-run-again",
+        ("train", "<tmp>/run2/recipe.yaml"),
+        r"run2/recipe\.yaml is the recipe of the run in .*run2, which it would replace; "
+        r"continue that run with `finetune train .*run2/recipe\.yaml --resume`",
+        "used to name (and, with --resume, rewrite) the folder the run was copied from",
+        copy_two_runs,
+        trained=True,
+    ),
 ]
 
 

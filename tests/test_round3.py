@@ -5,6 +5,7 @@ text that the terminal cannot show. Real processes, real files, real peft."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -118,3 +119,45 @@ def test_weights_that_mean_nothing_or_flip_an_adapter_are_refused(weights, made,
     with pytest.raises(UserError, match="--weights"):
         exports.combine([str(first), str(second)], tmp_path / "c", weights=weights)
     assert not (tmp_path / "c").exists()
+
+
+# ------------------------------------------------------------ item 2: a copied run
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_the_advice_for_a_copied_unfinished_run_resumes_the_copy(made, tmp_path, capsys):
+    import re
+    import shlex
+
+    from helpers import run_main
+
+    original = made.get("saved", "lora", train_section={"save_every": 2})
+    copy = tmp_path / "copy"
+    shutil.copytree(original, copy)
+    shutil.rmtree(copy / "adapter")  # as if it had stopped after the checkpoint at step 2
+    shutil.rmtree(copy / "checkpoints" / "step-4")
+    before = snapshot(original)
+    status, _, err = run_main(capsys, "generate", str(copy), "hi")
+    assert status == 2
+    advice = re.search(r"`(finetune train [^`]+)`", err).group(1)
+    status, _, err = run_main(capsys, *shlex.split(advice)[1:])
+    assert status == 0, err
+    assert (copy / "adapter" / "adapter_config.json").is_file()
+    assert snapshot(original) == before, "the original run was rewritten"
+    # The copy's record now names the copy.
+    assert f"dir: {copy}" in (copy / "recipe.yaml").read_text()
+
+
+def test_resume_of_a_runs_recipe_into_another_folder_is_refused(made, tmp_path, capsys):
+    from helpers import run_main
+
+    original = made.get("saved", "lora", train_section={"save_every": 2})
+    before = snapshot(original)
+    recipe = str(original / "recipe.yaml")
+    other = f"output.dir={tmp_path / 'other'}"
+    status, _, err = run_main(capsys, "train", recipe, other, "--resume")
+    assert status == 2 and "names another folder; drop output.dir" in err, err
+    assert snapshot(original) == before and not (tmp_path / "other").exists()
