@@ -1565,6 +1565,23 @@ CASES = [
         copy_two_runs,
         trained=True,
     ),
+    Case(
+        "estimate-plot-over-the-runs-own",
+        ("estimate", "<run>", "--plot", "<run>/loss.png", "--force"),
+        r"--plot: .*run/loss\.png lies inside the run directory .*run, whose files only its run "
+        r"writes",
+        "used to replace the run's own loss plot",
+        copy_run,
+        trained=True,
+    ),
+    Case(
+        "validate-plot-into-a-run",
+        (*validate("base.yaml", "output.dir=<tmp>/new"), "--plot", "<run>/memory.png"),
+        r"--plot: .*run/memory\.png lies inside the run directory",
+        "a new file inside another run's record",
+        copy_run,
+        trained=True,
+    ),
 ]
 
 

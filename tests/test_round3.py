@@ -161,3 +161,63 @@ def test_resume_of_a_runs_recipe_into_another_folder_is_refused(made, tmp_path, 
     status, _, err = run_main(capsys, "train", recipe, other, "--resume")
     assert status == 2 and "names another folder; drop output.dir" in err, err
     assert snapshot(original) == before and not (tmp_path / "other").exists()
+
+
+# ------------------------------------------------------------ item 9: claimed outputs
+
+
+def start(*args: str, cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    command = [sys.executable, "-m", "finetune", *args]
+    return subprocess.Popen(
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+
+
+def test_two_merges_into_one_out_one_wins_one_is_refused(made, tmp_path):
+    run = made.get("lora", "lora")
+    procs = [start("merge", str(run), "--out", str(tmp_path / "m"), cwd=tmp_path) for _ in "ab"]
+    results = sorted((p.wait(timeout=300), p.stderr.read().decode()) for p in procs)
+    (ok, _), (refused, err) = results
+    assert ok == 0 and refused == 2, results
+    assert len(err.strip().splitlines()) == 1 and "--out" in err, err
+    assert (tmp_path / "m" / "merge.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
+
+
+def test_a_legal_250_byte_out_name_is_written(made, tmp_path):
+    run = made.get("lora", "lora")
+    out = tmp_path / ("é" * 100 + "x" * 50)  # 250 bytes in UTF-8
+    exports.merge(str(run), out)
+    assert (out / "merge.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
+def wait_for_partial(folder: Path, proc: subprocess.Popen) -> None:
+    import time
+
+    deadline = time.monotonic() + 120
+    while not any(".partial" in p.name for p in folder.iterdir()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("args", [("merge",), ("export", "--format", "gguf")])
+def test_sigterm_while_writing_leaves_nothing_and_sigkill_leftovers_go(args, made, tmp_path):
+    import signal
+
+    run = made.get("lora", "lora")
+    out = tmp_path / ("m.gguf" if "gguf" in args else "m")
+    proc = start(*args, str(run), "--out", str(out), cwd=tmp_path)
+    wait_for_partial(tmp_path, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143, proc.stderr.read().decode()
+    assert list(tmp_path.iterdir()) == []
+    proc = start(*args, str(run), "--out", str(out), cwd=tmp_path)
+    wait_for_partial(tmp_path, proc)
+    proc.kill()
+    proc.wait()
+    assert any(".partial" in p.name for p in tmp_path.iterdir())  # SIGKILL cleans nothing
+    done = run_cli(*args, str(run), "--out", str(out), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]

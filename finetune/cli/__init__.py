@@ -17,12 +17,19 @@ from finetune.cli import after, before  # noqa: F401  (registers the commands on
 from finetune.cli.app import app, console, fail
 from finetune.errors import UserError, closest
 from finetune.noise import silence_third_party
-from finetune.outputs import write_error
+from finetune.outputs import release_claims, write_error
 from finetune.stopping import Interrupted, Terminated, sigterm_unwinds
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning user errors into one line and exit code 2."""
+    try:
+        run_app(argv)
+    finally:
+        release_claims()  # the outputs this command claimed are written or abandoned
+
+
+def run_app(argv: list[str] | None) -> None:
     silence_third_party()
     try:
         with sigterm_unwinds():

@@ -38,7 +38,10 @@ def write_checked_file(out: Path, write: Callable[[Path], GGUFCheck]) -> GGUFChe
     read-only folder is one line naming `out`, not the temporary file."""
     with outputs.writing(out):
         out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=".gguf", dir=out.parent)
+        outputs.remove_stale_partials(out)
+        prefix = outputs.temporary_prefix(out)
+        suffix = f"{outputs.PARTIAL}.gguf"
+        fd, tmp_name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=out.parent)
         os.close(fd)
     tmp = Path(tmp_name)
     try:

@@ -17,7 +17,17 @@ import yaml
 
 from finetune.errors import UserError
 from finetune.models import first_line
-from finetune.outputs import AGAIN, absolute, claim_output, write_error, write_file_atomically, writing
+from finetune.outputs import (
+    AGAIN,
+    PARTIAL,
+    absolute,
+    claim_output,
+    remove_stale_partials,
+    temporary_prefix,
+    write_error,
+    write_file_atomically,
+    writing,
+)
 from finetune.recipe import Recipe, validate
 from finetune.runs.lock import RunLock
 
@@ -243,12 +253,14 @@ def write_atomically(target: Path, write: Callable[[Path], Any], then: str = AGA
     """
     with writing(target, then):
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        remove_stale_partials(target)
+        prefix = temporary_prefix(target)
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=PARTIAL, dir=target.parent))
     try:
         write(tmp)
         tmp.chmod(0o755)  # mkdtemp makes it private; a run folder is as readable as any other
         if target.exists():
-            old = target.with_name(f".{target.name}.old")
+            old = previous_version(target)
             shutil.rmtree(old, ignore_errors=True)
             os.replace(target, old)
             os.replace(tmp, target)
