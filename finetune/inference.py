@@ -8,6 +8,7 @@ mismatch is one clear line instead of a size-mismatch traceback from torch.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,17 +69,29 @@ def check_base(adapter_dir: Path, base_config: Any, base_label: str) -> None:
             )
 
 
-def attach_adapter(model: Any, adapter_dir: Path, base_label: str) -> Any:
-    """Load the adapter in `adapter_dir` onto `model` after checking they belong together.
+def attach_adapter(
+    model: Any, adapter_dir: Path, base_label: str, adapter_name: str = "default"
+) -> Any:
+    """Load the adapter in `adapter_dir` onto `model` (a plain model, or a PeftModel to add
+    `adapter_name` to) after checking they belong together and that it changes something.
 
     Raises:
-        UserError: the base is not the one the adapter was trained on.
+        UserError: the base is not the one the adapter was trained on, or the adapter's
+            weights file is missing, unreadable, not finite or matches no module.
     """
     from peft import PeftModel
 
+    keys = check_adapter_file(adapter_dir)
     check_base(adapter_dir, model.config, base_label)
     try:
-        return PeftModel.from_pretrained(model, str(adapter_dir))
+        with warnings.catch_warnings():  # missing keys are checked below, in one line
+            warnings.simplefilter("ignore")
+            if isinstance(model, PeftModel):
+                model.load_adapter(str(adapter_dir), adapter_name=adapter_name)
+            else:
+                model = PeftModel.from_pretrained(
+                    model, str(adapter_dir), adapter_name=adapter_name
+                )
     except RuntimeError as err:
         if "size mismatch" not in str(err):
             raise
@@ -96,6 +109,75 @@ def attach_adapter(model: Any, adapter_dir: Path, base_label: str) -> Any:
                 "the base model the adapter was trained on"
             ) from None
         raise
+    check_every_key_used(model, adapter_dir, keys, adapter_name, base_label)
+    return model
+
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's name; finetune reads no pickles
+AGAIN_HINT = "copy the adapter again, or use a checkpoint's adapter (checkpoints/step-N/adapter)"
+
+
+def check_adapter_file(adapter_dir: Path) -> set[str]:
+    """The tensor names in the adapter's weights file, once it is known to be there, readable
+    and finite (NaN weights evaluate to loss nan; a merge of them is a broken model).
+
+    Raises:
+        UserError: one line naming the file and the fix.
+    """
+    from safetensors import safe_open
+
+    path = adapter_dir / ADAPTER_WEIGHTS
+    if not path.is_file():
+        found = (
+            "adapter_model.bin, a pickle finetune does not load"
+            if (adapter_dir / "adapter_model.bin").is_file()
+            else "nothing"
+        )
+        raise UserError(f"{path}: missing (the folder holds {found}); {AGAIN_HINT}")
+    try:
+        with safe_open(str(path), "pt") as weights:
+            for name in weights.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                if not torch.isfinite(weights.get_tensor(name).float()).all():
+                    raise UserError(
+                        f"{path}: tensor {name} holds NaN or infinite values; use a "
+                        "checkpoint's adapter from before they appeared, or train again"
+                    )
+            return set(weights.keys())
+    except UserError:
+        raise
+    except Exception as err:  # safetensors raises its own error types for a cut file
+        raise UserError(
+            f"{path}: not a readable safetensors file, truncated or corrupt "
+            f"({models.first_line(err)[:120]}); {AGAIN_HINT}"
+        ) from None
+
+
+def check_every_key_used(
+    model: Any, adapter_dir: Path, keys: set[str], adapter_name: str, base_label: str
+) -> None:
+    """Compare the file's tensors with what peft loaded: a tensor that matches no module is
+    silently dropped, and a module without its tensors keeps its initial value (LoRA's B is
+    zero), so the adapter would change nothing.
+
+    Raises:
+        UserError: some tensors match no module, or some modules got no tensor.
+    """
+    from peft import get_peft_model_state_dict
+
+    used = set(get_peft_model_state_dict(model, adapter_name=adapter_name))
+    path = adapter_dir / ADAPTER_WEIGHTS
+    unused, missing = sorted(keys - used), sorted(used - keys)
+    if unused:
+        raise UserError(
+            f"{path}: {len(unused)} of its {len(keys)} tensors match no module of the base "
+            f"model {base_label} (such as {unused[0]}); use the base model the adapter was "
+            "trained on, or an adapter made by finetune or peft for it"
+        )
+    if missing:
+        raise UserError(
+            f"{path}: holds no weights for {len(missing)} of the adapter's {len(used)} tensors "
+            f"(such as {missing[0]}), which would keep their initial values; {AGAIN_HINT}"
+        )
 
 
 def quiet_loading() -> None:

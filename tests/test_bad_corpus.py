@@ -127,6 +127,36 @@ def copy_run(tmp: Path, tiny: Path, trained: Path) -> None:
     shutil.copytree(trained, tmp / "run")
 
 
+def adapter_weights_renamed(tmp: Path, tiny: Path, trained: Path) -> None:
+    """An adapter for another architecture's module names: peft loads it as a no-op."""
+    from safetensors.torch import load_file, save_file
+
+    copy_run(tmp, tiny, trained)
+    path = tmp / "run" / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(path)
+    save_file({k.replace("self_attn", "attention"): v for k, v in tensors.items()}, path)
+
+
+def adapter_weights_nan(tmp: Path, tiny: Path, trained: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    copy_run(tmp, tiny, trained)
+    path = tmp / "run" / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(path)
+    save_file({k: v * float("nan") for k, v in tensors.items()}, path)
+
+
+def adapter_weights_cut(tmp: Path, tiny: Path, trained: Path) -> None:
+    copy_run(tmp, tiny, trained)
+    path = tmp / "run" / "adapter" / "adapter_model.safetensors"
+    path.write_bytes(path.read_bytes()[:2000])
+
+
+def adapter_weights_gone(tmp: Path, tiny: Path, trained: Path) -> None:
+    copy_run(tmp, tiny, trained)
+    (tmp / "run" / "adapter" / "adapter_model.safetensors").unlink()
+
+
 def copy_two_runs(tmp: Path, tiny: Path, trained: Path) -> None:
     shutil.copytree(trained, tmp / "run")
     shutil.copytree(trained, tmp / "run2")
@@ -1580,6 +1610,46 @@ CASES = [
         r"--plot: .*run/memory\.png lies inside the run directory",
         "a new file inside another run's record",
         copy_run,
+        trained=True,
+    ),
+    Case(
+        "adapter-matches-no-module",
+        ("eval", "<run>", "--data", "<bad>/good.jsonl", "--base"),
+        r"adapter_model\.safetensors: 16 of its 28 tensors match no module of the base model",
+        "used to print base = adapter: the renamed tensors were dropped silently",
+        adapter_weights_renamed,
+        trained=True,
+    ),
+    Case(
+        "merge-adapter-matches-no-module",
+        ("merge", "<run>", "--out", "<tmp>/m"),
+        r"adapter_model\.safetensors: .* match no module of the base model",
+        "used to write the base as 'merged', self-check difference 0",
+        adapter_weights_renamed,
+        trained=True,
+    ),
+    Case(
+        "adapter-nan",
+        ("eval", "<run>", "--data", "<bad>/good.jsonl"),
+        r"adapter_model\.safetensors: tensor .* holds NaN or infinite values",
+        "used to evaluate to loss nan, exit 0",
+        adapter_weights_nan,
+        trained=True,
+    ),
+    Case(
+        "adapter-truncated",
+        ("generate", "<run>", "hi"),
+        r"adapter_model\.safetensors: not a readable safetensors file, truncated or corrupt",
+        "used to end in a safetensors traceback",
+        adapter_weights_cut,
+        trained=True,
+    ),
+    Case(
+        "adapter-weights-missing",
+        ("merge", "<run>", "--out", "<tmp>/m"),
+        r"adapter_model\.safetensors: missing \(the folder holds nothing\)",
+        "used to end in a peft traceback",
+        adapter_weights_gone,
         trained=True,
     ),
 ]

@@ -221,3 +221,55 @@ def test_sigterm_while_writing_leaves_nothing_and_sigkill_leftovers_go(args, mad
     done = run_cli(*args, str(run), "--out", str(out), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
+# ------------------------------------------------------------ item 6: adapters that do nothing
+
+
+def break_adapter(adapter: Path, how: str) -> None:
+    """Damage an adapter's weights file the ways a user meets: a file for another model,
+    bad values, a cut download, a lost file, half the tensors."""
+    from safetensors.torch import load_file, save_file
+
+    path = adapter / "adapter_model.safetensors"
+    tensors = load_file(path)
+    first = sorted(tensors)[0]
+    if how == "renamed":
+        tensors = {k.replace("layers.", "blocks."): v for k, v in tensors.items()}
+    elif how in ("nan", "inf"):
+        tensors[first] = tensors[first].clone()
+        tensors[first].view(-1)[3] = float(how)
+    elif how == "half":
+        tensors = {k: v for i, (k, v) in enumerate(sorted(tensors.items())) if i % 2}
+    if how == "truncated":
+        path.write_bytes(path.read_bytes()[:300])
+    elif how == "missing":
+        path.unlink()
+    elif how == "empty":
+        path.write_bytes(b"")
+    else:
+        save_file(tensors, path)
+
+
+BROKEN = ["renamed", "nan", "inf", "half", "truncated", "missing", "empty"]
+ON_LOAD = {
+    "generate": lambda run, tmp: ("generate", run, "hi", "--max-new-tokens", "2"),
+    "eval": lambda run, tmp: ("eval", run, "--data", str(tmp / "d.jsonl"), "--base"),
+    "merge": lambda run, tmp: ("merge", run, "--out", str(tmp / "m")),
+    "combine": lambda run, tmp: ("combine", run, run, "--weights", "1,1", "--out", str(tmp / "c")),
+}
+
+
+@pytest.mark.parametrize("command", sorted(ON_LOAD))
+@pytest.mark.parametrize("how", BROKEN)
+def test_a_broken_adapter_is_one_line_naming_its_file(how, command, made, tmp_path, capsys):
+    from helpers import date_rows, run_main, write_jsonl
+
+    run = tmp_path / "run"
+    shutil.copytree(made.get("lora", "lora"), run)
+    break_adapter(run / "adapter", how)
+    write_jsonl(tmp_path / "d.jsonl", date_rows(4))
+    status, _, err = run_main(capsys, *ON_LOAD[command](str(run), tmp_path))
+    assert status == 2 and len(err.splitlines()) == 1, err
+    assert "adapter_model.safetensors" in err and "Traceback" not in err, err
+    assert not (tmp_path / "m").exists() and not (tmp_path / "c").exists()

@@ -130,16 +130,13 @@ def combine(
     check_compatible(targets)
     refuse_duplicates(targets, explicit=weights is not None)
 
-    from peft import PeftModel
-
     first = targets[0]
     inference.quiet_loading()
     loaded = models.load_model(first.model.model_copy(update={"quantization": "none"}), "cpu")
     names = [f"source{i}" for i in range(len(targets))]
-    inference.check_base(first.adapter_dir, loaded.model.config, first.model.path)
-    model = PeftModel.from_pretrained(loaded.model, str(first.adapter_dir), adapter_name=names[0])
-    for name, t in zip(names[1:], targets[1:], strict=True):
-        model.load_adapter(str(t.adapter_dir), adapter_name=name)
+    model = loaded.model
+    for name, t in zip(names, targets, strict=True):
+        model = inference.attach_adapter(model, t.adapter_dir, first.model.path, name)
     try:
         model.add_weighted_adapter(
             names,
