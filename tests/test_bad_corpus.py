@@ -127,6 +127,17 @@ def copy_run(tmp: Path, tiny: Path, trained: Path) -> None:
     shutil.copytree(trained, tmp / "run")
 
 
+def saved_dataset_dict(tmp: Path, tiny: Path, trained: Path | None) -> None:
+    """A save_to_disk DatasetDict with a train and a test split."""
+    from datasets import Dataset, DatasetDict
+
+    rows = [json.loads(line) for line in (BAD / "good.jsonl").read_text().splitlines()]
+    splits = {"train": rows[:-2], "test": rows[-2:]}
+    DatasetDict({k: Dataset.from_list(v) for k, v in splits.items()}).save_to_disk(tmp / "saved")
+    if trained is not None:
+        copy_run(tmp, tiny, trained)
+
+
 def adapter_weights_renamed(tmp: Path, tiny: Path, trained: Path) -> None:
     """An adapter for another architecture's module names: peft loads it as a no-op."""
     from safetensors.torch import load_file, save_file
@@ -1651,6 +1662,35 @@ CASES = [
         "used to end in a peft traceback",
         adapter_weights_gone,
         trained=True,
+    ),
+    Case(
+        "data-path-dataset-dict",
+        data("<tmp>/saved", command="validate"),
+        r"data\.path: .*saved is a DatasetDict with splits train, test; name one, such as "
+        r".*saved:train",
+        "used to read the train split and ignore the test split without a word",
+        saved_dataset_dict,
+    ),
+    Case(
+        "eval-path-unknown-split",
+        data("<tmp>/saved:train", "data.eval_path=<tmp>/saved:validation", command="validate"),
+        r"data\.eval_path: .*saved has no split 'validation' \(it has train, test\)",
+        "a split the saved dataset does not have",
+        saved_dataset_dict,
+    ),
+    Case(
+        "eval-data-dataset-dict",
+        ("eval", "<run>", "--data", "<tmp>/saved"),
+        r"--data: .*saved is a DatasetDict with splits train, test; name one",
+        "used to score the train split as held-out data",
+        saved_dataset_dict,
+        trained=True,
+    ),
+    Case(
+        "split-of-a-plain-dataset",
+        data("<bad>/good.jsonl:test", command="validate"),
+        r"data\.path: .*good\.jsonl is a file, without splits; drop ':test'",
+        "a split named for a file that has none",
     ),
 ]
 

@@ -273,3 +273,61 @@ def test_a_broken_adapter_is_one_line_naming_its_file(how, command, made, tmp_pa
     assert status == 2 and len(err.splitlines()) == 1, err
     assert "adapter_model.safetensors" in err and "Traceback" not in err, err
     assert not (tmp_path / "m").exists() and not (tmp_path / "c").exists()
+
+
+# ------------------------------------------------------------ item 5: dataset splits
+
+
+@pytest.fixture
+def saved_dict(tmp_path) -> Path:
+    """A save_to_disk DatasetDict whose splits hold different rows."""
+    from datasets import Dataset, DatasetDict
+    from helpers import date_rows
+
+    folder = tmp_path / "saved"
+    splits = {"train": date_rows(12), "test": date_rows(4, offset=100)}
+    DatasetDict({k: Dataset.from_list(v) for k, v in splits.items()}).save_to_disk(str(folder))
+    return folder
+
+
+def prompts(rows):
+    return [r["prompt"] for r in rows]
+
+
+def test_a_split_is_named_or_refused_with_the_list(saved_dict):
+    from datasets import load_from_disk
+
+    from finetune.data import load_rows
+
+    saved = load_from_disk(str(saved_dict))
+    for split in ("train", "test"):
+        rows = load_rows(f"{saved_dict}:{split}", "data.eval_path")
+        assert prompts(rows) == saved[split]["prompt"]
+    for given, words in (
+        (str(saved_dict), r"DatasetDict with splits train, test; name one, such as .*saved:train"),
+        (f"{saved_dict}:validation", r"has no split 'validation' \(it has train, test\)"),
+    ):
+        with pytest.raises(UserError, match=f"--data: .*{words}"):
+            load_rows(given, "--data")
+
+
+def test_eval_scores_the_split_it_is_given(saved_dict, made, capsys):
+    import json
+
+    from helpers import run_main
+
+    run = made.get("lora", "lora")
+    status, out, err = run_main(capsys, "eval", str(run), "--data", f"{saved_dict}:test", "--json")
+    assert status == 0, err
+    assert json.loads(out)["examples"] == 4
+    status, _, err = run_main(capsys, "eval", str(run), "--data", str(saved_dict))
+    assert status == 2 and "splits train, test" in err, err
+
+
+def test_a_path_with_a_colon_that_exists_is_that_path(tmp_path):
+    from helpers import date_rows, write_jsonl
+
+    from finetune.data import load_rows
+
+    path = write_jsonl(tmp_path / "a:b.jsonl", date_rows(3))
+    assert len(load_rows(str(path))) == 3
