@@ -247,8 +247,10 @@ def generate_text(
     chat_template: bool = True,
     model: str | None = None,
     seed: int | None = None,
+    notify: Any = None,
 ) -> list[str]:
-    """Complete each prompt with the run's base plus adapter (or a plain model)."""
+    """Complete each prompt with the run's base plus adapter (or a plain model); `notify`
+    is told when the answer must be shorter to fit the model's context."""
     from finetune.evaluate import generate
 
     for number, prompt in enumerate(prompts, start=1):
@@ -260,7 +262,60 @@ def generate_text(
     if seed is not None:
         torch.manual_seed(seed)
     rendered = [render_prompt(session.tokenizer, p, chat_template) for p in prompts]
+    max_new_tokens = fit_in_context(session, rendered, max_new_tokens, notify)
     return generate(session.model, session.tokenizer, rendered, max_new_tokens, **(sampling or {}))
+
+
+def context_length(model: Any) -> int | None:
+    """The model's context (max_position_embeddings), or None when its config names none."""
+    value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def check_max_new_tokens(session: Session, max_new_tokens: int) -> None:
+    """Refuse more new tokens than the whole context holds: generation would run for
+    minutes past what the model was trained to attend to, printing nothing.
+
+    Raises:
+        UserError: --max-new-tokens above the model's context length.
+    """
+    context = context_length(session.model)
+    if context is not None and max_new_tokens > context:
+        raise UserError(
+            f"--max-new-tokens {max_new_tokens:,} is more than the model's context of "
+            f"{context:,} tokens (prompt and answer together); give at most {context}"
+        )
+
+
+def fit_in_context(
+    session: Session, rendered: list[str], max_new_tokens: int, notify: Any = None
+) -> int:
+    """`max_new_tokens`, lowered so the longest prompt and its answer fit the context.
+
+    Raises:
+        UserError: a prompt that alone fills the context, or too many new tokens asked.
+    """
+    check_max_new_tokens(session, max_new_tokens)
+    context = context_length(session.model)
+    if context is None:
+        return max_new_tokens
+    lengths = [
+        len(session.tokenizer(text, add_special_tokens=False)["input_ids"]) for text in rendered
+    ]
+    longest = max(lengths)
+    if longest >= context:
+        number = lengths.index(longest) + 1
+        raise UserError(
+            f"prompt {number} is {longest:,} tokens, which fills the model's context of "
+            f"{context:,} tokens and leaves no room for an answer; shorten it"
+        )
+    room = context - longest
+    if max_new_tokens > room and notify is not None:
+        notify(
+            f"--max-new-tokens lowered to {room:,}: the prompt ({longest:,} tokens) and the "
+            f"answer fill the model's context of {context:,} tokens"
+        )
+    return min(max_new_tokens, room)
 
 
 def chat_loop(
@@ -281,6 +336,7 @@ def chat_loop(
     from finetune.evaluate import generate
 
     session = load(resolve_target(given, model))
+    check_max_new_tokens(session, max_new_tokens)
     tokenizer = session.tokenizer
     has_template = bool(getattr(tokenizer, "chat_template", None))
     start = [{"role": "system", "content": system}] if system else []
@@ -305,7 +361,14 @@ def chat_loop(
             )
         else:
             prompt = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-        reply = generate(session.model, tokenizer, [prompt], max_new_tokens, **(sampling or {}))[0]
+        try:
+            budget = fit_in_context(session, [prompt], max_new_tokens, notify)
+        except UserError:  # the conversation outgrew the context: this turn is not taken
+            messages.pop()
+            if notify is not None:
+                notify("(that would not fit the model's context; /reset to start over)")
+            continue
+        reply = generate(session.model, tokenizer, [prompt], budget, **(sampling or {}))[0]
         messages.append({"role": "assistant", "content": reply})
         write(reply)
         replies += 1

@@ -1692,6 +1692,22 @@ CASES = [
         r"data\.path: .*good\.jsonl is a file, without splits; drop ':test'",
         "a split named for a file that has none",
     ),
+    Case(
+        "generate-prompt-beyond-context",
+        ("generate", "<run>", "many words " * 300),
+        r"prompt 1 is [\d,]+ tokens, which fills the model's context of 512 tokens",
+        "used to run on for minutes with nothing printed",
+        copy_run,
+        trained=True,
+    ),
+    Case(
+        "generate-max-new-tokens-beyond-context",
+        ("generate", "<run>", "hi", "--max-new-tokens", "1000000"),
+        r"--max-new-tokens 1,000,000 is more than the model's context of 512 tokens",
+        "used to run on for minutes with nothing printed",
+        copy_run,
+        trained=True,
+    ),
 ]
 
 

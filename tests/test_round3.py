@@ -5,6 +5,7 @@ text that the terminal cannot show. Real processes, real files, real peft."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -331,3 +332,28 @@ def test_a_path_with_a_colon_that_exists_is_that_path(tmp_path):
 
     path = write_jsonl(tmp_path / "a:b.jsonl", date_rows(3))
     assert len(load_rows(str(path))) == 3
+
+
+# ------------------------------------------------------------ item 10: bounded generation
+
+
+def test_generation_is_bounded_by_the_models_context(made, capsys):
+    from helpers import run_main
+
+    run = str(made.get("lora", "lora"))  # the tiny model's context is 512 tokens
+    status, _, err = run_main(capsys, "generate", run, "word " * 2000)
+    assert status == 2 and re.search(r"prompt 1 is [\d,]+ tokens, which fills the model", err)
+    status, _, err = run_main(capsys, "generate", run, "hi", "--max-new-tokens", "1000000")
+    assert status == 2 and "more than the model's context of 512 tokens" in err, err
+    status, _, err = run_main(capsys, "chat", run, "--max-new-tokens", "513")
+    assert status == 2 and "give at most 512" in err, err
+    status, _, err = run_main(capsys, "generate", run, "word " * 95, "--raw")
+    assert status == 0 and re.search(r"--max-new-tokens lowered to \d+: the prompt", err), err
+
+
+def test_preset_contexts_are_the_models_own():
+    from finetune.memory.arch import to_hf_config
+    from finetune.memory.presets import PRESETS
+
+    assert to_hf_config(PRESETS["smollm2-135m"]).max_position_embeddings == 8192
+    assert all(arch.context >= 4096 for arch in PRESETS.values())

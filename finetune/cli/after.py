@@ -72,6 +72,7 @@ def generate(
         chat_template=not raw,
         model=model,
         seed=seed,
+        notify=lambda text: console.print(text, highlight=False, markup=False),
     )
     for prompt, text in zip(prompts, texts, strict=True):
         if len(prompts) > 1:
