@@ -1708,6 +1708,30 @@ CASES = [
         copy_run,
         trained=True,
     ),
+    Case(
+        "estimate-r-beyond-recipe-bound",
+        ("estimate", "smollm2-135m", "--r", "1000000"),
+        r"--r 1000000: adapter\.r: Input should be less than or equal to 4096 \(got 1000000\)",
+        "used to end in a pydantic traceback; train refuses adapter.r the same way",
+    ),
+    Case(
+        "estimate-targets-empty",
+        ("estimate", "smollm2-135m", "--targets", ""),
+        r"--targets '': adapter\.target_modules: names no module",
+        "used to end in a peft traceback",
+    ),
+    Case(
+        "estimate-batch-zero",
+        ("estimate", "smollm2-135m", "--batch", "0"),
+        r"--batch 0: train\.micro_batch_size: Input should be greater than or equal to 1",
+        "in train's words for the recipe field it stands for",
+    ),
+    Case(
+        "estimate-seq-negative",
+        ("estimate", "smollm2-135m", "--seq", "-1"),
+        r"--seq -1: data\.max_length: Input should be greater than or equal to 8",
+        "in train's words for the recipe field it stands for",
+    ),
 ]
 
 

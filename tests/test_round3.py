@@ -357,3 +357,34 @@ def test_preset_contexts_are_the_models_own():
 
     assert to_hf_config(PRESETS["smollm2-135m"]).max_position_embeddings == 8192
     assert all(arch.context >= 4096 for arch in PRESETS.values())
+
+
+# ------------------------------------------------------------ estimate options as recipe fields
+
+EDGES = [-(2**63), -1, 0, 1, 7, 8, 4096, 4097, 10**6, 2**31, 2**64]
+
+
+@pytest.mark.parametrize("option", ["r", "virtual_tokens", "batch", "seq"])
+def test_estimate_refuses_what_train_refuses_with_the_same_words(option, capsys):
+    from helpers import run_main
+    from pydantic import ValidationError
+
+    from finetune.memory.command import OPTION_FIELDS
+    from finetune.recipe import Recipe
+    from finetune.recipe.load import describe_errors
+
+    section, field = OPTION_FIELDS[option]
+    method = ["--method", "prompt"] if option == "virtual_tokens" else []
+    for value in EDGES:
+        raw = {"data": {"path": "d.jsonl"}, "adapter": {}}
+        raw.setdefault(section, {})[field] = value
+        if method:
+            raw["adapter"]["method"] = "prompt"
+        try:
+            Recipe.model_validate(raw)
+            continue  # train accepts it; estimate dry-runs it (slow), not repeated here
+        except ValidationError as err:
+            words = describe_errors(err)
+        flag = "--" + option.replace("_", "-")
+        status, _, err = run_main(capsys, "estimate", "smollm2-135m", *method, flag, str(value))
+        assert status == 2 and err == f"error: {flag} {value}: {words}", err
