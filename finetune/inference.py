@@ -164,7 +164,9 @@ def check_every_key_used(
     """
     from peft import get_peft_model_state_dict
 
-    used = set(get_peft_model_state_dict(model, adapter_name=adapter_name))
+    with warnings.catch_warnings():  # it looks for the base's config.json to save embeddings
+        warnings.simplefilter("ignore")
+        used = set(get_peft_model_state_dict(model, adapter_name=adapter_name))
     path = adapter_dir / ADAPTER_WEIGHTS
     unused, missing = sorted(keys - used), sorted(used - keys)
     if unused:
@@ -254,6 +256,7 @@ def generate_text(
     from finetune.evaluate import generate
 
     for number, prompt in enumerate(prompts, start=1):
+        require_unicode(prompt, f"prompt {number}")
         if not prompt.strip():  # nothing to continue from: generate() fails on zero tokens
             raise UserError(f"prompt {number} is empty; give some text to complete")
     if seed is not None:
@@ -264,6 +267,23 @@ def generate_text(
     rendered = [render_prompt(session.tokenizer, p, chat_template) for p in prompts]
     max_new_tokens = fit_in_context(session, rendered, max_new_tokens, notify)
     return generate(session.model, session.tokenizer, rendered, max_new_tokens, **(sampling or {}))
+
+
+def require_unicode(text: str, what: str) -> None:
+    """Refuse text holding bytes that are not UTF-8 (Python keeps them from argv and stdin as
+    lone surrogates, which the tokenizer rejects with a TypeError).
+
+    Raises:
+        UserError: names the input, the byte and its position.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        char = ord(text[err.start])
+        byte = f"byte 0x{char - 0xDC00:02x}" if 0xDC80 <= char <= 0xDCFF else f"U+{char:04X}"
+        raise UserError(
+            f"{what} is not UTF-8 text ({byte} at character {err.start + 1}); give UTF-8 text"
+        ) from None
 
 
 def context_length(model: Any) -> int | None:
@@ -335,18 +355,22 @@ def chat_loop(
     of input stops. Returns the number of replies."""
     from finetune.evaluate import generate
 
+    if system is not None:
+        require_unicode(system, "--system")
     session = load(resolve_target(given, model))
     check_max_new_tokens(session, max_new_tokens)
     tokenizer = session.tokenizer
     has_template = bool(getattr(tokenizer, "chat_template", None))
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
-    replies = 0
+    replies = lines = 0
     while True:
         line = read()
+        lines += 1
         if line is None or line.strip() in ("/exit", "/quit"):
             return replies
         line = line.strip()
+        require_unicode(line, f"chat input line {lines}")
         if not line:
             continue
         if line == "/reset":

@@ -388,3 +388,43 @@ def test_estimate_refuses_what_train_refuses_with_the_same_words(option, capsys)
         flag = "--" + option.replace("_", "-")
         status, _, err = run_main(capsys, "estimate", "smollm2-135m", *method, flag, str(value))
         assert status == 2 and err == f"error: {flag} {value}: {words}", err
+
+
+# ------------------------------------------------------------ text the terminal cannot hold
+
+
+def run_with(args: list, env: dict, stdin: bytes = b"", cwd: Path | None = None):
+    full = {**os.environ, "HF_HUB_OFFLINE": "1", **env}
+    command = [sys.executable, "-m", "finetune", *args]
+    return subprocess.run(command, input=stdin, capture_output=True, env=full, cwd=cwd, timeout=300)
+
+
+@pytest.mark.parametrize("encoding", ["ascii", "latin-1"])
+def test_narrow_output_encodings_end_without_a_traceback(encoding, made, tmp_path):
+    run = str(made.get("lora", "lora"))
+    env = {"PYTHONIOENCODING": encoding}
+    cases = [
+        (["generate", run, "Grüße → 日本", "--max-new-tokens", "4"], 0),
+        (["validate", str(tmp_path / "rezept→日本.yaml")], 2),
+        (["eval", run, "--data", str(tmp_path / "données→.jsonl")], 2),
+    ]
+    for args, code in cases:
+        done = run_with(args, env)
+        err = done.stderr.decode(encoding)
+        assert done.returncode == code and "Traceback" not in err, err
+        assert code == 0 or len(err.strip().splitlines()) == 1, err
+
+
+def test_bytes_that_are_not_utf8_are_named(made):
+    run = str(made.get("lora", "lora"))
+    binary = bytes(range(128, 256)) * 4 + b"\n"
+    cases = [
+        (["chat", run], binary, r"chat input line 1 is not UTF-8 text \(byte 0x80"),
+        ([b"generate", run.encode(), b"ok \xff\xfe"], b"", r"prompt 1 is not UTF-8 text"),
+        (["chat", run, "--system", b"\xc3(".decode("utf-8", "surrogateescape")], b"", "--system"),
+    ]
+    for args, stdin, words in cases:
+        done = run_with(args, {"LANG": "C.UTF-8"}, stdin)
+        err = done.stderr.decode(errors="replace")
+        assert done.returncode == 2 and len(err.strip().splitlines()) == 1, err
+        assert re.search(words, err), err

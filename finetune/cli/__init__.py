@@ -7,6 +7,8 @@ and finetune.cli.after (generate, chat, eval, merge, export, combine).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import sys
@@ -23,10 +25,22 @@ from finetune.stopping import Interrupted, Terminated, sigterm_unwinds
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning user errors into one line and exit code 2."""
+    tolerate_narrow_encodings()
     try:
         run_app(argv)
     finally:
         release_claims()  # the outputs this command claimed are written or abandoned
+
+
+def tolerate_narrow_encodings() -> None:
+    """Under PYTHONIOENCODING=ascii or a Latin-1 terminal, a character the output encoding
+    lacks is written escaped instead of ending the command in a UnicodeEncodeError; text
+    read from stdin that is not valid in its encoding reaches the checks that name it."""
+    streams = ((sys.stdout, "backslashreplace"), (sys.stderr, "backslashreplace"))
+    for stream, errors in (*streams, (sys.stdin, "surrogateescape")):
+        # A closed or replaced stream (pytest's capture, a detached stdin) is left alone.
+        with contextlib.suppress(AttributeError, ValueError, OSError, io.UnsupportedOperation):
+            stream.reconfigure(errors=errors)
 
 
 def run_app(argv: list[str] | None) -> None:
