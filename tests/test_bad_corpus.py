@@ -1732,6 +1732,13 @@ CASES = [
         r"--seq -1: data\.max_length: Input should be greater than or equal to 8",
         "in train's words for the recipe field it stands for",
     ),
+    Case(
+        "special-tokens-in-text",
+        (*data("special_tokens.jsonl", command="validate"), "--strict"),
+        r"special_tokens\.jsonl: special tokens in text: 1 of 8 examples \(e\.g\. special_tokens"
+        r"\.jsonl row 5 holds <\|im_(end|start)\|>\)",
+        "a literal <|im_end|> in a response used to pass every data check",
+    ),
 ]
 
 
@@ -1825,6 +1832,7 @@ def test_the_corpus_is_large_and_documented():
     assert all(c.why and c.expect for c in CASES)
     files = {a.split("/", 1)[1].split("=")[-1] for c in CASES for a in c.args if "<bad>/" in a}
     files |= {a.split("=", 1)[1] for c in CASES for a in c.args if a.startswith("data.path=")}
+    files = {f.split(":")[0] for f in files}  # a saved dataset's split: saved:test
     missing = [f for f in files if not (BAD / f).exists() and "missing" not in f and "<" not in f]
     assert not missing, missing
 

@@ -428,3 +428,50 @@ def test_bytes_that_are_not_utf8_are_named(made):
         err = done.stderr.decode(errors="replace")
         assert done.returncode == 2 and len(err.strip().splitlines()) == 1, err
         assert re.search(words, err), err
+
+
+# ------------------------------------------------------------ special tokens in the text
+
+
+@pytest.mark.parametrize("field", ["prompt", "response", "chat", "text"])
+def test_every_special_token_in_any_field_is_flagged(field, tmp_path):
+    import random
+
+    from helpers import build_tokenizer, date_rows, write_jsonl
+
+    from finetune import doctor
+    from finetune.data import prepare
+    from finetune.doctor.rows import special_token_texts
+    from finetune.recipe import Recipe
+
+    tok = build_tokenizer()
+    specials = special_token_texts(tok)
+    assert specials
+    rng = random.Random(field)
+    for token in specials:
+        rows = date_rows(8)
+        hit = rng.randrange(len(rows))
+        for i, row in enumerate(rows):
+            text = row["response"]
+            if i == hit:
+                cut = rng.randrange(len(text) + 1)
+                text = text[:cut] + token + text[cut:]
+            key = "prompt" if field == "prompt" and i == hit else "response"
+            if key == "prompt":
+                row["prompt"], text = row["prompt"] + token, row["response"]
+            row["response"] = text
+            if field == "chat":
+                rows[i] = {
+                    "messages": [
+                        {"role": "user", "content": row["prompt"]},
+                        {"role": "assistant", "content": row["response"]},
+                    ]
+                }
+            elif field == "text":
+                rows[i] = {"text": row["prompt"] + " " + row["response"]}
+        fmt = {"chat": "chat", "text": "text"}.get(field, "instruction")
+        path = write_jsonl(tmp_path / "d.jsonl", rows)
+        recipe = Recipe.model_validate({"data": {"path": str(path), "format": fmt}})
+        found = doctor.diagnose(recipe, tok, prepare(recipe.data, tok, seed=0)).findings
+        finding = {f.name: f for f in found}["special tokens in text"]
+        assert finding.level == "warning" and f"row {hit + 1} holds {token}" in finding.example
