@@ -269,6 +269,27 @@ def generate_text(
     return generate(session.model, session.tokenizer, rendered, max_new_tokens, **(sampling or {}))
 
 
+def check_system_fits(session: Session, start: list[dict[str, str]]) -> None:
+    """Refuse a --system message that alone fills the context: every turn would be skipped.
+
+    Raises:
+        UserError: names --system, its length and the context.
+    """
+    context = context_length(session.model)
+    if not start or context is None:
+        return
+    tokenizer = session.tokenizer
+    text = start[0]["content"]
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(start, tokenize=False, add_generation_prompt=True)
+    length = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if length >= context:
+        raise UserError(
+            f"--system is {length:,} tokens, which fills the model's context of {context:,} "
+            "tokens and leaves no room for a conversation; shorten it"
+        )
+
+
 def require_unicode(text: str, what: str) -> None:
     """Refuse text holding bytes that are not UTF-8 (Python keeps them from argv and stdin as
     lone surrogates, which the tokenizer rejects with a TypeError).
@@ -362,6 +383,7 @@ def chat_loop(
     tokenizer = session.tokenizer
     has_template = bool(getattr(tokenizer, "chat_template", None))
     start = [{"role": "system", "content": system}] if system else []
+    check_system_fits(session, start)
     messages = list(start)
     replies = lines = 0
     while True:
@@ -434,6 +456,8 @@ def evaluate_target(
     evaluation = recipe.eval if recipe is not None else EvalSection()
     rows = load_rows(data_path, "--data")
     session = load(target)
+    if max_new_tokens is not None:
+        check_max_new_tokens(session, max_new_tokens)
     options = {
         "max_examples": max_examples or evaluation.max_examples,
         "max_new_tokens": max_new_tokens or evaluation.max_new_tokens,

@@ -75,7 +75,7 @@ def usable_cache(folder: Path) -> Path:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
-        raise UserError(f"{name} is a file, not a folder; {fix}") from None
+        raise UserError(f"{name} is not a folder (a file or a special file); {fix}") from None
     except OSError as err:
         raise UserError(f"{name} cannot be created ({err.strerror}); {fix}") from None
     if not folder.is_dir():

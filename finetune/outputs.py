@@ -23,7 +23,7 @@ import errno
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Literal
 
@@ -118,7 +118,7 @@ def claim_lock_path(target: Path) -> Path:
     import tempfile
 
     folder = Path(tempfile.gettempdir()) / f"finetune-claims-{os.getuid()}"
-    folder.mkdir(mode=0o700, exist_ok=True)
+    folder.mkdir(mode=0o700, exist_ok=True)  # OSError: the caller goes on without a claim
     return folder / f"{hashlib.sha256(str(target).encode()).hexdigest()[:32]}.lock"
 
 
@@ -135,7 +135,10 @@ def hold_claim(target: Path, where: str) -> None:
     key = str(target)
     if key in CLAIMS:
         return
-    path = claim_lock_path(target)
+    try:
+        path = claim_lock_path(target)
+    except OSError:  # no writable temporary folder: the checks above still hold
+        return
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -165,7 +168,8 @@ def same_inode(fd: int, path: Path) -> bool:
 def release_claims() -> None:
     """Let go of every output this process claimed (the CLI calls it as a command ends)."""
     for key, fd in list(CLAIMS.items()):
-        claim_lock_path(Path(key)).unlink(missing_ok=True)  # while still holding it
+        with suppress(OSError):
+            claim_lock_path(Path(key)).unlink(missing_ok=True)  # while still holding it
         os.close(fd)
         del CLAIMS[key]
 

@@ -1537,7 +1537,7 @@ CASES = [
     Case(
         "cache-env-file",
         ("generate", "<tmp>/random.gguf", "hi"),
-        r"FINETUNE_CACHE=.*work\.txt is a file, not a folder; set FINETUNE_CACHE",
+        r"FINETUNE_CACHE=.*work\.txt is not a folder \(a file or a special file\); set",
         "a cache that is a file used to end in a traceback",
         lambda tmp, tiny, trained: (
             random_gguf(tmp, tiny, trained),
@@ -1738,6 +1738,30 @@ CASES = [
         r"special_tokens\.jsonl: special tokens in text: 1 of 8 examples \(e\.g\. special_tokens"
         r"\.jsonl row 5 holds <\|im_(end|start)\|>\)",
         "a literal <|im_end|> in a response used to pass every data check",
+    ),
+    Case(
+        "eval-max-new-tokens-beyond-context",
+        ("eval", "<run>", "--data", "<bad>/good.jsonl", "--max-new-tokens", "1000000"),
+        r"--max-new-tokens 1,000,000 is more than the model's context of 512 tokens",
+        "exact match would generate far past the context for every example",
+        copy_run,
+        trained=True,
+    ),
+    Case(
+        "chat-system-beyond-context",
+        ("chat", "<run>", "--system", "many words " * 300),
+        r"--system is [\d,]+ tokens, which fills the model's context of 512 tokens",
+        "every turn would be skipped for a system message no conversation fits beside",
+        copy_run,
+        trained=True,
+    ),
+    Case(
+        "combine-run-and-its-own-adapter",
+        ("combine", "<run>", "<run>/adapter", "--out", "<tmp>/c"),
+        r"run/adapter: the same adapter as .*run; combine different adapters",
+        "one adapter by two names",
+        copy_run,
+        trained=True,
     ),
 ]
 
