@@ -77,7 +77,7 @@ def claim_output(
     refuse_protected(target, where)
     sealed = [item for item in sealed if item is not None]
     refuse_inputs(target, where, [*inputs, *sealed], sealed)
-    refuse_run_record(target, where, kind)
+    refuse_run_record(target, where)
     if given.exists():
         holds = (what_it_holds, force_hint, exists_words)
         refuse_existing(given, where, kind, force, replaceable, holds)
@@ -91,18 +91,19 @@ def claim_output(
 RUN_MARKERS = ("adapter", "checkpoints", "metrics.jsonl", "report.json")
 
 
-def refuse_run_record(target: Path, where: str, kind: Kind) -> None:
-    """A run's folder holds its record (recipe, report, plots, metrics): only the run itself
-    writes there (`estimate RUN --plot RUN/loss.png --force` replaced the run's own plot)."""
-    folder = target.parent
-    is_run = (folder / "recipe.yaml").is_file() and any(
-        (folder / name).exists() for name in RUN_MARKERS
-    )
-    if kind == "file" and is_run:
-        raise UserError(
-            f"{where} lies inside the run directory {folder}, whose files only its run "
-            "writes; choose a path outside it"
+def refuse_run_record(target: Path, where: str) -> None:
+    """A run's folder holds its record (recipe, report, plots, metrics, checkpoints): only
+    the run itself writes there (`estimate RUN --plot RUN/loss.png --force` replaced the
+    run's own plot; a merge into runs/a/merged would become part of run a)."""
+    for folder in target.parents:
+        is_run = (folder / "recipe.yaml").is_file() and any(
+            (folder / name).exists() for name in RUN_MARKERS
         )
+        if is_run:
+            raise UserError(
+                f"{where} lies inside the run directory {folder}, whose files only its run "
+                "writes; choose a path outside it"
+            )
 
 
 # ------------------------------------------------------------------ claims

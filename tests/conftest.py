@@ -44,3 +44,13 @@ def recipe_file(tmp_path, tiny_model_dir, instruction_data):
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture(autouse=True)
+def _release_output_claims():
+    """Outputs claimed by a test calling finetune's functions directly (the CLI releases its
+    own as each command ends) are let go, as a finished process lets go of them."""
+    yield
+    from finetune.outputs import release_claims
+
+    release_claims()

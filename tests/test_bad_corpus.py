@@ -1763,6 +1763,14 @@ CASES = [
         copy_run,
         trained=True,
     ),
+    Case(
+        "export-into-another-runs-checkpoints",
+        ("export", "<run>", "--format", "adapter", "--out", "<tmp>/run2/checkpoints/x"),
+        r"--out: .*run2/checkpoints/x lies inside the run directory .*run2, whose files only",
+        "an output inside another run's folder becomes part of that run's record",
+        copy_two_runs,
+        trained=True,
+    ),
 ]
 
 

@@ -475,3 +475,14 @@ def test_every_special_token_in_any_field_is_flagged(field, tmp_path):
         found = doctor.diagnose(recipe, tok, prepare(recipe.data, tok, seed=0)).findings
         finding = {f.name: f for f in found}["special tokens in text"]
         assert finding.level == "warning" and f"row {hit + 1} holds {token}" in finding.example
+
+
+def test_force_replaces_an_output_and_leaves_no_temporary(made, tmp_path):
+    run = made.get("lora", "lora")
+    out = tmp_path / "m"
+    exports.merge(str(run), out)
+    (tmp_path / ".m.previous.partial").mkdir()  # a replacement killed between its renames
+    (tmp_path / ".m.abcd1234.partial").mkdir()  # a write killed by SIGKILL
+    exports.merge(str(run), out, force=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
+    assert (out / "merge.json").is_file()

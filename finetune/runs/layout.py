@@ -22,6 +22,7 @@ from finetune.outputs import (
     PARTIAL,
     absolute,
     claim_output,
+    previous_version,
     remove_stale_partials,
     temporary_prefix,
     write_error,
