@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from finetune.errors import UserError
+from finetune.stopping import raise_if_terminated
 
 Kind = Literal["file", "folder"]
 
@@ -370,6 +371,7 @@ def write_file_atomically(path: Path, write: Callable[[Path], Any], then: str = 
     tmp = path.with_name(f".{short_name(path.name)}.tmp{path.suffix[:16]}")
     try:
         write(tmp)
+        raise_if_terminated()  # a stopped command publishes nothing
         os.replace(tmp, path)
     except BaseException as err:
         error = write_error(err, path, then)

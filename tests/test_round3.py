@@ -200,26 +200,59 @@ def wait_for_partial(folder: Path, proc: subprocess.Popen) -> None:
     deadline = time.monotonic() + 120
     while not any(".partial" in p.name for p in folder.iterdir()):
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()
-        time.sleep(0.02)
+        time.sleep(0.005)
+
+
+@pytest.fixture(scope="module")
+def wide_adapter(tmp_path_factory) -> Path:
+    """A LoRA adapter folder on a 100 MB base: its merge and GGUF writes take long enough
+    to be stopped in the middle (the tiny model's take milliseconds)."""
+    from helpers import build_tokenizer
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("wide")
+    tokenizer = build_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=512,
+        intermediate_size=2048,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    base = LlamaForCausalLM.from_pretrained(root / "base")
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    lora.base_model_name_or_path = str(root / "base")
+    get_peft_model(base, lora).save_pretrained(root / "adapter")
+    return root / "adapter"
 
 
 @pytest.mark.parametrize("args", [("merge",), ("export", "--format", "gguf")])
-def test_sigterm_while_writing_leaves_nothing_and_sigkill_leftovers_go(args, made, tmp_path):
+def test_sigterm_while_writing_leaves_nothing_and_sigkill_leftovers_go(
+    args, wide_adapter, tmp_path
+):
     import signal
 
-    run = made.get("lora", "lora")
+    source = str(wide_adapter)
     out = tmp_path / ("m.gguf" if "gguf" in args else "m")
-    proc = start(*args, str(run), "--out", str(out), cwd=tmp_path)
+    proc = start(*args, source, "--out", str(out), cwd=tmp_path)
     wait_for_partial(tmp_path, proc)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 143, proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 143, proc.stderr.read().decode()
     assert list(tmp_path.iterdir()) == []
-    proc = start(*args, str(run), "--out", str(out), cwd=tmp_path)
+    proc = start(*args, source, "--out", str(out), cwd=tmp_path)
     wait_for_partial(tmp_path, proc)
     proc.kill()
     proc.wait()
     assert any(".partial" in p.name for p in tmp_path.iterdir())  # SIGKILL cleans nothing
-    done = run_cli(*args, str(run), "--out", str(out), cwd=tmp_path)
+    done = run_cli(*args, source, "--out", str(out), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert [p.name for p in tmp_path.iterdir()] == [out.name]
 

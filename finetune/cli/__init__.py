@@ -20,7 +20,7 @@ from finetune.cli.app import app, console, fail
 from finetune.errors import UserError, closest
 from finetune.noise import silence_third_party
 from finetune.outputs import release_claims, write_error
-from finetune.stopping import Interrupted, Terminated, sigterm_unwinds
+from finetune.stopping import Interrupted, Terminated, raise_if_terminated, sigterm_unwinds
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,6 +48,7 @@ def run_app(argv: list[str] | None) -> None:
     try:
         with sigterm_unwinds():
             code = app(args=argv, standalone_mode=False, prog_name="finetune")
+            raise_if_terminated()  # a SIGTERM whose exception Python swallowed
         # Without standalone mode, click returns a typer.Exit's code instead of exiting.
         if isinstance(code, int) and code:
             sys.exit(code)

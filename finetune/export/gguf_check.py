@@ -15,6 +15,7 @@ from finetune.export import llamacpp
 from finetune.export.checks import PROBE_PROMPTS, CheckFailed
 from finetune.export.llama_pre import CHKTXT
 from finetune.export.merging import Merged
+from finetune.stopping import raise_if_terminated
 
 
 @dataclass
@@ -46,6 +47,7 @@ def write_checked_file(out: Path, write: Callable[[Path], GGUFCheck]) -> GGUFChe
     tmp = Path(tmp_name)
     try:
         check = write(tmp)
+        raise_if_terminated()  # a stopped command publishes nothing
         tmp.chmod(0o644)
         os.replace(tmp, out)
     except BaseException as err:

@@ -31,6 +31,7 @@ from finetune.outputs import (
 )
 from finetune.recipe import Recipe, validate
 from finetune.runs.lock import RunLock
+from finetune.stopping import raise_if_terminated
 
 RECIPE = "recipe.yaml"
 ADAPTER = "adapter"
@@ -259,6 +260,7 @@ def write_atomically(target: Path, write: Callable[[Path], Any], then: str = AGA
         tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=PARTIAL, dir=target.parent))
     try:
         write(tmp)
+        raise_if_terminated()  # a stopped command publishes nothing
         tmp.chmod(0o755)  # mkdtemp makes it private; a run folder is as readable as any other
         if target.exists():
             old = previous_version(target)
