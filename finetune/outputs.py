@@ -142,7 +142,11 @@ def hold_claim(target: Path, where: str) -> None:
     except OSError:  # no writable temporary folder: the checks above still hold
         return
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except FileNotFoundError:  # another command removed the empty folder meanwhile
+            path = claim_lock_path(target)
+            continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -171,7 +175,9 @@ def release_claims() -> None:
     """Let go of every output this process claimed (the CLI calls it as a command ends)."""
     for key, fd in list(CLAIMS.items()):
         with suppress(OSError):
-            claim_lock_path(Path(key)).unlink(missing_ok=True)  # while still holding it
+            lock = claim_lock_path(Path(key))
+            lock.unlink(missing_ok=True)  # while still holding it
+            lock.parent.rmdir()  # when empty: nothing left in TMPDIR
         os.close(fd)
         del CLAIMS[key]
 
