@@ -91,6 +91,11 @@ def generate_chunk(
     device = next(p.device for p in model.parameters())
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     enc = {k: v.to(device) for k, v in enc.items()}
+    # Never past the model's context: the answer would be noise and take minutes (the
+    # commands refuse such requests; eval.max_new_tokens and exact match get this bound).
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(context, int) and context > 0:
+        max_new_tokens = max(1, min(max_new_tokens, context - enc["input_ids"].shape[1]))
     gen = model.generate(
         **enc,
         max_new_tokens=max_new_tokens,

@@ -8,6 +8,7 @@ mismatch is one clear line instead of a size-mismatch traceback from torch.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,17 +69,29 @@ def check_base(adapter_dir: Path, base_config: Any, base_label: str) -> None:
             )
 
 
-def attach_adapter(model: Any, adapter_dir: Path, base_label: str) -> Any:
-    """Load the adapter in `adapter_dir` onto `model` after checking they belong together.
+def attach_adapter(
+    model: Any, adapter_dir: Path, base_label: str, adapter_name: str = "default"
+) -> Any:
+    """Load the adapter in `adapter_dir` onto `model` (a plain model, or a PeftModel to add
+    `adapter_name` to) after checking they belong together and that it changes something.
 
     Raises:
-        UserError: the base is not the one the adapter was trained on.
+        UserError: the base is not the one the adapter was trained on, or the adapter's
+            weights file is missing, unreadable, not finite or matches no module.
     """
     from peft import PeftModel
 
+    keys = check_adapter_file(adapter_dir)
     check_base(adapter_dir, model.config, base_label)
     try:
-        return PeftModel.from_pretrained(model, str(adapter_dir))
+        with warnings.catch_warnings():  # missing keys are checked below, in one line
+            warnings.simplefilter("ignore")
+            if isinstance(model, PeftModel):
+                model.load_adapter(str(adapter_dir), adapter_name=adapter_name)
+            else:
+                model = PeftModel.from_pretrained(
+                    model, str(adapter_dir), adapter_name=adapter_name
+                )
     except RuntimeError as err:
         if "size mismatch" not in str(err):
             raise
@@ -96,6 +109,77 @@ def attach_adapter(model: Any, adapter_dir: Path, base_label: str) -> Any:
                 "the base model the adapter was trained on"
             ) from None
         raise
+    check_every_key_used(model, adapter_dir, keys, adapter_name, base_label)
+    return model
+
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's name; finetune reads no pickles
+AGAIN_HINT = "copy the adapter again, or use a checkpoint's adapter (checkpoints/step-N/adapter)"
+
+
+def check_adapter_file(adapter_dir: Path) -> set[str]:
+    """The tensor names in the adapter's weights file, once it is known to be there, readable
+    and finite (NaN weights evaluate to loss nan; a merge of them is a broken model).
+
+    Raises:
+        UserError: one line naming the file and the fix.
+    """
+    from safetensors import safe_open
+
+    path = adapter_dir / ADAPTER_WEIGHTS
+    if not path.is_file():
+        found = (
+            "adapter_model.bin, a pickle finetune does not load"
+            if (adapter_dir / "adapter_model.bin").is_file()
+            else "nothing"
+        )
+        raise UserError(f"{path}: missing (the folder holds {found}); {AGAIN_HINT}")
+    try:
+        with safe_open(str(path), "pt") as weights:
+            for name in weights.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                if not torch.isfinite(weights.get_tensor(name).float()).all():
+                    raise UserError(
+                        f"{path}: tensor {name} holds NaN or infinite values; use a "
+                        "checkpoint's adapter from before they appeared, or train again"
+                    )
+            return set(weights.keys())
+    except UserError:
+        raise
+    except Exception as err:  # safetensors raises its own error types for a cut file
+        raise UserError(
+            f"{path}: not a readable safetensors file, truncated or corrupt "
+            f"({models.first_line(err)[:120]}); {AGAIN_HINT}"
+        ) from None
+
+
+def check_every_key_used(
+    model: Any, adapter_dir: Path, keys: set[str], adapter_name: str, base_label: str
+) -> None:
+    """Compare the file's tensors with what peft loaded: a tensor that matches no module is
+    silently dropped, and a module without its tensors keeps its initial value (LoRA's B is
+    zero), so the adapter would change nothing.
+
+    Raises:
+        UserError: some tensors match no module, or some modules got no tensor.
+    """
+    from peft import get_peft_model_state_dict
+
+    with warnings.catch_warnings():  # it looks for the base's config.json to save embeddings
+        warnings.simplefilter("ignore")
+        used = set(get_peft_model_state_dict(model, adapter_name=adapter_name))
+    path = adapter_dir / ADAPTER_WEIGHTS
+    unused, missing = sorted(keys - used), sorted(used - keys)
+    if unused:
+        raise UserError(
+            f"{path}: {len(unused)} of its {len(keys)} tensors match no module of the base "
+            f"model {base_label} (such as {unused[0]}); use the base model the adapter was "
+            "trained on, or an adapter made by finetune or peft for it"
+        )
+    if missing:
+        raise UserError(
+            f"{path}: holds no weights for {len(missing)} of the adapter's {len(used)} tensors "
+            f"(such as {missing[0]}), which would keep their initial values; {AGAIN_HINT}"
+        )
 
 
 def quiet_loading() -> None:
@@ -165,11 +249,14 @@ def generate_text(
     chat_template: bool = True,
     model: str | None = None,
     seed: int | None = None,
+    notify: Any = None,
 ) -> list[str]:
-    """Complete each prompt with the run's base plus adapter (or a plain model)."""
+    """Complete each prompt with the run's base plus adapter (or a plain model); `notify`
+    is told when the answer must be shorter to fit the model's context."""
     from finetune.evaluate import generate
 
     for number, prompt in enumerate(prompts, start=1):
+        require_unicode(prompt, f"prompt {number}")
         if not prompt.strip():  # nothing to continue from: generate() fails on zero tokens
             raise UserError(f"prompt {number} is empty; give some text to complete")
     if seed is not None:
@@ -178,7 +265,98 @@ def generate_text(
     if seed is not None:
         torch.manual_seed(seed)
     rendered = [render_prompt(session.tokenizer, p, chat_template) for p in prompts]
+    max_new_tokens = fit_in_context(session, rendered, max_new_tokens, notify)
     return generate(session.model, session.tokenizer, rendered, max_new_tokens, **(sampling or {}))
+
+
+def check_system_fits(session: Session, start: list[dict[str, str]]) -> None:
+    """Refuse a --system message that alone fills the context: every turn would be skipped.
+
+    Raises:
+        UserError: names --system, its length and the context.
+    """
+    context = context_length(session.model)
+    if not start or context is None:
+        return
+    tokenizer = session.tokenizer
+    text = start[0]["content"]
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(start, tokenize=False, add_generation_prompt=True)
+    length = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if length >= context:
+        raise UserError(
+            f"--system is {length:,} tokens, which fills the model's context of {context:,} "
+            "tokens and leaves no room for a conversation; shorten it"
+        )
+
+
+def require_unicode(text: str, what: str) -> None:
+    """Refuse text holding bytes that are not UTF-8 (Python keeps them from argv and stdin as
+    lone surrogates, which the tokenizer rejects with a TypeError).
+
+    Raises:
+        UserError: names the input, the byte and its position.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        char = ord(text[err.start])
+        byte = f"byte 0x{char - 0xDC00:02x}" if 0xDC80 <= char <= 0xDCFF else f"U+{char:04X}"
+        raise UserError(
+            f"{what} is not UTF-8 text ({byte} at character {err.start + 1}); give UTF-8 text"
+        ) from None
+
+
+def context_length(model: Any) -> int | None:
+    """The model's context (max_position_embeddings), or None when its config names none."""
+    value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def check_max_new_tokens(session: Session, max_new_tokens: int) -> None:
+    """Refuse more new tokens than the whole context holds: generation would run for
+    minutes past what the model was trained to attend to, printing nothing.
+
+    Raises:
+        UserError: --max-new-tokens above the model's context length.
+    """
+    context = context_length(session.model)
+    if context is not None and max_new_tokens > context:
+        raise UserError(
+            f"--max-new-tokens {max_new_tokens:,} is more than the model's context of "
+            f"{context:,} tokens (prompt and answer together); give at most {context}"
+        )
+
+
+def fit_in_context(
+    session: Session, rendered: list[str], max_new_tokens: int, notify: Any = None
+) -> int:
+    """`max_new_tokens`, lowered so the longest prompt and its answer fit the context.
+
+    Raises:
+        UserError: a prompt that alone fills the context, or too many new tokens asked.
+    """
+    check_max_new_tokens(session, max_new_tokens)
+    context = context_length(session.model)
+    if context is None:
+        return max_new_tokens
+    lengths = [
+        len(session.tokenizer(text, add_special_tokens=False)["input_ids"]) for text in rendered
+    ]
+    longest = max(lengths)
+    if longest >= context:
+        number = lengths.index(longest) + 1
+        raise UserError(
+            f"prompt {number} is {longest:,} tokens, which fills the model's context of "
+            f"{context:,} tokens and leaves no room for an answer; shorten it"
+        )
+    room = context - longest
+    if max_new_tokens > room and notify is not None:
+        notify(
+            f"--max-new-tokens lowered to {room:,}: the prompt ({longest:,} tokens) and the "
+            f"answer fill the model's context of {context:,} tokens"
+        )
+    return min(max_new_tokens, room)
 
 
 def chat_loop(
@@ -198,17 +376,23 @@ def chat_loop(
     of input stops. Returns the number of replies."""
     from finetune.evaluate import generate
 
+    if system is not None:
+        require_unicode(system, "--system")
     session = load(resolve_target(given, model))
+    check_max_new_tokens(session, max_new_tokens)
     tokenizer = session.tokenizer
     has_template = bool(getattr(tokenizer, "chat_template", None))
     start = [{"role": "system", "content": system}] if system else []
+    check_system_fits(session, start)
     messages = list(start)
-    replies = 0
+    replies = lines = 0
     while True:
         line = read()
+        lines += 1
         if line is None or line.strip() in ("/exit", "/quit"):
             return replies
         line = line.strip()
+        require_unicode(line, f"chat input line {lines}")
         if not line:
             continue
         if line == "/reset":
@@ -223,7 +407,14 @@ def chat_loop(
             )
         else:
             prompt = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-        reply = generate(session.model, tokenizer, [prompt], max_new_tokens, **(sampling or {}))[0]
+        try:
+            budget = fit_in_context(session, [prompt], max_new_tokens, notify)
+        except UserError:  # the conversation outgrew the context: this turn is not taken
+            messages.pop()
+            if notify is not None:
+                notify("(that would not fit the model's context; /reset to start over)")
+            continue
+        reply = generate(session.model, tokenizer, [prompt], budget, **(sampling or {}))[0]
         messages.append({"role": "assistant", "content": reply})
         write(reply)
         replies += 1
@@ -265,6 +456,8 @@ def evaluate_target(
     evaluation = recipe.eval if recipe is not None else EvalSection()
     rows = load_rows(data_path, "--data")
     session = load(target)
+    if max_new_tokens is not None:
+        check_max_new_tokens(session, max_new_tokens)
     options = {
         "max_examples": max_examples or evaluation.max_examples,
         "max_new_tokens": max_new_tokens or evaluation.max_new_tokens,

@@ -79,6 +79,17 @@ def require_file(path: Path, field: str, want: str) -> None:
         raise UserError(f"{field}: {path} is a folder; give {want}")
 
 
+def split_path(text: str | Path) -> tuple[Path, str | None]:
+    """A data path and the split it names: `saved:test` is the `test` split of the
+    `save_to_disk` folder `saved`. A path that exists as typed is that path (a colon is a
+    legal file name character)."""
+    path = Path(text)
+    head, colon, split = str(text).rpartition(":")
+    if not colon or not split or "/" in split or os.path.exists(path):
+        return path, None
+    return (Path(head), split) if os.path.isdir(head) else (path, None)
+
+
 # torch.manual_seed refuses 2**64 and above; numpy is seeded with the seed modulo 2**32.
 MAX_SEED = 2**63 - 1
 

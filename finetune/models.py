@@ -14,6 +14,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,8 +47,42 @@ class LoadedModel:
 
 
 def cache_dir() -> Path:
-    """Where converted models live: $FINETUNE_CACHE or ~/.cache/finetune."""
-    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "finetune"))
+    """Where converted models live: $FINETUNE_CACHE or ~/.cache/finetune.
+
+    Raises:
+        UserError: FINETUNE_CACHE is empty (which would mean the current directory), a file,
+            or a folder this process cannot write.
+    """
+    value = os.environ.get(CACHE_ENV)
+    if value is None:
+        return Path.home() / ".cache" / "finetune"
+    if not value.strip():
+        raise UserError(
+            f"{CACHE_ENV} is set but empty; unset it (the cache is then ~/.cache/finetune) or "
+            "set it to a folder"
+        )
+    return Path(value).expanduser()
+
+
+def usable_cache(folder: Path) -> Path:
+    """`folder`, created if needed, once it is known to be a writable folder.
+
+    Raises:
+        UserError: one line naming FINETUNE_CACHE (or the default folder) and the fix.
+    """
+    name = f"{CACHE_ENV}={folder}" if os.environ.get(CACHE_ENV) else f"the cache {folder}"
+    fix = f"set {CACHE_ENV} to a writable folder"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UserError(f"{name} is not a folder (a file or a special file); {fix}") from None
+    except OSError as err:
+        raise UserError(f"{name} cannot be created ({err.strerror}); {fix}") from None
+    if not folder.is_dir():
+        raise UserError(f"{name} is not a folder; {fix}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"{name} is not writable (permission denied); {fix}")
+    return folder
 
 
 # ------------------------------------------------------------------------ resolving
@@ -207,20 +243,56 @@ def embedded_gguf_path() -> Path:
 
 
 def convert_gguf(gguf: Path, notes: list[str]) -> Path:
-    """Dequantize a GGUF file once into a safetensors folder in the cache and return it."""
+    """Dequantize a GGUF file once into a safetensors folder in the cache and return it.
+
+    Two processes on an empty cache (torchrun's workers, two commands started together)
+    take turns on a lock file: the first converts, the second waits and finds it done.
+    """
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    target = cache_dir() / f"{gguf.stem}-{key.hexdigest()[:12]}"
+    name = f"{gguf.stem}-{key.hexdigest()[:12]}"
+    folder = cache_dir()
+    target = folder / name
     if (target / "config.json").is_file():
         return target
-    check_gguf(gguf)
+    usable_cache(folder)
+    with cache_lock(folder / f".{name}.lock"):
+        if (target / "config.json").is_file():  # converted by the process we waited for
+            return target
+        check_gguf(gguf)
+        convert_into(gguf, target)
+    notes.append(f"converted {gguf.name} once into {target}")
+    return target
+
+
+@contextmanager
+def cache_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive flock on `path` (the kernel drops it if this process dies)."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def convert_into(gguf: Path, target: Path) -> None:
+    """Write the converted model under a temporary name and rename it to `target`.
+
+    Called with the cache lock held; a folder without config.json at `target` is what a
+    killed conversion's rename never made, so it cannot exist; one left by an older
+    version without the lock is replaced.
+    """
     from rich.console import Console
 
     Console(stderr=True).print(f"converting {gguf.name} to safetensors in {target} (once)...")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    for stale in target.parent.glob(f".convert-{target.name}-*"):  # a SIGKILLed conversion's
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".convert-{target.name}-", dir=target.parent))
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(
@@ -232,12 +304,12 @@ def convert_gguf(gguf: Path, notes: list[str]) -> Path:
             del model.config.quantization_config
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
         os.replace(tmp, target)
-    except Exception:
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    notes.append(f"converted {gguf.name} once into {target}")
-    return target
 
 
 def check_gguf(gguf: Path) -> None:

@@ -23,11 +23,12 @@ import errno
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Literal
 
 from finetune.errors import UserError
+from finetune.stopping import raise_if_terminated
 
 Kind = Literal["file", "folder"]
 
@@ -77,11 +78,108 @@ def claim_output(
     refuse_protected(target, where)
     sealed = [item for item in sealed if item is not None]
     refuse_inputs(target, where, [*inputs, *sealed], sealed)
+    refuse_run_record(target, where)
     if given.exists():
         holds = (what_it_holds, force_hint, exists_words)
         refuse_existing(given, where, kind, force, replaceable, holds)
     refuse_missing_parent(given, where, kind)
+    hold_claim(target, where)
     return given
+
+
+# What only a run leaves beside its recipe.yaml (runs.layout.RUN_MARKERS; runs imports this
+# module, not the other way round).
+RUN_MARKERS = ("adapter", "checkpoints", "metrics.jsonl", "report.json")
+
+
+def refuse_run_record(target: Path, where: str) -> None:
+    """A run's folder holds its record (recipe, report, plots, metrics, checkpoints): only
+    the run itself writes there (`estimate RUN --plot RUN/loss.png --force` replaced the
+    run's own plot; a merge into runs/a/merged would become part of run a)."""
+    for folder in target.parents:
+        is_run = (folder / "recipe.yaml").is_file() and any(
+            (folder / name).exists() for name in RUN_MARKERS
+        )
+        if is_run:
+            raise UserError(
+                f"{where} lies inside the run directory {folder}, whose files only its run "
+                "writes; choose a path outside it"
+            )
+
+
+# ------------------------------------------------------------------ claims
+
+# Output path -> the open lock file this process holds for it, until `release_claims`.
+CLAIMS: dict[str, int] = {}
+
+
+def claim_lock_path(target: Path) -> Path:
+    """The lock file for an output path: in the temporary folder, so nothing is left beside
+    the output and a folder output's missing parents need not exist yet."""
+    import hashlib
+    import tempfile
+
+    folder = Path(tempfile.gettempdir()) / f"finetune-claims-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)  # OSError: the caller goes on without a claim
+    return folder / f"{hashlib.sha256(str(target).encode()).hexdigest()[:32]}.lock"
+
+
+def hold_claim(target: Path, where: str) -> None:
+    """Hold an exclusive flock for the output path until this command ends, so two commands
+    started together cannot both write it (the second is refused here, before any work).
+    The kernel drops the lock when the process dies, however it dies.
+
+    Raises:
+        UserError: another process holds the claim.
+    """
+    import fcntl
+
+    key = str(target)
+    if key in CLAIMS:
+        return
+    try:
+        path = claim_lock_path(target)
+    except OSError:  # no writable temporary folder: the checks above still hold
+        return
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except FileNotFoundError:  # another command removed the empty folder meanwhile
+            path = claim_lock_path(target)
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise UserError(
+                f"{where} is being written by another finetune command (pid {owner}); wait "
+                "for it to finish, or choose another path"
+            ) from None
+        if same_inode(fd, path):  # not a file its last holder unlinked meanwhile
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    CLAIMS[key] = fd
+
+
+def same_inode(fd: int, path: Path) -> bool:
+    try:
+        return os.fstat(fd).st_ino == os.stat(path).st_ino
+    except OSError:
+        return False
+
+
+def release_claims() -> None:
+    """Let go of every output this process claimed (the CLI calls it as a command ends)."""
+    for key, fd in list(CLAIMS.items()):
+        with suppress(OSError):
+            lock = claim_lock_path(Path(key))
+            lock.unlink(missing_ok=True)  # while still holding it
+            lock.parent.rmdir()  # when empty: nothing left in TMPDIR
+        os.close(fd)
+        del CLAIMS[key]
 
 
 def absolute(path: Path) -> Path:
@@ -275,9 +373,11 @@ def probable_write_errno(path: Path) -> int | None:
 def write_file_atomically(path: Path, write: Callable[[Path], Any], then: str = AGAIN) -> None:
     """Call `write(tmp_file)` and rename the file to `path`: a reader, or a kill, never sees
     half a file, and a failed write leaves no temporary file (see `write_atomically`)."""
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")  # keeps the suffix: savefig reads it
+    # keeps the suffix: savefig reads it; short: a 250-byte name plus ".tmp" is too long
+    tmp = path.with_name(f".{short_name(path.name)}.tmp{path.suffix[:16]}")
     try:
         write(tmp)
+        raise_if_terminated()  # a stopped command publishes nothing
         os.replace(tmp, path)
     except BaseException as err:
         error = write_error(err, path, then)
@@ -285,3 +385,45 @@ def write_file_atomically(path: Path, write: Callable[[Path], Any], then: str = 
         if error is not None:
             raise error from None
         raise
+
+
+def short_name(name: str, limit: int = 40) -> str:
+    """The start of a file name for a temporary beside it: a legal 255-byte name plus a
+    prefix and a random part would be too long for the filesystem."""
+    return name[:limit]
+
+
+# A temporary output: `.` + the output's short name + `.` + mkdtemp's 8 random characters
+# + this suffix, so the next command for the same output knows a killed one's leftovers.
+PARTIAL = ".partial"
+
+
+def temporary_prefix(target: Path) -> str:
+    return f".{short_name(target.name)}."
+
+
+def previous_version(target: Path) -> Path:
+    """Where the version being replaced waits during the two renames that replace it."""
+    return target.with_name(f"{temporary_prefix(target)}previous{PARTIAL}")
+
+
+def remove_stale_partials(target: Path) -> None:
+    """Delete what a killed (SIGKILL) write to `target` left: called by the command that
+    holds `target`'s claim (or its run's lock), so no live writer owns them. A previous
+    version killed between its two renames is put back first."""
+    old = previous_version(target)
+    if old.exists() and not target.exists():
+        os.replace(old, target)
+    pattern = re.compile(rf"^{re.escape(temporary_prefix(target))}[A-Za-z0-9_]{{8}}{PARTIAL}")
+    parent = target.parent
+    if not parent.is_dir():
+        return
+    import shutil
+
+    for leftover in parent.iterdir():
+        if not pattern.match(leftover.name) or leftover.is_symlink():
+            continue
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)

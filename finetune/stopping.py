@@ -36,6 +36,18 @@ class Terminated(Interrupted):
     vanishing on the spot with its partial files left behind."""
 
 
+# Set by the SIGTERM handler below. Raising from a signal handler can land where Python
+# swallows the exception (a logging lock's release, a __del__: "Exception ignored in ..."),
+# so whatever publishes an output asks here too, and the command still ends as stopped.
+TERM_PENDING: list[int] = []
+
+
+def raise_if_terminated() -> None:
+    """Raise `Terminated` if a SIGTERM arrived, even one whose exception was swallowed."""
+    if TERM_PENDING:
+        raise Terminated(TERM_PENDING[0])
+
+
 @contextlib.contextmanager
 def sigterm_unwinds() -> Iterator[None]:
     """Within: SIGTERM raises `Terminated` (a training run installs its own handler inside,
@@ -43,8 +55,10 @@ def sigterm_unwinds() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    TERM_PENDING.clear()  # a new command (tests run several in one process)
 
     def unwind(signum: int, frame: FrameType | None) -> None:
+        TERM_PENDING.append(signum)
         raise Terminated(signum)
 
     previous = signal.signal(signal.SIGTERM, unwind)

@@ -75,3 +75,13 @@ def _gpu_or_skip(request):
         reason = gpu_skip_reason()
         if reason:
             pytest.skip(reason)
+
+
+@pytest.fixture(autouse=True)
+def _release_output_claims():
+    """Outputs claimed by a test calling finetune's functions directly (the CLI releases its
+    own as each command ends) are let go, as a finished process lets go of them."""
+    yield
+    from finetune.outputs import release_claims
+
+    release_claims()

@@ -36,6 +36,7 @@ class Case:
     why: str
     setup: Callable[[Path, Path, Path], None] | None = None  # (tmp, tiny model, trained run)
     trained: bool = False  # the setup copies the trained run (the resume-* cases do too)
+    env: tuple[tuple[str, str], ...] = ()  # environment variables (placeholders expanded)
 
 
 def run(recipe: str, *overrides: str, command: str = "train") -> tuple[str, ...]:
@@ -125,6 +126,47 @@ def cwd_with_files(tmp: Path, tiny: Path, trained: Path) -> None:
 
 def copy_run(tmp: Path, tiny: Path, trained: Path) -> None:
     shutil.copytree(trained, tmp / "run")
+
+
+def saved_dataset_dict(tmp: Path, tiny: Path, trained: Path | None) -> None:
+    """A save_to_disk DatasetDict with a train and a test split."""
+    from datasets import Dataset, DatasetDict
+
+    rows = [json.loads(line) for line in (BAD / "good.jsonl").read_text().splitlines()]
+    splits = {"train": rows[:-2], "test": rows[-2:]}
+    DatasetDict({k: Dataset.from_list(v) for k, v in splits.items()}).save_to_disk(tmp / "saved")
+    if trained is not None:
+        copy_run(tmp, tiny, trained)
+
+
+def adapter_weights_renamed(tmp: Path, tiny: Path, trained: Path) -> None:
+    """An adapter for another architecture's module names: peft loads it as a no-op."""
+    from safetensors.torch import load_file, save_file
+
+    copy_run(tmp, tiny, trained)
+    path = tmp / "run" / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(path)
+    save_file({k.replace("self_attn", "attention"): v for k, v in tensors.items()}, path)
+
+
+def adapter_weights_nan(tmp: Path, tiny: Path, trained: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    copy_run(tmp, tiny, trained)
+    path = tmp / "run" / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(path)
+    save_file({k: v * float("nan") for k, v in tensors.items()}, path)
+
+
+def adapter_weights_cut(tmp: Path, tiny: Path, trained: Path) -> None:
+    copy_run(tmp, tiny, trained)
+    path = tmp / "run" / "adapter" / "adapter_model.safetensors"
+    path.write_bytes(path.read_bytes()[:2000])
+
+
+def adapter_weights_gone(tmp: Path, tiny: Path, trained: Path) -> None:
+    copy_run(tmp, tiny, trained)
+    (tmp / "run" / "adapter" / "adapter_model.safetensors").unlink()
 
 
 def copy_two_runs(tmp: Path, tiny: Path, trained: Path) -> None:
@@ -1484,6 +1526,252 @@ CASES = [
         long_prompts,
         trained=True,
     ),
+    # ------------------------------------------- issue 30, round 3: shared resources
+    Case(
+        "cache-env-empty",
+        ("generate", "<tmp>/random.gguf", "hi"),
+        r"FINETUNE_CACHE is set but empty; unset it",
+        "an empty FINETUNE_CACHE used to mean the current directory",
+        random_gguf,
+        env=(("FINETUNE_CACHE", ""),),
+    ),
+    Case(
+        "cache-env-file",
+        ("generate", "<tmp>/random.gguf", "hi"),
+        r"FINETUNE_CACHE=.*work\.txt is not a folder \(a file or a special file\); set",
+        "a cache that is a file used to end in a traceback",
+        lambda tmp, tiny, trained: (
+            random_gguf(tmp, tiny, trained),
+            cwd_with_files(tmp, tiny, trained),
+        ),
+        env=(("FINETUNE_CACHE", "<tmp>/work.txt"),),
+    ),
+    Case(
+        "cache-env-under-a-file",
+        ("eval", "<tmp>/random.gguf", "--data", "<bad>/good.jsonl"),
+        r"FINETUNE_CACHE=.*work\.txt/cache cannot be created",
+        "a cache folder below a file",
+        lambda tmp, tiny, trained: (
+            random_gguf(tmp, tiny, trained),
+            cwd_with_files(tmp, tiny, trained),
+        ),
+        env=(("FINETUNE_CACHE", "<tmp>/work.txt/cache"),),
+    ),
+    Case(
+        "combine-weights-zero",
+        ("combine", "<run>", "<tmp>/run2", "--out", "<tmp>/c", "--weights", "0,0"),
+        r"--weights 0,0: all zero makes an adapter that changes nothing",
+        "used to write an all-zero adapter, exit 0",
+        copy_two_runs,
+        trained=True,
+    ),
+    Case(
+        "combine-weights-negative",
+        ("combine", "<run>", "<tmp>/run2", "--out", "<tmp>/c", "--weights", "1,-0.5"),
+        r"--weights must be at least 0 \(got -0\.5\)",
+        "a negative weight flips an adapter's update",
+        copy_two_runs,
+        trained=True,
+    ),
+    Case(
+        "combine-same-adapter-twice",
+        ("combine", "<run>", "<run>", "--out", "<tmp>/c"),
+        r"run: the same adapter as .*run; combine different adapters, or pass --weights",
+        "used to give twice the adapter's update",
+        copy_run,
+        trained=True,
+    ),
+    Case(
+        "combine-copy-of-an-adapter",
+        ("combine", "<run>", "<tmp>/run2", "--out", "<tmp>/c"),
+        r"run2: the same adapter as .*run; combine different adapters",
+        "a copied run is the same adapter under another name",
+        copy_two_runs,
+        trained=True,
+    ),
+    Case(
+        "resume-copied-run-elsewhere",
+        ("train", "<tmp>/run2/recipe.yaml", "output.dir=<run>", "--resume"),
+        r"--resume: .*run2/recipe\.yaml is the recipe of the run in .*run2, but output\.dir=.*"
+        r"names another folder",
+        "a run's own recipe resumes that run, not the folder its output.dir names",
+        copy_two_runs,
+        trained=True,
+    ),
+    Case(
+        "train-copied-run-again",
+        ("train", "<tmp>/run2/recipe.yaml"),
+        r"run2/recipe\.yaml is the recipe of the run in .*run2, which it would replace; "
+        r"continue that run with `finetune train .*run2/recipe\.yaml --resume`",
+        "used to name (and, with --resume, rewrite) the folder the run was copied from",
+        copy_two_runs,
+        trained=True,
+    ),
+    Case(
+        "estimate-plot-over-the-runs-own",
+        ("estimate", "<run>", "--plot", "<run>/loss.png", "--force"),
+        r"--plot: .*run/loss\.png lies inside the run directory .*run, whose files only its run "
+        r"writes",
+        "used to replace the run's own loss plot",
+        copy_run,
+        trained=True,
+    ),
+    Case(
+        "validate-plot-into-a-run",
+        (*validate("base.yaml", "output.dir=<tmp>/new"), "--plot", "<run>/memory.png"),
+        r"--plot: .*run/memory\.png lies inside the run directory",
+        "a new file inside another run's record",
+        copy_run,
+        trained=True,
+    ),
+    Case(
+        "adapter-matches-no-module",
+        ("eval", "<run>", "--data", "<bad>/good.jsonl", "--base"),
+        r"adapter_model\.safetensors: 16 of its 28 tensors match no module of the base model",
+        "used to print base = adapter: the renamed tensors were dropped silently",
+        adapter_weights_renamed,
+        trained=True,
+    ),
+    Case(
+        "merge-adapter-matches-no-module",
+        ("merge", "<run>", "--out", "<tmp>/m"),
+        r"adapter_model\.safetensors: .* match no module of the base model",
+        "used to write the base as 'merged', self-check difference 0",
+        adapter_weights_renamed,
+        trained=True,
+    ),
+    Case(
+        "adapter-nan",
+        ("eval", "<run>", "--data", "<bad>/good.jsonl"),
+        r"adapter_model\.safetensors: tensor .* holds NaN or infinite values",
+        "used to evaluate to loss nan, exit 0",
+        adapter_weights_nan,
+        trained=True,
+    ),
+    Case(
+        "adapter-truncated",
+        ("generate", "<run>", "hi"),
+        r"adapter_model\.safetensors: not a readable safetensors file, truncated or corrupt",
+        "used to end in a safetensors traceback",
+        adapter_weights_cut,
+        trained=True,
+    ),
+    Case(
+        "adapter-weights-missing",
+        ("merge", "<run>", "--out", "<tmp>/m"),
+        r"adapter_model\.safetensors: missing \(the folder holds nothing\)",
+        "used to end in a peft traceback",
+        adapter_weights_gone,
+        trained=True,
+    ),
+    Case(
+        "data-path-dataset-dict",
+        data("<tmp>/saved", command="validate"),
+        r"data\.path: .*saved is a DatasetDict with splits train, test; name one, such as "
+        r".*saved:train",
+        "used to read the train split and ignore the test split without a word",
+        saved_dataset_dict,
+    ),
+    Case(
+        "eval-path-unknown-split",
+        data("<tmp>/saved:train", "data.eval_path=<tmp>/saved:validation", command="validate"),
+        r"data\.eval_path: .*saved has no split 'validation' \(it has train, test\)",
+        "a split the saved dataset does not have",
+        saved_dataset_dict,
+    ),
+    Case(
+        "eval-data-dataset-dict",
+        ("eval", "<run>", "--data", "<tmp>/saved"),
+        r"--data: .*saved is a DatasetDict with splits train, test; name one",
+        "used to score the train split as held-out data",
+        saved_dataset_dict,
+        trained=True,
+    ),
+    Case(
+        "split-of-a-plain-dataset",
+        data("<bad>/good.jsonl:test", command="validate"),
+        r"data\.path: .*good\.jsonl is a file, without splits; drop ':test'",
+        "a split named for a file that has none",
+    ),
+    Case(
+        "generate-prompt-beyond-context",
+        ("generate", "<run>", "many words " * 300),
+        r"prompt 1 is [\d,]+ tokens, which fills the model's context of 512 tokens",
+        "used to run on for minutes with nothing printed",
+        copy_run,
+        trained=True,
+    ),
+    Case(
+        "generate-max-new-tokens-beyond-context",
+        ("generate", "<run>", "hi", "--max-new-tokens", "1000000"),
+        r"--max-new-tokens 1,000,000 is more than the model's context of 512 tokens",
+        "used to run on for minutes with nothing printed",
+        copy_run,
+        trained=True,
+    ),
+    Case(
+        "estimate-r-beyond-recipe-bound",
+        ("estimate", "smollm2-135m", "--r", "1000000"),
+        r"--r 1000000: adapter\.r: Input should be less than or equal to 4096 \(got 1000000\)",
+        "used to end in a pydantic traceback; train refuses adapter.r the same way",
+    ),
+    Case(
+        "estimate-targets-empty",
+        ("estimate", "smollm2-135m", "--targets", ""),
+        r"--targets '': adapter\.target_modules: names no module",
+        "used to end in a peft traceback",
+    ),
+    Case(
+        "estimate-batch-zero",
+        ("estimate", "smollm2-135m", "--batch", "0"),
+        r"--batch 0: train\.micro_batch_size: Input should be greater than or equal to 1",
+        "in train's words for the recipe field it stands for",
+    ),
+    Case(
+        "estimate-seq-negative",
+        ("estimate", "smollm2-135m", "--seq", "-1"),
+        r"--seq -1: data\.max_length: Input should be greater than or equal to 8",
+        "in train's words for the recipe field it stands for",
+    ),
+    Case(
+        "special-tokens-in-text",
+        (*data("special_tokens.jsonl", command="validate"), "--strict"),
+        r"special_tokens\.jsonl: special tokens in text: 1 of 8 examples \(e\.g\. special_tokens"
+        r"\.jsonl row 5 holds <\|im_(end|start)\|>\)",
+        "a literal <|im_end|> in a response used to pass every data check",
+    ),
+    Case(
+        "eval-max-new-tokens-beyond-context",
+        ("eval", "<run>", "--data", "<bad>/good.jsonl", "--max-new-tokens", "1000000"),
+        r"--max-new-tokens 1,000,000 is more than the model's context of 512 tokens",
+        "exact match would generate far past the context for every example",
+        copy_run,
+        trained=True,
+    ),
+    Case(
+        "chat-system-beyond-context",
+        ("chat", "<run>", "--system", "many words " * 300),
+        r"--system is [\d,]+ tokens, which fills the model's context of 512 tokens",
+        "every turn would be skipped for a system message no conversation fits beside",
+        copy_run,
+        trained=True,
+    ),
+    Case(
+        "combine-run-and-its-own-adapter",
+        ("combine", "<run>", "<run>/adapter", "--out", "<tmp>/c"),
+        r"run/adapter: the same adapter as .*run; combine different adapters",
+        "one adapter by two names",
+        copy_run,
+        trained=True,
+    ),
+    Case(
+        "export-into-another-runs-checkpoints",
+        ("export", "<run>", "--format", "adapter", "--out", "<tmp>/run2/checkpoints/x"),
+        r"--out: .*run2/checkpoints/x lies inside the run directory .*run2, whose files only",
+        "an output inside another run's folder becomes part of that run's record",
+        copy_two_runs,
+        trained=True,
+    ),
 ]
 
 
@@ -1554,6 +1842,8 @@ def test_bad_input_ends_cleanly(case, capsys, tmp_path, tiny_model_dir, request,
     # current directory or the home folder can only ever reach that folder.
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for name, value in case.env:
+        monkeypatch.setenv(name, expand(value, tmp_path, tiny_model_dir))
     capsys.readouterr()
     before = snapshot(tmp_path)
     args = [expand(a, tmp_path, tiny_model_dir) for a in case.args]
@@ -1575,6 +1865,7 @@ def test_the_corpus_is_large_and_documented():
     assert all(c.why and c.expect for c in CASES)
     files = {a.split("/", 1)[1].split("=")[-1] for c in CASES for a in c.args if "<bad>/" in a}
     files |= {a.split("=", 1)[1] for c in CASES for a in c.args if a.startswith("data.path=")}
+    files = {f.split(":")[0] for f in files}  # a saved dataset's split: saved:test
     missing = [f for f in files if not (BAD / f).exists() and "missing" not in f and "<" not in f]
     assert not missing, missing
 

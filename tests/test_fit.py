@@ -94,7 +94,7 @@ def test_train_is_told_the_change_as_recipe_overrides_that_validate():
     setup = Setup(**{**vars(est.setup), "method": "full", "batch": 4, "seq": 512})
     for label, change in candidate_changes(setup):
         for override in as_recipe_overrides(label, change).split():
-            field, value = override.split("=")
+            field, _ = override.split("=")
             section, key = field.split(".")
             assert key in Recipe.model_fields[section].annotation.model_fields, override
     assert set(RECIPE_FIELDS) >= {k for _, c in candidate_changes(setup) for k in c}

@@ -7,6 +7,8 @@ and finetune.cli.after (generate, chat, eval, merge, export, combine).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import sys
@@ -17,16 +19,36 @@ from finetune.cli import after, before  # noqa: F401  (registers the commands on
 from finetune.cli.app import app, console, fail
 from finetune.errors import UserError, closest
 from finetune.noise import silence_third_party
-from finetune.outputs import write_error
-from finetune.stopping import Interrupted, Terminated, sigterm_unwinds
+from finetune.outputs import release_claims, write_error
+from finetune.stopping import Interrupted, Terminated, raise_if_terminated, sigterm_unwinds
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning user errors into one line and exit code 2."""
+    tolerate_narrow_encodings()
+    try:
+        run_app(argv)
+    finally:
+        release_claims()  # the outputs this command claimed are written or abandoned
+
+
+def tolerate_narrow_encodings() -> None:
+    """Under PYTHONIOENCODING=ascii or a Latin-1 terminal, a character the output encoding
+    lacks is written escaped instead of ending the command in a UnicodeEncodeError; text
+    read from stdin that is not valid in its encoding reaches the checks that name it."""
+    streams = ((sys.stdout, "backslashreplace"), (sys.stderr, "backslashreplace"))
+    for stream, errors in (*streams, (sys.stdin, "surrogateescape")):
+        # A closed or replaced stream (pytest's capture, a detached stdin) is left alone.
+        with contextlib.suppress(AttributeError, ValueError, OSError, io.UnsupportedOperation):
+            stream.reconfigure(errors=errors)
+
+
+def run_app(argv: list[str] | None) -> None:
     silence_third_party()
     try:
         with sigterm_unwinds():
             code = app(args=argv, standalone_mode=False, prog_name="finetune")
+            raise_if_terminated()  # a SIGTERM whose exception Python swallowed
         # Without standalone mode, click returns a typer.Exit's code instead of exiting.
         if isinstance(code, int) and code:
             sys.exit(code)

@@ -72,6 +72,7 @@ def generate(
         chat_template=not raw,
         model=model,
         seed=seed,
+        notify=lambda text: console.print(text, highlight=False, markup=False),
     )
     for prompt, text in zip(prompts, texts, strict=True):
         if len(prompts) > 1:
@@ -291,7 +292,8 @@ def combine(
         "linear"
     ),
     weights: Annotated[
-        str | None, typer.Option(help="Comma-separated, one per adapter [default: equal].")
+        str | None,
+        typer.Option(help="Comma-separated, one per adapter [default: 1/N each: the average]."),
     ] = None,
     density: Annotated[
         float | None, typer.Option(help="Kept fraction for ties/dare [default: 1 / 0.5].")

@@ -50,7 +50,9 @@ def train(
     from finetune.train import train as run_training
 
     started = time.perf_counter()
-    spec = load_recipe(recipe, overrides or [])
+    from finetune.runs import bind_to_own_run
+
+    spec = bind_to_own_run(load_recipe(recipe, overrides or []), recipe, overrides or [], resume)
     check_init_from(spec.adapter)
     # The CUDA fit check runs inside, after every input check and before the model loads.
     result = run_training(spec, resume=resume, strict=strict, force=force)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import UserError
-from finetune.inputs import refuse_special
+from finetune.inputs import refuse_special, split_path
 
 SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 # json raises RecursionError, not JSONDecodeError, on arrays or objects nested thousands deep.
@@ -24,12 +24,18 @@ def load_rows(path: str | Path, field_name: str = "data.path") -> list[dict[str,
     Raises:
         UserError: missing file, unknown format, bad encoding, invalid JSON line, empty data.
     """
-    path = Path(path)
+    path, split = split_path(path)
     kind = refuse_special(path, field_name, "a data file or a save_to_disk folder")
     if kind == "missing":
+        head, _, split = str(path).rpartition(":")
+        if head and Path(head).is_file():
+            raise UserError(
+                f"{field_name}: {head} is a file, without splits; drop ':{split}' (a split "
+                "applies to a folder saved with datasets' save_to_disk)"
+            )
         raise UserError(f"{field_name}: {path} not found")
     if kind == "folder":
-        rows = _load_saved_dataset(path, field_name)
+        rows = _load_saved_dataset(path, field_name, split)
     else:
         kind = SUFFIXES.get(path.suffix.lower())
         if kind is None:
@@ -151,8 +157,8 @@ def _load_csv(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _load_saved_dataset(path: Path, field_name: str) -> list[dict[str, Any]]:
-    from datasets import DatasetDict, load_from_disk
+def _load_saved_dataset(path: Path, field_name: str, split: str | None) -> list[dict[str, Any]]:
+    from datasets import load_from_disk
 
     try:
         dataset = load_from_disk(str(path))
@@ -165,11 +171,39 @@ def _load_saved_dataset(path: Path, field_name: str) -> list[dict[str, Any]]:
             f"{field_name}: {path}: cannot read the saved dataset ({str(err)[:200]}); "
             "save it again with save_to_disk"
         ) from None
-    if isinstance(dataset, DatasetDict):
-        if "train" not in dataset:
-            raise UserError(f"{path}: saved DatasetDict has no 'train' split ({list(dataset)})")
-        dataset = dataset["train"]
-    return _rows_from_dataset(dataset, path)
+    return _rows_from_dataset(choose_split(dataset, path, field_name, split), path)
+
+
+def choose_split(dataset: Any, path: Path, field_name: str, split: str | None) -> Any:
+    """The split of a saved DatasetDict the path names (`saved:test`); a DatasetDict of one
+    split is that split. Reading `train` for every role scored training rows as held-out.
+
+    Raises:
+        UserError: several splits and none named, an unknown split, or a split named for a
+            saved Dataset (which has none).
+    """
+    from datasets import DatasetDict
+
+    if not isinstance(dataset, DatasetDict):
+        if split is not None:
+            raise UserError(
+                f"{field_name}: {path} is one saved Dataset, without splits; drop ':{split}'"
+            )
+        return dataset
+    names = list(dataset)
+    if split is None and len(names) == 1:
+        return dataset[names[0]]
+    if split is None:
+        raise UserError(
+            f"{field_name}: {path} is a DatasetDict with splits {', '.join(names)}; name one, "
+            f"such as {path}:{names[0]}"
+        )
+    if split not in dataset:
+        raise UserError(
+            f"{field_name}: {path} has no split '{split}' (it has {', '.join(names)}); "
+            f"give {path}:<split>"
+        )
+    return dataset[split]
 
 
 def _rows_from_dataset(dataset: Any, path: Path) -> list[dict[str, Any]]:

@@ -22,7 +22,13 @@ from typing import Any
 from finetune import data
 from finetune.doctor.display import plot_lengths, sanitize
 from finetune.doctor.findings import Diagnosis, Finding, Inputs, refuse
-from finetune.doctor.rows import duplicates, empty_fields, held_out_overlap, response_like_prompt
+from finetune.doctor.rows import (
+    duplicates,
+    empty_fields,
+    held_out_overlap,
+    response_like_prompt,
+    special_tokens_in_text,
+)
 from finetune.doctor.tokens import (
     doubled_bos,
     length_outliers,
@@ -45,6 +51,7 @@ CHECKS: list[Callable[[Inputs], Finding]] = [
     held_out_overlap,
     empty_fields,
     response_like_prompt,
+    special_tokens_in_text,
     length_outliers,
     packing,
 ]

@@ -156,3 +156,39 @@ def response_like_prompt(inputs: Inputs) -> Finding:
     example = where(spec.path, int(first.get("_row", 0)), fields(first, spec)[1])
     summary = f"{len(found)} of {len(inputs.splits.train_rows)} responses"
     return Finding(name, "warning", len(found), summary, example, why, fix)
+
+
+def special_tokens_in_text(inputs: Inputs) -> Finding:
+    """A literal special token in a row (`<|im_end|>` typed into a response) is read by the
+    tokenizer as the token itself: the model learns to end a turn, or start one, mid-text."""
+    name = "special tokens in text"
+    why = (
+        "the tokenizer turns a special token written in the text into the token itself, so "
+        "the model learns to end or start a turn in the middle of an example"
+    )
+    fix = (
+        "remove them from the text (with data.format: chat the template writes them); keep "
+        "them only in rows pre-rendered on purpose"
+    )
+    specials = special_token_texts(inputs.tokenizer)
+    found: list[tuple[int, str]] = []
+    for row in inputs.splits.train_rows:
+        text = "\n".join(fields(row, inputs.spec))
+        token = next((t for t in specials if t in text), None)
+        if token is not None:
+            found.append((int(row.get("_row", 0)), token))
+    if not found:
+        return ok(name, "no special token written in the text", why, fix)
+    row, token = found[0]
+    summary = f"{len(found)} of {len(inputs.splits.train_rows)} examples"
+    example = f"{Path(inputs.spec.path).name} row {row} holds {token}"
+    return Finding(name, "warning", len(found), summary, example, why, fix)
+
+
+def special_token_texts(tokenizer: Any) -> list[str]:
+    """Every special token's text (BOS, EOS, pad, chat markers), longest first."""
+    texts = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    for added in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(added, "special", False):
+            texts.add(str(added.content))
+    return sorted((t for t in texts if t.strip()), key=len, reverse=True)

@@ -28,10 +28,11 @@ class CombineReport:
 
 
 def parse_weights(text: str | None, n: int) -> list[float]:
-    """One finite number per adapter from "0.6,0.4"; equal weights when omitted.
+    """One finite, non-negative number per adapter from "0.6,0.4", not all zero; 1/N each
+    (the average) when omitted.
 
     Raises:
-        UserError: not numbers, nan or infinite, or not one per adapter.
+        UserError: not numbers, nan, infinite, negative, all zero, or not one per adapter.
     """
     if text is None:
         return [1.0 / n] * n
@@ -45,8 +46,51 @@ def parse_weights(text: str | None, n: int) -> list[float]:
         raise UserError(
             f"--weights has {len(weights)} numbers for {n} adapters; give one per adapter"
         )
-    # nan or inf would make every tensor of the combined adapter nan, silently.
-    return [check_number("--weights", w, ge=-1e6, le=1e6) for w in weights]
+    # nan or inf would make every tensor of the combined adapter nan, silently; a negative
+    # weight flips an adapter's update (ties and dare take its square root).
+    weights = [check_number("--weights", w, ge=0, le=1e6) for w in weights]
+    if not any(weights):
+        raise UserError(
+            f"--weights {text}: all zero makes an adapter that changes nothing; give each "
+            "adapter a positive weight (they are usually fractions that sum to 1)"
+        )
+    return weights
+
+
+def refuse_duplicates(targets: list[Target], explicit: bool) -> None:
+    """The same adapter twice (by path or by identical weights) with the default weights is
+    almost always a typo; with --weights it is the user's stated intent."""
+    if explicit:
+        return
+    seen: dict[str, Target] = {}
+    for t in targets:
+        key = adapter_fingerprint(t.adapter_dir)
+        if key in seen:
+            raise UserError(
+                f"{t.given}: the same adapter as {seen[key].given}; combine different adapters, "
+                "or pass --weights to weigh one adapter more on purpose"
+            )
+        seen[key] = t
+
+
+def adapter_fingerprint(adapter_dir: Path) -> str:
+    """sha256 of the adapter's weights file (copies of one adapter are the same adapter)."""
+    import hashlib
+
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        return str(adapter_dir.resolve())
+    digest = hashlib.sha256()
+    with weights.open("rb") as source:
+        for block in iter(lambda: source.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# peft's "linear" multiplies the weighted sums of A and of B, so N copies of one adapter at
+# weight 1/N give N times its update; "cat" stacks the ranks and is exactly
+# sum(w_i * delta_W_i). finetune's linear is that weighted sum.
+PEFT_COMBINATION = {"linear": "cat"}
 
 
 def combine(
@@ -84,26 +128,28 @@ def combine(
     targets = [resolve_target(s) for s in sources]
     check_output(out, force, targets, "combined")
     check_compatible(targets)
-
-    from peft import PeftModel
+    refuse_duplicates(targets, explicit=weights is not None)
 
     first = targets[0]
     inference.quiet_loading()
     loaded = models.load_model(first.model.model_copy(update={"quantization": "none"}), "cpu")
     names = [f"source{i}" for i in range(len(targets))]
-    inference.check_base(first.adapter_dir, loaded.model.config, first.model.path)
-    model = PeftModel.from_pretrained(loaded.model, str(first.adapter_dir), adapter_name=names[0])
-    for name, t in zip(names[1:], targets[1:], strict=True):
-        model.load_adapter(str(t.adapter_dir), adapter_name=name)
+    model = loaded.model
+    for name, t in zip(names, targets, strict=True):
+        model = inference.attach_adapter(model, t.adapter_dir, first.model.path, name)
     try:
         model.add_weighted_adapter(
-            names, numbers, "default", combination_type=method, density=density
+            names,
+            numbers,
+            "default",
+            combination_type=PEFT_COMBINATION.get(method, method),
+            density=density,
         )
     except ValueError as err:
         raise UserError(f"combine: peft refused: {models.first_line(err)}") from None
+    model.set_adapter("default")  # first: deleting the active adapter makes peft warn
     for name in names:
         model.delete_adapter(name)
-    model.set_adapter("default")
     report = CombineReport(
         str(out), method, numbers, density, [str(t.given) for t in targets], first.model.path
     )
@@ -168,6 +214,12 @@ def combine_card(report: CombineReport) -> str:
         "# Combined LoRA adapter\n\n"
         f"Made by `finetune combine` with peft's `add_weighted_adapter` ({report.method}{density}) "
         f"from {parts}.\n\n"
-        "`recipe.yaml` is the first source's recipe (it names the base model), so "
+        + (
+            "Linear: the weighted sum of the adapters' updates (its rank is the sum of their "
+            "ranks).\n\n"
+            if report.method == "linear"
+            else ""
+        )
+        + "`recipe.yaml` is the first source's recipe (it names the base model), so "
         "`finetune generate`, `eval`, `merge` and `export` accept this folder as a run.\n"
     )

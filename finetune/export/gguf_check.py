@@ -15,6 +15,7 @@ from finetune.export import llamacpp
 from finetune.export.checks import PROBE_PROMPTS, CheckFailed
 from finetune.export.llama_pre import CHKTXT
 from finetune.export.merging import Merged
+from finetune.stopping import raise_if_terminated
 
 
 @dataclass
@@ -38,11 +39,15 @@ def write_checked_file(out: Path, write: Callable[[Path], GGUFCheck]) -> GGUFChe
     read-only folder is one line naming `out`, not the temporary file."""
     with outputs.writing(out):
         out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=".gguf", dir=out.parent)
+        outputs.remove_stale_partials(out)
+        prefix = outputs.temporary_prefix(out)
+        suffix = f"{outputs.PARTIAL}.gguf"
+        fd, tmp_name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=out.parent)
         os.close(fd)
     tmp = Path(tmp_name)
     try:
         check = write(tmp)
+        raise_if_terminated()  # a stopped command publishes nothing
         tmp.chmod(0o644)
         os.replace(tmp, out)
     except BaseException as err:

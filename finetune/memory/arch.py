@@ -46,6 +46,7 @@ class Architecture:
     hidden_act: str = "silu"
     attention_dropout: float = 0.0
     name: str = ""
+    context: int = 0  # max_position_embeddings; 0: transformers' default for the type
 
     def to_hf_dict(self) -> dict[str, Any]:
         """A transformers config dict for this architecture (enough for AutoConfig.for_model)."""
@@ -62,6 +63,8 @@ class Architecture:
             "hidden_act": self.hidden_act,
             "attention_dropout": self.attention_dropout,
         }
+        if self.context:
+            config["max_position_embeddings"] = self.context
         if self.model_type in ("llama", "mistral"):
             config["attention_bias"] = self.qkv_bias
             config["mlp_bias"] = self.mlp_bias
@@ -122,6 +125,7 @@ def from_config(config: Any, name: str = "") -> Architecture:
         hidden_act=str(raw.get("hidden_act") or raw.get("hidden_activation") or "silu"),
         attention_dropout=float(raw.get("attention_dropout") or 0.0),
         name=name or str(raw.get("_name_or_path") or model_type),
+        context=context if isinstance(context := raw.get("max_position_embeddings"), int) else 0,
     )
 
 

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from finetune.choices import ADAPTER_METHODS
 from finetune.errors import UserError
 from finetune.memory import setup_from_recipe
 from finetune.memory.dryrun import estimate_from_config
@@ -49,6 +50,45 @@ class EstimateOptions:
     optimizer: str | None = None
     attn: str | None = None
     masked: bool | None = None
+
+
+# Options that set a recipe field: the recipe's bounds apply, in train's words.
+OPTION_FIELDS = {
+    "r": ("adapter", "r"),
+    "targets": ("adapter", "target_modules"),
+    "virtual_tokens": ("adapter", "num_virtual_tokens"),
+    "batch": ("train", "micro_batch_size"),
+    "seq": ("data", "max_length"),
+}
+
+
+def check_as_recipe_fields(given: dict[str, Any]) -> None:
+    """Refuse an option out of its recipe field's bounds with the line train gives for the
+    field (`--r 1000000` used to end in a pydantic or peft traceback).
+
+    Raises:
+        UserError: "--r 1000000: adapter.r: Input should be less than or equal to 4096".
+    """
+    from pydantic import ValidationError
+
+    from finetune.recipe import Recipe
+    from finetune.recipe.load import describe_errors
+
+    method = given.get("method")
+    for option, (section, field) in OPTION_FIELDS.items():
+        if option not in given:
+            continue
+        value = given[option]
+        raw: dict[str, Any] = {"data": {"path": "data.jsonl"}}
+        raw.setdefault(section, {})[field] = list(value) if isinstance(value, tuple) else value
+        if method in ADAPTER_METHODS:
+            raw.setdefault("adapter", {})["method"] = method
+        try:
+            Recipe.model_validate(raw)
+        except ValidationError as err:
+            shown = ",".join(value) if isinstance(value, tuple) else str(value)
+            name = "--" + option.replace("_", "-")
+            raise UserError(f"{name} {shown or repr(shown)}: {describe_errors(err)}") from None
 
 
 def bare_setup() -> Setup:
@@ -95,6 +135,7 @@ def show_estimate(
     given = {k: v for k, v in asdict(options).items() if v is not None and k in SETUP_FIELDS}
     if isinstance(given.get("targets"), str) and given["targets"] != "all-linear":
         given["targets"] = tuple(t.strip() for t in given["targets"].split(",") if t.strip())
+    check_as_recipe_fields(given)
     setup = replace(base, **given)
     est = estimate_from_config(resolved.hf_config(), setup, resolved.arch.name)
     fit = None

@@ -38,16 +38,22 @@ def _llama(
 
 
 PRESETS: dict[str, Architecture] = {
-    "llama-2-7b": _llama(4096, 11008, 32, 32, 32, 128, 32000, False),
-    "llama-2-13b": _llama(5120, 13824, 40, 40, 40, 128, 32000, False),
-    "llama-2-70b": _llama(8192, 28672, 80, 64, 8, 128, 32000, False),
-    "llama-3.1-8b": _llama(4096, 14336, 32, 32, 8, 128, 128256, False),
-    "llama-3.2-1b": _llama(2048, 8192, 16, 32, 8, 64, 128256, True),
-    "llama-3.2-3b": _llama(3072, 8192, 28, 24, 8, 128, 128256, True),
-    "mistral-7b": _llama(4096, 14336, 32, 32, 8, 128, 32000, False, "mistral"),
-    "qwen2.5-0.5b": _llama(896, 4864, 24, 14, 2, 64, 151936, True, "qwen2", qkv_bias=True),
-    "qwen2.5-1.5b": _llama(1536, 8960, 28, 12, 2, 128, 151936, True, "qwen2", qkv_bias=True),
-    "qwen2.5-7b": _llama(3584, 18944, 28, 28, 4, 128, 152064, False, "qwen2", qkv_bias=True),
+    "llama-2-7b": _llama(4096, 11008, 32, 32, 32, 128, 32000, False, context=4096),
+    "llama-2-13b": _llama(5120, 13824, 40, 40, 40, 128, 32000, False, context=4096),
+    "llama-2-70b": _llama(8192, 28672, 80, 64, 8, 128, 32000, False, context=4096),
+    "llama-3.1-8b": _llama(4096, 14336, 32, 32, 8, 128, 128256, False, context=131072),
+    "llama-3.2-1b": _llama(2048, 8192, 16, 32, 8, 64, 128256, True, context=131072),
+    "llama-3.2-3b": _llama(3072, 8192, 28, 24, 8, 128, 128256, True, context=131072),
+    "mistral-7b": _llama(4096, 14336, 32, 32, 8, 128, 32000, False, "mistral", context=32768),
+    "qwen2.5-0.5b": _llama(
+        896, 4864, 24, 14, 2, 64, 151936, True, "qwen2", qkv_bias=True, context=32768
+    ),
+    "qwen2.5-1.5b": _llama(
+        1536, 8960, 28, 12, 2, 128, 151936, True, "qwen2", qkv_bias=True, context=32768
+    ),
+    "qwen2.5-7b": _llama(
+        3584, 18944, 28, 28, 4, 128, 152064, False, "qwen2", qkv_bias=True, context=131072
+    ),
     "gemma-2-2b": _llama(
         2304,
         9216,
@@ -60,12 +66,17 @@ PRESETS: dict[str, Architecture] = {
         "gemma2",
         norms_per_layer=4,
         hidden_act="gelu_pytorch_tanh",
+        context=8192,
     ),
-    "phi-3-mini": _llama(3072, 8192, 32, 32, 32, 96, 32064, False, "phi3", fused=True),
-    "smollm2-135m": _llama(576, 1536, 30, 9, 3, 64, 49152, True),
-    "smollm2-360m": _llama(960, 2560, 32, 15, 5, 64, 49152, True),
-    "smollm2-1.7b": _llama(2048, 8192, 24, 32, 32, 64, 49152, True),
+    "phi-3-mini": _llama(
+        3072, 8192, 32, 32, 32, 96, 32064, False, "phi3", fused=True, context=4096
+    ),
+    "smollm2-135m": _llama(576, 1536, 30, 9, 3, 64, 49152, True, context=8192),
+    "smollm2-360m": _llama(960, 2560, 32, 15, 5, 64, 49152, True, context=8192),
+    "smollm2-1.7b": _llama(2048, 8192, 24, 32, 32, 64, 49152, True, context=8192),
 }
+# context: each model's max_position_embeddings as its config.json on the hub records it
+# (SmolLM2's is 8,192; without it transformers' Llama default, 2,048, was recorded).
 # Other names for the same architectures (instruct variants, the embedded model).
 ALIASES = {
     "smollm2-135m-instruct": "smollm2-135m",

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pydantic import PrivateAttr, model_validator
 
+from finetune.inputs import split_path
 from finetune.methods import METHODS, VIRTUAL_TOKEN_METHODS
 from finetune.recipe.sections import (
     AdapterSection,
@@ -34,8 +35,9 @@ class Recipe(Section):
 
     def input_paths(self) -> list[Path]:
         """Every file or folder the run reads: recipe, data, local model, initial adapter."""
-        found = [self._source, Path(self.data.path)]
-        found += [Path(p) for p in (self.data.eval_path, self.adapter.init_from) if p]
+        found = [self._source, split_path(self.data.path)[0]]
+        found += [split_path(self.data.eval_path)[0]] if self.data.eval_path else []
+        found += [Path(self.adapter.init_from)] if self.adapter.init_from else []
         if Path(self.model.path).expanduser().exists():
             found.append(Path(self.model.path).expanduser())
         return [p for p in found if p is not None]

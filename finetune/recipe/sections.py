@@ -136,7 +136,7 @@ class DataSection(Section):
     path: PathText = Field(
         ...,
         description="Training data: .jsonl, .json, .csv, .parquet or a "
-        "folder saved with datasets' save_to_disk.",
+        "folder saved with datasets' save_to_disk (a DatasetDict's split as folder:split).",
     )
     format: Literal["text", "instruction", "chat"] = Field(
         "instruction",
@@ -165,7 +165,9 @@ class DataSection(Section):
         le=1_000_000,
         description="Truncate examples to this many tokens (the cut is counted and reported).",
     )
-    eval_path: PathText | None = Field(None, description="A separate evaluation file.")
+    eval_path: PathText | None = Field(
+        None, description="A separate evaluation file (or folder:split)."
+    )
     eval_fraction: float = Field(
         0.0, ge=0, lt=1, description="Hold out this fraction of the training data for evaluation."
     )

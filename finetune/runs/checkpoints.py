@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from finetune.errors import UserError
+from finetune.inputs import split_path
 from finetune.models import first_line
 from finetune.recipe import Recipe
 from finetune.runs.layout import (
@@ -237,8 +238,8 @@ def data_fingerprint(path: Path) -> str:
     name order); empty when the path does not exist (the data checks say so later)."""
     import hashlib
 
-    path = Path(path)
-    digest = hashlib.sha256()
+    path, split = split_path(path)  # a saved DatasetDict's folder: every split's files
+    digest = hashlib.sha256((split or "").encode())
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for file in files:
         if not file.is_file():

@@ -17,9 +17,21 @@ import yaml
 
 from finetune.errors import UserError
 from finetune.models import first_line
-from finetune.outputs import AGAIN, claim_output, write_error, write_file_atomically, writing
+from finetune.outputs import (
+    AGAIN,
+    PARTIAL,
+    absolute,
+    claim_output,
+    previous_version,
+    remove_stale_partials,
+    temporary_prefix,
+    write_error,
+    write_file_atomically,
+    writing,
+)
 from finetune.recipe import Recipe, validate
 from finetune.runs.lock import RunLock
+from finetune.stopping import raise_if_terminated
 
 RECIPE = "recipe.yaml"
 ADAPTER = "adapter"
@@ -136,6 +148,44 @@ def require_adapter(run_dir: Path) -> Path:
     return adapter_dir
 
 
+def run_of_recipe(recipe_file: Path) -> Path | None:
+    """The run directory whose own recipe.yaml `recipe_file` is, else None."""
+    path = Path(recipe_file)
+    return path.parent if path.name == RECIPE and holds_run(path.parent) else None
+
+
+def bind_to_own_run(
+    recipe: Recipe, recipe_file: Path, overrides: list[str], resume: bool
+) -> Recipe:
+    """A run is identified by its folder: given a run's own recipe.yaml, train (and
+    --resume) act on that folder, whatever output.dir the copied or moved file still names.
+
+    Raises:
+        UserError: no --resume and no output.dir (a fresh run would replace the run the
+            recipe belongs to), or --resume with an output.dir naming another folder.
+    """
+    folder = run_of_recipe(recipe_file)
+    if folder is None:
+        return recipe
+    named = any(item.split("=", 1)[0].strip() == "output.dir" for item in overrides)
+    if not named and not resume:
+        raise UserError(
+            f"{recipe_file} is the recipe of the run in {folder}, which it would replace; "
+            f"continue that run with `finetune train {recipe_file} --resume`, or start a new "
+            "run from it with output.dir=<a new folder>"
+        )
+    if not named:
+        output = recipe.output.model_copy(update={"dir": str(folder)})
+        return recipe.model_copy(update={"output": output})
+    if resume and absolute(Path(recipe.output.dir)) != absolute(folder):
+        raise UserError(
+            f"--resume: {recipe_file} is the recipe of the run in {folder}, but output.dir="
+            f"{recipe.output.dir} names another folder; drop output.dir to resume {folder}, "
+            "or resume the other run with its own recipe.yaml"
+        )
+    return recipe
+
+
 def claim_run_dir(
     run_dir: Path, *, overwrite: bool, resume: bool, inputs: list, sealed: list
 ) -> RunLock:
@@ -205,12 +255,15 @@ def write_atomically(target: Path, write: Callable[[Path], Any], then: str = AGA
     """
     with writing(target, then):
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        remove_stale_partials(target)
+        prefix = temporary_prefix(target)
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=PARTIAL, dir=target.parent))
     try:
         write(tmp)
+        raise_if_terminated()  # a stopped command publishes nothing
         tmp.chmod(0o755)  # mkdtemp makes it private; a run folder is as readable as any other
         if target.exists():
-            old = target.with_name(f".{target.name}.old")
+            old = previous_version(target)
             shutil.rmtree(old, ignore_errors=True)
             os.replace(target, old)
             os.replace(tmp, target)
