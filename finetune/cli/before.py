@@ -126,11 +126,16 @@ def validate(
             f"{eval_data.truncated} truncated"
         )
     show_diagnosis(diagnosis)
+    sides = [("", check.shown)]
+    if check.shown_rejected is not None:
+        sides = [("chosen: ", check.shown), ("rejected: ", check.shown_rejected)]
     out.print(f"\nexample (row {check.shown_row}); trained tokens are between ⟦ and ⟧:")
-    text = Text()
-    for chunk, trained in check.shown:
-        text.append(f"⟦{chunk}⟧" if trained else chunk, style="bold green" if trained else "dim")
-    out.print(text)
+    for label, runs in sides:
+        text = Text(label)
+        for chunk, trained in runs:
+            style = "bold green" if trained else "dim"
+            text.append(f"⟦{chunk}⟧" if trained else chunk, style=style)
+        out.print(text)
     if plot is not None:
         doctor.plot_lengths(check.splits, spec.data.max_length, plot)
         out.print(f"wrote {plot}", highlight=False)
