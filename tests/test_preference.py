@@ -134,11 +134,40 @@ def test_dpo_loss_and_rewards_equal_trl(tiny, tmp_path, loss_type, beta, smoothi
     assert abs(metrics["rewards/margins"]) > 1e-3  # policy and reference really differ
 
 
-def test_kto_loss_and_rewards_equal_trl(tiny, tmp_path):
+def with_ref_adapter(tokenizer):
+    """A LoRA model whose trained adapter is near the base and a second adapter named "ref",
+    far from it, that trl takes as the reference; finetune's Reference swaps the same
+    weights in (what it does with adapter.init_from). The policy then scores the KL
+    sequences higher than the reference, so KTO's KL term is above its clamp at 0."""
+    from peft import LoraConfig, get_peft_model
+    from trl.trainer.utils import add_fused_lm_head
+
+    base = build_model(tokenizer, seed=3).float()
+    add_fused_lm_head(base, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    torch.manual_seed(2)
+    model = get_peft_model(base, config)
+    model.add_adapter("ref", config)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5 if ".ref." in name else 0.05)
+    model.set_adapter("default")
+    model.train()
+    params = dict(model.named_parameters())
+    initial = {
+        name: params[name.replace(".default.", ".ref.")].detach().clone()
+        for name, p in params.items()
+        if p.requires_grad
+    }
+    return model, preference.Reference(initial)
+
+
+def test_kto_loss_and_rewards_equal_trl(tmp_path):
     from trl import KTOConfig, KTOTrainer
     from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
 
-    model, tokenizer = tiny
+    tokenizer = build_tokenizer()
+    model, reference = with_ref_adapter(tokenizer)
     labels = [True, False, True, False]
     sides = [(e.prompt, e.chosen) for e in pairs(tokenizer)] + [(pairs(tokenizer)[0].prompt, [5])]
     examples = [
@@ -147,7 +176,7 @@ def test_kto_loss_and_rewards_equal_trl(tiny, tmp_path):
     objective = preference.Objective("kto", beta=0.3, desirable_weight=1.3, undesirable_weight=0.7)
     batch = preference.collate_pairs(examples, tokenizer.pad_token_id)
     scored = preference.micro_batch_loss(
-        model, batch, objective, preference.Reference(), preference.units(batch, objective)
+        model, batch, objective, reference, preference.units(batch, objective)
     )
     ours = preference.step_record(scored.stats, objective)
 
@@ -190,6 +219,7 @@ def test_kto_loss_and_rewards_equal_trl(tiny, tmp_path):
     assert_close(ours["rewards_rejected"], metrics["rewards/rejected"])
     assert_close(ours["reward_margin"], metrics["rewards/margins"])
     assert abs(metrics["rewards/margins"]) > 1e-3
+    assert metrics["kl"] > 1e-3  # the KL term is exercised, not clamped to 0
 
 
 def test_orpo_odds_ratio_and_rewards_equal_trl(tiny):
