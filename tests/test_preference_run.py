@@ -195,3 +195,35 @@ def test_dpo_raises_the_held_out_reward_margin_and_resume_repeats_the_losses(
     for ours, theirs in zip(continued, steps, strict=True):
         assert ours["loss"] == pytest.approx(theirs["loss"], abs=1e-6)
         assert ours["reward_margin"] == pytest.approx(theirs["reward_margin"], abs=1e-6)
+
+
+def kto_rows(n: int) -> list[dict]:
+    return [
+        {"prompt": p["prompt"], "completion": p[side], "label": side == "chosen"}
+        for p in date_pairs(n)
+        for side in ("chosen", "rejected")
+    ]
+
+
+@pytest.mark.parametrize("objective", ["dpo", "orpo", "kto"])
+def test_a_preference_runs_estimate_is_within_5pct_of_its_measured_peak(
+    capsys, tmp_path, tiny_model_dir, objective
+):
+    """The report's dry run models the preference step (both sides of each pair, the
+    reference's forward without gradients, KTO's KL sequences): within the estimate's
+    goal of the live-tensor peak the CPU run measures, as for the token loss."""
+    rows = kto_rows(8) if objective == "kto" else date_pairs(16)
+    overrides = {"data.format": "kto"} if objective == "kto" else {}
+    path = recipe(tmp_path, tiny_model_dir, rows, objective=objective, max_steps=2)
+    code, _, err = run_main(
+        capsys,
+        "train",
+        str(path),
+        "data.eval_path=null",
+        *(f"{k}={v}" for k, v in overrides.items()),
+    )
+    assert code == 0, err
+    memory = json.loads((tmp_path / "run" / "report.json").read_text())["memory"]
+    assert memory["estimate"]["setup"]["objective"] == objective
+    measured = memory["measured"]["peak_bytes"]
+    assert memory["estimate"]["allocated_bytes"] == pytest.approx(measured, rel=0.05)

@@ -15,6 +15,7 @@ from finetune.cli.options import (
     Dtype,
     EstimateFormat,
     EstimateMethod,
+    Objective,
     Optimizer,
     Overrides,
     Quant,
@@ -212,6 +213,14 @@ def estimate(
         ),
     ] = None,
     attn: Annotated[Attention | None, typer.Option(help="[default: sdpa]")] = None,
+    objective: Annotated[
+        Objective | None,
+        typer.Option(
+            help="The training objective: sft, or a preference one (dpo, orpo: --batch counts "
+            "pairs, both sides in the step; dpo, kto: the reference's forward too). "
+            "[default: sft]"
+        ),
+    ] = None,
     masked: Annotated[
         bool | None,
         typer.Option(
@@ -256,6 +265,7 @@ def estimate(
         grad_ckpt=grad_ckpt,
         optimizer=value(optimizer),
         attn=value(attn),
+        objective=value(objective),
         masked=masked,
     )
     show_estimate(target, overrides or [], options, format.value, gpu, plot, out, force, fit)

@@ -17,7 +17,7 @@ from pydantic import (
     model_validator,
 )
 
-from finetune.choices import TRAIN_OPTIMIZERS
+from finetune.choices import OBJECTIVES, TRAIN_OPTIMIZERS
 from finetune.inputs import MAX_SEED, duration_seconds
 from finetune.methods import METHODS
 
@@ -298,7 +298,7 @@ class TrainSection(Section):
         description="On a NaN or infinite loss or gradient: stop (keeping the last good "
         "checkpoint and writing the report) or skip that batch's update and go on.",
     )
-    objective: Literal["sft", "dpo", "orpo", "kto"] = Field(
+    objective: Literal[OBJECTIVES] = Field(  # type: ignore[valid-type]
         "sft",
         description="What the step minimises: sft (token loss on demonstrations), dpo (direct "
         "preference optimisation against the reference policy), orpo (odds-ratio preference "
