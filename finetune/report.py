@@ -75,6 +75,7 @@ def build_report(result: RunResult, wall_time_s: float, estimates: Any) -> dict[
             ),
             "skipped_steps": state.skipped_steps,
         },
+        "objective": recipe.train.objective,
         "stopped": result.stopped,
         "interrupted": interrupted_section(result),
         "eval": evals[-1] if evals else None,
@@ -201,10 +202,14 @@ def render_markdown(report: dict[str, Any], images: bool = True) -> str:
         began = f"{start['eval_loss']:.4f} at step 0 -> " if start and e["step"] else ""
         base = start.get("base_eval_loss") if start else None
         base = f" (base model {base:.4f} at step 0)" if base is not None else ""
-        lines.append(
-            f"- held-out loss {began}{e['eval_loss']:.4f}{base}, perplexity "
-            f"{e['eval_perplexity']:.2f} ({e['eval_tokens']} tokens)"
-        )
+        if "eval_pairs" in e:  # a preference objective: its loss, then the accuracy table
+            lines.append(f"- held-out {report['objective']} loss {began}{e['eval_loss']:.4f}")
+            lines += preference_table(e, start)
+        else:
+            lines.append(
+                f"- held-out loss {began}{e['eval_loss']:.4f}{base}, perplexity "
+                f"{e['eval_perplexity']:.2f} ({e['eval_tokens']} tokens)"
+            )
     em = report["exact_match"]
     if em:
         before = f"{em['before']:.1%}" if em["before"] is not None else "n/a (resumed run)"
@@ -228,6 +233,33 @@ def render_markdown(report: dict[str, Any], images: bool = True) -> str:
     if images:
         lines += ["", f"![loss]({runs.LOSS_PLOT})", "", f"![memory]({runs.MEMORY_PLOT})", ""]
     return "\n".join(lines)
+
+
+PREFERENCE_ROWS = (
+    ("eval_preference_accuracy", "preference accuracy (chosen more likely than rejected)", "%"),
+    ("eval_reward_accuracy", "reward accuracy (chosen gained more over the reference)", "%"),
+    ("eval_reward_margin", "reward margin (chosen - rejected reward)", "f"),
+    ("eval_rewards_chosen", "reward of chosen (desirable) responses", "f"),
+    ("eval_rewards_rejected", "reward of rejected (undesirable) responses", "f"),
+)
+
+
+def preference_table(end: dict[str, Any], start: dict[str, Any] | None) -> list[str]:
+    """Held-out preference figures at step 0 and after training (ties count as wrong)."""
+    lines = [
+        "",
+        f"## Held-out preference ({end['eval_pairs']} examples)",
+        "",
+        "| | before training | after training |",
+        "|---|---|---|",
+    ]
+    for key, label, kind in PREFERENCE_ROWS:
+        if key not in end:
+            continue
+        cells = [(start or {}).get(key), end[key] if end["step"] else None]
+        shown = ["n/a" if v is None else (f"{v:.1%}" if kind == "%" else f"{v:.4f}") for v in cells]
+        lines.append(f"| {label} | {shown[0]} | {shown[1]} |")
+    return [*lines, ""]
 
 
 def sample_table(em: dict[str, Any]) -> list[str]:

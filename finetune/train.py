@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from finetune import adapters, batching, data, evaluate, methods, models, runs
+from finetune import adapters, batching, data, evaluate, methods, models, preference, runs
 from finetune.memory.measure import RSS_NAME, LiveTensorPeak, PeakMemory
 from finetune.positions import count_trained, trained_positions_loss, widest_shapes
 from finetune.precision import resolve_mixed_precision
@@ -131,8 +131,11 @@ def run_with_peak(
 
 
 def run_items(recipe: Recipe, prepared: Prepared) -> list:
-    """The training examples as the loop batches them (packed into sequences or not)."""
+    """The training examples as the loop batches them (packed into sequences or not; pairs
+    for a preference objective)."""
     data = recipe.data
+    if prepared.splits.train_pairs is not None:
+        return prepared.splits.train_pairs.examples
     return batching.build_items(
         prepared.splits.train.examples, data.packing, data.max_length, recipe.train.seed
     )
@@ -169,6 +172,12 @@ class Loop:
         # On the CPU the measured peak is the estimate's metric, live tensor bytes; on CUDA
         # torch's allocator statistics (PeakMemory) are the measurement.
         self.live = LiveTensorPeak(self.unwrapped(), enabled=prepared.loaded.device == "cpu")
+        self.objective = None  # a preference objective, or None for the token loss
+        if prepared.splits.train_pairs is not None:
+            self.objective = preference.Objective.of(recipe.train)
+        # Taken before a checkpoint is restored: with init_from, the initial adapter.
+        self.reference = preference.Reference.of(self.unwrapped(), bool(recipe.adapter.init_from))
+        self.stats = torch.zeros(len(preference.STATS), dtype=torch.float64)
         self.state = RunState(data_sha256=runs.data_fingerprint(Path(recipe.data.path)))
         self.history: list[dict[str, Any]] = []
         self.evals: list[dict[str, Any]] = []
@@ -280,12 +289,14 @@ class Loop:
         started = time.perf_counter()
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         shards = [[self.items[i] for i in idx[rank::world]] for idx in micro_batches]
-        batches = [batching.collate(items, self.pad_id, self.packed) for items in shards]
+        batches = [self.collate(items) for items in shards]
         self.record_widest(batches)
         local = sum(count_trained(b["labels"], self.virtual_tokens) for b in batches)
         n_trained = int(self.accelerator.reduce(torch.tensor(local), reduction="sum"))
+        norm = self.normaliser(batches, n_trained)
+        self.stats.zero_()
         with self.live.step(self.state.step + 1, batches, self.virtual_tokens):
-            loss_total, grad_norm = self.accumulate(batches, max(n_trained, 1))
+            loss_total, grad_norm = self.accumulate(batches, norm)
             finite = math.isfinite(loss_total) and math.isfinite(grad_norm)
             if finite:
                 with self.live.phase("optimizer"):
@@ -321,6 +332,9 @@ class Loop:
             "tokens_per_s": tokens / elapsed if elapsed else 0.0,
             "elapsed_s": self.state.elapsed,
         }
+        if self.objective is not None:
+            stats = self.accelerator.reduce(self.stats.to(self.accelerator.device), "sum")
+            record.update(preference.step_record(stats.cpu(), self.objective))
         if not finite:
             record["skipped"] = True
         self.history.append(record)
@@ -328,7 +342,20 @@ class Loop:
             self.metrics.write(record)
         return record
 
-    def accumulate(self, batches: list[dict[str, Any]], n_trained: int) -> tuple[float, float]:
+    def collate(self, items: list[Any]) -> dict[str, Any]:
+        if self.objective is not None:
+            return preference.collate_pairs(items, self.pad_id)
+        return batching.collate(items, self.pad_id, self.packed)
+
+    def normaliser(self, batches: list[dict[str, Any]], n_trained: int) -> Any:
+        """What the step's loss is divided by: its trained tokens, or for a preference
+        objective its pairs (examples for KTO) and chosen tokens, over every process."""
+        if self.objective is None:
+            return max(n_trained, 1)
+        local = sum(preference.units(b, self.objective) for b in batches)
+        return self.accelerator.reduce(local.to(self.accelerator.device), "sum").clamp(min=1)
+
+    def accumulate(self, batches: list[dict[str, Any]], n_trained: Any) -> tuple[float, float]:
         """Forward and backward over the step's micro-batches: (summed loss, gradient norm)."""
         world = self.accelerator.num_processes
         loss_sum = 0.0
@@ -364,8 +391,14 @@ class Loop:
             return {"measured": self.peak.to_dict()}
         return {"measured": live, "resident": {**self.peak.to_dict(), "metric": RSS_NAME}}
 
-    def forward_loss(self, batch: dict[str, Any], n_trained: int) -> torch.Tensor:
-        return trained_positions_loss(self.model, batch, n_trained, self.virtual_tokens)
+    def forward_loss(self, batch: dict[str, Any], n_trained: Any) -> torch.Tensor:
+        if self.objective is None:
+            return trained_positions_loss(self.model, batch, n_trained, self.virtual_tokens)
+        scored = preference.micro_batch_loss(
+            self.model, batch, self.objective, self.reference, n_trained
+        )
+        self.stats += scored.stats
+        return scored.loss
 
     @property
     def virtual_tokens(self) -> int:
@@ -400,6 +433,19 @@ class Loop:
         eval_data = self.prepared.splits.eval
         if eval_data is None or not self.accelerator.is_main_process:
             return
+        if self.objective is not None:
+            record = preference.held_out_record(
+                self.unwrapped(),
+                self.prepared.splits.eval_pairs.examples,
+                self.pad_id,
+                self.recipe.train.micro_batch_size,
+                self.objective,
+                self.reference,
+            )
+            record = {"step": self.state.step, **record}
+            self.evals.append(record)
+            self.metrics.write(record)
+            return
         # Virtual tokens are no no-op at step 0 (LoRA is): the base model's loss beside it
         # shows how far the initialisation moved the model.
         base = self.state.step == 0 and self.recipe.adapter.method in methods.VIRTUAL_TOKEN_METHODS
@@ -412,7 +458,9 @@ class Loop:
 
     def exact_match(self, when: str) -> evaluate.ExactMatch | None:
         spec, rows, options = self.recipe.data, self.prepared.splits.eval_rows, self.recipe.eval
-        if not rows or spec.format == "text" or not self.accelerator.is_main_process:
+        if not rows or spec.format in ("text", *data.PREFERENCE_FORMATS):
+            return None  # preference data is judged by preference accuracy instead
+        if not self.accelerator.is_main_process:
             return None
         if options.max_examples == 0:  # asked for no generation (a note says so)
             return None

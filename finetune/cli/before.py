@@ -15,6 +15,7 @@ from finetune.cli.options import (
     Dtype,
     EstimateFormat,
     EstimateMethod,
+    Objective,
     Optimizer,
     Overrides,
     Quant,
@@ -128,11 +129,16 @@ def validate(
             f"{eval_data.truncated} truncated"
         )
     show_diagnosis(diagnosis)
+    sides = [("", check.shown)]
+    if check.shown_rejected is not None:
+        sides = [("chosen: ", check.shown), ("rejected: ", check.shown_rejected)]
     out.print(f"\nexample (row {check.shown_row}); trained tokens are between ⟦ and ⟧:")
-    text = Text()
-    for chunk, trained in check.shown:
-        text.append(f"⟦{chunk}⟧" if trained else chunk, style="bold green" if trained else "dim")
-    out.print(text)
+    for label, runs in sides:
+        text = Text(label)
+        for chunk, trained in runs:
+            style = "bold green" if trained else "dim"
+            text.append(f"⟦{chunk}⟧" if trained else chunk, style=style)
+        out.print(text)
     if plot is not None:
         doctor.plot_lengths(check.splits, spec.data.max_length, plot)
         out.print(f"wrote {plot}", highlight=False)
@@ -209,6 +215,14 @@ def estimate(
         ),
     ] = None,
     attn: Annotated[Attention | None, typer.Option(help="[default: sdpa]")] = None,
+    objective: Annotated[
+        Objective | None,
+        typer.Option(
+            help="The training objective: sft, or a preference one (dpo, orpo: --batch counts "
+            "pairs, both sides in the step; dpo, kto: the reference's forward too). "
+            "[default: sft]"
+        ),
+    ] = None,
     masked: Annotated[
         bool | None,
         typer.Option(
@@ -253,6 +267,7 @@ def estimate(
         grad_ckpt=grad_ckpt,
         optimizer=value(optimizer),
         attn=value(attn),
+        objective=value(objective),
         masked=masked,
     )
     show_estimate(target, overrides or [], options, format.value, gpu, plot, out, force, fit)

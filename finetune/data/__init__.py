@@ -16,6 +16,7 @@ from typing import Any
 
 from finetune import models
 from finetune.data.files import load_rows
+from finetune.data.pairs import PairData, PairExample, as_example, tokenize_pairs
 from finetune.data.rows import (
     first_prompt,
     generation_prompt,
@@ -34,7 +35,10 @@ from finetune.recipe import DataSection
 
 __all__ = [
     "IGNORE_INDEX",
+    "PREFERENCE_FORMATS",
     "DataCheck",
+    "PairData",
+    "PairExample",
     "Splits",
     "TokenizedData",
     "TokenizedExample",
@@ -50,6 +54,9 @@ __all__ = [
 ]
 
 
+PREFERENCE_FORMATS = ("preference", "kto")
+
+
 @dataclass
 class Splits:
     train: TokenizedData
@@ -57,6 +64,10 @@ class Splits:
     train_rows: list[dict[str, Any]]
     eval_rows: list[dict[str, Any]]
     eval_source: str
+    # Preference formats: the rows as pairs (`train`/`eval` then hold their chosen sides,
+    # which the data checks and the report count as examples).
+    train_pairs: PairData | None = None
+    eval_pairs: PairData | None = None
 
 
 def prepare(spec: DataSection, tokenizer: Any, seed: int) -> Splits:
@@ -76,6 +87,11 @@ def prepare(spec: DataSection, tokenizer: Any, seed: int) -> Splits:
         held = set(order[:n_eval])
         eval_rows = [r for i, r in enumerate(rows) if i in held]
         rows = [r for i, r in enumerate(rows) if i not in held]
+    if spec.format in PREFERENCE_FORMATS:
+        pairs = tokenize_pairs(rows, spec, tokenizer, spec.path)
+        held = tokenize_pairs(eval_rows, spec, tokenizer, eval_source) if eval_rows else None
+        held_sides = held.chosen_sides if held else None
+        return Splits(pairs.chosen_sides, held_sides, rows, eval_rows, eval_source, pairs, held)
     train = tokenize_rows(rows, spec, tokenizer, spec.path)
     evaluation = tokenize_rows(eval_rows, spec, tokenizer, eval_source) if eval_rows else None
     # Examples left with nothing to train on are refused by finetune.doctor, which every
@@ -91,6 +107,8 @@ class DataCheck:
     shown: list[tuple[str, bool]]
     shown_row: int
     tokenizer: Any
+    # Preference formats: the rejected side of the shown pair (None for a KTO row).
+    shown_rejected: list[tuple[str, bool]] | None = None
 
 
 def check_recipe_data(recipe: Any) -> DataCheck:
@@ -104,4 +122,8 @@ def check_recipe_data(recipe: Any) -> DataCheck:
     tokenizer = models.load_tokenizer(source, recipe.model.trust_remote_code)
     splits = prepare(recipe.data, tokenizer, recipe.train.seed)
     example = splits.train.examples[0]
-    return DataCheck(splits, render_marked(example, tokenizer), example.row, tokenizer)
+    shown = DataCheck(splits, render_marked(example, tokenizer), example.row, tokenizer)
+    pair = splits.train_pairs.examples[0] if splits.train_pairs else None
+    if pair is not None and pair.label is None:
+        shown.shown_rejected = render_marked(as_example(pair, pair.rejected, False), tokenizer)
+    return shown

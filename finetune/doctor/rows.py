@@ -21,10 +21,27 @@ def fields(row: dict[str, Any], spec: Any) -> tuple[str, str]:
         return "", str(row.get(spec.text_column, ""))
     if spec.format == "instruction":
         return str(row.get(spec.prompt_column, "")), str(row.get(spec.response_column, ""))
+    if spec.format in ("preference", "kto"):
+        # A pair is the same pair only with both sides (and a KTO row with its label).
+        sides = preference_sides(spec)
+        return plain(row.get(spec.prompt_column)), "\n".join(plain(row.get(c)) for c in sides)
     turns = [t for t in row.get(spec.messages_column) or [] if isinstance(t, dict)]
     last = max((i for i, t in enumerate(turns) if t.get("role") == "assistant"), default=0)
     before = "\n".join(str(t.get("content", "")) for t in turns[:last])
     return before, str(turns[last].get("content", "")) if turns else ""
+
+
+def preference_sides(spec: Any) -> list[str]:
+    if spec.format == "kto":
+        return [spec.completion_column, spec.label_column]
+    return [spec.chosen_column, spec.rejected_column]
+
+
+def plain(value: Any) -> str:
+    """A preference field as text: a string, or the contents of its turns."""
+    if isinstance(value, list):
+        return "\n".join(str(t.get("content", "")) for t in value if isinstance(t, dict))
+    return str(value if value is not None else "")
 
 
 def normal(text: str) -> str:
@@ -96,6 +113,11 @@ def texts(row: dict[str, Any], spec: Any) -> list[str]:
         return [str(t.get("content", "")) for t in turns if isinstance(t, dict)]
     if spec.format == "text":
         return [str(row.get(spec.text_column, ""))]
+    if spec.format == "preference":
+        columns = [spec.prompt_column, spec.chosen_column, spec.rejected_column]
+        return [plain(row.get(c)) for c in columns]
+    if spec.format == "kto":
+        return [plain(row.get(spec.prompt_column)), plain(row.get(spec.completion_column))]
     return [str(row.get(spec.prompt_column, "")), str(row.get(spec.response_column, ""))]
 
 
@@ -140,7 +162,7 @@ def response_like_prompt(inputs: Inputs) -> Finding:
     fix = (
         f"check data.response_column ({spec.response_column}) and data.prompt_column "
         f"({spec.prompt_column}) name the right columns"
-        if spec.format == "instruction"
+        if spec.format in ("instruction", "preference", "kto")
         else "check the assistant turns hold the answers"
     )
     if spec.format == "text":

@@ -139,7 +139,8 @@ def template_masking(inputs: Inputs) -> Finding:
 
 
 def is_chat(spec: Any) -> bool:
-    return spec.format == "chat" or (spec.format == "instruction" and spec.template == "chat")
+    templated = ("instruction", "preference", "kto")
+    return spec.format == "chat" or (spec.format in templated and spec.template == "chat")
 
 
 def template_name(spec: Any) -> str:

@@ -55,6 +55,7 @@ def setup_from_recipe(recipe: Any, device: str | None = None) -> Setup:
         # The run turns checkpointing off where the method cannot have it (prefix tuning).
         grad_ckpt=train.gradient_checkpointing and allows_gradient_checkpointing(adapter.method),
         optimizer=train.optimizer,
+        objective=train.objective,
         attn=model.attn_implementation,
         device="cuda" if on_cuda(device) else "cpu",
         # Packing always masks; otherwise the default (padding when batch > 1) holds.

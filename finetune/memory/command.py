@@ -49,6 +49,7 @@ class EstimateOptions:
     grad_ckpt: bool | None = None
     optimizer: str | None = None
     attn: str | None = None
+    objective: str | None = None
     masked: bool | None = None
 
 

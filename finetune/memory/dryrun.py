@@ -211,14 +211,14 @@ def meta_batch(setup: Any, vocab: int) -> dict[str, torch.Tensor]:
     packed batch (position ids, no mask) makes transformers build a block-diagonal mask of
     the same shape, so one stand-in serves both.
     """
-    shape = (setup.batch, setup.seq)
-    batch = {
-        "input_ids": torch.empty(shape, dtype=torch.long, device="meta"),
-        "labels": torch.empty(shape, dtype=torch.long, device="meta"),
-    }
-    if setup.attention_masked:
-        batch["attention_mask"] = torch.empty(shape, dtype=torch.long, device="meta")
-    return batch
+    paired = setup.objective in ("dpo", "orpo")  # chosen and rejected rows of each pair
+    shape = (setup.batch * (2 if paired else 1), setup.seq)
+    names = ["input_ids", "labels"]
+    if setup.attention_masked or setup.objective != "sft":  # preference batches carry one
+        names.append("attention_mask")
+    if setup.objective == "kto":  # the mismatched sequences its KL term is estimated on
+        names += [f"kl_{name}" for name in names]
+    return {name: torch.empty(shape, dtype=torch.long, device="meta") for name in names}
 
 
 def make_optimizer(model: Any, setup: Any) -> Any:
@@ -385,7 +385,7 @@ def step(model: Any, optimizer: Any, tracker: Any, setup: Any, trained: int, voc
             for tensor in batch.values():
                 tracker.track(tensor, "activations")
             with tracker.phase("forward"):  # as train.Loop.forward_loss
-                loss = trained_positions_loss(model, batch, trained, virtual_tokens(setup))
+                loss = step_loss(model, batch, setup, trained)
             with tracker.phase("backward"):
                 loss.backward()
             del loss, batch, tensor
@@ -393,6 +393,50 @@ def step(model: Any, optimizer: Any, tracker: Any, setup: Any, trained: int, voc
                 optimizer.step()
             tracker.keep_optimizer_states(optimizer)
             optimizer.zero_grad(set_to_none=True)
+
+
+def step_loss(model: Any, batch: dict[str, torch.Tensor], setup: Any, trained: int) -> Any:
+    """The step's loss as train.Loop.forward_loss computes it for the setup's objective."""
+    if setup.objective == "sft":
+        return trained_positions_loss(model, batch, trained, virtual_tokens(setup))
+    return preference_loss(model, batch, setup)
+
+
+def preference_loss(model: Any, batch: dict[str, torch.Tensor], setup: Any) -> Any:
+    """What `preference.micro_batch_loss` allocates: the policy's scores of every sequence
+    (chosen then rejected rows) with gradients; for DPO and KTO the reference's without
+    (the adapter disabled, in eval mode); for KTO also its KL sequences, by the policy and
+    the reference, without gradients. The losses' own tensors are a few per pair (the
+    data-dependent bookkeeping, rewards and accuracy, is left out)."""
+    from finetune import preference
+
+    objective = preference.Objective(setup.objective)
+    logps, counts = preference.sequence_logps(model, batch)
+    if objective.name == "orpo":
+        n = logps.shape[0] // 2
+        means = logps / counts.clamp(min=1)
+        losses, _, _ = preference.orpo_ratio_losses(means[:n], means[n:], objective)
+        return -logps[:n].sum() + losses.sum()
+    if objective.name == "kto":
+        with torch.no_grad():
+            preference.sequence_logps(model, batch, "kl_")
+        with reference_forward(model):
+            preference.sequence_logps(model, batch, "kl_")
+    with reference_forward(model):
+        ref, _ = preference.sequence_logps(model, batch)
+    return (1 - torch.sigmoid(objective.beta * (logps - ref))).sum()
+
+
+def reference_forward(model: Any) -> Any:
+    """The reference policy's forward as `preference.Reference.active` runs it. Full
+    fine-tuning (the method comparison) has no adapter to disable: its reference would be a
+    frozen copy of the model, whose forward is the same one and whose weights are not
+    counted here."""
+    from finetune import preference
+
+    if hasattr(model, "disable_adapter"):
+        return preference.Reference().active(model)
+    return torch.no_grad()
 
 
 def virtual_tokens(setup: Setup) -> int:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-from finetune.choices import ATTENTIONS, ESTIMATE_METHODS, OPTIMIZERS, QUANTS
+from finetune.choices import ATTENTIONS, ESTIMATE_METHODS, OBJECTIVES, OPTIMIZERS, QUANTS
 from finetune.errors import UserError
 from finetune.memory.arch import Architecture
 
@@ -97,6 +97,10 @@ class Setup:
     # keys and values of grouped-query attention to every head. flash-attention never
     # builds one (transformers unpads the batch), so flash is never masked.
     masked: bool | None = None
+    # train.objective: sft (the token loss), or a preference objective, whose step scores
+    # both sides of each pair (dpo, orpo; `batch` counts pairs) and runs the reference
+    # policy without gradients (dpo, kto; kto also its KL sequences).
+    objective: str = "sft"
 
     def __post_init__(self) -> None:
         checks = [
@@ -109,6 +113,10 @@ class Setup:
             ),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}"),
             (self.attn in ATTENTIONS, f"attn must be one of {', '.join(ATTENTIONS)}"),
+            (
+                self.objective in OBJECTIVES,
+                f"objective must be one of {', '.join(OBJECTIVES)} (got {self.objective})",
+            ),
             (self.batch > 0, f"batch must be a positive number of sequences (got {self.batch})"),
             (self.seq > 0, f"seq must be a positive number of tokens (got {self.seq})"),
             (self.r > 0, f"r must be positive (got {self.r})"),

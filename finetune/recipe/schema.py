@@ -86,6 +86,7 @@ class Recipe(Section):
                 f"adapter.target_modules applies to lora, dora and ia3; {method} tuning adds "
                 "virtual tokens and adapts no module; remove adapter.target_modules"
             )
+        check_objective(self)
         if method != "prompt" and self.adapter.prompt_init_text:
             raise ValueError("adapter.prompt_init_text needs adapter.method: prompt")
         if method != "prefix" and self.adapter.prefix_init_text:
@@ -97,6 +98,62 @@ class Recipe(Section):
                 "remove one of them"
             )
         return self
+
+
+# The data format each objective trains on.
+OBJECTIVE_FORMATS = {"dpo": "preference", "orpo": "preference", "kto": "kto"}
+
+
+def check_objective(recipe: Recipe) -> None:
+    """The objective, its data format, its parameters and the adapter agree."""
+    t, d, method = recipe.train, recipe.data, recipe.adapter.method
+    wanted = OBJECTIVE_FORMATS.get(t.objective)
+    if wanted and d.format != wanted:
+        raise ValueError(
+            f"train.objective {t.objective} trains on data.format {wanted}, not {d.format}; "
+            f"set data.format: {wanted} (columns {preference_columns(wanted)})"
+        )
+    if not wanted and d.format in ("preference", "kto"):
+        choices = "dpo or orpo" if d.format == "preference" else "kto"
+        raise ValueError(
+            f"data.format {d.format} needs a preference objective; set train.objective: {choices}"
+        )
+    if wanted and d.packing:
+        raise ValueError(
+            f"data.packing cannot be used with train.objective {t.objective}: each response is "
+            "scored as a whole sequence; set data.packing: false"
+        )
+    if wanted and d.train_on_prompt:
+        raise ValueError(
+            f"data.train_on_prompt cannot be used with train.objective {t.objective}: only "
+            "responses are compared; set data.train_on_prompt: false"
+        )
+    if t.label_smoothing and not (t.objective == "dpo" and t.dpo_loss == "robust"):
+        raise ValueError(
+            "train.label_smoothing applies to train.objective dpo with train.dpo_loss robust; "
+            "set train.dpo_loss: robust or remove train.label_smoothing"
+        )
+    if t.objective == "kto" and t.micro_batch_size < 2:
+        # The KL term is estimated from other rows' completions within the micro-batch.
+        raise ValueError(
+            "train.objective kto needs train.micro_batch_size of at least 2: its KL term pairs "
+            "each prompt with another row's completion; raise train.micro_batch_size"
+        )
+    if t.objective in ("dpo", "kto", "orpo") and method in VIRTUAL_TOKEN_METHODS:
+        # The reference is the model with the adapter off; virtual tokens started from text
+        # are no no-op, so the policy would start away from its reference (rewards not 0).
+        raise ValueError(
+            f"train.objective {t.objective} cannot train adapter.method {method}: its virtual "
+            "tokens change the model from step 0, so the reference (the adapter disabled) "
+            "would not be the policy training starts from, and preference accuracy is "
+            "measured against it; use lora, dora or ia3"
+        )
+
+
+def preference_columns(data_format: str) -> str:
+    return (
+        "prompt, chosen, rejected" if data_format == "preference" else "prompt, completion, label"
+    )
 
 
 def field_help(section: str, key: str) -> str:

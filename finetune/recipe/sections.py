@@ -17,7 +17,7 @@ from pydantic import (
     model_validator,
 )
 
-from finetune.choices import TRAIN_OPTIMIZERS
+from finetune.choices import OBJECTIVES, TRAIN_OPTIMIZERS
 from finetune.inputs import MAX_SEED, duration_seconds
 from finetune.methods import METHODS
 
@@ -138,10 +138,14 @@ class DataSection(Section):
         description="Training data: .jsonl, .json, .csv, .parquet or a "
         "folder saved with datasets' save_to_disk (a DatasetDict's split as folder:split).",
     )
-    format: Literal["text", "instruction", "chat"] = Field(
+    format: Literal["text", "instruction", "chat", "preference", "kto"] = Field(
         "instruction",
         description="text: one text column; instruction: prompt/response columns rendered "
-        "with `template`; chat: a messages column rendered with the tokenizer's chat template.",
+        "with `template`; chat: a messages column rendered with the tokenizer's chat template; "
+        "preference: prompt/chosen/rejected columns (train.objective dpo or orpo); kto: "
+        "prompt/completion/label columns (train.objective kto). Preference prompts and "
+        "responses are strings (rendered with `template`) or role/content turn lists "
+        "(rendered with the chat template).",
     )
     text_column: str = Field("text", description="Column holding the text (format text).")
     prompt_column: str = Field("prompt", description="Column holding the prompt (instruction).")
@@ -150,6 +154,18 @@ class DataSection(Section):
     )
     messages_column: str = Field(
         "messages", description="Column holding role/content turns (chat)."
+    )
+    chosen_column: str = Field(
+        "chosen", description="Column holding the preferred response (preference)."
+    )
+    rejected_column: str = Field(
+        "rejected", description="Column holding the dispreferred response (preference)."
+    )
+    completion_column: str = Field(
+        "completion", description="Column holding the response to judge (kto)."
+    )
+    label_column: str = Field(
+        "label", description="Column holding true (desirable) or false (undesirable) (kto)."
     )
     template: str = Field(
         "chat",
@@ -186,7 +202,7 @@ class DataSection(Section):
     def _one_eval_source(self) -> DataSection:
         if self.eval_path and self.eval_fraction > 0:
             raise ValueError("set data.eval_path or data.eval_fraction, not both")
-        if self.format == "instruction" and self.template != "chat":
+        if self.format in ("instruction", "preference", "kto") and self.template != "chat":
             check_template(self.template)
         return self
 
@@ -283,6 +299,41 @@ class TrainSection(Section):
         "stop",
         description="On a NaN or infinite loss or gradient: stop (keeping the last good "
         "checkpoint and writing the report) or skip that batch's update and go on.",
+    )
+    objective: Literal[OBJECTIVES] = Field(  # type: ignore[valid-type]
+        "sft",
+        description="What the step minimises: sft (token loss on demonstrations), dpo (direct "
+        "preference optimisation against the reference policy), orpo (odds-ratio preference "
+        "optimisation, no reference), kto (Kahneman-Tversky optimisation on unpaired labels). "
+        "The reference is the model with the adapter disabled, or the adapter.init_from "
+        "adapter as it starts, frozen.",
+    )
+    beta: float = Field(
+        0.1,
+        gt=0,
+        le=1000,
+        description="dpo, kto: the inverse temperature of the implicit reward (higher keeps "
+        "the policy nearer the reference); ipo: the regularisation tau.",
+    )
+    dpo_loss: Literal["sigmoid", "ipo", "robust"] = Field(
+        "sigmoid",
+        description="dpo: sigmoid (the DPO paper), ipo (squared loss on length-normalised "
+        "log-ratios), robust (robust DPO: assumes train.label_smoothing of the labels flipped).",
+    )
+    label_smoothing: float = Field(
+        0.0,
+        ge=0,
+        lt=0.5,
+        description="dpo_loss robust: the assumed share of preference labels that are flipped.",
+    )
+    orpo_lambda: float = Field(
+        0.1, gt=0, le=1000, description="orpo: weight of the odds-ratio term beside the NLL."
+    )
+    kto_desirable_weight: float = Field(
+        1.0, gt=0, le=1000, description="kto: weight of the losses of desirable examples."
+    )
+    kto_undesirable_weight: float = Field(
+        1.0, gt=0, le=1000, description="kto: weight of the losses of undesirable examples."
     )
     max_time: str | None = Field(
         None,
