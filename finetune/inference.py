@@ -16,7 +16,7 @@ import torch
 
 from finetune import models
 from finetune.errors import UserError
-from finetune.inputs import MAX_SEED, check_number
+from finetune.inputs import MAX_SEED, check_number, require_clean_text
 from finetune.recipe import ModelSection
 from finetune.targets import Target, read_adapter_config, resolve_target
 
@@ -172,6 +172,7 @@ def generate_text(
     for number, prompt in enumerate(prompts, start=1):
         if not prompt.strip():  # nothing to continue from: generate() fails on zero tokens
             raise UserError(f"prompt {number} is empty; give some text to complete")
+        require_clean_text(prompt, f"prompt {number}")
     if seed is not None:
         check_number("--seed", seed, ge=0, le=MAX_SEED)
     session = load(resolve_target(given, model))
@@ -198,19 +199,23 @@ def chat_loop(
     of input stops. Returns the number of replies."""
     from finetune.evaluate import generate
 
+    if system is not None:
+        require_clean_text(system, "--system")
     session = load(resolve_target(given, model))
     tokenizer = session.tokenizer
     has_template = bool(getattr(tokenizer, "chat_template", None))
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
-    replies = 0
+    replies = lines = 0
     while True:
         line = read()
+        lines += 1
         if line is None or line.strip() in ("/exit", "/quit"):
             return replies
         line = line.strip()
         if not line:
             continue
+        require_clean_text(line, f"chat input line {lines}")
         if line == "/reset":
             messages = list(start)
             if notify is not None:

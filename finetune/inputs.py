@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import stat
 from pathlib import Path
+from typing import Any
 
 from finetune.errors import UserError
 
@@ -146,3 +148,78 @@ def duration_seconds(text: str | float | int) -> float | None:
     except ValueError:
         return None
     return seconds if 0 < seconds < float("inf") else None
+
+
+# ------------------------------------------------------------------------------ text
+
+# Characters no text may hold: lone surrogates (a JSON escape such as "\ud800" that encodes
+# nothing: no tokenizer, file or terminal takes it), NUL, and the C0 and C1 controls other
+# than tab, newline, carriage return, vertical tab and form feed (ESC runs terminal
+# sequences when a row is shown; C1 controls mostly mean text decoded with the wrong codec).
+# Everything else is legal data: combining marks, right-to-left scripts and their bidi
+# marks, emoji, private-use characters.
+BAD_TEXT = re.compile("[\x00-\x08\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+# A name (a column, a recipe key) must also display as what it is: no bidi overrides or
+# isolates, zero-width characters or byte order marks, which make one name look like another.
+BAD_NAME = re.compile(
+    "[\x00-\x1f\x7f-\x9f\ud800-\udfff\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff]"
+)
+
+
+def _char_kind(char: str) -> str:
+    code = ord(char)
+    if 0xD800 <= code <= 0xDFFF:
+        return "a lone surrogate (half of a UTF-16 pair, not a character)"
+    if code == 0:
+        return "a NUL character"
+    if code < 0x20 or 0x7F <= code <= 0x9F:
+        return "a control character"
+    return "an invisible formatting character (bidi control, zero-width or BOM)"
+
+
+def text_problem(text: str, *, name: bool = False) -> str | None:
+    """What makes `text` unusable as data (or, with `name`, as a name), or None when it is fine.
+
+    The answer names the character, its code point and its position (from 1), e.g.
+    "holds a NUL character (U+0000) at character 3".
+    """
+    found = (BAD_NAME if name else BAD_TEXT).search(text)
+    if found is None:
+        return None
+    char = found.group()
+    return f"holds {_char_kind(char)} (U+{ord(char):04X}) at character {found.start() + 1}"
+
+
+def require_clean_text(text: str, where: str, *, name: bool = False) -> str:
+    """Return `text`, or refuse it in one line: `where` names the file, row, field or option.
+
+    Raises:
+        UserError: the text holds a lone surrogate, NUL, a control or (names) a bidi control.
+    """
+    problem = text_problem(text, name=name)
+    if problem is not None:
+        raise UserError(f"{where} {problem}; remove it or replace it with the intended text")
+    return text
+
+
+def check_tree_text(value: Any, where: str) -> None:
+    """Every string in a JSON-like value (dict keys as names, values as text), recursively.
+
+    Raises:
+        UserError: the first bad string, `where` extended with its key or index.
+    """
+    if isinstance(value, str):
+        require_clean_text(value, where)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(key, str):
+                require_clean_text(key, f"{where}: the key {_shown(key)}", name=True)
+            check_tree_text(item, f"{where}.{key}" if isinstance(key, str) else where)
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            check_tree_text(item, f"{where}[{index + 1}]")
+
+
+def _shown(text: str) -> str:
+    """A name as the message can print it: escapes instead of the characters it refuses."""
+    return ascii(text) if text_problem(text, name=True) else repr(text)

@@ -1483,6 +1483,62 @@ CASES = [
         long_prompts,
         trained=True,
     ),
+    # ------------------------------------------------- text that is not text (issue 30)
+    Case(
+        "text-lone-surrogate",
+        data("lone_surrogate.jsonl", command="validate"),
+        r"lone_surrogate\.jsonl row 2: column 'response' holds a lone surrogate .*U\+D800",
+        "a legal JSON escape that encodes no character: refused before the tokenizer",
+    ),
+    Case(
+        "text-escape-in-chat-turn",
+        chat("chat_escape_sequence.jsonl"),
+        r"row 2: messages\[1\]\.content holds a control character \(U\+001B\)",
+        "an ESC sequence in a chat message would run in the terminal when the row is shown",
+    ),
+    Case(
+        "text-bidi-column-name",
+        data("bidi_column_name.jsonl", command="validate"),
+        r"the column name 'prompt\\u202e' holds an invisible formatting character",
+        "a column name that displays as another name (right-to-left override inside it)",
+    ),
+    Case(
+        "text-control-in-template",
+        validate("base.yaml", "data.template=Q: {prompt}\x07\nA: "),
+        r"base\.yaml: data\.template holds a control character \(U\+0007\)",
+        "recipe strings follow the same rule as data",
+    ),
+    Case(
+        "text-control-in-prompt",
+        ("generate", "<model>", "say \x1b]0;pwned\x07 hi"),
+        r"prompt 1 holds a control character \(U\+001B\)",
+        "generate's prompts follow the same rule",
+    ),
+    # ------------------------------------------------------------ CSV structure (issue 30)
+    Case(
+        "csv-nul-in-field",
+        data("nul_in_field.csv", command="validate"),
+        r"nul_in_field\.csv row 2: column 'prompt' holds a NUL character",
+        "a NUL byte inside a quoted field was read silently",
+    ),
+    Case(
+        "csv-duplicate-columns",
+        data("duplicate_columns.csv", command="validate"),
+        r"duplicate_columns\.csv: the header names column 'prompt' more than once",
+        "the csv module kept the last of two 'prompt' columns without a word",
+    ),
+    Case(
+        "csv-empty-header",
+        data("empty_header.csv", command="validate"),
+        r"empty_header\.csv: the first line is empty",
+        "the first data row was taken for the header",
+    ),
+    Case(
+        "csv-binary",
+        data("binary.csv", command="validate"),
+        r"binary\.csv:\d+: not UTF-8 text",
+        "random bytes named .csv",
+    ),
 ]
 
 

@@ -11,7 +11,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from finetune.errors import UserError, closest
-from finetune.inputs import refuse_special
+from finetune.inputs import check_tree_text, refuse_special, require_clean_text
 from finetune.recipe.schema import Recipe
 
 
@@ -52,9 +52,28 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise UserError(f"{path}: a recipe is a mapping of sections (model, adapter, data, ...)")
     for item in overrides:
         anchor_shell_path(raw, apply_override(raw, item), path.parent)
+    check_recipe_text(raw, path)
     recipe = resolve_paths(validate(raw, source=str(path)), path.parent)
     recipe._source = path.resolve()
     return recipe
+
+
+def check_recipe_text(raw: dict[Any, Any], path: Path) -> None:
+    """Every key and string of the recipe (overrides applied) is valid text; a column name
+    must also display as itself (no bidi or zero-width controls).
+
+    Raises:
+        UserError: one line naming the field and the character.
+    """
+    for section, values in raw.items():
+        where = f"{path}: {section}"
+        if isinstance(section, str):
+            require_clean_text(section, f"{path}: the key {section!a}", name=True)
+        check_tree_text(values, where)
+        if isinstance(values, dict):
+            for key, value in values.items():
+                if str(key).endswith("_column") and isinstance(value, str):
+                    require_clean_text(value, f"{where}.{key}", name=True)
 
 
 class RecipeLoader(yaml.SafeLoader):
