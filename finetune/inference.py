@@ -16,7 +16,7 @@ import torch
 
 from finetune import models
 from finetune.errors import UserError
-from finetune.inputs import MAX_SEED, check_number, require_clean_text
+from finetune.inputs import MAX_SEED, check_number, check_path_text, require_clean_text
 from finetune.recipe import ModelSection
 from finetune.targets import Target, read_adapter_config, resolve_target
 
@@ -258,6 +258,7 @@ def evaluate_target(
 
     if fmt is not None and fmt not in ("text", "instruction", "chat"):
         raise UserError(f"--format must be text, instruction or chat (got {fmt!r})")
+    check_path_text(data_path, "--data")  # before DataSection's own check says it as pydantic
     target = resolve_target(given, model)
     if base and target.adapter_dir is None:
         raise UserError(f"--base: {given} is a model, not a run; it is the base already")

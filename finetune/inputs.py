@@ -7,6 +7,7 @@ file, an adapter folder. One owner for the rule, one wording for the error.
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import re
@@ -25,27 +26,86 @@ SPECIAL_KINDS = {
 }
 
 
+# Linux refuses a name component longer than NAME_MAX bytes and a path longer than PATH_MAX
+# (ENAMETOOLONG); checked on the text first, so the message says which and no call fails.
+NAME_MAX = 255
+PATH_MAX = 4096
+
+
+def shown_path(path: str | Path, limit: int = 120) -> str:
+    """A path short enough for a one-line message: its start and end around an ellipsis."""
+    text = str(path)
+    return text if len(text) <= limit else f"{text[: limit // 2]}...{text[-limit // 2 :]}"
+
+
+def check_path_text(path: str | Path, field: str) -> Path:
+    """Refuse a path no system call can take: a NUL byte, a name over NAME_MAX bytes, a
+    path over PATH_MAX bytes. Every path check in finetune starts here; returns the Path.
+
+    Raises:
+        UserError: one line naming the option, the path (shortened) and the limit.
+    """
+    text = str(path)
+    if "\x00" in text:
+        raise UserError(f"{field}: {shown_path(ascii(text))} holds a NUL byte; fix the path")
+    try:
+        encoded = os.fsencode(text)  # bytes that were not UTF-8 in argv come back as they were
+    except UnicodeEncodeError:
+        raise UserError(
+            f"{field}: {shown_path(ascii(text))} holds a lone surrogate, which no file name "
+            "can hold; fix the path"
+        ) from None
+    longest = max((len(part) for part in encoded.split(b"/")), default=0)
+    if longest > NAME_MAX:
+        raise UserError(
+            f"{field}: {shown_path(text)} has a name of {longest} bytes; file systems allow "
+            f"{NAME_MAX}, so shorten it"
+        )
+    if len(encoded) >= PATH_MAX:
+        raise UserError(
+            f"{field}: {shown_path(text)} is {len(encoded)} bytes long; paths are limited to "
+            f"{PATH_MAX - 1}, so give a shorter one"
+        )
+    return Path(text)
+
+
+LINK_TROUBLE = {
+    errno.ELOOP: "is a symbolic link loop (or a chain of links too long to follow)",
+    errno.EACCES: "cannot be opened: permission denied",
+    errno.ENAMETOOLONG: "is too long for the file system",
+}
+
+
 def path_kind(path: Path, field: str) -> str:
     """The kind of `path` after following links: "missing", "file", "folder" or a special kind.
+    A dangling link is "missing"; its message says where it points.
 
     Raises:
         UserError: the path cannot even be looked at (too long, no permission, a link loop).
     """
+    check_path_text(path, field)
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
         return "missing"
-    except (NotADirectoryError, ValueError):  # a file used as a folder; an embedded NUL
+    except NotADirectoryError:  # a file used as a folder
         return "missing"
     except OSError as err:
-        raise UserError(
-            f"{field}: {path} cannot be read ({err.strerror}); check the path"
-        ) from None
+        trouble = LINK_TROUBLE.get(err.errno, f"cannot be looked at ({err.strerror})")
+        raise UserError(f"{field}: {shown_path(path)} {trouble}; check the path") from None
     if stat.S_ISREG(mode):
         return "file"
     if stat.S_ISDIR(mode):
         return "folder"
     return SPECIAL_KINDS.get(stat.S_IFMT(mode), "not a regular file")
+
+
+def dangling(path: Path) -> str:
+    """ ", a link to X, which does not exist" for a dangling link, else nothing."""
+    try:
+        return f", a link to {os.readlink(path)}, which does not exist" if path.is_symlink() else ""
+    except OSError:
+        return ""
 
 
 def refuse_special(path: Path, field: str, want: str) -> str:
@@ -76,7 +136,7 @@ def require_file(path: Path, field: str, want: str) -> None:
     """
     kind = refuse_special(path, field, want)
     if kind == "missing":
-        raise UserError(f"{field}: {path} not found; give {want}")
+        raise UserError(f"{field}: {path} not found{dangling(path)}; give {want}")
     if kind == "folder":
         raise UserError(f"{field}: {path} is a folder; give {want}")
 

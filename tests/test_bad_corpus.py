@@ -240,6 +240,16 @@ def mystery_config(tmp: Path, tiny: Path, trained: Path) -> None:
     (tmp / "config.json").write_text(json.dumps({"model_type": "mystery", "hidden_size": 8}))
 
 
+def links(tmp: Path, tiny: Path, trained: Path) -> None:
+    """A link to itself, a link to nothing, a FIFO, and a recipe naming the loop relatively."""
+    (tmp / "loop.jsonl").symlink_to("loop.jsonl")
+    (tmp / "dangling.jsonl").symlink_to("gone.jsonl")
+    os.mkfifo(tmp / "fifo")
+    (tmp / "loop.yaml").write_text(
+        (BAD / "base.yaml").read_text().replace("good.jsonl", "loop.jsonl")
+    )
+
+
 CASES = [
     # ------------------------------------------------------------------- estimate
     Case(
@@ -1538,6 +1548,47 @@ CASES = [
         data("binary.csv", command="validate"),
         r"binary\.csv:\d+: not UTF-8 text",
         "random bytes named .csv",
+    ),
+    # ------------------------------------------------------ links that lead nowhere (issue 30)
+    Case(
+        "path-relative-link-loop-in-recipe",
+        ("validate", "<tmp>/loop.yaml", "model.path=<model>", "output.dir=<run>"),
+        r"data\.path: .*loop\.jsonl is a symbolic link loop",
+        "Path.resolve raised RuntimeError: Symlink loop on a recipe-relative path",
+        setup=links,
+    ),
+    Case(
+        "path-dangling-link",
+        data("<tmp>/dangling.jsonl", command="validate"),
+        r"dangling\.jsonl not found, a link to gone\.jsonl, which does not exist",
+        "a dangling link is named as one, with where it points",
+        setup=links,
+    ),
+    Case(
+        "path-fifo-as-target",
+        ("generate", "<tmp>/fifo", "hi"),
+        r"target: .*fifo is a FIFO",
+        "a FIFO given as the run or model must not be opened (it would wait forever)",
+        setup=links,
+    ),
+    Case(
+        "path-output-through-loop",
+        run("base.yaml", "output.dir=<tmp>/loop.jsonl/run"),
+        r"output\.dir: .*loop\.jsonl/run is a symbolic link loop",
+        "an output folder under a link loop ended in OSError ELOOP",
+        setup=links,
+    ),
+    Case(
+        "path-plot-name-too-long",
+        ("estimate", "<model>", "--seq", "16", "--plot", "<tmp>/" + "p" * 300 + ".png"),
+        r"--plot: .* has a name of 304 bytes; file systems allow 255",
+        "ENAMETOOLONG from lstat ended in a traceback",
+    ),
+    Case(
+        "path-target-too-long",
+        ("generate", "<tmp>/" + "/".join(["d" * 250] * 17), "hi"),
+        r"target: .*\.\.\..* is \d+ bytes long; paths are limited to 4095",
+        "a path over PATH_MAX: refused before any system call, shortened in the message",
     ),
 ]
 

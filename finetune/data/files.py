@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import UserError
-from finetune.inputs import check_tree_text, refuse_special, require_clean_text
+from finetune.inputs import check_tree_text, dangling, refuse_special, require_clean_text
 
 SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 # json raises RecursionError, not JSONDecodeError, on arrays or objects nested thousands deep.
@@ -27,7 +27,7 @@ def load_rows(path: str | Path, field_name: str = "data.path") -> list[dict[str,
     path = Path(path)
     kind = refuse_special(path, field_name, "a data file or a save_to_disk folder")
     if kind == "missing":
-        raise UserError(f"{field_name}: {path} not found")
+        raise UserError(f"{field_name}: {path} not found{dangling(path)}")
     if kind == "folder":
         rows = _load_saved_dataset(path, field_name)
     else:

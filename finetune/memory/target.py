@@ -15,6 +15,7 @@ from typing import Any
 
 from finetune import runs
 from finetune.errors import UserError
+from finetune.inputs import refuse_special
 from finetune.memory.arch import Architecture, from_config
 from finetune.memory.presets import closest_names, get_preset, is_preset
 from finetune.models import looks_like_hub_id
@@ -49,6 +50,7 @@ def resolve_subject(given: str, overrides: list[str] | tuple[str, ...] = ()) -> 
             a hub id that cannot be fetched, a folder that is no run, adapter or model.
     """
     path = Path(given).expanduser()
+    refuse_special(path, "target", "a run, a model folder, a config.json or a recipe")
     if not path.is_dir():
         if path.suffix in (".yaml", ".yml"):
             return from_recipe(path, overrides)

@@ -4,6 +4,7 @@ paths made absolute, and the resolved copy a run writes beside itself."""
 from __future__ import annotations
 
 import os
+import reprlib
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from finetune.errors import UserError, closest
-from finetune.inputs import check_tree_text, refuse_special, require_clean_text
+from finetune.inputs import check_tree_text, dangling, refuse_special, require_clean_text
 from finetune.recipe.schema import Recipe
 
 
@@ -26,7 +27,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if kind == "folder":
         raise UserError(f"{path}: is a folder; give a recipe file (.yaml)")
     if kind == "missing":
-        raise UserError(f"{path}: recipe file not found")
+        raise UserError(f"{path}: recipe file not found{dangling(path)}")
     try:
         raw = yaml.load(path.read_text(encoding="utf-8"), Loader=RecipeLoader)
     except UnicodeDecodeError as err:
@@ -54,7 +55,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         anchor_shell_path(raw, apply_override(raw, item), path.parent)
     check_recipe_text(raw, path)
     recipe = resolve_paths(validate(raw, source=str(path)), path.parent)
-    recipe._source = path.resolve()
+    recipe._source = resolved(path)
     return recipe
 
 
@@ -111,6 +112,12 @@ def validate(raw: dict[str, Any], source: str) -> Recipe:
         raise UserError(f"{source}: {describe_errors(err)}") from None
 
 
+# A value shown in a message: bounded, however long the string or deep the list (a
+# 4,096-byte path, a list of a billion strings built from YAML aliases).
+SHORT = reprlib.Repr()
+SHORT.maxstring, SHORT.maxother, SHORT.maxlist, SHORT.maxlevel = 120, 120, 6, 3
+
+
 def describe_errors(err: ValidationError) -> str:
     parts = []
     for e in err.errors():
@@ -122,7 +129,7 @@ def describe_errors(err: ValidationError) -> str:
         else:
             msg = e["msg"].removeprefix("Value error, ")
             got = e.get("input")
-            shown = f" (got {got!r})" if loc and not isinstance(got, dict) else ""
+            shown = f" (got {SHORT.repr(got)})" if loc and not isinstance(got, dict) else ""
             parts.append(f"{loc + ': ' if loc else ''}{msg}{shown}")
     return "; ".join(parts)
 
@@ -203,6 +210,15 @@ def found(path: Path) -> bool:
         return False
 
 
+def resolved(path: Path) -> Path:
+    """`path` absolute with its links followed; a link loop (Path.resolve raises RuntimeError
+    on one before Python 3.13) stays as written, for the check that reads it to name."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):
+        return Path(os.path.abspath(path))
+
+
 def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
     """Make recipe-relative paths absolute so the resolved recipe works from anywhere."""
 
@@ -210,7 +226,7 @@ def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
         if not value:
             return value
         candidate = expanded(value)
-        return str(candidate if candidate.is_absolute() else (base / candidate).resolve())
+        return str(candidate if candidate.is_absolute() else resolved(base / candidate))
 
     data = recipe.data.model_copy(
         update={
@@ -219,8 +235,8 @@ def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
         }
     )
     model_path = recipe.model.path
-    if (base / model_path).exists():
-        model_path = str((base / model_path).resolve())
+    if found(base / model_path):
+        model_path = str(resolved(base / model_path))
     model = recipe.model.model_copy(update={"path": model_path})
     adapter = recipe.adapter.model_copy(update={"init_from": resolve(recipe.adapter.init_from)})
     return recipe.model_copy(update={"data": data, "model": model, "adapter": adapter})
