@@ -1590,6 +1590,26 @@ CASES = [
         r"target: .*\.\.\..* is \d+ bytes long; paths are limited to 4095",
         "a path over PATH_MAX: refused before any system call, shortened in the message",
     ),
+    # ------------------------------------------------------------------ YAML (issue 30)
+    Case(
+        "yaml-alias-laughs-in-field",
+        validate("alias_laughs.yaml"),
+        r"alias_laughs\.yaml:.* expands to more than 100,000 values",
+        "aliases of aliases under adapter.target_modules made validate spin past a minute",
+    ),
+    Case(
+        "yaml-11-words-as-columns",
+        validate("yaml11_column.yaml"),
+        r"good\.jsonl row 1: no column 'on' \(found: prompt, response\)",
+        "`on` and 2024 are read as the column names written, not True and 2024",
+    ),
+    Case(
+        "yaml-bare-true-where-text-belongs",
+        validate("base.yaml", "data.template=true"),
+        r"data\.template: .*YAML reads the bare word as a boolean, so quote it",
+        "a boolean where text belongs is explained, not blamed",
+    ),
+
 ]
 
 
