@@ -1609,7 +1609,6 @@ CASES = [
         r"data\.template: .*YAML reads the bare word as a boolean, so quote it",
         "a boolean where text belongs is explained, not blamed",
     ),
-
 ]
 
 
