@@ -250,6 +250,17 @@ def links(tmp: Path, tiny: Path, trained: Path) -> None:
     )
 
 
+def damaged_config(**change: object):
+    """A copy of the tiny model whose config.json has `change` applied."""
+
+    def setup(tmp: Path, tiny: Path, trained: Path) -> None:
+        folder = copy_model(tiny, tmp / "model")
+        config = {**json.loads((folder / "config.json").read_text()), **change}
+        (folder / "config.json").write_text(json.dumps(config))
+
+    return setup
+
+
 CASES = [
     # ------------------------------------------------------------------- estimate
     Case(
@@ -1608,6 +1619,42 @@ CASES = [
         validate("base.yaml", "data.template=true"),
         r"data\.template: .*YAML reads the bare word as a boolean, so quote it",
         "a boolean where text belongs is explained, not blamed",
+    ),
+    # ------------------------------------------- estimate on a config that is no sane decoder
+    Case(
+        "config-string-for-number",
+        ("estimate", "<tmp>/model"),
+        r"model\.path: .*config\.json cannot be read as a llama config .*hidden_size.*got str",
+        "transformers' StrictDataclassFieldValidationError ended estimate in a traceback",
+        setup=damaged_config(hidden_size="64"),
+    ),
+    Case(
+        "config-dropout-out-of-range",
+        ("estimate", "<tmp>/model"),
+        r"attention_dropout is 1\.5; a dropout is in \[0, 1\)",
+        "accepted silently by estimate and train",
+        setup=damaged_config(attention_dropout=1.5),
+    ),
+    Case(
+        "config-100000-layers",
+        ("estimate", "<tmp>/model"),
+        r"num_hidden_layers is 100,000; no decoder has more than 1,024",
+        "estimate never answered",
+        setup=damaged_config(num_hidden_layers=100_000),
+    ),
+    Case(
+        "config-zero-heads-train",
+        run("base.yaml", "model.path=<tmp>/model"),
+        r"model\.path: .*config\.json: num_attention_heads is 0; it must be at least 1",
+        "train refuses what estimate refuses, with the same line (ZeroDivisionError before)",
+        setup=damaged_config(num_attention_heads=0),
+    ),
+    Case(
+        "config-bert-estimate",
+        ("estimate", "<tmp>/bert"),
+        r"model\.path: .*bert is a bert model, an encoder, not a decoder",
+        "estimate dry-ran a BERT config and crashed inside it; train refused it in one line",
+        setup=bert_folder,
     ),
 ]
 

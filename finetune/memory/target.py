@@ -18,7 +18,7 @@ from finetune.errors import UserError
 from finetune.inputs import refuse_special
 from finetune.memory.arch import Architecture, from_config
 from finetune.memory.presets import closest_names, get_preset, is_preset
-from finetune.models import looks_like_hub_id
+from finetune.models import check_model_config, looks_like_hub_id
 from finetune.recipe import EMBEDDED_MODEL, load_recipe
 from finetune.targets import Target, resolve_target
 
@@ -81,9 +81,13 @@ def subject_for_target(target: Target, overrides: list[str] | tuple[str, ...]) -
 
 def subject_from_path(path: Path, recipe: Any = None) -> EstimateSubject:
     """A model folder, config.json or .gguf file: its transformers config and a summary."""
+    from transformers import CONFIG_MAPPING
+
     from finetune.memory.dryrun import build_config, describe
 
     raw, name = raw_config(path)
+    if path.suffix != ".gguf" and raw.get("model_type") in CONFIG_MAPPING:
+        check_model_config(raw, Path(name))  # train's own check of config.json, same words
     config = build_config(raw, name)
     return EstimateSubject(describe(config, name), recipe=recipe, config=config)
 
