@@ -23,6 +23,7 @@ import torch
 from finetune.errors import UserError
 from finetune.inputs import refuse_special, require_file
 from finetune.noise import quiet_transformers
+from finetune.peft_compat import cache_by_new_name
 from finetune.precision import default_device, resolve_dtype, resolve_quantization
 from finetune.recipe import EMBEDDED_MODEL, ModelSection
 
@@ -402,6 +403,7 @@ def load_model(spec: ModelSection, device: str | None = None, tokenizer: Any = N
         kwargs["device_map"] = {"": 0} if device == "cuda" else "cpu"
     tokenizer = tokenizer or load_tokenizer(source, spec.trust_remote_code)
     model = hub_call(source, lambda: AutoModelForCausalLM.from_pretrained(source, **kwargs))
+    cache_by_new_name(model)
     if qconfig is None:
         model.to(device)
     folder = source if isinstance(source, Path) else Path(model.config._name_or_path)

@@ -101,9 +101,9 @@ def combine(
         )
     except ValueError as err:
         raise UserError(f"combine: peft refused: {models.first_line(err)}") from None
+    model.set_adapter("default")  # first: deleting the active adapter makes peft warn
     for name in names:
         model.delete_adapter(name)
-    model.set_adapter("default")
     report = CombineReport(
         str(out), method, numbers, density, [str(t.given) for t in targets], first.model.path
     )
