@@ -262,8 +262,9 @@ def require_clean_text(text: str, where: str, *, name: bool = False) -> str:
     return text
 
 
-def check_tree_text(value: Any, where: str) -> None:
-    """Every string in a JSON-like value (dict keys as names, values as text), recursively.
+def check_tree_text(value: Any, where: str, *, keys: bool = True) -> None:
+    """Every string in a JSON-like value (dict keys as names, unless `keys` is false, and
+    values as text), recursively.
 
     Raises:
         UserError: the first bad string, `where` extended with its key or index.
@@ -272,12 +273,13 @@ def check_tree_text(value: Any, where: str) -> None:
         require_clean_text(value, where)
     elif isinstance(value, dict):
         for key, item in value.items():
-            if isinstance(key, str):
+            if keys and isinstance(key, str):
                 require_clean_text(key, f"{where}: the key {_shown(key)}", name=True)
-            check_tree_text(item, f"{where}.{key}" if isinstance(key, str) else where)
+            label = f"{where}.{key}" if isinstance(key, str) else where
+            check_tree_text(item, label, keys=keys)
     elif isinstance(value, (list, tuple)):
         for index, item in enumerate(value):
-            check_tree_text(item, f"{where}[{index + 1}]")
+            check_tree_text(item, f"{where}[{index + 1}]", keys=keys)
 
 
 def _shown(text: str) -> str:

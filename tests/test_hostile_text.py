@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,7 @@ BAD_CHARS = st.one_of(SURROGATES, CONTROLS)
 LEGAL = st.text(
     st.one_of(
         st.characters(codec="utf-8", exclude_categories=("Cc", "Cs")),
-        st.sampled_from(["\t", "\n", "\u0301", "\u200f", "\u202b", "\u2067", "\u200d", "ש", "ل"]),
+        st.sampled_from(list("\t\n\u0301\u200f\u202b\u2067\u200d\u05e9\u0644\u2028\u2029")),
     ),
     min_size=1,
     max_size=30,
@@ -46,7 +47,11 @@ FORMATS = st.sampled_from(["jsonl", "json", "csv", "parquet"])
 def write_rows(folder: Path, fmt: str, rows: list[dict[str, str]]) -> Path:
     path = folder / f"data.{fmt}"
     if fmt == "jsonl":
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        # Raw characters, not escapes (U+2028 and friends must not end a JSONL line), except
+        # lone surrogates, which only an escape can hold.
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        text = re.sub("[\ud800-\udfff]", lambda m: f"\\u{ord(m.group()):04x}", text)
+        path.write_text(text, encoding="utf-8")
     elif fmt == "json":
         path.write_text(json.dumps(rows), encoding="utf-8")
     elif fmt == "csv":
@@ -190,3 +195,16 @@ def test_a_workbook_named_csv_is_refused(tmp_path):
 def test_right_to_left_text_and_combining_marks_are_data():
     rows = load_rows(Path(__file__).parent / "bad_inputs" / "rtl_and_combining.jsonl")
     assert rows[0]["prompt"].startswith("\u05e9") and "\u0301" in rows[0]["response"]
+
+
+@pytest.mark.parametrize("char", ["\u2028", "\u2029", "\x85"])
+def test_a_jsonl_line_ends_only_at_a_newline(tmp_path, char):
+    """splitlines() also ends lines at these, and JSON lets a string hold them raw (as
+    json.dumps(ensure_ascii=False) writes them). U+0085 is a C1 control: refused by name."""
+    path = write_rows(tmp_path, "jsonl", [{"prompt": f"a{char}b", "response": "c"}])
+    assert char in path.read_text(encoding="utf-8")
+    if char == "\x85":
+        with pytest.raises(UserError, match=r"row 1: column 'prompt' holds a control .*U\+0085"):
+            load_rows(path)
+        return
+    assert load_rows(path)[0]["prompt"] == f"a{char}b"

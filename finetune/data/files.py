@@ -90,7 +90,9 @@ def _load_jsonl(path: Path) -> list[dict[str, Any]]:
     from datasets import Dataset
 
     rows = []
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+    # split("\n"), not splitlines(): a JSON string may hold U+2028, U+0085 or a form feed
+    # unescaped, and splitlines() would cut the line there.
+    for number, line in enumerate(_read_text(path).split("\n"), start=1):
         if not line.strip():
             continue
         try:
