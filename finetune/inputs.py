@@ -128,6 +128,23 @@ def refuse_special(path: Path, field: str, want: str) -> str:
     return kind
 
 
+def refuse_special_inside(folder: Path, field: str, want: str, limit: int = 10_000) -> None:
+    """The files of an input folder (a saved dataset, a model, an adapter), looked at before
+    a library opens them: a FIFO among them would make it wait forever, a link loop end in
+    a traceback.
+
+    Raises:
+        UserError: a special file or an unreadable link inside, or more than `limit` entries.
+    """
+    seen = 0
+    for root, folders, files in os.walk(folder):
+        for name in [*files, *folders]:
+            seen += 1
+            if seen > limit:
+                raise UserError(f"{field}: {folder} holds more than {limit:,} files; give {want}")
+            refuse_special(Path(root) / name, field, want)
+
+
 def require_file(path: Path, field: str, want: str) -> None:
     """Refuse anything but an existing regular file (or a link to one).
 

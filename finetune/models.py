@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from finetune.errors import UserError
-from finetune.inputs import refuse_special, require_file
+from finetune.inputs import refuse_special, refuse_special_inside, require_file
 from finetune.noise import quiet_transformers
 from finetune.peft_compat import cache_by_new_name
 from finetune.precision import default_device, resolve_dtype, resolve_quantization
@@ -91,6 +91,7 @@ def check_model_folder(folder: Path) -> None:
 
     Pickled weights (`*.bin`, `*.pt`) are refused: unpickling can run code.
     """
+    refuse_special_inside(folder, "model.path", "a model folder")
     config = folder / "config.json"
     if refuse_special(config, "model.path", "a config.json file") != "file":
         raise UserError(

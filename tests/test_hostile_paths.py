@@ -141,3 +141,44 @@ def test_an_unreadable_data_file_is_named(tmp_path, tiny_model_dir, capsys):
         capsys, "validate", f"{BAD}/base.yaml", f"model.path={tiny_model_dir}", f"data.path={data}"
     )
     assert code == 2 and "permission denied" in err and str(data) in err
+
+
+def _saved_dataset(folder: Path) -> Path:
+    from datasets import Dataset
+
+    Dataset.from_list([{"prompt": "q", "response": "a"}] * 4).save_to_disk(str(folder))
+    return folder
+
+
+@pytest.mark.parametrize("slot", ["data.path", "model.path", "generate TARGET"])
+def test_a_fifo_inside_an_input_folder_is_refused_unopened(
+    slot, tmp_path, tiny_model_dir, capsys, monkeypatch
+):
+    """Every file of the folder in turn replaced by a FIFO: a library opening it would wait
+    for a writer forever."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    source = _saved_dataset(tmp_path / "src") if slot == "data.path" else tiny_model_dir
+    for name in sorted(p.name for p in source.iterdir() if p.is_file()):
+        folder = tmp_path / f"copy-{name}"
+        shutil.copytree(source, folder)
+        (folder / name).unlink()
+        os.mkfifo(folder / name)
+        template = {
+            "data.path": ("validate", *RECIPE, f"data.path={folder}"),
+            "model.path": ("validate", f"{BAD}/base.yaml", f"model.path={folder}"),
+            "generate TARGET": ("generate", str(folder), "hi"),
+        }[slot]
+        args = [
+            a.replace("<model>", str(tiny_model_dir)).replace("<tmp>", str(tmp_path))
+            for a in template
+        ]
+        previous = signal.signal(signal.SIGALRM, _hung)
+        signal.alarm(60)
+        try:
+            code, _, err = run_main(capsys, *args)
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, previous)
+        assert code == 2 and f"{name} is a FIFO" in err and len(err.splitlines()) == 1, err

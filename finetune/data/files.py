@@ -11,7 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import UserError
-from finetune.inputs import check_tree_text, dangling, refuse_special, require_clean_text
+from finetune.inputs import (
+    check_tree_text,
+    dangling,
+    refuse_special,
+    refuse_special_inside,
+    require_clean_text,
+)
 
 SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 # json raises RecursionError, not JSONDecodeError, on arrays or objects nested thousands deep.
@@ -209,6 +215,7 @@ def _csv_header(header: list[str], path: Path) -> list[str]:
 def _load_saved_dataset(path: Path, field_name: str) -> list[dict[str, Any]]:
     from datasets import DatasetDict, load_from_disk
 
+    refuse_special_inside(path, field_name, "a folder saved with save_to_disk")
     try:
         dataset = load_from_disk(str(path))
     except FileNotFoundError:
