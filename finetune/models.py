@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -134,6 +135,15 @@ def check_model_folder(folder: Path) -> None:
 # Far above any released decoder (the largest have about 130 layers); the bound keeps a
 # config with 100,000 layers from building a model for minutes before anything is said.
 MAX_LAYERS = 1024
+# Widths far above any released decoder (hidden 16,384-25,600, vocabularies up to 262,144):
+# an adapter's matrices are allocated for real even in estimate's dry run, so a width of
+# 2**40 asked the allocator for 35 TB.
+MAX_WIDTHS = {
+    "hidden_size": 2**17,
+    "intermediate_size": 2**19,
+    "head_dim": 2**14,
+    "vocab_size": 2**22,
+}
 # Sizes every decoder config has (transformers maps n_layer, n_head, n_embd onto these).
 POSITIVE_SIZES = (
     "num_hidden_layers",
@@ -189,6 +199,13 @@ def check_config_sizes(built: Any, settings: dict[str, Any], config: Path) -> No
         value = getattr(built, name, None)
         if value is not None and (not isinstance(value, int) or value < 1):
             raise UserError(f"{where}: {name} is {value!r}; it must be at least 1")
+    for name, bound in MAX_WIDTHS.items():
+        value = getattr(built, name, None)
+        if isinstance(value, int) and value > bound:
+            raise UserError(
+                f"{where}: {name} is {value:,}; no decoder is that wide (at most {bound:,}), "
+                "so the config is damaged"
+            )
     layers = getattr(built, "num_hidden_layers", None) or 0
     if layers > MAX_LAYERS:
         raise UserError(
@@ -204,6 +221,8 @@ def check_config_sizes(built: Any, settings: dict[str, Any], config: Path) -> No
             f"{where}: num_key_value_heads is {kv!r}; it must divide num_attention_heads ({heads})"
         )
     for key, value in settings.items():
+        if isinstance(value, float) and not math.isfinite(value):  # json reads NaN, Infinity
+            raise UserError(f"{where}: {key} is {value}; a config number must be finite")
         if "dropout" in key and isinstance(value, (int, float)) and not 0 <= value < 1:
             raise UserError(f"{where}: {key} is {value!r}; a dropout is in [0, 1)")
 

@@ -25,7 +25,9 @@ PROPERTY = settings(
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
-BAD_VALUES = st.sampled_from(["64", -1, 0, 10**5, 1.5, None, [], True, -0.5, 2**40])
+BAD_VALUES = st.sampled_from(
+    ["64", -1, 0, 10**5, 1.5, None, [], True, -0.5, 2**40, float("nan"), float("inf")]
+)
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +77,11 @@ def test_estimate_refuses_what_train_refuses_with_the_same_line(
     "change, expect",
     [
         ({"num_hidden_layers": 100_000}, "no decoder has more than 1,024"),
+        ({"hidden_size": 2**40}, "hidden_size is 1,099,511,627,776; no decoder is that wide"),
         ({"num_attention_heads": 0}, "num_attention_heads is 0"),
         ({"hidden_size": "64"}, "expected int, got str"),
         ({"attention_dropout": 1.5}, "a dropout is in \\[0, 1\\)"),
+        ({"rms_norm_eps": float("nan")}, "rms_norm_eps is nan; a config number must be finite"),
         ({"num_key_value_heads": 3}, "must divide num_attention_heads"),
         ({"model_type": "bert", "architectures": ["BertForMaskedLM"]}, "an encoder"),
     ],
