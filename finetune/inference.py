@@ -17,7 +17,7 @@ import torch
 
 from finetune import models
 from finetune.errors import UserError
-from finetune.inputs import MAX_SEED, check_number
+from finetune.inputs import MAX_SEED, check_number, check_path_text, require_clean_text
 from finetune.recipe import ModelSection
 from finetune.targets import Target, read_adapter_config, resolve_target
 
@@ -259,6 +259,7 @@ def generate_text(
         require_unicode(prompt, f"prompt {number}")
         if not prompt.strip():  # nothing to continue from: generate() fails on zero tokens
             raise UserError(f"prompt {number} is empty; give some text to complete")
+        require_clean_text(prompt, f"prompt {number}")
     if seed is not None:
         check_number("--seed", seed, ge=0, le=MAX_SEED)
     session = load(resolve_target(given, model))
@@ -377,7 +378,8 @@ def chat_loop(
     from finetune.evaluate import generate
 
     if system is not None:
-        require_unicode(system, "--system")
+        require_unicode(system, "--system")  # bytes that are not UTF-8, named as bytes
+        require_clean_text(system, "--system")
     session = load(resolve_target(given, model))
     check_max_new_tokens(session, max_new_tokens)
     tokenizer = session.tokenizer
@@ -395,6 +397,7 @@ def chat_loop(
         require_unicode(line, f"chat input line {lines}")
         if not line:
             continue
+        require_clean_text(line, f"chat input line {lines}")
         if line == "/reset":
             messages = list(start)
             if notify is not None:
@@ -444,6 +447,7 @@ def evaluate_target(
 
     if fmt is not None and fmt not in ("text", "instruction", "chat"):
         raise UserError(f"--format must be text, instruction or chat (got {fmt!r})")
+    check_path_text(data_path, "--data")  # before DataSection's own check says it as pydantic
     target = resolve_target(given, model)
     if base and target.adapter_dir is None:
         raise UserError(f"--base: {given} is a model, not a run; it is the base already")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -23,8 +24,9 @@ from typing import Any
 import torch
 
 from finetune.errors import UserError
-from finetune.inputs import refuse_special, require_file
+from finetune.inputs import refuse_special, refuse_special_inside, require_file
 from finetune.noise import quiet_transformers
+from finetune.peft_compat import cache_by_new_name
 from finetune.precision import default_device, resolve_dtype, resolve_quantization
 from finetune.recipe import EMBEDDED_MODEL, ModelSection
 
@@ -126,6 +128,7 @@ def check_model_folder(folder: Path) -> None:
 
     Pickled weights (`*.bin`, `*.pt`) are refused: unpickling can run code.
     """
+    refuse_special_inside(folder, "model.path", "a model folder")
     config = folder / "config.json"
     if refuse_special(config, "model.path", "a config.json file") != "file":
         raise UserError(
@@ -137,7 +140,7 @@ def check_model_folder(folder: Path) -> None:
         raise UserError(
             f"model.path: {config} is not valid JSON ({first_line(err)}); restore the file"
         ) from None
-    require_causal_lm(settings, config)
+    check_model_config(settings, config)
     weights = sorted(folder.glob("*.safetensors"))
     if not weights:
         pickled = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
@@ -163,6 +166,101 @@ def check_model_folder(folder: Path) -> None:
                 f"model.path: {file} is corrupt or cut short ({first_line(err)}); "
                 "download or save the model again"
             ) from None
+
+
+# Far above any released decoder (the largest have about 130 layers); the bound keeps a
+# config with 100,000 layers from building a model for minutes before anything is said.
+MAX_LAYERS = 1024
+# Widths far above any released decoder (hidden 16,384-25,600, vocabularies up to 262,144):
+# an adapter's matrices are allocated for real even in estimate's dry run, so a width of
+# 2**40 asked the allocator for 35 TB.
+MAX_WIDTHS = {
+    "hidden_size": 2**17,
+    "intermediate_size": 2**19,
+    "head_dim": 2**14,
+    "vocab_size": 2**22,
+}
+# Sizes every decoder config has (transformers maps n_layer, n_head, n_embd onto these).
+POSITIVE_SIZES = (
+    "num_hidden_layers",
+    "num_attention_heads",
+    "hidden_size",
+    "vocab_size",
+    "intermediate_size",
+    "head_dim",
+    "max_position_embeddings",
+)
+
+
+def check_model_config(settings: Any, config: Path) -> Any:
+    """The one check of a model's config.json, for train and estimate alike: a decoder that
+    transformers can build, with sizes a model can have. Returns the transformers config,
+    or None for custom code (judged by needs_remote_code) or a config without a model_type.
+
+    Raises:
+        UserError: an encoder, a field transformers' strict config refuses (a string where
+            a number belongs), a size that is zero, negative or absurd, a dropout outside [0, 1).
+    """
+    require_causal_lm(settings, config)
+    model_type = settings.get("model_type")
+    if settings.get("auto_map") or not isinstance(model_type, str):
+        return None
+    from transformers import AutoConfig
+
+    for name in (*POSITIVE_SIZES, "num_key_value_heads"):
+        value = settings.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            raise UserError(f"model.path: {config}: {name} is {value}; it must be at least 1")
+    fields = {k: v for k, v in settings.items() if k != "model_type"}
+    try:
+        built = AutoConfig.for_model(model_type, **fields)
+    except Exception as err:  # strict-dataclass validation, ZeroDivisionError, ValueError ...
+        raise UserError(
+            f"model.path: {config} cannot be read as a {model_type} config "
+            f"({config_error(err)}); fix the field or restore the file"
+        ) from None
+    check_config_sizes(built, settings, config)
+    return built
+
+
+def config_error(err: BaseException) -> str:
+    """transformers' config errors in one line (strict validation spreads them over two)."""
+    words = " ".join(line.strip() for line in str(err).splitlines()[:2] if line.strip())
+    return (words or type(err).__name__)[:200]
+
+
+def check_config_sizes(built: Any, settings: dict[str, Any], config: Path) -> None:
+    where = f"model.path: {config}"
+    for name in POSITIVE_SIZES:
+        value = getattr(built, name, None)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise UserError(f"{where}: {name} is {value!r}; it must be at least 1")
+    for name, bound in MAX_WIDTHS.items():
+        value = getattr(built, name, None)
+        if isinstance(value, int) and value > bound:
+            raise UserError(
+                f"{where}: {name} is {value:,}; no decoder is that wide (at most {bound:,}), "
+                "so the config is damaged"
+            )
+    layers = getattr(built, "num_hidden_layers", None) or 0
+    if layers > MAX_LAYERS:
+        raise UserError(
+            f"{where}: num_hidden_layers is {layers:,}; no decoder has more than {MAX_LAYERS:,}, "
+            "so the config is damaged"
+        )
+    heads, hidden = getattr(built, "num_attention_heads", None), getattr(built, "hidden_size", None)
+    if heads and hidden and not settings.get("head_dim") and hidden % heads:
+        raise UserError(f"{where}: hidden_size {hidden} is not divisible by {heads} heads")
+    kv = getattr(built, "num_key_value_heads", None)
+    if heads and kv is not None and (not isinstance(kv, int) or kv < 1 or heads % kv):
+        raise UserError(
+            f"{where}: num_key_value_heads is {kv!r}; it must divide num_attention_heads ({heads})"
+        )
+    for key, value in settings.items():
+        if isinstance(value, float) and not math.isfinite(value):  # json reads NaN, Infinity
+            raise UserError(f"{where}: {key} is {value}; a config number must be finite")
+        if "dropout" in key and isinstance(value, (int, float)) and not 0 <= value < 1:
+            raise UserError(f"{where}: {key} is {value!r}; a dropout is in [0, 1)")
 
 
 def require_causal_lm(settings: Any, config: Path) -> None:
@@ -397,6 +495,7 @@ def load_model(spec: ModelSection, device: str | None = None, tokenizer: Any = N
         kwargs["device_map"] = {"": 0} if device == "cuda" else "cpu"
     tokenizer = tokenizer or load_tokenizer(source, spec.trust_remote_code)
     model = hub_call(source, lambda: AutoModelForCausalLM.from_pretrained(source, **kwargs))
+    cache_by_new_name(model)
     if qconfig is None:
         model.to(device)
     folder = source if isinstance(source, Path) else Path(model.config._name_or_path)

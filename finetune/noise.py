@@ -3,54 +3,42 @@
 Nothing happens on import: the command line's entry point calls `silence_third_party()`
 once, before any command runs, and loading a model calls `quiet_transformers()`. Code
 that uses finetune as a library keeps its own logging and warnings settings.
+
+Silenced by the libraries' own settings, never by matching their words (a reworded notice
+in the next release would come back): each library's logger level, its verbosity setting,
+and warnings filters by category and the module that issues them. Where finetune itself
+caused a notice (a deprecated argument, an adapter deleted while active), the cause is
+removed instead; tests/test_quiet.py runs every command and fails on any foreign line.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 
-
-class _DropMatmulCastNotice(logging.Filter):
-    """bitsandbytes logs a cast notice on every int8 matmul on the CPU; it is expected there."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
-
-
-class _DropKernelsHubNotice(logging.Filter):
-    """bitsandbytes' CPU backend (backends/cpu/ops.py), on CPUs with AVX512-BF16, tries at
-    import to fetch an optional 4-bit kernel from the hub package `kernels` and logs a
-    warning when that package is absent: on every command that imports peft (train, eval,
-    estimate, merge, ...), before anything else and above every one-line error. The
-    built-in path it falls back to is the one we test; only that one notice is dropped."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
-
-
-# One instance each: Logger.addFilter skips a filter it already holds, so calling
-# silence_third_party() again (the tests run the CLI in-process many times) adds nothing.
-_FILTERS = {
-    "bitsandbytes.autograd._functions": _DropMatmulCastNotice(),
-    "bitsandbytes.backends.cpu.ops": _DropKernelsHubNotice(),
-}
+# Loggers whose warnings are notices about the library itself: bitsandbytes (its int8 cast
+# on the CPU, an optional kernel it cannot fetch) and kernels (its hub trust check, which
+# it skips with a warning whenever HF_HUB_OFFLINE=1). Errors still show.
+QUIET_LOGGERS = ("bitsandbytes", "kernels")
+# Libraries whose Deprecation/Future/User warnings speak to their own callers (peft to
+# transformers, transformers to peft), not to someone running finetune.
+QUIET_MODULES = (
+    r"(transformers|peft|accelerate|bitsandbytes|kernels|huggingface_hub|datasets)(\.|$)"
+)
+QUIET_CATEGORIES = (DeprecationWarning, FutureWarning, UserWarning)
 
 
 def silence_third_party() -> None:
-    """Drop the dependency notices a user can do nothing about. Call it before bitsandbytes
-    is imported (it logs at import): the CLI does, first thing."""
-    for name, notice in _FILTERS.items():
-        logging.getLogger(name).addFilter(notice)
-    # peft 0.21 still asks transformers 5 the old name; the warning is for peft, not our users.
-    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
-    # transformers' generate() passes position ids; peft's prompt tuning drops them (its
-    # virtual tokens come first) and says so at every exact-match evaluation.
-    warnings.filterwarnings("ignore", message="Position ids are not supported for parameter")
-    # transformers 5.24 renamed `past_key_values` to `cache`; peft 0.21.2 still hands prefix
-    # tuning's keys and values to forward() under the old name, which transformers renames.
-    # (Generation, where the two names collided, is bridged in finetune.peft_compat.)
-    warnings.filterwarnings("ignore", message="`past_key_values` is deprecated and will be")
+    """Drop the dependency notices a user can do nothing about. Call it before the libraries
+    are imported (bitsandbytes logs at import, transformers reads its verbosity then): the
+    CLI does, first thing. A verbosity the user set in the environment is kept."""
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for category in QUIET_CATEGORIES:
+        warnings.filterwarnings("ignore", category=category, module=QUIET_MODULES)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DATASETS_VERBOSITY", "error")
 
 
 def quiet_transformers() -> None:

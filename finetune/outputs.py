@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from finetune.errors import UserError
+from finetune.inputs import check_path_text, path_kind
 from finetune.stopping import raise_if_terminated
 
 Kind = Literal["file", "folder"]
@@ -70,8 +71,9 @@ def claim_output(
     text = str(path)
     if not text.strip():
         raise UserError(f"{option} is empty; give a new file or folder name such as runs/<name>")
-    given = Path(text).expanduser()
+    given = check_path_text(text, option).expanduser()
     where = f"{option}: {text}"
+    path_kind(given, option)  # a link loop on the way, a folder that may not be looked in
     if given.is_symlink():
         raise UserError(f"{where} is a symbolic link; give the real path it points to")
     target = absolute(given)

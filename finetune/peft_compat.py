@@ -13,7 +13,9 @@ prompt-learning methods:
   every new token, and answers drift from the second token on.
 
 Training and held-out loss are not affected: peft's `forward` passes the prefix as
-`past_key_values` with no `cache` beside it, and transformers renames it.
+`past_key_values` with no `cache` beside it, and transformers renames it, with a
+FutureWarning at every load. `cache_by_new_name` renames it first, as transformers would,
+so the deprecated name never reaches the model (and the warning has no cause).
 
 The bridge shows peft the cache under the name it reads and gives the model back the name it
 reads, for one `generate()` call. It is applied only where it is needed (transformers' model
@@ -54,6 +56,22 @@ def needs_bridge(model: Any) -> bool:
     if not hasattr(model, "base_model_prepare_inputs_for_generation"):
         return False
     return model_takes_new_name(model.get_base_model()) and peft_reads_old_name_only()
+
+
+def cache_by_new_name(model: Any) -> Any:
+    """Give `model` (a transformers model that takes `cache`) the cache peft passes as
+    `past_key_values` under the new name, exactly as transformers' own rename does, before
+    its forward runs; a call that gives both names is left to transformers. Returns `model`."""
+    if not model_takes_new_name(model):
+        return model
+
+    def rename(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if OLD_NAME in kwargs and NEW_NAME not in kwargs:
+            kwargs[NEW_NAME] = kwargs.pop(OLD_NAME)
+        return args, kwargs
+
+    model.register_forward_pre_hook(rename, with_kwargs=True)
+    return model
 
 
 def renamed(function: Any, old: str, new: str) -> Any:

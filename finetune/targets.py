@@ -21,6 +21,7 @@ from typing import Any
 
 from finetune import models, runs
 from finetune.errors import UserError
+from finetune.inputs import refuse_special, refuse_special_inside
 from finetune.methods import PEFT_TYPES, method_of_config
 from finetune.precision import default_device, resolve_quantization
 from finetune.recipe import ModelSection, Recipe
@@ -65,6 +66,10 @@ def resolve_target(given: str, model: str | None = None, *, need_adapter: bool =
         UserError: a run directory without an adapter, or a folder that is none of the three.
     """
     path = Path(given).expanduser()
+    if refuse_special(path, "target", "a run directory, an adapter folder or a model") == "folder":
+        refuse_special_inside(path, "target", "a run directory, an adapter folder or a model")
+    if model is not None:
+        refuse_special(Path(model).expanduser(), "--model", "a model folder or a .gguf file")
     if path.is_dir() and (path / ADAPTER_CONFIG).is_file():
         return adapter_target(given, path, model)
     if runs.holds_recipe(path):

@@ -283,6 +283,27 @@ def mystery_config(tmp: Path, tiny: Path, trained: Path) -> None:
     (tmp / "config.json").write_text(json.dumps({"model_type": "mystery", "hidden_size": 8}))
 
 
+def links(tmp: Path, tiny: Path, trained: Path) -> None:
+    """A link to itself, a link to nothing, a FIFO, and a recipe naming the loop relatively."""
+    (tmp / "loop.jsonl").symlink_to("loop.jsonl")
+    (tmp / "dangling.jsonl").symlink_to("gone.jsonl")
+    os.mkfifo(tmp / "fifo")
+    (tmp / "loop.yaml").write_text(
+        (BAD / "base.yaml").read_text().replace("good.jsonl", "loop.jsonl")
+    )
+
+
+def damaged_config(**change: object):
+    """A copy of the tiny model whose config.json has `change` applied."""
+
+    def setup(tmp: Path, tiny: Path, trained: Path) -> None:
+        folder = copy_model(tiny, tmp / "model")
+        config = {**json.loads((folder / "config.json").read_text()), **change}
+        (folder / "config.json").write_text(json.dumps(config))
+
+    return setup
+
+
 CASES = [
     # ------------------------------------------------------------------- estimate
     Case(
@@ -1771,6 +1792,158 @@ CASES = [
         "an output inside another run's folder becomes part of that run's record",
         copy_two_runs,
         trained=True,
+    ),
+    # ------------------------------------------------- text that is not text (issue 30)
+    Case(
+        "text-lone-surrogate",
+        data("lone_surrogate.jsonl", command="validate"),
+        r"lone_surrogate\.jsonl row 2: column 'response' holds a lone surrogate .*U\+D800",
+        "a legal JSON escape that encodes no character: refused before the tokenizer",
+    ),
+    Case(
+        "text-escape-in-chat-turn",
+        chat("chat_escape_sequence.jsonl"),
+        r"row 2: messages\[1\]\.content holds a control character \(U\+001B\)",
+        "an ESC sequence in a chat message would run in the terminal when the row is shown",
+    ),
+    Case(
+        "text-bidi-column-name",
+        data("bidi_column_name.jsonl", command="validate"),
+        r"the column name 'prompt\\u202e' holds an invisible formatting character",
+        "a column name that displays as another name (right-to-left override inside it)",
+    ),
+    Case(
+        "text-control-in-template",
+        validate("base.yaml", "data.template=Q: {prompt}\x07\nA: "),
+        r"base\.yaml: data\.template holds a control character \(U\+0007\)",
+        "recipe strings follow the same rule as data",
+    ),
+    Case(
+        "text-control-in-prompt",
+        ("generate", "<model>", "say \x1b]0;pwned\x07 hi"),
+        r"prompt 1 holds a control character \(U\+001B\)",
+        "generate's prompts follow the same rule",
+    ),
+    # ------------------------------------------------------------ CSV structure (issue 30)
+    Case(
+        "csv-nul-in-field",
+        data("nul_in_field.csv", command="validate"),
+        r"nul_in_field\.csv row 2: column 'prompt' holds a NUL character",
+        "a NUL byte inside a quoted field was read silently",
+    ),
+    Case(
+        "csv-duplicate-columns",
+        data("duplicate_columns.csv", command="validate"),
+        r"duplicate_columns\.csv: the header names column 'prompt' more than once",
+        "the csv module kept the last of two 'prompt' columns without a word",
+    ),
+    Case(
+        "csv-empty-header",
+        data("empty_header.csv", command="validate"),
+        r"empty_header\.csv: the first line is empty",
+        "the first data row was taken for the header",
+    ),
+    Case(
+        "csv-binary",
+        data("binary.csv", command="validate"),
+        r"binary\.csv:\d+: not UTF-8 text",
+        "random bytes named .csv",
+    ),
+    # ------------------------------------------------------ links that lead nowhere (issue 30)
+    Case(
+        "path-relative-link-loop-in-recipe",
+        ("validate", "<tmp>/loop.yaml", "model.path=<model>", "output.dir=<run>"),
+        r"data\.path: .*loop\.jsonl is a symbolic link loop",
+        "Path.resolve raised RuntimeError: Symlink loop on a recipe-relative path",
+        setup=links,
+    ),
+    Case(
+        "path-dangling-link",
+        data("<tmp>/dangling.jsonl", command="validate"),
+        r"dangling\.jsonl not found, a link to gone\.jsonl, which does not exist",
+        "a dangling link is named as one, with where it points",
+        setup=links,
+    ),
+    Case(
+        "path-fifo-as-target",
+        ("generate", "<tmp>/fifo", "hi"),
+        r"target: .*fifo is a FIFO",
+        "a FIFO given as the run or model must not be opened (it would wait forever)",
+        setup=links,
+    ),
+    Case(
+        "path-output-through-loop",
+        run("base.yaml", "output.dir=<tmp>/loop.jsonl/run"),
+        r"output\.dir: .*loop\.jsonl/run is a symbolic link loop",
+        "an output folder under a link loop ended in OSError ELOOP",
+        setup=links,
+    ),
+    Case(
+        "path-plot-name-too-long",
+        ("estimate", "<model>", "--seq", "16", "--plot", "<tmp>/" + "p" * 300 + ".png"),
+        r"--plot: .* has a name of 304 bytes; file systems allow 255",
+        "ENAMETOOLONG from lstat ended in a traceback",
+    ),
+    Case(
+        "path-target-too-long",
+        ("generate", "<tmp>/" + "/".join(["d" * 250] * 17), "hi"),
+        r"target: .*\.\.\..* is \d+ bytes long; paths are limited to 4095",
+        "a path over PATH_MAX: refused before any system call, shortened in the message",
+    ),
+    # ------------------------------------------------------------------ YAML (issue 30)
+    Case(
+        "yaml-alias-laughs-in-field",
+        validate("alias_laughs.yaml"),
+        r"alias_laughs\.yaml:.* expands to more than 100,000 values",
+        "aliases of aliases under adapter.target_modules made validate spin past a minute",
+    ),
+    Case(
+        "yaml-11-words-as-columns",
+        validate("yaml11_column.yaml"),
+        r"good\.jsonl row 1: no column 'on' \(found: prompt, response\)",
+        "`on` and 2024 are read as the column names written, not True and 2024",
+    ),
+    Case(
+        "yaml-bare-true-where-text-belongs",
+        validate("base.yaml", "data.template=true"),
+        r"data\.template: .*YAML reads the bare word as a boolean, so quote it",
+        "a boolean where text belongs is explained, not blamed",
+    ),
+    # ------------------------------------------- estimate on a config that is no sane decoder
+    Case(
+        "config-string-for-number",
+        ("estimate", "<tmp>/model"),
+        r"model\.path: .*config\.json cannot be read as a llama config .*hidden_size.*got str",
+        "transformers' StrictDataclassFieldValidationError ended estimate in a traceback",
+        setup=damaged_config(hidden_size="64"),
+    ),
+    Case(
+        "config-dropout-out-of-range",
+        ("estimate", "<tmp>/model"),
+        r"attention_dropout is 1\.5; a dropout is in \[0, 1\)",
+        "accepted silently by estimate and train",
+        setup=damaged_config(attention_dropout=1.5),
+    ),
+    Case(
+        "config-100000-layers",
+        ("estimate", "<tmp>/model"),
+        r"num_hidden_layers is 100,000; no decoder has more than 1,024",
+        "estimate never answered",
+        setup=damaged_config(num_hidden_layers=100_000),
+    ),
+    Case(
+        "config-zero-heads-train",
+        run("base.yaml", "model.path=<tmp>/model"),
+        r"model\.path: .*config\.json: num_attention_heads is 0; it must be at least 1",
+        "train refuses what estimate refuses, with the same line (ZeroDivisionError before)",
+        setup=damaged_config(num_attention_heads=0),
+    ),
+    Case(
+        "config-bert-estimate",
+        ("estimate", "<tmp>/bert"),
+        r"model\.path: .*bert is a bert model, an encoder, not a decoder",
+        "estimate dry-ran a BERT config and crashed inside it; train refused it in one line",
+        setup=bert_folder,
     ),
 ]
 

@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -85,9 +86,11 @@ def test_importing_every_module_leaves_logging_and_warnings_as_they_were():
         assert settings == before["loggers"].get(name, [0, [], [], True, False]), name
 
 
-def traced_run(tmp_path, *args: str, timeout: int = 600) -> tuple[Any, list[dict]]:
+def traced_run(
+    tmp_path, *args: str, timeout: int = 600, stdin: str | None = None
+) -> tuple[Any, list[dict]]:
     """Run the CLI under tests/stderr_owner.py: the process and its traced stderr writes."""
-    trace = tmp_path / "stderr.jsonl"
+    trace = tmp_path / f"stderr-{args[0]}.jsonl"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "stderr_owner.py"), str(trace), *args],
         capture_output=True,
@@ -95,6 +98,7 @@ def traced_run(tmp_path, *args: str, timeout: int = 600) -> tuple[Any, list[dict
         cwd=ROOT,
         env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"},
         timeout=timeout,
+        input=stdin,
     )
     writes = [json.loads(line) for line in trace.read_text(encoding="utf-8").splitlines()]
     return proc, writes
@@ -128,8 +132,65 @@ def test_a_training_run_prints_only_the_projects_lines(
     assert_only_project_lines(proc, writes)
 
 
-def test_an_estimate_prints_only_the_projects_lines(tmp_path, tiny_model_dir):
-    proc, writes = traced_run(tmp_path, "estimate", str(tiny_model_dir), "--seq", "32")
+@pytest.fixture(scope="module")
+def prefix_run(tmp_path_factory, tiny_model_dir) -> Path:
+    """A prefix-tuning run (the traced runs below use it): prefix is the
+    method whose peft code passes transformers a deprecated argument."""
+    from helpers import date_rows, run_cli, write_jsonl
+
+    folder = tmp_path_factory.mktemp("quiet")
+    data = write_jsonl(folder / "train.jsonl", date_rows(8))
+    recipe = tiny_recipe(tiny_model_dir, data, folder / "run")
+    recipe["adapter"] = {"method": "prefix"}
+    recipe["train"]["max_steps"] = 1
+    (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    done = run_cli("train", str(folder / "recipe.yaml"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return folder / "run"
+
+
+@pytest.fixture(scope="module")
+def lora_adapter(tmp_path_factory, tiny_model_dir) -> Path:
+    """A real LoRA adapter folder of the tiny model, for merge, export and combine."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path_factory.mktemp("lora")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    config = LoraConfig(r=2, target_modules=["q_proj"], base_model_name_or_path=str(tiny_model_dir))
+    get_peft_model(model, config).save_pretrained(folder)
+    return folder
+
+
+# Every command but train (above), one normal run each: @run is the prefix run, @lora a
+# LoRA adapter folder, @data its training data, @out a fresh output path.
+COMMANDS = {
+    "validate": ("validate", "@recipe"),
+    "estimate": ("estimate", "@model", "--seq", "32"),
+    "eval": ("eval", "@run", "--data", "@data"),
+    "generate": ("generate", "@run", "hello", "--max-new-tokens", "3"),
+    "chat": ("chat", "@run", "--max-new-tokens", "3"),
+    "merge": ("merge", "@lora", "--out", "@out"),
+    "export": ("export", "@lora", "--format", "adapter", "--out", "@out"),
+    "combine": ("combine", "@lora", "@lora", "--weights", "0.5,0.5", "--out", "@out"),
+}
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_every_command_prints_only_the_projects_lines(
+    tmp_path, tiny_model_dir, prefix_run, lora_adapter, command
+):
+    places = {
+        "@recipe": str(prefix_run / "recipe.yaml"),
+        "@model": str(tiny_model_dir),
+        "@run": str(prefix_run),
+        "@data": str(prefix_run.parent / "train.jsonl"),
+        "@lora": str(lora_adapter),
+        "@out": str(tmp_path / "out"),
+    }
+    args = [places.get(a, a) for a in COMMANDS[command]]
+    stdin = "hello\n" if command == "chat" else None
+    proc, writes = traced_run(tmp_path, *args, stdin=stdin)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_only_project_lines(proc, writes)
 

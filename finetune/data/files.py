@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from finetune.errors import UserError
-from finetune.inputs import refuse_special, split_path
+from finetune.inputs import (
+    check_tree_text,
+    dangling,
+    refuse_special,
+    refuse_special_inside,
+    require_clean_text,
+    split_path,
+)
 
 SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 # json raises RecursionError, not JSONDecodeError, on arrays or objects nested thousands deep.
@@ -33,7 +40,7 @@ def load_rows(path: str | Path, field_name: str = "data.path") -> list[dict[str,
                 f"{field_name}: {head} is a file, without splits; drop ':{split}' (a split "
                 "applies to a folder saved with datasets' save_to_disk)"
             )
-        raise UserError(f"{field_name}: {path} not found")
+        raise UserError(f"{field_name}: {path} not found{dangling(path)}")
     if kind == "folder":
         rows = _load_saved_dataset(path, field_name, split)
     else:
@@ -51,7 +58,25 @@ def load_rows(path: str | Path, field_name: str = "data.path") -> list[dict[str,
         }[kind](path)
     if not rows:
         raise UserError(f"{path}: the dataset is empty; add examples")
+    check_rows_text(rows, path)
     return rows
+
+
+def check_rows_text(rows: list[dict[str, Any]], path: Path) -> None:
+    """Refuse a column name or a text anywhere in a row that is not valid text (a lone
+    surrogate, NUL, a control character): the tokenizer would fail on it with a traceback,
+    or train on it silently. Every format and every command reads its rows through here."""
+    for row in rows:
+        where = f"{path} row {row.get('_row', '?')}"
+        for column, value in row.items():
+            if column == "_row":
+                continue
+            if isinstance(column, str):
+                require_clean_text(column, f"{where}: the column name {column!a}", name=True)
+            if isinstance(value, str):
+                require_clean_text(value, f"{where}: column '{column}'")
+            else:
+                check_tree_text(value, f"{where}: {column}")
 
 
 BOMS = {
@@ -78,7 +103,9 @@ def _load_jsonl(path: Path) -> list[dict[str, Any]]:
     from datasets import Dataset
 
     rows = []
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+    # split("\n"), not splitlines(): a JSON string may hold U+2028, U+0085 or a form feed
+    # unescaped, and splitlines() would cut the line there.
+    for number, line in enumerate(_read_text(path).split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -139,27 +166,63 @@ def _load_tabular(path: Path) -> list[dict[str, Any]]:
 
 def _load_csv(path: Path) -> list[dict[str, Any]]:
     """Every cell as text (a response "42" stays a string); rows numbered from 1 after the
-    header. Read with the csv module, so no cache is written and no progress bar shown."""
+    header. Read with the csv module, so no cache is written and no progress bar shown.
+    A byte order mark before the header is dropped (spreadsheets write one)."""
     import csv
     import io
 
-    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""), restval="")
-    rows = []
+    if path.read_bytes()[:4] == b"PK\x03\x04":
+        raise UserError(f"{path}: a zip file (an Excel workbook?), not CSV; export it as CSV")
+    reader = csv.reader(io.StringIO(_read_text(path), newline=""))
     try:
-        for number, row in enumerate(reader, start=1):
-            if row.get(None):
-                raise UserError(f"{path} row {number}: more cells than the header has columns")
-            row.pop(None, None)
-            if any(value.strip() for value in row.values()):
-                rows.append({**row, "_row": number})
+        header = next(reader, None)
+        if header is None:
+            return []
+        columns = _csv_header(header, path)
+        rows = []
+        for number, cells in enumerate(reader, start=1):
+            if not any(cell.strip() for cell in cells):
+                continue  # a blank line between rows
+            if len(cells) != len(columns):
+                more = "more" if len(cells) > len(columns) else "fewer"
+                count = f"{len(cells)} cell{'s' * (len(cells) != 1)}"
+                raise UserError(
+                    f"{path} row {number}: {count}, {more} than the header's "
+                    f"{len(columns)} columns; quote cells holding commas, or fix the row"
+                )
+            rows.append({**dict(zip(columns, cells, strict=True)), "_row": number})
     except csv.Error as err:
         raise UserError(f"{path}:{reader.line_num}: not valid CSV ({err})") from None
     return rows
 
 
+def _csv_header(header: list[str], path: Path) -> list[str]:
+    """The column names of the first line: none blank, none given twice (DictReader keeps
+    the last of two columns of one name and drops the other without a word).
+
+    Raises:
+        UserError: the header is empty, a name is blank, or a name appears twice.
+    """
+    if not any(name.strip() for name in header):
+        raise UserError(
+            f"{path}: the first line is empty; it must name the columns (e.g. prompt,response)"
+        )
+    blank = [str(i) for i, name in enumerate(header, start=1) if not name.strip()]
+    if blank:
+        raise UserError(f"{path}: header column {', '.join(blank)} has no name; name every column")
+    twice = sorted({name for name in header if header.count(name) > 1})
+    if twice:
+        raise UserError(
+            f"{path}: the header names column {', '.join(map(repr, twice))} more than "
+            "once; rename or remove the copies"
+        )
+    return header
+
+
 def _load_saved_dataset(path: Path, field_name: str, split: str | None) -> list[dict[str, Any]]:
     from datasets import load_from_disk
 
+    refuse_special_inside(path, field_name, "a folder saved with save_to_disk")
     try:
         dataset = load_from_disk(str(path))
     except FileNotFoundError:

@@ -56,6 +56,7 @@ from finetune.memory.standin import (
 )
 from finetune.memory.tracker import MemoryTracker
 from finetune.methods import adapts_modules, allows_gradient_checkpointing, input_virtual_tokens
+from finetune.peft_compat import cache_by_new_name
 from finetune.positions import most_logit_positions, trained_positions_loss
 from finetune.recipe import AdapterSection
 
@@ -146,7 +147,7 @@ def build_model(config: Any, setup: Any) -> Any:
         raise UserError(
             f"transformers cannot build a causal LM for model_type {kind!r}: {_first_line(err)}"
         ) from None
-    return model
+    return cache_by_new_name(model)
 
 
 def adapter_spec(setup: Any) -> Any:

@@ -15,9 +15,10 @@ from typing import Any
 
 from finetune import runs
 from finetune.errors import UserError
+from finetune.inputs import refuse_special
 from finetune.memory.arch import Architecture, from_config
 from finetune.memory.presets import closest_names, get_preset, is_preset
-from finetune.models import looks_like_hub_id
+from finetune.models import check_model_config, looks_like_hub_id
 from finetune.recipe import EMBEDDED_MODEL, load_recipe
 from finetune.targets import Target, resolve_target
 
@@ -49,6 +50,7 @@ def resolve_subject(given: str, overrides: list[str] | tuple[str, ...] = ()) -> 
             a hub id that cannot be fetched, a folder that is no run, adapter or model.
     """
     path = Path(given).expanduser()
+    refuse_special(path, "target", "a run, a model folder, a config.json or a recipe")
     if not path.is_dir():
         if path.suffix in (".yaml", ".yml"):
             return from_recipe(path, overrides)
@@ -79,9 +81,13 @@ def subject_for_target(target: Target, overrides: list[str] | tuple[str, ...]) -
 
 def subject_from_path(path: Path, recipe: Any = None) -> EstimateSubject:
     """A model folder, config.json or .gguf file: its transformers config and a summary."""
+    from transformers import CONFIG_MAPPING
+
     from finetune.memory.dryrun import build_config, describe
 
     raw, name = raw_config(path)
+    if path.suffix != ".gguf" and raw.get("model_type") in CONFIG_MAPPING:
+        check_model_config(raw, Path(name))  # train's own check of config.json, same words
     config = build_config(raw, name)
     return EstimateSubject(describe(config, name), recipe=recipe, config=config)
 

@@ -4,6 +4,8 @@ paths made absolute, and the resolved copy a run writes beside itself."""
 from __future__ import annotations
 
 import os
+import re
+import reprlib
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from finetune.errors import UserError, closest
-from finetune.inputs import refuse_special
+from finetune.inputs import check_tree_text, dangling, refuse_special, require_clean_text
 from finetune.recipe.schema import Recipe
 
 
@@ -26,7 +28,12 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if kind == "folder":
         raise UserError(f"{path}: is a folder; give a recipe file (.yaml)")
     if kind == "missing":
-        raise UserError(f"{path}: recipe file not found")
+        raise UserError(f"{path}: recipe file not found{dangling(path)}")
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise UserError(
+            f"{path}: {path.stat().st_size:,} bytes, too large to be a recipe (at most "
+            f"{MAX_RECIPE_BYTES:,}); a recipe names its data, it does not hold it"
+        )
     try:
         raw = yaml.load(path.read_text(encoding="utf-8"), Loader=RecipeLoader)
     except UnicodeDecodeError as err:
@@ -52,16 +59,62 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise UserError(f"{path}: a recipe is a mapping of sections (model, adapter, data, ...)")
     for item in overrides:
         anchor_shell_path(raw, apply_override(raw, item), path.parent)
+    check_recipe_text(raw, path)
     recipe = resolve_paths(validate(raw, source=str(path)), path.parent)
-    recipe._source = path.resolve()
+    recipe._source = resolved(path)
     return recipe
 
 
+def check_recipe_text(raw: dict[Any, Any], path: Path) -> None:
+    """Every string value of the recipe (overrides applied) is valid text; a column name
+    must also display as itself (no bidi or zero-width controls).
+
+    Raises:
+        UserError: one line naming the field and the character.
+    """
+    for section, values in raw.items():
+        where = f"{path}: {section}"
+        # Keys are the schema's to judge: no valid key holds such a character, and the
+        # unknown-key message shows it escaped.
+        check_tree_text(values, where, keys=False)
+        if isinstance(values, dict):
+            for key, value in values.items():
+                if str(key).endswith("_column") and isinstance(value, str):
+                    require_clean_text(value, f"{where}.{key}", name=True)
+
+
+# Bounds on what a recipe may expand to. A real recipe is a few hundred nodes, six levels
+# deep; YAML aliases can make a 1 kB file expand to a billion strings ("billion laughs"),
+# which pydantic and its messages then walk for minutes.
+MAX_RECIPE_BYTES = 1_000_000
+MAX_NODES = 100_000
+MAX_DEPTH = 64
+
+
+class YamlInt(int):
+    """An integer as YAML 1.1 read it, with the text it was written as: where the recipe
+    expects a string (a column named 2024, a template 007), the text is used instead."""
+
+    text: str
+
+
+class YamlFloat(float):
+    """A float as YAML read it, with its text (see YamlInt)."""
+
+    text: str
+
+
 class RecipeLoader(yaml.SafeLoader):
-    """safe_load that refuses a key given twice in one mapping.
+    """safe_load that refuses a key given twice in one mapping, refuses documents whose
+    aliases expand past MAX_NODES or nest past MAX_DEPTH, and reads booleans as YAML 1.2
+    does: only true and false (a column named `on`, `yes` or `no` stays a string).
 
     PyYAML keeps the last of two `data:` sections and drops the first without a word.
     """
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        check_expansion(node)
+        return super().construct_document(node)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, int] = {}
@@ -83,13 +136,118 @@ class RecipeLoader(yaml.SafeLoader):
                 )
         return super().construct_mapping(node, deep=deep)
 
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        number = YamlInt(super().construct_yaml_int(node))
+        number.text = node.value
+        return number
+
+    def construct_yaml_float(self, node: yaml.ScalarNode) -> float:
+        number = YamlFloat(super().construct_yaml_float(node))
+        number.text = node.value
+        return number
+
+
+RecipeLoader.add_constructor("tag:yaml.org,2002:int", RecipeLoader.construct_yaml_int)
+RecipeLoader.add_constructor("tag:yaml.org,2002:float", RecipeLoader.construct_yaml_float)
+# YAML 1.2 booleans and no timestamps: `on`/`yes`/`no`/`off` and 2024-03-01 stay strings
+# (a bool or date field still takes them: pydantic reads "yes" as true, "2024-03-01" as text).
+RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regex) for tag, regex in resolvers if not tag.endswith(("bool", "timestamp"))]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool",
+    re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+    list("tTfF"),
+)
+
+
+def check_expansion(root: yaml.Node) -> None:
+    """Refuse a document whose aliases expand past MAX_NODES nodes or nest past MAX_DEPTH,
+    counting each alias as the copy it becomes, in time linear in the file.
+
+    Raises:
+        yaml.constructor.ConstructorError: said as malformed YAML with its line.
+    """
+    sizes: dict[int, tuple[int, int]] = {}  # node id: (expanded nodes, depth)
+
+    def measure(node: yaml.Node, depth: int) -> tuple[int, int]:
+        if depth > MAX_DEPTH:
+            refuse(node, f"nested more than {MAX_DEPTH} levels deep")
+        if id(node) in sizes:
+            return sizes[id(node)]
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [item for pair in node.value for item in pair]
+        total, deepest = 1, 0
+        for child in children:
+            size, child_depth = measure(child, depth + 1)
+            total, deepest = total + size, max(deepest, child_depth + 1)
+            if total > MAX_NODES:
+                refuse(node, f"expands to more than {MAX_NODES:,} values (aliases of aliases?)")
+        sizes[id(node)] = (total, deepest)
+        return total, deepest
+
+    measure(root, 0)
+
+
+def refuse(node: yaml.Node, problem: str) -> None:
+    raise yaml.constructor.ConstructorError(
+        None, None, f"{problem}; a recipe is a few sections of plain values", node.start_mark
+    )
+
 
 def validate(raw: dict[str, Any], source: str) -> Recipe:
-    """Validate a plain mapping into a `Recipe`, turning pydantic's errors into one line."""
-    try:
-        return Recipe.model_validate(raw)
-    except ValidationError as err:
-        raise UserError(f"{source}: {describe_errors(err)}") from None
+    """Validate a plain mapping into a `Recipe`, turning pydantic's errors into one line.
+
+    A number where a string belongs (a column named 2024) is used as the text it was
+    written as, then validation runs again: YAML's guess is not the user's mistake."""
+    for _ in range(MAX_DEPTH):
+        try:
+            return Recipe.model_validate(raw)
+        except ValidationError as err:
+            if not use_written_text(raw, err):
+                raise UserError(f"{source}: {describe_errors(err)}") from None
+    raise AssertionError("unreachable: each pass replaces at least one number")
+
+
+def has_item(node: Any, part: Any) -> bool:
+    if isinstance(node, dict):
+        return part in node
+    return isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
+
+
+def use_written_text(raw: Any, err: ValidationError) -> bool:
+    """Replace, in `raw`, each number a string field refused by the text it was written as.
+    Returns whether anything was replaced."""
+    replaced = False
+    for error in err.errors():
+        value = error.get("input")
+        if error["type"] != "string_type" or not isinstance(value, (YamlInt, YamlFloat)):
+            continue
+        node, parent, key = raw, None, None
+        for part in error["loc"]:  # skipping the union labels pydantic adds ('list[str]')
+            if has_item(node, part):
+                node, parent, key = node[part], node, part
+        if node is value and parent is not None:
+            parent[key] = value.text
+            replaced = True
+    return replaced
+
+
+# A value shown in a message: bounded, however long the string or deep the list (a
+# 4,096-byte path, a list of a billion strings built from YAML aliases).
+SHORT = reprlib.Repr()
+SHORT.maxstring, SHORT.maxother, SHORT.maxlist, SHORT.maxlevel = 100, 100, 4, 2
+# At most this many problems in the one line; the rest are counted.
+MAX_SHOWN = 6
+
+
+def short(value: Any) -> str:
+    text = SHORT.repr(value)
+    return text if len(text) <= 100 else text[:97] + "..."
 
 
 def describe_errors(err: ValidationError) -> str:
@@ -103,9 +261,13 @@ def describe_errors(err: ValidationError) -> str:
         else:
             msg = e["msg"].removeprefix("Value error, ")
             got = e.get("input")
-            shown = f" (got {got!r})" if loc and not isinstance(got, dict) else ""
+            if e["type"] == "string_type" and (got is None or isinstance(got, bool)):
+                read = "nothing (null)" if got is None else "a boolean"
+                msg += f"; YAML reads the bare word as {read}, so quote it"
+            shown = f" (got {short(got)})" if loc and not isinstance(got, dict) else ""
             parts.append(f"{loc + ': ' if loc else ''}{msg}{shown}")
-    return "; ".join(parts)
+    more = f"; and {len(parts) - MAX_SHOWN} more" if len(parts) > MAX_SHOWN else ""
+    return "; ".join(parts[:MAX_SHOWN]) + more
 
 
 def suggest_key(loc: tuple[Any, ...]) -> str:
@@ -184,6 +346,15 @@ def found(path: Path) -> bool:
         return False
 
 
+def resolved(path: Path) -> Path:
+    """`path` absolute with its links followed; a link loop (Path.resolve raises RuntimeError
+    on one before Python 3.13) stays as written, for the check that reads it to name."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):
+        return Path(os.path.abspath(path))
+
+
 def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
     """Make recipe-relative paths absolute so the resolved recipe works from anywhere."""
 
@@ -191,7 +362,7 @@ def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
         if not value:
             return value
         candidate = expanded(value)
-        return str(candidate if candidate.is_absolute() else (base / candidate).resolve())
+        return str(candidate if candidate.is_absolute() else resolved(base / candidate))
 
     data = recipe.data.model_copy(
         update={
@@ -200,8 +371,8 @@ def resolve_paths(recipe: Recipe, base: Path) -> Recipe:
         }
     )
     model_path = recipe.model.path
-    if (base / model_path).exists():
-        model_path = str((base / model_path).resolve())
+    if found(base / model_path):
+        model_path = str(resolved(base / model_path))
     model = recipe.model.model_copy(update={"path": model_path})
     adapter = recipe.adapter.model_copy(update={"init_from": resolve(recipe.adapter.init_from)})
     return recipe.model_copy(update={"data": data, "model": model, "adapter": adapter})

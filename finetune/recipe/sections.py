@@ -18,7 +18,7 @@ from pydantic import (
 )
 
 from finetune.choices import OBJECTIVES, TRAIN_OPTIMIZERS
-from finetune.inputs import MAX_SEED, duration_seconds
+from finetune.inputs import MAX_SEED, NAME_MAX, PATH_MAX, duration_seconds
 from finetune.methods import METHODS
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
@@ -27,16 +27,14 @@ EMBEDDED_MODEL = "smollm2-135m-instruct"
 MAX_STEPS = 10**9
 
 
-# Most file systems refuse a name component longer than this many bytes.
-NAME_MAX = 255
-
-
 def _path_text(value: str) -> str:
-    """A path the operating system can look up: no NUL byte, no over-long name."""
+    """A path the operating system can look up: no NUL byte, no over-long name or path."""
     if "\x00" in value:
         raise ValueError("contains a NUL byte, which no path can hold; fix the path")
     if any(len(part.encode("utf-8", "surrogatepass")) > NAME_MAX for part in value.split("/")):
         raise ValueError(f"has a name longer than {NAME_MAX} bytes; fix the path")
+    if len(value.encode("utf-8", "surrogatepass")) >= PATH_MAX:
+        raise ValueError(f"is longer than {PATH_MAX - 1} bytes; give a shorter path")
     return value
 
 

@@ -30,6 +30,7 @@ from finetune.outputs import (
     writing,
 )
 from finetune.recipe import Recipe, validate
+from finetune.recipe.load import RecipeLoader
 from finetune.runs.lock import RunLock
 from finetune.stopping import raise_if_terminated
 
@@ -111,8 +112,8 @@ def read_recipe(folder: Path) -> Recipe:
     """
     path = recipe_path(folder)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as err:
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=RecipeLoader) or {}
+    except (OSError, ValueError, RecursionError, yaml.YAMLError) as err:
         raise UserError(f"{path}: cannot read the run's recipe ({first_line(err)})") from None
     return validate(raw, source=str(path))
 
@@ -120,8 +121,8 @@ def read_recipe(folder: Path) -> Recipe:
 def read_recipe_fields(run_dir: Path) -> dict[str, Any] | None:
     """The run's recipe.yaml as plain data, or None when it is missing or unreadable."""
     try:
-        raw = yaml.safe_load(recipe_path(run_dir).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
+        raw = yaml.load(recipe_path(run_dir).read_text(encoding="utf-8"), Loader=RecipeLoader)
+    except (OSError, ValueError, RecursionError, yaml.YAMLError):
         return None
     return raw if isinstance(raw, dict) else None
 
