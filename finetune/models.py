@@ -353,11 +353,11 @@ def convert_gguf(gguf: Path, notes: list[str]) -> Path:
     target = folder / name
     if (target / "config.json").is_file():
         return target
+    check_gguf(gguf)  # before the cache is touched: a refused file leaves nothing behind
     usable_cache(folder)
     with cache_lock(folder / f".{name}.lock"):
         if (target / "config.json").is_file():  # converted by the process we waited for
             return target
-        check_gguf(gguf)
         convert_into(gguf, target)
     notes.append(f"converted {gguf.name} once into {target}")
     return target
