@@ -1945,6 +1945,12 @@ CASES = [
         "estimate dry-ran a BERT config and crashed inside it; train refused it in one line",
         setup=bert_folder,
     ),
+    Case(
+        "estimate-recipe-targets-unknown",
+        run("base.yaml", "adapter.target_modules=[foo_proj]", command="estimate"),
+        r"adapter\.target_modules \['foo_proj'\] match no layer",
+        "estimate named the recipe's own field as the --targets option nobody passed",
+    ),
 ]
 
 

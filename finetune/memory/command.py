@@ -92,6 +92,22 @@ def check_as_recipe_fields(given: dict[str, Any]) -> None:
             raise UserError(f"{name} {shown or repr(shown)}: {describe_errors(err)}") from None
 
 
+def estimate_with_recipe_lines(resolved: Any, setup: Setup, targets_given: bool) -> Any:
+    """The dry run of `setup`; target modules that pick no layer are named as the recipe's
+    `adapter.target_modules` when they came from the recipe, not as the --targets option."""
+    config = resolved.hf_config()
+    try:
+        return estimate_from_config(config, setup, resolved.arch.name)
+    except UserError as err:
+        from_recipe = resolved.recipe is not None and not targets_given
+        if from_recipe and str(err).startswith("--targets:"):
+            from finetune.adapters import check_target_modules
+            from finetune.memory.dryrun import build_model
+
+            check_target_modules(build_model(config, setup), resolved.recipe.adapter)
+        raise
+
+
 def bare_setup() -> Setup:
     """The setup of a model estimated without a recipe: training's defaults on a GPU, so
     `train.mixed_precision: auto` too (bf16 autocast, which casts float32 adapter weights
@@ -138,7 +154,7 @@ def show_estimate(
         given["targets"] = tuple(t.strip() for t in given["targets"].split(",") if t.strip())
     check_as_recipe_fields(given)
     setup = replace(base, **given)
-    est = estimate_from_config(resolved.hf_config(), setup, resolved.arch.name)
+    est = estimate_with_recipe_lines(resolved, setup, "targets" in given)
     fit = None
     if gpu is not None:
         search = FitSearch(est, gpu * GB)
