@@ -1558,7 +1558,8 @@ CASES = [
     ),
     Case(
         "cache-env-file",
-        ("generate", "<tmp>/random.gguf", "hi"),
+        # A valid GGUF (the embedded model's): a bad one is refused before the cache is used.
+        ("generate", "smollm2-135m-instruct", "hi"),
         r"FINETUNE_CACHE=.*work\.txt is not a folder \(a file or a special file\); set",
         "a cache that is a file used to end in a traceback",
         lambda tmp, tiny, trained: (
@@ -1569,7 +1570,7 @@ CASES = [
     ),
     Case(
         "cache-env-under-a-file",
-        ("eval", "<tmp>/random.gguf", "--data", "<bad>/good.jsonl"),
+        ("eval", "smollm2-135m-instruct", "--data", "<bad>/good.jsonl"),
         r"FINETUNE_CACHE=.*work\.txt/cache cannot be created",
         "a cache folder below a file",
         lambda tmp, tiny, trained: (
