@@ -1172,6 +1172,20 @@ CASES = [
         checkpoint_file("state.json", keep=None),
     ),
     Case(
+        "resume-changed-clipping",
+        (*run("base.yaml", "train.max_grad_norm=0.5"), "--resume"),
+        r"--resume: train\.max_grad_norm is 0\.5 but the run in .* was made with 1\.0",
+        "round 4: fields outside a hand-made list (clipping, objective, beta) resumed silently",
+        checkpoint_file("state.json", keep=None),
+    ),
+    Case(
+        "resume-changed-precision-yaml12-no",
+        (*run("base.yaml", "train.mixed_precision=no"), "--resume"),
+        r"--resume: train\.mixed_precision is 'no' but the run in .* was made with 'auto'",
+        "round 4: another precision mid-run was accepted; `no` stays the word, not false",
+        checkpoint_file("state.json", keep=None),
+    ),
+    Case(
         "resume-truncated-optimizer",
         (*run("base.yaml"), "--resume"),
         r"step-2: corrupt checkpoint .*delete it",

@@ -283,23 +283,26 @@ def restore_rng(saved: SavedCheckpoint) -> None:
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
 
 
-# What a resumed run must share with the run it continues: anything else (max_steps, eval
-# and save intervals, output options) may change between the two. lr and weight decay live
-# in the restored optimizer and scheduler: a new value would be written to recipe.yaml and
-# not used. The schedule's shape and warm-up are the scheduler's meaning.
-RESUME_MUST_MATCH = {
-    "model": None,
-    "adapter": None,
-    "data": None,
+# What a resumed run may change: its length, how often it evaluates, saves, logs and where it
+# reports, its time budget, memory-only choices and what to do on a NaN (a run stopped by one
+# may go on skipping it). Every other field of these sections must match, so a field added
+# later is checked by default: a new objective, beta or clipping norm would otherwise be
+# recorded in recipe.yaml and mixed into a run whose first half used the old value.
+RESUME_MAY_CHANGE = {
+    "model": (),
+    "adapter": (),
+    "data": (),
     "train": (
-        "micro_batch_size",
-        "grad_accum",
-        "seed",
-        "lr",
-        "weight_decay",
-        "optimizer",  # its states' layout (8-bit or not) and its update
-        "schedule",
-        "warmup_steps",
+        "max_steps",
+        "epochs",
+        "eval_every",
+        "save_every",
+        "log_every",
+        "keep_last",
+        "report_to",
+        "max_time",
+        "gradient_checkpointing",  # the same gradients, less memory
+        "on_nonfinite",
     ),
 }
 
@@ -310,15 +313,16 @@ def check_resumable(recipe: Recipe, run_dir: Path) -> None:
     if before is None:
         return  # no readable record of the old recipe: the checkpoint itself is checked
     now = recipe.model_dump(mode="json")
-    for section, keys in RESUME_MUST_MATCH.items():
+    for section, free in RESUME_MAY_CHANGE.items():
         old_section = before.get(section) or {}
-        for key in keys or now[section]:
-            if key in old_section and old_section[key] != now[section][key]:
-                raise UserError(
-                    f"--resume: {section}.{key} is {now[section][key]!r} but the run in "
-                    f"{run_dir} was made with {old_section[key]!r}; resume with the same "
-                    "value, or start a new run (adapter.init_from can start from its adapter)"
-                )
+        for key in now[section]:
+            if key in free or key not in old_section or old_section[key] == now[section][key]:
+                continue
+            raise UserError(
+                f"--resume: {section}.{key} is {now[section][key]!r} but the run in "
+                f"{run_dir} was made with {old_section[key]!r}; resume with the same "
+                "value, or start a new run (adapter.init_from can start from its adapter)"
+            )
 
 
 def _jsonable(value: Any) -> Any:
