@@ -1923,6 +1923,19 @@ CASES = [
         r"data\.template: .*YAML reads the bare word as a boolean, so quote it",
         "a boolean where text belongs is explained, not blamed",
     ),
+    Case(
+        "override-hash-in-path",
+        validate("base.yaml", "data.path=<bad>/good.jsonl #missing"),
+        r"good\.jsonl #missing.*not found",
+        "round 4: YAML read ` #2` as a comment, so a path typed with it named another file "
+        "(output.dir=runs/exp #2 with output.overwrite=true replaced runs/exp)",
+    ),
+    Case(
+        "override-braces-as-column",
+        validate("base.yaml", "data.prompt_column={prompt}"),
+        r"good\.jsonl row 1: no column '\{prompt\}' \(found: prompt, response\)",
+        "round 4: `{prompt}` was read as a YAML mapping and refused as 'not a valid string'",
+    ),
     # ------------------------------------------- estimate on a config that is no sane decoder
     Case(
         "config-string-for-number",
