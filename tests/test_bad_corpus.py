@@ -128,6 +128,13 @@ def copy_run(tmp: Path, tiny: Path, trained: Path) -> None:
     shutil.copytree(trained, tmp / "run")
 
 
+def run_with_edited_recipe(tmp: Path, tiny: Path, trained: Path) -> None:
+    """A copy of the trained run whose own recipe.yaml was edited by hand: lr 0.5."""
+    copy_run(tmp, tiny, trained)
+    own = tmp / "run" / "recipe.yaml"
+    own.write_text(re.sub(r"(?m)^  lr: .*$", "  lr: 0.5", own.read_text()))
+
+
 def saved_dataset_dict(tmp: Path, tiny: Path, trained: Path | None) -> None:
     """A save_to_disk DatasetDict with a train and a test split."""
     from datasets import Dataset, DatasetDict
@@ -1184,6 +1191,14 @@ CASES = [
         r"--resume: train\.mixed_precision is 'no' but the run in .* was made with 'auto'",
         "round 4: another precision mid-run was accepted; `no` stays the word, not false",
         checkpoint_file("state.json", keep=None),
+    ),
+    Case(
+        "resume-hand-edited-run-recipe",
+        ("train", "<run>/recipe.yaml", "train.max_steps=4", "--resume"),
+        r"--resume: train\.lr is 0\.5 but the run in .*run was made with",
+        "round 4: the check compared the recipe with the file the user had edited, so the run "
+        "went on at the old lr while its record said 0.5; the checkpoint keeps its recipe",
+        run_with_edited_recipe,
     ),
     Case(
         "resume-truncated-optimizer",

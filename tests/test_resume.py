@@ -496,3 +496,22 @@ def test_resume_refuses_every_field_but_the_few_that_may_change(tmp_path, recipe
         with pytest.raises(UserError, match=rf"--resume: {section}\.{key} is .* was made with"):
             check_resumable(recipe, tmp_path / "old")
     assert {"objective", "beta", "max_grad_norm", "mixed_precision"} <= set(before["train"])
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("train.lr", 0.5), ("train.max_grad_norm", 0.25), ("adapter.alpha", 64.0)]
+)
+def test_resume_checks_the_checkpoint_not_a_hand_edited_recipe(capsys, finished_run, field, value):
+    """Round 4: editing the run's own recipe.yaml (lr 0.005 -> 0.5) and resuming with it
+    passed the check, which compared the recipe with that same file: the run trained on at
+    the old lr while its record said 0.5. Each checkpoint keeps the recipe it was made with."""
+    import yaml
+
+    _, run = finished_run
+    own = run / "recipe.yaml"
+    fields = yaml.safe_load(own.read_text())
+    section, key = field.split(".")
+    fields[section][key] = value
+    own.write_text(yaml.safe_dump(fields, sort_keys=False))
+    pattern = rf"--resume: {section}\.{key} is {value} but the run in .* was made with"
+    resume_refused(capsys, own, run, pattern, "train.max_steps=6")

@@ -6,7 +6,7 @@ checkpoints/step-N/
   prefix_encoder.safetensors   prefix tuning's MLP (prefix_projection), which peft leaves out
   optimizer.pt  scheduler.pt   their state dicts
   rng_torch.pt  rng.json       torch's, Python's and numpy's random states
-  state.json                   where the loop is (`RunState`)
+  state.json                   where the loop is, and the recipe it started with (`RunState`)
 ```
 A checkpoint is written under a temporary name and renamed into place, so one that is
 listed is complete.
@@ -60,6 +60,10 @@ class RunState:
     # sha256 of the training data's bytes (`data_fingerprint`): the data position a checkpoint
     # holds means something only for this content. Empty in checkpoints of older versions.
     data_sha256: str = ""
+    # The resolved recipe the run was started with, kept with the checkpoint: run_dir's
+    # recipe.yaml can be edited by hand, and --resume checks against what was trained.
+    # Empty in checkpoints of older versions (recipe.yaml is checked then).
+    recipe: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -212,11 +216,12 @@ def checkpoint_to_resume(recipe: Recipe, run_dir: Path) -> SavedCheckpoint | Non
             the data is read, that some step is left to train.)
     """
     latest = latest_checkpoint(run_dir)
-    check_resumable(recipe, run_dir)
     if latest is None:
+        check_resumable(recipe, run_dir)
         refuse_retraining(run_dir)
         return None
     saved = read_checkpoint(latest)
+    check_resumable(recipe, run_dir, saved.state.recipe)
     check_same_data(recipe, saved)
     return saved
 
@@ -307,9 +312,12 @@ RESUME_MAY_CHANGE = {
 }
 
 
-def check_resumable(recipe: Recipe, run_dir: Path) -> None:
-    """Refuse to resume a run with a recipe that changes what its checkpoints mean."""
-    before = read_recipe_fields(run_dir)
+def check_resumable(recipe: Recipe, run_dir: Path, trained: dict[str, Any] | None = None) -> None:
+    """Refuse to resume a run with a recipe that changes what its checkpoints mean.
+
+    `trained`: the recipe the checkpoint keeps (RunState.recipe); run_dir's recipe.yaml when
+    there is none (no checkpoint, or one of an older version)."""
+    before = trained or read_recipe_fields(run_dir)
     if before is None:
         return  # no readable record of the old recipe: the checkpoint itself is checked
     now = recipe.model_dump(mode="json")
