@@ -15,6 +15,7 @@ listed is complete.
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -249,7 +250,7 @@ def data_fingerprint(path: Path) -> str:
     for file in files:
         if not file.is_file():
             return ""
-        digest.update(str(file.relative_to(path) if path.is_dir() else "").encode())
+        digest.update(os.fsencode(file.relative_to(path)) if path.is_dir() else b"")
         with file.open("rb") as source:
             for block in iter(lambda: source.read(1 << 20), b""):
                 digest.update(block)
