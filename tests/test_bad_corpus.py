@@ -1946,6 +1946,13 @@ CASES = [
         "a boolean where text belongs is explained, not blamed",
     ),
     Case(
+        "kto-csv-label-word",
+        data("kto_yes.csv", "data.format=kto", "train.objective=kto", command="validate"),
+        r"kto_yes\.csv row 2: column 'label' must be true or false .*got 'yes'; write true or",
+        "round 4: every CSV label was refused with 'write a JSON boolean', which no CSV holds; "
+        "true/false are read now, other words still refused",
+    ),
+    Case(
         "override-hash-in-path",
         validate("base.yaml", "data.path=<bad>/good.jsonl #missing"),
         r"good\.jsonl #missing.*not found",
