@@ -1953,6 +1953,12 @@ CASES = [
         "true/false are read now, other words still refused",
     ),
     Case(
+        "override-key-not-utf8",
+        validate("base.yaml", "tr\udcffin.lr=1"),
+        r"override key 'tr\\udcffin\.lr' holds the byte 0xff, which is not UTF-8",
+        "round 4: pydantic's 'Input should be a valid string' named neither override nor byte",
+    ),
+    Case(
         "override-hash-in-path",
         validate("base.yaml", "data.path=<bad>/good.jsonl #missing"),
         r"good\.jsonl #missing.*not found",
