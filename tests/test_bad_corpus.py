@@ -193,10 +193,16 @@ def run_and_junk_gguf(tmp: Path, tiny: Path, trained: Path) -> None:
 
 def run_and_other_base_gguf(tmp: Path, tiny: Path, trained: Path) -> None:
     """A readable llama GGUF of another shape (7 blocks), not the tiny model."""
+    copy_run(tmp, tiny, trained)
+    readable_gguf(tmp, tiny, trained)
+
+
+def readable_gguf(tmp: Path, tiny: Path, trained: Path | None) -> None:
+    """tmp/base.gguf: a GGUF the parser reads (7 llama blocks, one tensor); the cache is
+    only reached by a file that passes that check."""
     import gguf
     import numpy as np
 
-    copy_run(tmp, tiny, trained)
     writer = gguf.GGUFWriter(str(tmp / "base.gguf"), "llama")
     writer.add_block_count(7)
     writer.add_embedding_length(64)
@@ -1587,22 +1593,22 @@ CASES = [
     ),
     Case(
         "cache-env-file",
-        ("generate", "<tmp>/random.gguf", "hi"),
+        ("generate", "<tmp>/base.gguf", "hi"),
         r"FINETUNE_CACHE=.*work\.txt is not a folder \(a file or a special file\); set",
         "a cache that is a file used to end in a traceback",
         lambda tmp, tiny, trained: (
-            random_gguf(tmp, tiny, trained),
+            readable_gguf(tmp, tiny, trained),
             cwd_with_files(tmp, tiny, trained),
         ),
         env=(("FINETUNE_CACHE", "<tmp>/work.txt"),),
     ),
     Case(
         "cache-env-under-a-file",
-        ("eval", "<tmp>/random.gguf", "--data", "<bad>/good.jsonl"),
+        ("eval", "<tmp>/base.gguf", "--data", "<bad>/good.jsonl"),
         r"FINETUNE_CACHE=.*work\.txt/cache cannot be created",
         "a cache folder below a file",
         lambda tmp, tiny, trained: (
-            random_gguf(tmp, tiny, trained),
+            readable_gguf(tmp, tiny, trained),
             cwd_with_files(tmp, tiny, trained),
         ),
         env=(("FINETUNE_CACHE", "<tmp>/work.txt/cache"),),

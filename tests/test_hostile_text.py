@@ -211,7 +211,7 @@ def test_a_jsonl_line_ends_only_at_a_newline(tmp_path, char):
 
 
 @pytest.mark.parametrize(
-    "key", ["tr\udcffin.lr", "train.l\udcc3r", "train.\u202elr", "train.l\x00r", "train.\x1blr"]
+    "key", ["tr\udcffin.lr", "train.l\udcc3r", "\udc80train.lr", "train.lr\udcfe", "train.\ud800lr"]
 )
 def test_an_override_key_that_is_not_clean_text_is_named(key):
     """Round 4: a key with a byte that is not UTF-8 (argv's U+DCxx) ended in pydantic's

@@ -290,8 +290,10 @@ def apply_override(raw: dict[str, Any], item: str) -> list[str]:
     if not sep or not all(parts):
         raise UserError(f"override '{item}': write it as section.key=value, e.g. train.lr=1e-4")
     # Before pydantic sees it: a key with a byte that is not UTF-8 was "Input should be a
-    # valid string", naming neither the override nor the byte.
-    require_clean_text(key, f"override key {key.strip()!a}", name=True)
+    # valid string", naming neither the override nor the byte. (Other odd characters reach
+    # the unknown-key message, which shows them escaped.)
+    if any("\ud800" <= char <= "\udfff" for char in key):
+        require_clean_text(key, f"override key {key.strip()!a}", name=True)
     try:
         value = yaml.load(text, Loader=RecipeLoader) if text.strip() else ""
     except (yaml.YAMLError, RecursionError):
