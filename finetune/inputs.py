@@ -256,6 +256,11 @@ BAD_NAME = re.compile(
 
 def _char_kind(char: str) -> str:
     code = ord(char)
+    if 0xDC80 <= code <= 0xDCFF:  # how Python's argv and os.fsdecode carry a non-UTF-8 byte
+        return (
+            f"the byte 0x{code - 0xDC00:02x}, which is not UTF-8 (from the command line), "
+            "or a lone surrogate"
+        )
     if 0xD800 <= code <= 0xDFFF:
         return "a lone surrogate (half of a UTF-16 pair, not a character)"
     if code == 0:

@@ -39,6 +39,10 @@ def silence_third_party() -> None:
         warnings.filterwarnings("ignore", category=category, module=QUIET_MODULES)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DATASETS_VERBOSITY", "error")
+    # tqdm's own default for every bar: transformers' GGUF conversion draws one with tqdm
+    # directly, past its disable_progress_bar(), on a model cache's first use (finetune
+    # says "converting ... (once)" itself). tqdm reads it when it is imported.
+    os.environ.setdefault("TQDM_DISABLE", "1")
 
 
 def quiet_transformers() -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from finetune.errors import UserError
-from finetune.inputs import check_path_text, path_kind
+from finetune.inputs import check_path_text, path_kind, shown_path
 from finetune.stopping import raise_if_terminated
 
 Kind = Literal["file", "folder"]
@@ -72,6 +72,7 @@ def claim_output(
     if not text.strip():
         raise UserError(f"{option} is empty; give a new file or folder name such as runs/<name>")
     given = check_path_text(text, option).expanduser()
+    refuse_undecodable(absolute(given), option)
     where = f"{option}: {text}"
     path_kind(given, option)  # a link loop on the way, a folder that may not be looked in
     if given.is_symlink():
@@ -87,6 +88,24 @@ def claim_output(
     refuse_missing_parent(given, where, kind)
     hold_claim(target, where)
     return given
+
+
+def refuse_undecodable(target: Path, option: str) -> None:
+    """Refuse an output path (or a folder on its way) holding bytes that are not UTF-8.
+
+    Reading such a path works (os.fsencode gives the bytes back), but an output is written
+    by libraries that take paths as text (tokenizers' save_pretrained failed after a whole
+    merge with UnicodeEncodeError) and is recorded in JSON and YAML."""
+    text = str(target)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        byte = os.fsencode(text[err.start])[0]
+        raise UserError(
+            f"{option}: {shown_path(ascii(text))} holds the byte 0x{byte:02x}, which is not "
+            "UTF-8 text; outputs are written by libraries that take text paths, so give a "
+            "UTF-8 name"
+        ) from None
 
 
 # What only a run leaves beside its recipe.yaml (runs.layout.RUN_MARKERS; runs imports this
@@ -123,7 +142,7 @@ def claim_lock_path(target: Path) -> Path:
 
     folder = Path(tempfile.gettempdir()) / f"finetune-claims-{os.getuid()}"
     folder.mkdir(mode=0o700, exist_ok=True)  # OSError: the caller goes on without a claim
-    return folder / f"{hashlib.sha256(str(target).encode()).hexdigest()[:32]}.lock"
+    return folder / f"{hashlib.sha256(os.fsencode(target)).hexdigest()[:32]}.lock"
 
 
 def hold_claim(target: Path, where: str) -> None:

@@ -178,7 +178,10 @@ class Loop:
         # Taken before a checkpoint is restored: with init_from, the initial adapter.
         self.reference = preference.Reference.of(self.unwrapped(), bool(recipe.adapter.init_from))
         self.stats = torch.zeros(len(preference.STATS), dtype=torch.float64)
-        self.state = RunState(data_sha256=runs.data_fingerprint(Path(recipe.data.path)))
+        self.state = RunState(
+            data_sha256=runs.data_fingerprint(Path(recipe.data.path)),
+            recipe=recipe.model_dump(mode="json"),
+        )
         self.history: list[dict[str, Any]] = []
         self.evals: list[dict[str, Any]] = []
         self.checkpoint: Path | None = None  # the newest, on every process (only one writes)

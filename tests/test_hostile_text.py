@@ -208,3 +208,16 @@ def test_a_jsonl_line_ends_only_at_a_newline(tmp_path, char):
             load_rows(path)
         return
     assert load_rows(path)[0]["prompt"] == f"a{char}b"
+
+
+@pytest.mark.parametrize(
+    "key", ["tr\udcffin.lr", "train.l\udcc3r", "\udc80train.lr", "train.lr\udcfe", "train.\ud800lr"]
+)
+def test_an_override_key_that_is_not_clean_text_is_named(key):
+    """Round 4: a key with a byte that is not UTF-8 (argv's U+DCxx) ended in pydantic's
+    'Input should be a valid string', naming neither the override nor the byte."""
+    from finetune.errors import UserError
+    from finetune.recipe.load import apply_override
+
+    with pytest.raises(UserError, match=r"^override key .* at character \d+; remove it"):
+        apply_override({}, f"{key}=1")

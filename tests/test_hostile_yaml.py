@@ -97,3 +97,50 @@ def test_booleans_still_read_as_booleans_where_one_belongs(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(BASE.replace("}\n", ", packing: yes}\n", 1))
     assert load_recipe(path).data.packing is True
+
+
+def text_fields() -> list[str]:
+    """Every recipe field that holds text: paths, column names, the template, max_time."""
+    from finetune.recipe.load import is_text_field
+    from finetune.recipe.schema import Recipe
+
+    names = [
+        f"{section}.{key}"
+        for section, field in Recipe.model_fields.items()
+        for key in getattr(field.annotation, "model_fields", {})
+    ]
+    return [name for name in names if is_text_field(name.split("."))]
+
+
+# Text YAML would read as something else: a comment cut off, a mapping, a list, an anchor.
+NOT_AS_YAML = ["runs/exp #2", "{prompt}", "Q: {prompt}", "[a, b]", "&x", "a, {b: c} # d"]
+
+
+@pytest.mark.parametrize("field", text_fields())
+@given(
+    text=st.sampled_from(NOT_AS_YAML)
+    | st.from_regex(r"[a-z]{1,4}( #|: |\{|\[)[a-z]{0,4}", fullmatch=True)
+)
+@PROPERTY
+def test_an_override_of_a_text_field_is_the_text_typed(field, text):
+    """Round 4: `output.dir=runs/exp #2 output.overwrite=true` replaced runs/exp (YAML read
+    ` #2` as a comment); `data.template={prompt}` was a mapping, refused as 'not a valid
+    string'. A text field's override is the text as typed, unless YAML reads it as a
+    quoted string, null, a boolean or a number (explained or used as written later)."""
+    from finetune.recipe.load import apply_override
+
+    raw: dict = {}
+    apply_override(raw, f"{field}={text}")
+    section, key = field.split(".")
+    assert raw[section][key] == text
+
+
+@pytest.mark.parametrize(
+    ("text", "read"), [("'a #b'", "a #b"), ("null", None), ("~", None), ("true", True), ("7", 7)]
+)
+def test_an_override_yaml_reads_on_purpose_keeps_that_reading(text, read):
+    from finetune.recipe.load import apply_override
+
+    raw: dict = {}
+    apply_override(raw, f"data.eval_path={text}")
+    assert raw["data"]["eval_path"] == read

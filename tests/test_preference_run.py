@@ -227,3 +227,32 @@ def test_a_preference_runs_estimate_is_within_5pct_of_its_measured_peak(
     assert memory["estimate"]["setup"]["objective"] == objective
     measured = memory["measured"]["peak_bytes"]
     assert memory["estimate"]["allocated_bytes"] == pytest.approx(measured, rel=0.05)
+
+
+@pytest.mark.parametrize(
+    ("suffix", "cell", "ok"),
+    [(".csv", "true", True), (".csv", "FALSE", True), (".csv", " True ", True),
+     (".csv", "yes", False), (".csv", "1", False), (".jsonl", "true", False)],
+)  # fmt: skip
+def test_a_kto_label_in_a_csv_is_the_word(capsys, tmp_path, tiny_model_dir, suffix, cell, ok):
+    """Round 4: a CSV cell is text, so every KTO label in a CSV was refused with 'write a JSON
+    boolean', which no CSV can hold. In a CSV the words true and false are the labels; in
+    JSON a boolean is still required."""
+    rows = [{"prompt": "p", "completion": "a", "label": cell}, {"prompt": "q", "completion": "b"}]
+    rows[1]["label"] = "false"
+    if suffix == ".csv":
+        lines = [
+            "prompt,completion,label",
+            *(f"{r['prompt']},{r['completion']},{r['label']}" for r in rows),
+        ]
+        (data := tmp_path / "kto.csv").write_text("\n".join(lines) + "\n")
+    else:
+        rows[1]["label"] = False
+        data = write_jsonl(tmp_path / "kto.jsonl", rows)
+    path = recipe(tmp_path, tiny_model_dir, [], objective="kto")
+    code, _, err = run_main(
+        capsys, "validate", str(path), f"data.path={data}", "data.format=kto", "data.eval_path=null"
+    )
+    assert (code == 0) == ok, err
+    if not ok:
+        assert f"kto{suffix} row 1: column 'label' must be true or false" in err, err

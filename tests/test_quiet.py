@@ -215,3 +215,30 @@ def test_the_demo_recipe_prints_only_the_projects_lines(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_only_project_lines(proc, writes)
+
+
+# Ways a library draws a progress bar: tqdm itself (transformers' GGUF conversion does, on
+# a model cache's first use, past transformers' own switch), and the libraries' wrappers.
+BARS = {
+    "tqdm.auto": "from tqdm.auto import tqdm",
+    "tqdm": "from tqdm import tqdm",
+    "transformers": "from transformers.utils.logging import tqdm",
+    "huggingface_hub": "from huggingface_hub.utils import tqdm",
+}
+
+
+@pytest.mark.parametrize("bar", list(BARS))
+def test_no_progress_bar_is_drawn_after_the_cli_silences_third_parties(bar):
+    """Round 4: the first command on an empty model cache printed transformers' 'Converting
+    and de-quantizing GGUF tensors...' bar (tqdm.auto, drawn directly), a foreign line that
+    test_the_demo_recipe missed because its cache was warm."""
+    from helpers import run_python
+
+    code = (
+        "from finetune.noise import silence_third_party; silence_third_party()\n"
+        f"{BARS[bar]}\n"
+        "for _ in tqdm(range(3), desc='a bar'): pass\n"
+    )
+    done = run_python(code, env={"TQDM_DISABLE": None})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "a bar" not in done.stderr, done.stderr

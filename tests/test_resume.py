@@ -452,3 +452,66 @@ def test_resume_refuses_other_data_under_the_same_path(capsys, recipe_file, tmp_
     rows[3] = rows[3].replace("2024", "2025", 1)
     data.write_text("\n".join(rows) + "\n")
     resume_refused(capsys, recipe, run, r"--resume: data\.path .* is not the data step-2 was")
+
+
+def changed(value):
+    """Another value of the same JSON type: what a user's edit to that field looks like."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int | float):
+        return value * 2 + 1
+    if isinstance(value, list):
+        return [*value, "x"]
+    return f"{value}-x" if value is not None else "x"
+
+
+def every_field(recipe: dict):
+    for section in ("model", "adapter", "data", "train"):
+        for key in recipe[section]:
+            yield section, key
+
+
+def test_resume_refuses_every_field_but_the_few_that_may_change(tmp_path, recipe_file):
+    """Issue 30 round 4: the fields that had to match were listed one by one, so a DPO run
+    resumed with train.objective=orpo, another beta or clipping norm was accepted silently.
+    Every field of model, adapter, data and train, changed alone, is refused but those in
+    RESUME_MAY_CHANGE (a field added later is checked by default)."""
+    from types import SimpleNamespace
+
+    import yaml
+
+    from finetune.errors import UserError
+    from finetune.runs import RESUME_MAY_CHANGE, check_resumable
+
+    before = load_recipe(recipe_file()).model_dump(mode="json")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "recipe.yaml").write_text(yaml.safe_dump(before))
+    for section, key in every_field(before):
+        now = json.loads(json.dumps(before))
+        now[section][key] = changed(now[section][key])
+        recipe = SimpleNamespace(model_dump=lambda mode, now=now: now)
+        if key in RESUME_MAY_CHANGE[section]:
+            check_resumable(recipe, tmp_path / "old")
+            continue
+        with pytest.raises(UserError, match=rf"--resume: {section}\.{key} is .* was made with"):
+            check_resumable(recipe, tmp_path / "old")
+    assert {"objective", "beta", "max_grad_norm", "mixed_precision"} <= set(before["train"])
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("train.lr", 0.5), ("train.max_grad_norm", 0.25), ("adapter.alpha", 64.0)]
+)
+def test_resume_checks_the_checkpoint_not_a_hand_edited_recipe(capsys, finished_run, field, value):
+    """Round 4: editing the run's own recipe.yaml (lr 0.005 -> 0.5) and resuming with it
+    passed the check, which compared the recipe with that same file: the run trained on at
+    the old lr while its record said 0.5. Each checkpoint keeps the recipe it was made with."""
+    import yaml
+
+    _, run = finished_run
+    own = run / "recipe.yaml"
+    fields = yaml.safe_load(own.read_text())
+    section, key = field.split(".")
+    fields[section][key] = value
+    own.write_text(yaml.safe_dump(fields, sort_keys=False))
+    pattern = rf"--resume: {section}\.{key} is {value} but the run in .* was made with"
+    resume_refused(capsys, own, run, pattern, "train.max_steps=6")

@@ -183,7 +183,7 @@ def pair_example(
             f"identical after truncation to data.max_length={spec.max_length}; raise "
             "data.max_length or fix the row"
         )
-    label = kto_label(row, spec, where) if spec.format == "kto" else None
+    label = kto_label(row, spec, where, untyped=is_csv(path)) if spec.format == "kto" else None
     rejected = tokens.responses[1] if len(texts) == 2 else []
     number = int(row.get("_row", 0))
     return PairExample(
@@ -191,12 +191,24 @@ def pair_example(
     ), tokens.truncated
 
 
-def kto_label(row: dict[str, Any], spec: DataSection, where: str) -> bool:
+def is_csv(path: str | Path) -> bool:
+    return Path(str(path)).suffix.lower() == ".csv"
+
+
+# A CSV cell is text: no CSV can hold a JSON boolean, so there the words are the labels.
+CSV_LABELS = {"true": True, "false": False}
+
+
+def kto_label(row: dict[str, Any], spec: DataSection, where: str, *, untyped: bool) -> bool:
+    """The row's label; `untyped` (a CSV file) reads the words true and false, any case."""
     value = require_column(row, spec.label_column, "data.label_column", where)
+    if untyped and isinstance(value, str) and value.strip().lower() in CSV_LABELS:
+        return CSV_LABELS[value.strip().lower()]
     if not isinstance(value, bool):
+        fix = "write true or false" if untyped else "write a JSON boolean"
         raise UserError(
             f"{where}: column '{spec.label_column}' must be true or false (desirable or not), "
-            f"got {value!r}; write a JSON boolean"
+            f"got {value!r}; {fix}"
         )
     return value
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import os
 import re
 import reprlib
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -288,9 +289,16 @@ def apply_override(raw: dict[str, Any], item: str) -> list[str]:
     parts = key.strip().split(".")
     if not sep or not all(parts):
         raise UserError(f"override '{item}': write it as section.key=value, e.g. train.lr=1e-4")
+    # Before pydantic sees it: a key with a byte that is not UTF-8 was "Input should be a
+    # valid string", naming neither the override nor the byte. (Other odd characters reach
+    # the unknown-key message, which shows them escaped.)
+    if any("\ud800" <= char <= "\udfff" for char in key):
+        require_clean_text(key, f"override key {key.strip()!a}", name=True)
     try:
         value = yaml.load(text, Loader=RecipeLoader) if text.strip() else ""
     except (yaml.YAMLError, RecursionError):
+        value = text
+    if is_text_field(parts) and not read_as_typed(value, text):
         value = text
     node = raw
     for part in parts[:-1]:
@@ -300,6 +308,40 @@ def apply_override(raw: dict[str, Any], item: str) -> list[str]:
         node = child
     node[parts[-1]] = value
     return parts
+
+
+# The words YAML reads as null: `data.eval_path=null` unsets a field on purpose.
+NULL_WORDS = {"null", "Null", "NULL", "~"}
+
+
+def is_text_field(parts: list[str]) -> bool:
+    """Whether `section.key` is a field that holds text (str, or str or None): a path, a
+    column name, a template."""
+    section = Recipe.model_fields.get(parts[0]) if len(parts) == 2 else None
+    model = section.annotation if section is not None else None
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        return False
+    field = model.model_fields.get(parts[1])
+    if field is None:
+        return False
+    kinds = typing.get_args(field.annotation) or (field.annotation,)
+    kinds = {typing.get_args(k)[0] if typing.get_origin(k) is Annotated else k for k in kinds}
+    return str in kinds and kinds <= {str, type(None)}
+
+
+def read_as_typed(value: Any, text: str) -> bool:
+    """Whether YAML's reading of an override's text is what the user typed for a text field.
+
+    Not when YAML made a structure of it (`{prompt}` a mapping, `a: b` one too), dropped a
+    part (`runs/exp #2` is `runs/exp` once ` #2` is read as a comment: a fresh run aimed at
+    exp #2 replaced exp) or read an anchor as null (`&x`). A quoted string, a null word,
+    a boolean and a number stay YAML's: they are explained or used as written later."""
+    typed = text.strip()
+    if isinstance(value, dict | list):
+        return False
+    if value is None:
+        return typed in NULL_WORDS
+    return not isinstance(value, str) or value == typed or typed[:1] in ("'", '"')
 
 
 # Paths a recipe names relative to its own folder; typed on the command line, relative to

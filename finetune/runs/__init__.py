@@ -14,7 +14,7 @@ runs/<name>/
 
 from finetune.runs.checkpoints import (
     PROJECTION_FILE,
-    RESUME_MUST_MATCH,
+    RESUME_MAY_CHANGE,
     RunState,
     SavedCheckpoint,
     check_resumable,
@@ -68,7 +68,7 @@ __all__ = [
     "LOSS_PLOT",
     "MEMORY_PLOT",
     "PROJECTION_FILE",
-    "RESUME_MUST_MATCH",
+    "RESUME_MAY_CHANGE",
     "RUN_LAYOUT",
     "TRACKER_FOLDERS",
     "MetricsWriter",

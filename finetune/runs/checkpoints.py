@@ -6,7 +6,7 @@ checkpoints/step-N/
   prefix_encoder.safetensors   prefix tuning's MLP (prefix_projection), which peft leaves out
   optimizer.pt  scheduler.pt   their state dicts
   rng_torch.pt  rng.json       torch's, Python's and numpy's random states
-  state.json                   where the loop is (`RunState`)
+  state.json                   where the loop is, and the recipe it started with (`RunState`)
 ```
 A checkpoint is written under a temporary name and renamed into place, so one that is
 listed is complete.
@@ -15,6 +15,7 @@ listed is complete.
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -60,6 +61,10 @@ class RunState:
     # sha256 of the training data's bytes (`data_fingerprint`): the data position a checkpoint
     # holds means something only for this content. Empty in checkpoints of older versions.
     data_sha256: str = ""
+    # The resolved recipe the run was started with, kept with the checkpoint: run_dir's
+    # recipe.yaml can be edited by hand, and --resume checks against what was trained.
+    # Empty in checkpoints of older versions (recipe.yaml is checked then).
+    recipe: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -212,11 +217,12 @@ def checkpoint_to_resume(recipe: Recipe, run_dir: Path) -> SavedCheckpoint | Non
             the data is read, that some step is left to train.)
     """
     latest = latest_checkpoint(run_dir)
-    check_resumable(recipe, run_dir)
     if latest is None:
+        check_resumable(recipe, run_dir)
         refuse_retraining(run_dir)
         return None
     saved = read_checkpoint(latest)
+    check_resumable(recipe, run_dir, saved.state.recipe)
     check_same_data(recipe, saved)
     return saved
 
@@ -244,7 +250,7 @@ def data_fingerprint(path: Path) -> str:
     for file in files:
         if not file.is_file():
             return ""
-        digest.update(str(file.relative_to(path) if path.is_dir() else "").encode())
+        digest.update(os.fsencode(file.relative_to(path)) if path.is_dir() else b"")
         with file.open("rb") as source:
             for block in iter(lambda: source.read(1 << 20), b""):
                 digest.update(block)
@@ -283,42 +289,49 @@ def restore_rng(saved: SavedCheckpoint) -> None:
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
 
 
-# What a resumed run must share with the run it continues: anything else (max_steps, eval
-# and save intervals, output options) may change between the two. lr and weight decay live
-# in the restored optimizer and scheduler: a new value would be written to recipe.yaml and
-# not used. The schedule's shape and warm-up are the scheduler's meaning.
-RESUME_MUST_MATCH = {
-    "model": None,
-    "adapter": None,
-    "data": None,
+# What a resumed run may change: its length, how often it evaluates, saves, logs and where it
+# reports, its time budget, memory-only choices and what to do on a NaN (a run stopped by one
+# may go on skipping it). Every other field of these sections must match, so a field added
+# later is checked by default: a new objective, beta or clipping norm would otherwise be
+# recorded in recipe.yaml and mixed into a run whose first half used the old value.
+RESUME_MAY_CHANGE = {
+    "model": (),
+    "adapter": (),
+    "data": (),
     "train": (
-        "micro_batch_size",
-        "grad_accum",
-        "seed",
-        "lr",
-        "weight_decay",
-        "optimizer",  # its states' layout (8-bit or not) and its update
-        "schedule",
-        "warmup_steps",
+        "max_steps",
+        "epochs",
+        "eval_every",
+        "save_every",
+        "log_every",
+        "keep_last",
+        "report_to",
+        "max_time",
+        "gradient_checkpointing",  # the same gradients, less memory
+        "on_nonfinite",
     ),
 }
 
 
-def check_resumable(recipe: Recipe, run_dir: Path) -> None:
-    """Refuse to resume a run with a recipe that changes what its checkpoints mean."""
-    before = read_recipe_fields(run_dir)
+def check_resumable(recipe: Recipe, run_dir: Path, trained: dict[str, Any] | None = None) -> None:
+    """Refuse to resume a run with a recipe that changes what its checkpoints mean.
+
+    `trained`: the recipe the checkpoint keeps (RunState.recipe); run_dir's recipe.yaml when
+    there is none (no checkpoint, or one of an older version)."""
+    before = trained or read_recipe_fields(run_dir)
     if before is None:
         return  # no readable record of the old recipe: the checkpoint itself is checked
     now = recipe.model_dump(mode="json")
-    for section, keys in RESUME_MUST_MATCH.items():
+    for section, free in RESUME_MAY_CHANGE.items():
         old_section = before.get(section) or {}
-        for key in keys or now[section]:
-            if key in old_section and old_section[key] != now[section][key]:
-                raise UserError(
-                    f"--resume: {section}.{key} is {now[section][key]!r} but the run in "
-                    f"{run_dir} was made with {old_section[key]!r}; resume with the same "
-                    "value, or start a new run (adapter.init_from can start from its adapter)"
-                )
+        for key in now[section]:
+            if key in free or key not in old_section or old_section[key] == now[section][key]:
+                continue
+            raise UserError(
+                f"--resume: {section}.{key} is {now[section][key]!r} but the run in "
+                f"{run_dir} was made with {old_section[key]!r}; resume with the same "
+                "value, or start a new run (adapter.init_from can start from its adapter)"
+            )
 
 
 def _jsonable(value: Any) -> Any:
