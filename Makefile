@@ -54,9 +54,15 @@ demo: $(STAMP)
 	$(VENV)/bin/finetune train recipes/quickstart.yaml output.overwrite=true
 
 # FINETUNE_REQUIRE_LLAMACPP: the llama.cpp tests fail, rather than skip, without the binding.
+# Two workers (pytest-xdist): most of the suite's time is spent starting processes and
+# importing torch, which one core does alone, so two cores halve it (28 minutes in one
+# process on 2 cores). Tests that must not share the machine's ports run in one worker
+# (xdist_group, --dist loadgroup). TEST_WORKERS=0 runs everything in this process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	FINETUNE_REQUIRE_LLAMACPP=1 $(PY) -m pytest -q -p no:cacheprovider --durations=15
+	FINETUNE_REQUIRE_LLAMACPP=1 $(PY) -m pytest -q -p no:cacheprovider --durations=15 \
+		-n $(TEST_WORKERS) --dist loadgroup
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

@@ -13,14 +13,16 @@ subprocess sees no CUDA device (asked once per session).
 
 from __future__ import annotations
 
-from helpers import hide_gpus
+from helpers import hide_gpus, share_cores_between_workers
 
 hide_gpus()  # first: before anything below can initialise CUDA
+share_cores_between_workers()  # and before torch sizes its thread pool
 
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 from helpers import (  # noqa: E402
+    ROOT,
     build_model,
     build_tokenizer,
     date_rows,
@@ -61,6 +63,28 @@ def recipe_file(tmp_path, tiny_model_dir, instruction_data):
         return path
 
     return make
+
+
+@pytest.fixture(scope="session")
+def embedded_run(tmp_path_factory):
+    """The real embedded model trained 4 steps from the quickstart recipe, through the CLI,
+    once per session: the training test checks the run, the export test merges and exports
+    it (one real training, a minute or more on 2 cores, instead of two). Tests that use it
+    share an xdist group, so the run is made once under `make test` too."""
+    pytest.importorskip("gguf")
+    run = tmp_path_factory.mktemp("embedded") / "run"
+    proc = run_cli(
+        "train",
+        str(ROOT / "recipes" / "quickstart.yaml"),
+        "train.max_steps=4",
+        "train.eval_every=0",
+        "train.save_every=2",
+        "eval.max_examples=4",
+        f"output.dir={run}",
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run
 
 
 @pytest.fixture

@@ -102,6 +102,17 @@ def hide_gpus() -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
+def share_cores_between_workers() -> None:
+    """Under pytest-xdist, give each worker its share of the cores, for it and its
+    subprocesses. torch sizes its thread pool by the cores it sees; two workers on two
+    cores then run four spinning threads, and a compute-heavy test took 3.6x as long as
+    alone (the embedded model's training: 298 s against 82 s). A value the user set wins.
+    """
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+
+
 def gpu_env() -> dict[str, str | None]:
     """run_cli's `env` for a `gpu` test: the GPUs the tests were started with (None unsets)."""
     original = os.environ.get(GPUS_VAR, UNSET)

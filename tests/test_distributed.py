@@ -13,6 +13,10 @@ from safetensors.torch import load_file
 
 from finetune.cli import main
 
+# torchrun and accelerate listen on the default port (29500): these tests share one xdist
+# worker (make test runs --dist loadgroup) so that two launchers never meet there.
+pytestmark = pytest.mark.xdist_group("launchers")
+
 
 def losses(run):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

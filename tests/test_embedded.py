@@ -8,20 +8,9 @@ from helpers import ROOT
 pytestmark = pytest.mark.slow
 
 
-def test_embedded_model_trains_a_few_steps(cli, tmp_path):
-    pytest.importorskip("gguf")
-    run = tmp_path / "run"
-    proc = cli(
-        "train",
-        str(ROOT / "recipes" / "quickstart.yaml"),
-        "train.max_steps=4",
-        "train.eval_every=0",
-        "train.save_every=2",
-        "eval.max_examples=4",
-        f"output.dir={run}",
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+@pytest.mark.xdist_group("embedded")
+def test_embedded_model_trains_a_few_steps(embedded_run):
+    run = embedded_run
     report = json.loads((run / "report.json").read_text())
     assert report["model"]["path"] == "smollm2-135m-instruct"
     assert report["adapter"]["total_parameters"] > 134_000_000

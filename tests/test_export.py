@@ -267,26 +267,15 @@ def report_tokenizer(folder):
 
 
 @pytest.mark.slow
-def test_embedded_model_trains_merges_and_exports_gguf(tmp_path):
-    """SmolLM2-135M-Instruct: train two steps, merge, export GGUF, load it back."""
-    pytest.importorskip("gguf")
-    from helpers import ROOT
+@pytest.mark.xdist_group("embedded")
+def test_embedded_model_trains_merges_and_exports_gguf(embedded_run, tmp_path):
+    """SmolLM2-135M-Instruct: the session's trained run merged, exported as GGUF, loaded back."""
     from transformers import AutoModelForCausalLM
 
-    recipe = load_recipe(
-        ROOT / "recipes" / "quickstart.yaml",
-        [
-            "train.max_steps=2",
-            "train.eval_every=0",
-            "train.save_every=0",
-            "eval.max_examples=2",
-            f"output.dir={tmp_path / 'run'}",
-        ],
-    )
-    train(recipe)
-    merged = export.merge(str(tmp_path / "run"), tmp_path / "merged")
+    run = str(embedded_run)
+    merged = export.merge(run, tmp_path / "merged")
     assert merged.max_logit_diff < checks.MERGE_TOLERANCE["float32"]
-    report = export.export(str(tmp_path / "run"), tmp_path / "model.gguf", "gguf")
+    report = export.export(run, tmp_path / "model.gguf", "gguf")
     assert report.check.max_logit_diff < checks.GGUF_TOLERANCE["f16"]
     assert report.check.tokens_identical
     # The tokenizer fields come from the embedded GGUF; llama.cpp's own hash names it alike.
@@ -297,7 +286,7 @@ def test_embedded_model_trains_merges_and_exports_gguf(tmp_path):
         tmp_path, gguf_file="model.gguf", dtype=torch.float32
     )
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
-    session = inference.load(targets.resolve_target(str(tmp_path / "run")), device="cpu")
+    session = inference.load(targets.resolve_target(run), device="cpu")
     batch = checks.probe_batch(session.tokenizer)
     diff = checks.max_logit_diff(
         checks.probe_logits(plain, batch),
@@ -311,7 +300,7 @@ def test_embedded_model_trains_merges_and_exports_gguf(tmp_path):
     # model does, and the adapter GGUF applies to the embedded Q4_1 GGUF it was trained on.
     assert report.check.runner.startswith("llama.cpp")
     assert report.check.greedy_identical == report.check.prompts
-    adapter = export.export(str(tmp_path / "run"), tmp_path / "adapter.gguf", "gguf-adapter")
+    adapter = export.export(run, tmp_path / "adapter.gguf", "gguf-adapter")
     assert adapter.check.base_gguf.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
     assert adapter.check.tokens_identical and adapter.size_bytes < report.size_bytes / 10
     assert adapter.check.max_logit_diff < checks.BASE_TOLERANCE["other"]
