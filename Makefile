@@ -56,13 +56,13 @@ demo: $(STAMP)
 # FINETUNE_REQUIRE_LLAMACPP: the llama.cpp tests fail, rather than skip, without the binding.
 # Two workers (pytest-xdist): most of the suite's time is spent starting processes and
 # importing torch, which one core does alone, so two cores halve it (28 minutes in one
-# process on 2 cores). Tests that must not share the machine's ports run in one worker
-# (xdist_group, --dist loadgroup). TEST_WORKERS=0 runs everything in this process.
+# process on 2 cores; 17 in two). Each worker gets its share of the cores (tests/helpers.py,
+# share_cores_between_workers). TEST_WORKERS=0 runs everything in this process.
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	FINETUNE_REQUIRE_LLAMACPP=1 $(PY) -m pytest -q -p no:cacheprovider --durations=15 \
-		-n $(TEST_WORKERS) --dist loadgroup
+		-n $(TEST_WORKERS)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

@@ -18,6 +18,8 @@ from helpers import hide_gpus, share_cores_between_workers
 hide_gpus()  # first: before anything below can initialise CUDA
 share_cores_between_workers()  # and before torch sizes its thread pool
 
+import fcntl  # noqa: E402
+import os  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -68,22 +70,30 @@ def recipe_file(tmp_path, tiny_model_dir, instruction_data):
 @pytest.fixture(scope="session")
 def embedded_run(tmp_path_factory):
     """The real embedded model trained 4 steps from the quickstart recipe, through the CLI,
-    once per session: the training test checks the run, the export test merges and exports
-    it (one real training, a minute or more on 2 cores, instead of two). Tests that use it
-    share an xdist group, so the run is made once under `make test` too."""
+    once: the training test checks the run, the export test merges and exports it (one real
+    training, a minute or two on 2 cores, instead of two). Under pytest-xdist each worker
+    has its own session, so the run lives in the folder the workers share, made by whichever
+    worker comes first while the other waits on a lock."""
     pytest.importorskip("gguf")
-    run = tmp_path_factory.mktemp("embedded") / "run"
-    proc = run_cli(
-        "train",
-        str(ROOT / "recipes" / "quickstart.yaml"),
-        "train.max_steps=4",
-        "train.eval_every=0",
-        "train.save_every=2",
-        "eval.max_examples=4",
-        f"output.dir={run}",
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    run = shared / "embedded-run"
+    with open(shared / "embedded-run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (run / "report.json").is_file():
+            proc = run_cli(
+                "train",
+                str(ROOT / "recipes" / "quickstart.yaml"),
+                "train.max_steps=4",
+                "train.eval_every=0",
+                "train.save_every=2",
+                "eval.max_examples=4",
+                f"output.dir={run}",
+                "output.overwrite=true",
+                timeout=900,
+            )
+            assert proc.returncode == 0, proc.stderr[-3000:]
     return run
 
 

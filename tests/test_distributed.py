@@ -4,6 +4,7 @@ give the same run, and only the main process writes the run directory."""
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -13,9 +14,13 @@ from safetensors.torch import load_file
 
 from finetune.cli import main
 
-# torchrun and accelerate listen on the default port (29500): these tests share one xdist
-# worker (make test runs --dist loadgroup) so that two launchers never meet there.
-pytestmark = pytest.mark.xdist_group("launchers")
+
+def free_port() -> int:
+    """A port nobody listens on now: each launcher gets its own, so that two tests running
+    at once (make test runs two pytest-xdist workers) never meet on the default 29500."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def losses(run):
@@ -38,7 +43,8 @@ def test_two_processes_match_one(launcher, recipe_file, tmp_path):
         "two.yaml", train={**common, "micro_batch_size": 2}, output={"dir": str(tmp_path / "two")}
     )
     if launcher == "torchrun":
-        command = [torchrun, "--nproc_per_node", "2", "-m", "finetune", "train", str(double)]
+        command = [torchrun, "--master_port", str(free_port()), "--nproc_per_node", "2"]
+        command += ["-m", "finetune", "train", str(double)]
     else:  # on a machine without GPUs, accelerate's multi-GPU launcher runs gloo on the CPU
         command = [
             accelerate,
@@ -48,6 +54,8 @@ def test_two_processes_match_one(launcher, recipe_file, tmp_path):
             "2",
             "--num_machines",
             "1",
+            "--main_process_port",
+            str(free_port()),
             "--mixed_precision",
             "no",
             "--dynamo_backend",
@@ -86,7 +94,8 @@ def test_sigterm_under_torchrun_stops_every_process_at_the_same_step(recipe_file
     double = recipe_file(
         "two.yaml", train={**common, "micro_batch_size": 2}, output={"dir": str(tmp_path / "two")}
     )
-    command = [torchrun, "--nproc_per_node", "2", "-m", "finetune", "train", str(double)]
+    command = [torchrun, "--master_port", str(free_port()), "--nproc_per_node", "2"]
+    command += ["-m", "finetune", "train", str(double)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "two" / "metrics.jsonl"

@@ -8,7 +8,6 @@ from helpers import ROOT
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.xdist_group("embedded")
 def test_embedded_model_trains_a_few_steps(embedded_run):
     run = embedded_run
     report = json.loads((run / "report.json").read_text())

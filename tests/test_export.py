@@ -267,7 +267,6 @@ def report_tokenizer(folder):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("embedded")
 def test_embedded_model_trains_merges_and_exports_gguf(embedded_run, tmp_path):
     """SmolLM2-135M-Instruct: the session's trained run merged, exported as GGUF, loaded back."""
     from transformers import AutoModelForCausalLM
