@@ -64,11 +64,30 @@ def relative_error(estimate: int, measured: int) -> float:
     return (estimate - measured) / measured
 
 
+class BadInput(Exception):
+    """A folder or report this tool cannot read: one line, exit 2."""
+
+
+FOLDER_OF = {
+    "--cases": "a folder of finetune report.json files (gpu-measurements/reports)",
+    "--models": "a folder of model config folders (gpu-measurements/models)",
+}
+
+
+def check_folders(option: str, folders: list[Path]) -> None:
+    for folder in folders:
+        if not folder.is_dir():
+            what = "is not a folder" if folder.exists() else "does not exist"
+            raise BadInput(f"{option} {folder} {what}; give {FOLDER_OF[option]}")
+
+
 def find_cases(
     case_dirs: list[Path], model_dirs: list[Path], any_device: bool = False
 ) -> list[Case]:
     """Every CUDA training report under `case_dirs` whose model config is found (with
     `any_device`, CPU training reports too)."""
+    check_folders("--cases", case_dirs)
+    check_folders("--models", model_dirs)
     cases = []
     for folder in case_dirs:
         for path in sorted(folder.glob("*.json")):
@@ -79,7 +98,15 @@ def find_cases(
 
 
 def read_case(path: Path, model_dirs: list[Path], any_device: bool = False) -> Case | None:
-    report = json.loads(path.read_text())
+    try:
+        report = json.loads(path.read_text())
+        return case_of(path, report, model_dirs, any_device)
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        detail = f"{type(e).__name__}: {e}" if not isinstance(e, KeyError) else f"no field {e}"
+        raise BadInput(f"{path}: not a readable finetune report ({detail})") from None
+
+
+def case_of(path: Path, report: dict, model_dirs: list[Path], any_device: bool) -> Case | None:
     memory = report.get("memory") or {}
     measured = memory.get("measured") or {}
     setup = (memory.get("estimate") or {}).get("setup")
@@ -90,7 +117,7 @@ def read_case(path: Path, model_dirs: list[Path], any_device: bool = False) -> C
     model_name = Path(report["model"]["path"]).name
     config_dir = next((d / model_name for d in model_dirs if (d / model_name).is_dir()), None)
     if config_dir is None:
-        raise SystemExit(f"{path}: no config folder {model_name!r} under any --models DIR")
+        raise BadInput(f"{path}: no config folder {model_name!r} under any --models DIR")
     return Case(
         name=path.stem,
         config_dir=config_dir,
@@ -174,7 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     # A dry run takes seconds of one core per case: a matrix of dozens wants several.
     parser.add_argument("--jobs", type=int, default=1, help="cases estimated at a time")
     args = parser.parse_args(argv)
-    cases = find_cases(args.cases, args.models, args.any_device)
+    if args.jobs < 1:
+        parser.error(f"--jobs {args.jobs}: give 1 or more")
+    try:
+        cases = find_cases(args.cases, args.models, args.any_device)
+    except BadInput as e:
+        print(e, file=sys.stderr)
+        return 2
     if not cases:
         print("no CUDA training reports found under --cases", file=sys.stderr)
         return 2

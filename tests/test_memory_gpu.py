@@ -6,6 +6,7 @@ past them fails here."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import statistics
 import sys
@@ -59,3 +60,44 @@ def test_the_summary_lines_have_the_documented_form(rows):
     assert len(table) == 2 + 8
     # a markdown table: every line has the header's 8 columns
     assert all(line.startswith("|") and line.count("|") == 9 for line in table)
+
+
+def report_files(tmp_path, **files):
+    folder = tmp_path / "reports"
+    folder.mkdir()
+    for name, text in files.items():
+        (folder / f"{name}.json").write_text(text)
+    return folder
+
+
+CUDA_RUN, LORA = {"device": "cuda:0", "peak_bytes": 1}, {"method": "lora"}
+FOLDERS = {
+    "missing": lambda tmp: tmp / "missing",
+    "file": lambda tmp: (tmp / "file").write_text("not a folder") and tmp / "file",
+    "reports": lambda tmp: CASES / "reports",
+    "models": lambda tmp: CASES / "models",
+    "empty": lambda tmp: (tmp / "empty").mkdir() or tmp / "empty",
+    "truncated": lambda tmp: report_files(tmp, x='{"memory": {"measured": '),
+    "no-model": lambda tmp: report_files(
+        tmp, y=json.dumps({"memory": {"measured": CUDA_RUN, "estimate": {"setup": LORA}}})
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("cases", "models", "expect"),
+    [
+        ("missing", "models", r"--cases .*missing does not exist; give a folder of finetune"),
+        ("file", "models", r"--cases .*file is not a folder; give a folder of finetune"),
+        ("reports", "missing", r"--models .*missing does not exist; give a folder of model"),
+        ("truncated", "models", r"x\.json: not a readable finetune report \(JSONDecodeError"),
+        ("no-model", "models", r"y\.json: not a readable finetune report \(no field 'model'\)"),
+        ("reports", "empty", r"\.json: no config folder 'llama7b' under any --models DIR"),
+    ],
+)
+def test_bad_folders_and_reports_end_in_one_line(tmp_path, capsys, cases, models, expect):
+    argv = ["--cases", str(FOLDERS[cases](tmp_path)), "--models", str(FOLDERS[models](tmp_path))]
+    code = memory_gpu().main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and re.search(expect, err), err
