@@ -731,8 +731,15 @@ def environment_lines(device: str) -> list[str]:
 # ------------------------------------------------------------------------ driver
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Bad arguments end in one line (no usage block) and exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (--help lists the options)\n")
+
+
 def parse_args(argv: list[str] | None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     parser.add_argument("--out", type=Path, default=ROOT / "gpu-check" / stamp)
     parser.add_argument("--budget", type=float, default=470.0, help="seconds in all")
@@ -745,7 +752,7 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--quants", default=",".join(QUANTS), type=lambda v: v.split(","))
     parser.add_argument("--shapes", default="i8x128,t2x512", type=lambda v: v.split(","))
     parser.add_argument(
-        "--ckpt", default="off,on", type=lambda v: [x == "on" for x in v.split(",")]
+        "--ckpt", default="off,on", type=on_off_list, help="gradient checkpointing: off,on"
     )
     parser.add_argument("--parallel", type=int, default=4, help="matrix runs at a time")
     parser.add_argument("--steps", type=int, default=3, help="steps per matrix run")
@@ -755,10 +762,45 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--require", action="append", default=[], help=argparse.SUPPRESS)
     parser.add_argument("--child-timing", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    unknown = set(args.parts) - set(PARTS)
-    if unknown:
-        parser.error(f"unknown part: {', '.join(sorted(unknown))} (parts: {', '.join(PARTS)})")
+    problem = argument_problem(args)
+    if problem:
+        parser.error(problem)
     return args
+
+
+def on_off_list(text: str) -> list[bool]:
+    values = text.split(",")
+    if any(value not in ("on", "off") for value in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: give on, off or on,off")
+    return [value == "on" for value in values]
+
+
+def argument_problem(args) -> str | None:
+    """What is wrong with the arguments, in one line, before anything runs or is written."""
+    for option, given, known in (
+        ("--parts", args.parts, PARTS),
+        ("--methods", args.methods, METHODS),
+        ("--quants", args.quants, tuple(QUANTS)),
+        ("--shapes", args.shapes, tuple(SHAPES)),
+    ):
+        unknown = [value for value in given if value not in known]
+        if unknown:
+            return f"{option}: unknown {', '.join(unknown)} (known: {', '.join(known)})"
+    for option, value in (
+        ("--budget", args.budget),
+        ("--parallel", args.parallel),
+        ("--steps", args.steps),
+        ("--timing-steps", args.timing_steps),
+    ):
+        if not value > 0 or value == float("inf"):
+            return f"{option} {value}: give a positive number"
+    if args.tokenizer is not None and not (args.tokenizer / "tokenizer_config.json").is_file():
+        return f"--tokenizer {args.tokenizer}: not a tokenizer folder (no tokenizer_config.json)"
+    # The check writes models/, logs/, reports/ and summary.md there, and deletes the
+    # weights it wrote under models/: only into a folder of its own.
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        return f"--out {args.out}: exists and is not an empty folder; give a new folder"
+    return None
 
 
 def check_imports(args) -> list[str]:

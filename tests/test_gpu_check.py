@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -164,3 +165,34 @@ def test_lora_flops_and_the_median_step_rate(check, tmp_path):
     rates = [100.0, 5000.0, 7000.0, 7500.0, 834.0, 7600.0]  # warm-up steps first
     metrics.write_text("".join(json.dumps({"tokens_per_s": r}) + "\n" for r in rates))
     assert check.median_tokens_per_s(metrics) == pytest.approx((7000.0 + 7500.0) / 2)
+
+
+@pytest.mark.parametrize(
+    ("args", "expect"),
+    [
+        (["--methods", "lora,bogus"], r"--methods: unknown bogus \(known: lora, dora"),
+        (["--quants", "int4"], r"--quants: unknown int4"),
+        (["--shapes", "8x128"], r"--shapes: unknown 8x128"),
+        (["--budget", "-5"], r"--budget -5\.0: give a positive number"),
+        (["--budget", "nan"], r"--budget nan: give a positive number"),
+        (["--steps", "0"], r"--steps 0: give a positive number"),
+        (["--ckpt", "yes"], r"--ckpt: 'yes': give on, off or on,off"),
+        (["--tokenizer", "{tmp}"], r"--tokenizer .*: not a tokenizer folder"),
+        (["--out", "{tmp}"], r"--out .*: exists and is not an empty folder; give a new folder"),
+    ],
+)
+def test_bad_arguments_end_in_one_line_before_anything_is_written(tmp_path, args, expect):
+    """The check's own folder is written into and its weights deleted: a folder that holds
+    something (here a file the user keeps) is refused, as is every value it cannot run."""
+    (tmp_path / "keep.txt").write_text("mine")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    out = ["--out", str(tmp_path / "out")] if "--out" not in args else []
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--device", "cpu", *out, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert len(done.stderr.strip().splitlines()) == 1 and re.search(expect, done.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
