@@ -146,13 +146,8 @@ class Reference:
 
     @contextlib.contextmanager
     def active(self, model: Any) -> Iterator[None]:
-        was_training = model.training
-        model.eval()  # the reference is deterministic: no adapter dropout
-        try:
-            with torch.no_grad(), self.weights(model):
-                yield
-        finally:
-            model.train(was_training)
+        with torch.no_grad(), deterministic(model), self.weights(model):
+            yield
 
     @contextlib.contextmanager
     def weights(self, model: Any) -> Iterator[None]:
@@ -169,6 +164,25 @@ class Reference:
         finally:
             for name, value in kept.items():
                 params[name].data = value
+
+
+@contextlib.contextmanager
+def deterministic(model: Any) -> Iterator[None]:
+    """The model in eval mode (no dropout) except bitsandbytes' layers, which keep their mode:
+    on the CPU an int8 layer in eval mode quantizes its inputs to int8 too (in training it
+    multiplies by the dequantized weight), and a 4-bit layer in eval mode repacks its weight
+    for CPU inference. The reference would then not be the policy at step 0 (an int8 base's
+    first DPO rewards were 1.4e-4, not 0)."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    for module, training in modes.items():
+        if type(module).__module__.startswith("bitsandbytes"):
+            module.training = training
+    try:
+        yield
+    finally:
+        for module, training in modes.items():
+            module.training = training
 
 
 # ------------------------------------------------------------------ losses (trl's formulas)
