@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 from finetune.data import IGNORE_INDEX, PairExample
 from finetune.positions import logits_only_at, output_head
@@ -145,9 +146,13 @@ class Reference:
         return cls({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
 
     @contextlib.contextmanager
-    def active(self, model: Any) -> Iterator[None]:
-        with torch.no_grad(), deterministic(model), self.weights(model):
-            yield
+    def active(self, model: Any) -> Iterator[Any]:
+        """Yields the model to run the reference on: under data parallel the model inside
+        the DistributedDataParallel wrapper (which has no `disable_adapter`; a forward
+        without gradients needs none of its synchronisation)."""
+        inner = model.module if isinstance(model, DistributedDataParallel) else model
+        with torch.no_grad(), deterministic(inner), self.weights(inner):
+            yield inner
 
     @contextlib.contextmanager
     def weights(self, model: Any) -> Iterator[None]:
@@ -304,8 +309,8 @@ def micro_batch_loss(
         losses, chosen, rejected = orpo_ratio_losses(means[:n], means[n:], objective)
         nll = -logps[:n].sum() / norm[1]
         return Scored(nll + losses.sum() / norm[0], stat_vector(chosen, rejected, True))
-    with reference.active(model):
-        ref, _ = sequence_logps(model, batch)
+    with reference.active(model) as frozen:
+        ref, _ = sequence_logps(frozen, batch)
     lengths = (counts[:n], counts[n:])
     losses, chosen, rejected = dpo_losses(
         logps[:n], logps[n:], ref[:n], ref[n:], lengths, objective
@@ -325,9 +330,9 @@ def kto_batch(
     gradients, clamped at 0 (trl's)."""
     with torch.no_grad():
         kl_logps, _ = sequence_logps(model, batch, "kl_")
-    with reference.active(model):
-        ref_kl, _ = sequence_logps(model, batch, "kl_")
-        ref, _ = sequence_logps(model, batch)
+    with reference.active(model) as frozen:
+        ref_kl, _ = sequence_logps(frozen, batch, "kl_")
+        ref, _ = sequence_logps(frozen, batch)
     kl = (kl_logps - ref_kl).mean().clamp(min=0)
     desirable = batch["desirable"].bool()
     losses, chosen, rejected = kto_losses(logps, ref, desirable, kl, objective)
@@ -380,8 +385,8 @@ def held_out_record(
         if objective.paired:
             n = len(chunk)
             logps, _ = sequence_logps(model, batch)
-            with reference.active(model):
-                gained = logps - sequence_logps(model, batch)[0]
+            with reference.active(model) as frozen:
+                gained = logps - sequence_logps(frozen, batch)[0]
             prefers += int((logps[:n] > logps[n:]).sum())
             beats_reference += int((gained[:n] > gained[n:]).sum())
     model.train(was_training)

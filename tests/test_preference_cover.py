@@ -5,12 +5,16 @@ processes. In-process on the tiny model, a few steps each."""
 from __future__ import annotations
 
 import math
+import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
 import yaml
+from helpers import ROOT
 from safetensors.torch import load_file
 from test_preference_run import date_pairs, kto_rows, metrics, recipe
 from test_resume import checkpoint_names, finish, losses, signal_when, start, steps_logged
@@ -133,3 +137,35 @@ def test_max_time_stops_a_dpo_run_with_a_checkpoint(tmp_path, tiny_model_dir):
     whole.mkdir()
     train(load_recipe(recipe(whole, tiny_model_dir, date_pairs(24), **long), end))
     assert losses(result.run_dir) == losses(whole / "run")
+
+
+# ------------------------------------------------------------------ data parallel
+
+
+def test_two_processes_give_one_processs_dpo_losses(tmp_path, tiny_model_dir):
+    """DPO normalises per pair over the whole step: two torchrun processes (gloo, fp32) with
+    half the micro-batch each give the per-step losses and rewards of one process."""
+    from test_distributed import free_port
+
+    common = {"max_steps": 3, "seed": 0, "mixed_precision": "no", "eval_every": 0}
+    rows = date_pairs(16)
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    single = recipe(one, tiny_model_dir, rows, **common, micro_batch_size=4)
+    train(load_recipe(single, ["data.eval_path=null"]))
+    double = recipe(two, tiny_model_dir, rows, **common, micro_batch_size=2)
+    # torchrun's own module: the same launcher, in a venv without the torchrun script too
+    torchrun = [sys.executable, "-m", "torch.distributed.run"]
+    command = [*torchrun, "--master_port", str(free_port()), "--nproc_per_node", "2"]
+    command += ["-m", "finetune", "train", str(double), "data.eval_path=null"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours, theirs = metrics(two / "run"), metrics(one / "run")
+    assert [r["step"] for r in ours] == [1, 2, 3]
+    # fp32 sums in another order: the rewards (beta * a log-probability difference, near 0)
+    # agree within 1e-6, not to 5 significant digits
+    assert [r["loss"] for r in ours] == pytest.approx([r["loss"] for r in theirs], rel=1e-5)
+    for key in ("reward_margin", "reward_accuracy"):
+        assert [r[key] for r in ours] == pytest.approx([r[key] for r in theirs], abs=1e-6)
+    assert ours[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
