@@ -75,6 +75,9 @@ def test_preference_steps_with_each_adapter_and_base(
     if objective != "orpo":  # ORPO has no reference: its rewards are lambda * mean logp
         assert first["rewards_chosen"] == pytest.approx(0.0, abs=1e-6)
         assert first["rewards_rejected"] == pytest.approx(0.0, abs=1e-6)
+        # and the reference is not the policy once trained (a disable_adapter that did
+        # nothing would also give 0 at step 0)
+        assert abs(steps[-1]["rewards_chosen"]) > 1e-5
     if objective == "dpo":
         assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
         evals = [r for r in records if "eval_loss" in r]
