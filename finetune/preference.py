@@ -176,8 +176,8 @@ def deterministic(model: Any) -> Iterator[None]:
     """The model in eval mode (no dropout) except bitsandbytes' layers, which keep their mode:
     on the CPU an int8 layer in eval mode quantizes its inputs to int8 too (in training it
     multiplies by the dequantized weight), and a 4-bit layer in eval mode repacks its weight
-    for CPU inference. The reference would then not be the policy at step 0 (an int8 base's
-    first DPO rewards were 1.4e-4, not 0)."""
+    in place on CPUs with AVX512-BF16 (bitsandbytes 0.50). The reference would then not be
+    the policy at step 0 (an int8 base's first DPO rewards were 1.4e-4, not 0)."""
     modes = {m: m.training for m in model.modules()}
     model.eval()
     for module, training in modes.items():
