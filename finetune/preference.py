@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
 from finetune.data import IGNORE_INDEX, PairExample
 from finetune.positions import logits_only_at, output_head
@@ -145,14 +146,13 @@ class Reference:
         return cls({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
 
     @contextlib.contextmanager
-    def active(self, model: Any) -> Iterator[None]:
-        was_training = model.training
-        model.eval()  # the reference is deterministic: no adapter dropout
-        try:
-            with torch.no_grad(), self.weights(model):
-                yield
-        finally:
-            model.train(was_training)
+    def active(self, model: Any) -> Iterator[Any]:
+        """Yields the model to run the reference on: under data parallel the model inside
+        the DistributedDataParallel wrapper (which has no `disable_adapter`; a forward
+        without gradients needs none of its synchronisation)."""
+        inner = model.module if isinstance(model, DistributedDataParallel) else model
+        with torch.no_grad(), deterministic(inner), self.weights(inner):
+            yield inner
 
     @contextlib.contextmanager
     def weights(self, model: Any) -> Iterator[None]:
@@ -169,6 +169,25 @@ class Reference:
         finally:
             for name, value in kept.items():
                 params[name].data = value
+
+
+@contextlib.contextmanager
+def deterministic(model: Any) -> Iterator[None]:
+    """The model in eval mode (no dropout) except bitsandbytes' layers, which keep their mode:
+    on the CPU an int8 layer in eval mode quantizes its inputs to int8 too (in training it
+    multiplies by the dequantized weight), and a 4-bit layer in eval mode repacks its weight
+    in place on CPUs with AVX512-BF16 (bitsandbytes 0.50). The reference would then not be
+    the policy at step 0 (an int8 base's first DPO rewards were 1.4e-4, not 0)."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    for module, training in modes.items():
+        if type(module).__module__.startswith("bitsandbytes"):
+            module.training = training
+    try:
+        yield
+    finally:
+        for module, training in modes.items():
+            module.training = training
 
 
 # ------------------------------------------------------------------ losses (trl's formulas)
@@ -290,8 +309,8 @@ def micro_batch_loss(
         losses, chosen, rejected = orpo_ratio_losses(means[:n], means[n:], objective)
         nll = -logps[:n].sum() / norm[1]
         return Scored(nll + losses.sum() / norm[0], stat_vector(chosen, rejected, True))
-    with reference.active(model):
-        ref, _ = sequence_logps(model, batch)
+    with reference.active(model) as frozen:
+        ref, _ = sequence_logps(frozen, batch)
     lengths = (counts[:n], counts[n:])
     losses, chosen, rejected = dpo_losses(
         logps[:n], logps[n:], ref[:n], ref[n:], lengths, objective
@@ -311,9 +330,9 @@ def kto_batch(
     gradients, clamped at 0 (trl's)."""
     with torch.no_grad():
         kl_logps, _ = sequence_logps(model, batch, "kl_")
-    with reference.active(model):
-        ref_kl, _ = sequence_logps(model, batch, "kl_")
-        ref, _ = sequence_logps(model, batch)
+    with reference.active(model) as frozen:
+        ref_kl, _ = sequence_logps(frozen, batch, "kl_")
+        ref, _ = sequence_logps(frozen, batch)
     kl = (kl_logps - ref_kl).mean().clamp(min=0)
     desirable = batch["desirable"].bool()
     losses, chosen, rejected = kto_losses(logps, ref, desirable, kl, objective)
@@ -366,8 +385,8 @@ def held_out_record(
         if objective.paired:
             n = len(chunk)
             logps, _ = sequence_logps(model, batch)
-            with reference.active(model):
-                gained = logps - sequence_logps(model, batch)[0]
+            with reference.active(model) as frozen:
+                gained = logps - sequence_logps(frozen, batch)[0]
             prefers += int((logps[:n] > logps[n:]).sum())
             beats_reference += int((gained[:n] > gained[n:]).sum())
     model.train(was_training)

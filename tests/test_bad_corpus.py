@@ -2019,6 +2019,120 @@ CASES = [
         r"adapter\.target_modules \['foo_proj'\] match no layer",
         "estimate named the recipe's own field as the --targets option nobody passed",
     ),
+    # ------------------------------------------------------------ preference data (issue 31)
+    Case(
+        "pref-chosen-equals-rejected",
+        run("pref.yaml", "data.path=pref_same.jsonl"),
+        r"pref_same\.jsonl row 2: columns 'chosen' and 'rejected' are identical, so there is "
+        r"no preference to learn; fix or remove the row",
+        "a pair with nothing to prefer trains nothing (by hand too: a turn list equal to a string)",
+    ),
+    Case(
+        "pref-empty-side",
+        run("pref.yaml", "data.path=pref_empty_side.jsonl"),
+        r"pref_empty_side\.jsonl row 2: column 'chosen' is empty; fill it or remove the row",
+        "an empty response (by hand too: an empty turn list, null)",
+    ),
+    Case(
+        "pref-whitespace-side",
+        run("pref.yaml", "data.path=pref_blank_side.jsonl"),
+        r"pref_blank_side\.jsonl row 2: column 'rejected' is empty; fill it or remove the row",
+        "a side of spaces, tab and newline is empty (by hand too: NBSP and ideographic space, "
+        "a turn whose content is blank)",
+    ),
+    Case(
+        "pref-missing-rejected-column",
+        run("pref.yaml", "data.path=pref_no_rejected.jsonl"),
+        r"pref_no_rejected\.jsonl row 1: no column 'rejected' \(found: prompt, chosen\); set "
+        r"data\.rejected_column",
+        "the column is named with the ones found and the setting that maps it (by hand: a CSV)",
+    ),
+    Case(
+        "kto-label-number-in-jsonl",
+        run(
+            "pref.yaml",
+            "data.path=kto_label_number.jsonl",
+            "data.format=kto",
+            "train.objective=kto",
+        ),
+        r"kto_label_number\.jsonl row 2: column 'label' must be true or false .*got 1; write a "
+        r"JSON boolean",
+        "1 is not read as true: a JSON label is a boolean (by hand too: 0, 1.0, null)",
+    ),
+    Case(
+        "kto-label-string-in-jsonl",
+        run(
+            "pref.yaml",
+            "data.path=kto_label_string.jsonl",
+            "data.format=kto",
+            "train.objective=kto",
+        ),
+        r"kto_label_string\.jsonl row 2: column 'label' must be true or false .*got 'true'; "
+        r"write a JSON boolean",
+        "in JSON the word is text, unlike a CSV cell (by hand too: 'false')",
+    ),
+    Case(
+        "pref-prompt-ends-with-assistant",
+        run("pref.yaml", "data.path=pref_assistant_prompt.jsonl"),
+        r"pref_assistant_prompt\.jsonl row 2: column 'prompt' ends with an assistant turn; "
+        r"move it to the response",
+        "a turn-list prompt whose last turn is the assistant's (by hand too: a chosen side with "
+        "a user turn)",
+    ),
+    Case(
+        "pref-prompt-unknown-role",
+        run("pref.yaml", "data.path=pref_bad_role.jsonl"),
+        r"pref_bad_role\.jsonl row 2: turn 1 has role 'customer'; use one of system, user, "
+        r"assistant",
+        "a role the chat template does not know (by hand too: a turn without a role)",
+    ),
+    Case(
+        "pref-truncation-makes-sides-equal",
+        run("pref.yaml", "data.path=pref_long_tail.jsonl", "data.max_length=32"),
+        r"pref_long_tail\.jsonl row 1: columns 'chosen' and 'rejected' are identical after "
+        r"truncation to data\.max_length=32; raise data\.max_length",
+        "the sides differ only past the override's length (by hand: 30 to 40)",
+    ),
+    Case(
+        "pref-with-prefix-tuning",
+        run("pref.yaml", "adapter.method=prefix", "adapter.num_virtual_tokens=4"),
+        r"pref\.yaml: train\.objective dpo cannot train adapter\.method prefix: .*use lora, "
+        r"dora or ia3",
+        "virtual tokens change the model at step 0, so the reference is not the policy "
+        "(by hand too: prompt tuning)",
+    ),
+    Case(
+        "dpo-on-instruction-data",
+        run("base.yaml", "train.objective=dpo"),
+        r"base\.yaml: train\.objective dpo trains on data\.format preference, not "
+        r"instruction; set data\.format: preference",
+        "a preference objective on data without pairs",
+    ),
+    Case(
+        "pref-beta-zero",
+        run("pref.yaml", "train.beta=0"),
+        r"pref\.yaml: train\.beta: Input should be greater than 0 \(got 0\)",
+        "beta 0 makes every DPO loss log 2 (by hand too: -1, -0.0, 1e-400)",
+    ),
+    Case(
+        "pref-beta-nan",
+        run("pref.yaml", "train.beta=nan"),
+        r"pref\.yaml: train\.beta: Input should be a finite number \(got 'nan'\)",
+        "nan would make every loss nan (by hand too: inf, .nan)",
+    ),
+    Case(
+        "kto-micro-batch-of-one",
+        run(
+            "pref.yaml",
+            "data.path=kto_good.jsonl",
+            "data.format=kto",
+            "train.objective=kto",
+            "train.micro_batch_size=1",
+        ),
+        r"pref\.yaml: train\.objective kto needs train\.micro_batch_size of at least 2",
+        "KTO's KL term pairs a prompt with another row's completion (by hand too: with "
+        "grad_accum 4)",
+    ),
 ]
 
 
