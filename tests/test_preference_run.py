@@ -134,6 +134,10 @@ def test_kto_label_must_be_boolean(capsys, tmp_path, tiny_model_dir):
         (["adapter.method=prefix"], "cannot train adapter.method prefix"),
         (["data.packing=true"], "data.packing cannot be used with train.objective dpo"),
         (["train.dpo_loss=hinge"], "train.dpo_loss"),
+        (
+            ["train.objective=orpo", "train.reference=cached"],
+            "train.reference cached applies to train.objective dpo or kto; orpo has no",
+        ),
     ],
 )
 def test_bad_objective_settings_are_refused(capsys, tmp_path, tiny_model_dir, overrides, message):
@@ -256,3 +260,40 @@ def test_a_kto_label_in_a_csv_is_the_word(capsys, tmp_path, tiny_model_dir, suff
     assert (code == 0) == ok, err
     if not ok:
         assert f"kto{suffix} row 1: column 'label' must be true or false" in err, err
+
+
+def step_losses(run: Path) -> list[float]:
+    return [r["loss"] for r in metrics(run) if "loss" in r and "eval_loss" not in r]
+
+
+@pytest.mark.parametrize("objective", ["dpo", "kto"])
+def test_a_cached_reference_gives_the_forward_references_losses_and_resume_reuses_it(
+    capsys, tmp_path, tiny_model_dir, objective
+):
+    """train.reference cached: the reference's log-probabilities computed once before the
+    first step give the same step losses as its forward pass in every step (fp32); a
+    resumed run reads the saved file instead of computing it again."""
+    rows = kto_rows(8) if objective == "kto" else date_pairs(16)
+    extra = ["data.format=kto"] if objective == "kto" else []
+    options = {"objective": objective, "max_steps": 4, "save_every": 2, "schedule": "constant"}
+    path = recipe(tmp_path, tiny_model_dir, rows, **options)
+    forward, cached = tmp_path / "forward", tmp_path / "cached"
+    common = [str(path), "data.eval_path=null", *extra]
+    assert run_main(capsys, "train", *common, f"output.dir={forward}")[0] == 0
+    code, _, err = run_main(
+        capsys, "train", *common, f"output.dir={cached}", "train.reference=cached"
+    )
+    assert code == 0, err
+    assert not (forward / "reference_logps.safetensors").exists()
+    assert step_losses(cached) == pytest.approx(step_losses(forward), abs=1e-6)
+    assert len(step_losses(cached)) == 4
+
+    resumed = tmp_path / "resumed"
+    args = [*common, f"output.dir={resumed}", "train.reference=cached"]
+    assert run_main(capsys, "train", *args, "train.max_steps=2")[0] == 0
+    cache = resumed / "reference_logps.safetensors"
+    written = cache.stat().st_mtime_ns
+    code, _, err = run_main(capsys, "train", *args, "--resume")
+    assert code == 0, err
+    assert cache.stat().st_mtime_ns == written  # read, not computed again
+    assert step_losses(resumed) == pytest.approx(step_losses(forward), abs=1e-6)

@@ -306,6 +306,13 @@ class TrainSection(Section):
         "The reference is the model with the adapter disabled, or the adapter.init_from "
         "adapter as it starts, frozen.",
     )
+    reference: Literal["forward", "cached"] = Field(
+        "forward",
+        description="dpo, kto: how the step gets the reference's log-probabilities: forward "
+        "(a second forward pass, without gradients, in every step) or cached (computed once "
+        "for every training example before the first step and kept in the run directory as "
+        "reference_logps.safetensors; kto still runs the reference on its KL sequences).",
+    )
     beta: float = Field(
         0.1,
         gt=0,
