@@ -209,16 +209,22 @@ def kto_rows(n: int) -> list[dict]:
     ]
 
 
-@pytest.mark.parametrize("objective", ["dpo", "orpo", "kto"])
+@pytest.mark.parametrize(
+    ("objective", "reference"),
+    [("dpo", "forward"), ("orpo", "forward"), ("kto", "forward"), ("dpo", "cached"),
+     ("kto", "cached")],
+)  # fmt: skip
 def test_a_preference_runs_estimate_is_within_5pct_of_its_measured_peak(
-    capsys, tmp_path, tiny_model_dir, objective
+    capsys, tmp_path, tiny_model_dir, objective, reference
 ):
     """The report's dry run models the preference step (both sides of each pair, the
-    reference's forward without gradients, KTO's KL sequences): within the estimate's
-    goal of the live-tensor peak the CPU run measures, as for the token loss."""
+    reference's forward without gradients or its cached log-probabilities, KTO's KL
+    sequences): within the estimate's goal of the live-tensor peak the CPU run measures,
+    as for the token loss."""
     rows = kto_rows(8) if objective == "kto" else date_pairs(16)
     overrides = {"data.format": "kto"} if objective == "kto" else {}
-    path = recipe(tmp_path, tiny_model_dir, rows, objective=objective, max_steps=2)
+    options = {"objective": objective, "max_steps": 2, "reference": reference}
+    path = recipe(tmp_path, tiny_model_dir, rows, **options)
     code, _, err = run_main(
         capsys,
         "train",
@@ -229,7 +235,9 @@ def test_a_preference_runs_estimate_is_within_5pct_of_its_measured_peak(
     assert code == 0, err
     memory = json.loads((tmp_path / "run" / "report.json").read_text())["memory"]
     assert memory["estimate"]["setup"]["objective"] == objective
+    assert memory["estimate"]["setup"]["reference"] == reference
     measured = memory["measured"]["peak_bytes"]
+    print(objective, reference, memory["estimate"]["allocated_bytes"], measured)
     assert memory["estimate"]["allocated_bytes"] == pytest.approx(measured, rel=0.05)
 
 
@@ -297,3 +305,38 @@ def test_a_cached_reference_gives_the_forward_references_losses_and_resume_reuse
     assert code == 0, err
     assert cache.stat().st_mtime_ns == written  # read, not computed again
     assert step_losses(resumed) == pytest.approx(step_losses(forward), abs=1e-6)
+
+
+def test_the_estimate_shows_what_the_reference_pass_costs(capsys, tmp_path, tiny_model_dir):
+    """finetune estimate of a DPO recipe: the reference's forward costs memory that cached
+    log-probabilities save (two dry runs), in every format; the comparison leaves out
+    prefix and prompt tuning, which train refuses with a preference objective."""
+    path = recipe(tmp_path, tiny_model_dir, date_pairs(8))
+    code, out, err = run_main(capsys, "estimate", str(path), "--format", "json")
+    assert code == 0, err
+    data = json.loads(out)
+    costs = data["reference_pass"]
+    assert costs["reference_forward_bytes"] > 0
+    assert costs["forward_total_bytes"] == data["total_bytes"]
+    assert (
+        costs["cached_total_bytes"]
+        == costs["forward_total_bytes"] - costs["reference_forward_bytes"]
+    )
+    assert not any(row["method"].startswith(("prefix", "prompt")) for row in data["comparison"])
+    code, out, _ = run_main(
+        capsys, "estimate", str(path), "--reference", "cached", "--format", "json"
+    )
+    assert code == 0
+    assert json.loads(out)["total_bytes"] == costs["cached_total_bytes"]
+    for fmt in ("table", "markdown"):
+        code, out, _ = run_main(capsys, "estimate", str(path), "--format", fmt)
+        assert code == 0 and "reference forward: +" in out and "prefix, prompt: not shown" in out
+    code, out, _ = run_main(
+        capsys, "estimate", str(path), "train.objective=sft", "data.format=chat"
+    )
+    assert code == 0 and "reference forward" not in out and "not shown" not in out
+    code, _, err = run_main(
+        capsys, "estimate", str(path), "--objective", "orpo", "--reference", "cached"
+    )
+    assert code == 2
+    assert "--reference cached applies to --objective dpo or kto" in err
