@@ -104,8 +104,11 @@ def comparison_notes(est: Estimate) -> list[str]:
     costs = reference_costs(est)
     if costs is not None:
         kl = "; kto's KL rows still run it" if est.setup.objective == "kto" else ""
+        # Below 0 for kto: its KL rows' reference forward still sets the peak, and the
+        # cached log-probabilities are one more tensor.
+        extra = costs["reference_forward_bytes"]
         lines.append(
-            f"reference forward: +{human(costs['reference_forward_bytes'])} "
+            f"reference forward: {'+' if extra >= 0 else '-'}{human(abs(extra))} "
             f"({human(costs['forward_total_bytes'])} with it in the step, "
             f"{human(costs['cached_total_bytes'])} with train.reference cached{kl})"
         )
