@@ -10,6 +10,7 @@ import pytest
 import yaml
 from helpers import build_tokenizer, run_main, write_jsonl
 
+from finetune import reference_cache, runs
 from finetune.data import PairExample
 from finetune.recipe import DataSection
 
@@ -295,6 +296,9 @@ def test_a_cached_reference_gives_the_forward_references_losses_and_resume_reuse
     assert not (forward / "reference_logps.safetensors").exists()
     assert step_losses(cached) == pytest.approx(step_losses(forward), abs=1e-6)
     assert len(step_losses(cached)) == 4
+    if objective == "dpo":  # no reference forward in the step: its temporaries are gone
+        peaks = [peak_bytes(run) for run in (cached, forward)]
+        assert peaks[0] < peaks[1]
 
     resumed = tmp_path / "resumed"
     args = [*common, f"output.dir={resumed}", "train.reference=cached"]
@@ -305,6 +309,15 @@ def test_a_cached_reference_gives_the_forward_references_losses_and_resume_reuse
     assert code == 0, err
     assert cache.stat().st_mtime_ns == written  # read, not computed again
     assert step_losses(resumed) == pytest.approx(step_losses(forward), abs=1e-6)
+    # A cache of other data (another fingerprint or example count) is not used.
+    fingerprint = runs.data_fingerprint(tmp_path / "pairs.jsonl")
+    assert reference_cache.read(resumed, fingerprint, len(rows)) is not None
+    assert reference_cache.read(resumed, "0" * 64, len(rows)) is None
+    assert reference_cache.read(resumed, fingerprint, len(rows) + 1) is None
+
+
+def peak_bytes(run: Path) -> int:
+    return json.loads((run / "report.json").read_text())["memory"]["measured"]["peak_bytes"]
 
 
 def test_the_estimate_shows_what_the_reference_pass_costs(capsys, tmp_path, tiny_model_dir):
