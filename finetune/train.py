@@ -373,7 +373,11 @@ class Loop:
         fingerprint = runs.data_fingerprint(Path(self.recipe.data.path))
         cached = reference_cache.read(self.run_dir, fingerprint, len(self.items))
         if cached is not None:
+            self.prepared.notes.append(
+                f"reference log-probabilities read from {reference_cache.FILE}"
+            )
             return cached
+        started = time.perf_counter()
         t = self.recipe.train
         order = batching.epoch_order(
             [len(item) for item in self.items],
@@ -394,6 +398,10 @@ class Loop:
         )
         if self.accelerator.is_main_process:
             reference_cache.write(self.run_dir, logps, fingerprint)
+        self.prepared.notes.append(
+            f"reference log-probabilities of {len(self.items)} examples computed before the "
+            f"first step in {time.perf_counter() - started:.1f} s, kept in {reference_cache.FILE}"
+        )
         return logps
 
     def normaliser(self, batches: list[dict[str, Any]], n_trained: int) -> Any:

@@ -308,6 +308,8 @@ def test_a_cached_reference_gives_the_forward_references_losses_and_resume_reuse
     code, _, err = run_main(capsys, "train", *args, "--resume")
     assert code == 0, err
     assert cache.stat().st_mtime_ns == written  # read, not computed again
+    notes = json.loads((resumed / "report.json").read_text())["notes"]
+    assert "reference log-probabilities read from reference_logps.safetensors" in notes
     assert step_losses(resumed) == pytest.approx(step_losses(forward), abs=1e-6)
     # A cache of other data (another fingerprint or example count) is not used.
     fingerprint = runs.data_fingerprint(tmp_path / "pairs.jsonl")
