@@ -9,6 +9,9 @@ trl's own code on the same batch and checks losses and rewards agree within 1e-5
 The reference policy is the same model: with the adapter disabled (peft's
 `disable_adapter()`), or, when the run starts from `adapter.init_from`, with that adapter's
 initial weights swapped in for the forward pass (`Reference`): no second copy of the model.
+With train.reference cached its log-probabilities of each example's own rows are computed
+once before training (`reference_rows`, finetune/reference_cache.py) and a micro-batch
+carries them as `ref_logps` (`cached_rows`); KTO's KL rows keep the reference forward.
 
 The step's loss is normalised per pair (per example for KTO) over the whole optimizer
 step, as the token loss is normalised per trained token: micro-batching does not change it.
