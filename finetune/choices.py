@@ -14,6 +14,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 # CPU, as training gets it); the others name one (finetune.memory.dryrun.adamw_options).
 TRAIN_OPTIMIZERS = ("adamw", "adamw-foreach", "adamw-fused", "adamw-forloop", "adamw8bit")
 OBJECTIVES = ("sft", "dpo", "orpo", "kto")
+REFERENCES = ("forward", "cached")  # train.reference: the reference's log-probabilities
 OPTIMIZERS = (*TRAIN_OPTIMIZERS, "sgd")  # sgd: estimates only (the states-free floor)
 ATTENTIONS = ("sdpa", "eager", "flash")
 ESTIMATE_FORMATS = ("table", "json", "markdown")

@@ -9,6 +9,9 @@ trl's own code on the same batch and checks losses and rewards agree within 1e-5
 The reference policy is the same model: with the adapter disabled (peft's
 `disable_adapter()`), or, when the run starts from `adapter.init_from`, with that adapter's
 initial weights swapped in for the forward pass (`Reference`): no second copy of the model.
+With train.reference cached its log-probabilities of each example's own rows are computed
+once before training (`reference_rows`, finetune/reference_cache.py) and a micro-batch
+carries them as `ref_logps` (`cached_rows`); KTO's KL rows keep the reference forward.
 
 The step's loss is normalised per pair (per example for KTO) over the whole optimizer
 step, as the token loss is normalised per trained token: micro-batching does not change it.
@@ -190,6 +193,28 @@ def deterministic(model: Any) -> Iterator[None]:
             module.training = training
 
 
+def reference_rows(
+    model: Any, examples: list[PairExample], pad_id: int, reference: Reference
+) -> torch.Tensor:
+    """The reference's log-probabilities of each example's own rows, without gradients:
+    [examples, 2] (chosen, rejected) for pairs, [examples, 1] for KTO's completions."""
+    device = next(p.device for p in model.parameters())
+    if examples[0].label is not None:
+        batch = padded([(e.prompt, e.chosen) for e in examples], pad_id)
+    else:
+        batch = collate_pairs(examples, pad_id)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    with reference.active(model) as frozen:
+        ref, _ = sequence_logps(frozen, batch)
+    return ref.detach().reshape(-1, len(examples)).T.cpu()
+
+
+def cached_rows(cache: torch.Tensor, indices: list[int]) -> torch.Tensor:
+    """A micro-batch's cached reference log-probabilities in `collate_pairs`'s row order:
+    every chosen, then every rejected (KTO: each completion)."""
+    return cache[indices].T.reshape(-1)
+
+
 # ------------------------------------------------------------------ losses (trl's formulas)
 
 
@@ -309,8 +334,10 @@ def micro_batch_loss(
         losses, chosen, rejected = orpo_ratio_losses(means[:n], means[n:], objective)
         nll = -logps[:n].sum() / norm[1]
         return Scored(nll + losses.sum() / norm[0], stat_vector(chosen, rejected, True))
-    with reference.active(model) as frozen:
-        ref, _ = sequence_logps(frozen, batch)
+    ref = batch.get("ref_logps")  # cached before training (train.reference cached)
+    if ref is None:
+        with reference.active(model) as frozen:
+            ref, _ = sequence_logps(frozen, batch)
     lengths = (counts[:n], counts[n:])
     losses, chosen, rejected = dpo_losses(
         logps[:n], logps[n:], ref[:n], ref[n:], lengths, objective
@@ -330,9 +357,13 @@ def kto_batch(
     gradients, clamped at 0 (trl's)."""
     with torch.no_grad():
         kl_logps, _ = sequence_logps(model, batch, "kl_")
+    # The KL rows pair each prompt with another row's completion, so they depend on how
+    # examples fall into micro-batches: they are not cached, only each example's own row.
+    ref = batch.get("ref_logps")
     with reference.active(model) as frozen:
         ref_kl, _ = sequence_logps(frozen, batch, "kl_")
-        ref, _ = sequence_logps(frozen, batch)
+        if ref is None:
+            ref, _ = sequence_logps(frozen, batch)
     kl = (kl_logps - ref_kl).mean().clamp(min=0)
     desirable = batch["desirable"].bool()
     losses, chosen, rejected = kto_losses(logps, ref, desirable, kl, objective)

@@ -18,7 +18,17 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from finetune import adapters, batching, data, evaluate, methods, models, preference, runs
+from finetune import (
+    adapters,
+    batching,
+    data,
+    evaluate,
+    methods,
+    models,
+    preference,
+    reference_cache,
+    runs,
+)
 from finetune.memory.measure import RSS_NAME, LiveTensorPeak, PeakMemory
 from finetune.positions import count_trained, trained_positions_loss, widest_shapes
 from finetune.precision import resolve_mixed_precision
@@ -177,6 +187,7 @@ class Loop:
             self.objective = preference.Objective.of(recipe.train)
         # Taken before a checkpoint is restored: with init_from, the initial adapter.
         self.reference = preference.Reference.of(self.unwrapped(), bool(recipe.adapter.init_from))
+        self.ref_logps: torch.Tensor | None = None  # train.reference cached: by example index
         self.stats = torch.zeros(len(preference.STATS), dtype=torch.float64)
         self.state = RunState(
             data_sha256=runs.data_fingerprint(Path(recipe.data.path)),
@@ -199,6 +210,8 @@ class Loop:
 
     def run(self, stop: StopRequests) -> RunResult:
         self.announce()
+        if self.objective is not None and self.recipe.train.reference == "cached":
+            self.ref_logps = self.cached_reference()
         before = None
         if self.state.step == 0:
             before = self.exact_match("before")
@@ -291,8 +304,9 @@ class Loop:
         """
         started = time.perf_counter()
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        shards = [[self.items[i] for i in idx[rank::world]] for idx in micro_batches]
-        batches = [self.collate(items) for items in shards]
+        indices = [idx[rank::world] for idx in micro_batches]
+        shards = [[self.items[i] for i in idx] for idx in indices]
+        batches = [self.collate(items, idx) for items, idx in zip(shards, indices, strict=True)]
         self.record_widest(batches)
         local = sum(count_trained(b["labels"], self.virtual_tokens) for b in batches)
         n_trained = int(self.accelerator.reduce(torch.tensor(local), reduction="sum"))
@@ -345,10 +359,50 @@ class Loop:
             self.metrics.write(record)
         return record
 
-    def collate(self, items: list[Any]) -> dict[str, Any]:
-        if self.objective is not None:
-            return preference.collate_pairs(items, self.pad_id)
-        return batching.collate(items, self.pad_id, self.packed)
+    def collate(self, items: list[Any], indices: list[int]) -> dict[str, Any]:
+        if self.objective is None:
+            return batching.collate(items, self.pad_id, self.packed)
+        batch = preference.collate_pairs(items, self.pad_id)
+        if self.ref_logps is not None:
+            batch["ref_logps"] = preference.cached_rows(self.ref_logps, indices)
+        return batch
+
+    def cached_reference(self) -> torch.Tensor:
+        """train.reference cached: the run directory's reference log-probabilities for this
+        data (a resumed run's), or computed now, before the first step, and saved there."""
+        fingerprint = runs.data_fingerprint(Path(self.recipe.data.path))
+        cached = reference_cache.read(self.run_dir, fingerprint, len(self.items))
+        if cached is not None:
+            self.prepared.notes.append(
+                f"reference log-probabilities read from {reference_cache.FILE}"
+            )
+            return cached
+        started = time.perf_counter()
+        t = self.recipe.train
+        order = batching.epoch_order(
+            [len(item) for item in self.items],
+            t.micro_batch_size * self.accelerator.num_processes,
+            t.seed,
+            0,
+            self.recipe.data.shuffle,
+            self.recipe.data.group_by_length,
+        )
+        logps = reference_cache.compute(
+            self.unwrapped(),
+            self.items,
+            order,
+            t.micro_batch_size,
+            self.pad_id,
+            self.reference,
+            self.accelerator.autocast,
+        )
+        if self.accelerator.is_main_process:
+            reference_cache.write(self.run_dir, logps, fingerprint)
+        self.prepared.notes.append(
+            f"reference log-probabilities of {len(self.items)} examples computed before the "
+            f"first step in {time.perf_counter() - started:.1f} s, kept in {reference_cache.FILE}"
+        )
+        return logps
 
     def normaliser(self, batches: list[dict[str, Any]], n_trained: int) -> Any:
         """What the step's loss is divided by: its trained tokens, or for a preference

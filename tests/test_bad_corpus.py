@@ -1959,6 +1959,26 @@ CASES = [
         "true/false are read now, other words still refused",
     ),
     Case(
+        "reference-cached-with-orpo",
+        data(
+            "kto_yes.csv",
+            "data.format=preference",
+            "train.objective=orpo",
+            "train.reference=cached",
+            command="validate",
+        ),
+        r"train\.reference cached applies to train\.objective dpo or kto; orpo has no "
+        r"reference model; set train\.reference: forward",
+        "issue 31: ORPO scores no reference, so there is nothing to cache",
+    ),
+    Case(
+        "estimate-reference-cached-sft",
+        ("estimate", "<bad>/base.yaml", "model.path=<model>", "--reference", "cached"),
+        r"--reference cached applies to --objective dpo or kto \(sft has no reference\); "
+        r"use --reference forward",
+        "issue 31: the estimate's --reference names the objectives that have a reference",
+    ),
+    Case(
         "override-key-not-utf8",
         validate("base.yaml", "tr\udcffin.lr=1"),
         r"override key 'tr\\udcffin\.lr' holds the byte 0xff, which is not UTF-8",

@@ -276,3 +276,26 @@ def test_init_from_reference_is_the_initial_adapter_frozen(tiny):
     finally:
         with torch.no_grad():
             lora.copy_(saved)
+
+
+def test_cached_reference_rows_are_keyed_by_example_not_by_batch(tiny):
+    """The cache is computed in one order and micro-batching (here one example at a time,
+    in reverse); a step's micro-batch in another order and composition reads, row for row,
+    what the reference's own forward over that micro-batch gives (chosen rows, then
+    rejected rows, as collate_pairs lays them out)."""
+    from finetune import reference_cache
+
+    model, tokenizer = tiny
+    examples = pairs(tokenizer)
+    reference = preference.Reference()
+    cache = reference_cache.compute(
+        model, examples, [2, 1, 0], 1, tokenizer.pad_token_id, reference
+    )
+    assert cache.shape == (3, 2)
+    indices = [2, 0]
+    batch = preference.collate_pairs([examples[i] for i in indices], tokenizer.pad_token_id)
+    with reference.active(model):
+        forward, _ = preference.sequence_logps(model, batch)
+    cached = preference.cached_rows(cache, indices)
+    assert torch.allclose(cached, forward, atol=1e-5)
+    assert not torch.allclose(cached, cached.flip(0), atol=1e-3)  # the order is checked

@@ -10,6 +10,7 @@ import pytest
 import yaml
 from helpers import build_tokenizer, run_main, write_jsonl
 
+from finetune import reference_cache, runs
 from finetune.data import PairExample
 from finetune.recipe import DataSection
 
@@ -134,6 +135,10 @@ def test_kto_label_must_be_boolean(capsys, tmp_path, tiny_model_dir):
         (["adapter.method=prefix"], "cannot train adapter.method prefix"),
         (["data.packing=true"], "data.packing cannot be used with train.objective dpo"),
         (["train.dpo_loss=hinge"], "train.dpo_loss"),
+        (
+            ["train.objective=orpo", "train.reference=cached"],
+            "train.reference cached applies to train.objective dpo or kto; orpo has no",
+        ),
     ],
 )
 def test_bad_objective_settings_are_refused(capsys, tmp_path, tiny_model_dir, overrides, message):
@@ -205,16 +210,22 @@ def kto_rows(n: int) -> list[dict]:
     ]
 
 
-@pytest.mark.parametrize("objective", ["dpo", "orpo", "kto"])
+@pytest.mark.parametrize(
+    ("objective", "reference"),
+    [("dpo", "forward"), ("orpo", "forward"), ("kto", "forward"), ("dpo", "cached"),
+     ("kto", "cached")],
+)  # fmt: skip
 def test_a_preference_runs_estimate_is_within_5pct_of_its_measured_peak(
-    capsys, tmp_path, tiny_model_dir, objective
+    capsys, tmp_path, tiny_model_dir, objective, reference
 ):
     """The report's dry run models the preference step (both sides of each pair, the
-    reference's forward without gradients, KTO's KL sequences): within the estimate's
-    goal of the live-tensor peak the CPU run measures, as for the token loss."""
+    reference's forward without gradients or its cached log-probabilities, KTO's KL
+    sequences): within the estimate's goal of the live-tensor peak the CPU run measures,
+    as for the token loss."""
     rows = kto_rows(8) if objective == "kto" else date_pairs(16)
     overrides = {"data.format": "kto"} if objective == "kto" else {}
-    path = recipe(tmp_path, tiny_model_dir, rows, objective=objective, max_steps=2)
+    options = {"objective": objective, "max_steps": 2, "reference": reference}
+    path = recipe(tmp_path, tiny_model_dir, rows, **options)
     code, _, err = run_main(
         capsys,
         "train",
@@ -225,7 +236,9 @@ def test_a_preference_runs_estimate_is_within_5pct_of_its_measured_peak(
     assert code == 0, err
     memory = json.loads((tmp_path / "run" / "report.json").read_text())["memory"]
     assert memory["estimate"]["setup"]["objective"] == objective
+    assert memory["estimate"]["setup"]["reference"] == reference
     measured = memory["measured"]["peak_bytes"]
+    print(objective, reference, memory["estimate"]["allocated_bytes"], measured)
     assert memory["estimate"]["allocated_bytes"] == pytest.approx(measured, rel=0.05)
 
 
@@ -256,3 +269,89 @@ def test_a_kto_label_in_a_csv_is_the_word(capsys, tmp_path, tiny_model_dir, suff
     assert (code == 0) == ok, err
     if not ok:
         assert f"kto{suffix} row 1: column 'label' must be true or false" in err, err
+
+
+def step_losses(run: Path) -> list[float]:
+    return [r["loss"] for r in metrics(run) if "loss" in r and "eval_loss" not in r]
+
+
+@pytest.mark.parametrize("objective", ["dpo", "kto"])
+def test_a_cached_reference_gives_the_forward_references_losses_and_resume_reuses_it(
+    capsys, tmp_path, tiny_model_dir, objective
+):
+    """train.reference cached: the reference's log-probabilities computed once before the
+    first step give the same step losses as its forward pass in every step (fp32); a
+    resumed run reads the saved file instead of computing it again."""
+    rows = kto_rows(8) if objective == "kto" else date_pairs(16)
+    extra = ["data.format=kto"] if objective == "kto" else []
+    options = {"objective": objective, "max_steps": 4, "save_every": 2, "schedule": "constant"}
+    path = recipe(tmp_path, tiny_model_dir, rows, **options)
+    forward, cached = tmp_path / "forward", tmp_path / "cached"
+    common = [str(path), "data.eval_path=null", *extra]
+    assert run_main(capsys, "train", *common, f"output.dir={forward}")[0] == 0
+    code, _, err = run_main(
+        capsys, "train", *common, f"output.dir={cached}", "train.reference=cached"
+    )
+    assert code == 0, err
+    assert not (forward / "reference_logps.safetensors").exists()
+    assert step_losses(cached) == pytest.approx(step_losses(forward), abs=1e-6)
+    assert len(step_losses(cached)) == 4
+    if objective == "dpo":  # no reference forward in the step: its temporaries are gone
+        peaks = [peak_bytes(run) for run in (cached, forward)]
+        assert peaks[0] < peaks[1]
+
+    resumed = tmp_path / "resumed"
+    args = [*common, f"output.dir={resumed}", "train.reference=cached"]
+    assert run_main(capsys, "train", *args, "train.max_steps=2")[0] == 0
+    cache = resumed / "reference_logps.safetensors"
+    written = cache.stat().st_mtime_ns
+    code, _, err = run_main(capsys, "train", *args, "--resume")
+    assert code == 0, err
+    assert cache.stat().st_mtime_ns == written  # read, not computed again
+    notes = json.loads((resumed / "report.json").read_text())["notes"]
+    assert "reference log-probabilities read from reference_logps.safetensors" in notes
+    assert step_losses(resumed) == pytest.approx(step_losses(forward), abs=1e-6)
+    # A cache of other data (another fingerprint or example count) is not used.
+    fingerprint = runs.data_fingerprint(tmp_path / "pairs.jsonl")
+    assert reference_cache.read(resumed, fingerprint, len(rows)) is not None
+    assert reference_cache.read(resumed, "0" * 64, len(rows)) is None
+    assert reference_cache.read(resumed, fingerprint, len(rows) + 1) is None
+
+
+def peak_bytes(run: Path) -> int:
+    return json.loads((run / "report.json").read_text())["memory"]["measured"]["peak_bytes"]
+
+
+def test_the_estimate_shows_what_the_reference_pass_costs(capsys, tmp_path, tiny_model_dir):
+    """finetune estimate of a DPO recipe: the reference's forward costs memory that cached
+    log-probabilities save (two dry runs), in every format; the comparison leaves out
+    prefix and prompt tuning, which train refuses with a preference objective."""
+    path = recipe(tmp_path, tiny_model_dir, date_pairs(8))
+    code, out, err = run_main(capsys, "estimate", str(path), "--format", "json")
+    assert code == 0, err
+    data = json.loads(out)
+    costs = data["reference_pass"]
+    assert costs["reference_forward_bytes"] > 0
+    assert costs["forward_total_bytes"] == data["total_bytes"]
+    assert (
+        costs["cached_total_bytes"]
+        == costs["forward_total_bytes"] - costs["reference_forward_bytes"]
+    )
+    assert not any(row["method"].startswith(("prefix", "prompt")) for row in data["comparison"])
+    code, out, _ = run_main(
+        capsys, "estimate", str(path), "--reference", "cached", "--format", "json"
+    )
+    assert code == 0
+    assert json.loads(out)["total_bytes"] == costs["cached_total_bytes"]
+    for fmt in ("table", "markdown"):
+        code, out, _ = run_main(capsys, "estimate", str(path), "--format", fmt)
+        assert code == 0 and "reference forward: +" in out and "prefix, prompt: not shown" in out
+    code, out, _ = run_main(
+        capsys, "estimate", str(path), "train.objective=sft", "data.format=chat"
+    )
+    assert code == 0 and "reference forward" not in out and "not shown" not in out
+    code, _, err = run_main(
+        capsys, "estimate", str(path), "--objective", "orpo", "--reference", "cached"
+    )
+    assert code == 2
+    assert "--reference cached applies to --objective dpo or kto" in err

@@ -20,6 +20,7 @@ from finetune.cli.options import (
     Overrides,
     Quant,
     RecipeArg,
+    Reference,
     StrictOpt,
     value,
 )
@@ -223,6 +224,14 @@ def estimate(
             "[default: sft]"
         ),
     ] = None,
+    reference: Annotated[
+        Reference | None,
+        typer.Option(
+            help="dpo, kto: forward (the reference's forward pass in every step) or cached "
+            "(train.reference cached: its log-probabilities computed once before training). "
+            "[default: forward]"
+        ),
+    ] = None,
     masked: Annotated[
         bool | None,
         typer.Option(
@@ -268,6 +277,7 @@ def estimate(
         optimizer=value(optimizer),
         attn=value(attn),
         objective=value(objective),
+        reference=value(reference),
         masked=masked,
     )
     show_estimate(target, overrides or [], options, format.value, gpu, plot, out, force, fit)

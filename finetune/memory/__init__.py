@@ -56,6 +56,7 @@ def setup_from_recipe(recipe: Any, device: str | None = None) -> Setup:
         grad_ckpt=train.gradient_checkpointing and allows_gradient_checkpointing(adapter.method),
         optimizer=train.optimizer,
         objective=train.objective,
+        reference=train.reference,
         attn=model.attn_implementation,
         device="cuda" if on_cuda(device) else "cpu",
         # Packing always masks; otherwise the default (padding when batch > 1) holds.

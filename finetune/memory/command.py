@@ -50,6 +50,7 @@ class EstimateOptions:
     optimizer: str | None = None
     attn: str | None = None
     objective: str | None = None
+    reference: str | None = None
     masked: bool | None = None
 
 

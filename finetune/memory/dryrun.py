@@ -55,7 +55,12 @@ from finetune.memory.standin import (
     quantize,
 )
 from finetune.memory.tracker import MemoryTracker
-from finetune.methods import adapts_modules, allows_gradient_checkpointing, input_virtual_tokens
+from finetune.methods import (
+    VIRTUAL_TOKEN_METHODS,
+    adapts_modules,
+    allows_gradient_checkpointing,
+    input_virtual_tokens,
+)
 from finetune.peft_compat import cache_by_new_name
 from finetune.positions import most_logit_positions, trained_positions_loss
 from finetune.recipe import AdapterSection
@@ -219,7 +224,14 @@ def meta_batch(setup: Any, vocab: int) -> dict[str, torch.Tensor]:
         names.append("attention_mask")
     if setup.objective == "kto":  # the mismatched sequences its KL term is estimated on
         names += [f"kl_{name}" for name in names]
-    return {name: torch.empty(shape, dtype=torch.long, device="meta") for name in names}
+    batch = {name: torch.empty(shape, dtype=torch.long, device="meta") for name in names}
+    if cached_reference(setup):  # one fp32 log-probability per row, read from the cache
+        batch["ref_logps"] = torch.empty(shape[0], dtype=torch.float32, device="meta")
+    return batch
+
+
+def cached_reference(setup: Any) -> bool:
+    return getattr(setup, "reference", "forward") == "cached"
 
 
 def make_optimizer(model: Any, setup: Any) -> Any:
@@ -423,8 +435,10 @@ def preference_loss(model: Any, batch: dict[str, torch.Tensor], setup: Any) -> A
             preference.sequence_logps(model, batch, "kl_")
         with reference_forward(model):
             preference.sequence_logps(model, batch, "kl_")
-    with reference_forward(model):
-        ref, _ = preference.sequence_logps(model, batch)
+    ref = batch.get("ref_logps")  # train.reference cached: no reference forward here
+    if ref is None:
+        with reference_forward(model):
+            ref, _ = preference.sequence_logps(model, batch)
     return (1 - torch.sigmoid(objective.beta * (logps - ref))).sum()
 
 
@@ -551,6 +565,28 @@ COMPARISON = (
     ("prompt, {dt} base", {"method": "prompt", "quant": "none"}),
 )
 SHORT_DTYPE = {"bfloat16": "bf16", "float16": "fp16"}
+# Under the comparison of a preference objective, in place of the rows it leaves out.
+REFUSED_ROWS_NOTE = (
+    "prefix, prompt: not shown; train refuses them with a preference objective (their "
+    "virtual tokens move the model away from its reference from step 0)"
+)
+
+
+def reference_costs(est: Estimate) -> dict[str, int] | None:
+    """DPO, KTO: the estimate's total with the reference's forward pass in the step and
+    with its log-probabilities cached (train.reference), from a dry run of each."""
+    if est.setup.objective not in ("dpo", "kto"):
+        return None
+    other = "cached" if est.setup.reference == "forward" else "forward"
+    totals = {
+        est.setup.reference: est.total_bytes,
+        other: reestimate(est.arch, est.config, replace(est.setup, reference=other)).total_bytes,
+    }
+    return {
+        "forward_total_bytes": totals["forward"],
+        "cached_total_bytes": totals["cached"],
+        "reference_forward_bytes": totals["forward"] - totals["cached"],
+    }
 
 
 def compare_methods(arch: Architecture, setup: Setup, config: object) -> list[tuple[str, Estimate]]:
@@ -559,6 +595,8 @@ def compare_methods(arch: Architecture, setup: Setup, config: object) -> list[tu
     dtype = setup.dtype if setup.dtype in SHORT_DTYPE else "bfloat16"
     rows = []
     for label, change in COMPARISON:
+        if setup.objective != "sft" and change["method"] in VIRTUAL_TOKEN_METHODS:
+            continue  # train refuses them with a preference objective: no number to show
         variant = replace(setup, **change, dtype=dtype)
         rows.append((label.format(dt=SHORT_DTYPE[dtype]), reestimate(arch, config, variant)))
     return rows

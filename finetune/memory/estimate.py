@@ -16,7 +16,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-from finetune.choices import ATTENTIONS, ESTIMATE_METHODS, OBJECTIVES, OPTIMIZERS, QUANTS
+from finetune.choices import (
+    ATTENTIONS,
+    ESTIMATE_METHODS,
+    OBJECTIVES,
+    OPTIMIZERS,
+    QUANTS,
+    REFERENCES,
+)
 from finetune.errors import UserError
 from finetune.memory.arch import Architecture
 
@@ -101,6 +108,9 @@ class Setup:
     # both sides of each pair (dpo, orpo; `batch` counts pairs) and runs the reference
     # policy without gradients (dpo, kto; kto also its KL sequences).
     objective: str = "sft"
+    # train.reference: forward (dpo, kto: the reference's forward in every step) or cached
+    # (its log-probabilities read from the run's cache; kto still runs it on the KL rows).
+    reference: str = "forward"
 
     def __post_init__(self) -> None:
         checks = [
@@ -116,6 +126,15 @@ class Setup:
             (
                 self.objective in OBJECTIVES,
                 f"objective must be one of {', '.join(OBJECTIVES)} (got {self.objective})",
+            ),
+            (
+                self.reference in REFERENCES,
+                f"reference must be one of {', '.join(REFERENCES)} (got {self.reference})",
+            ),
+            (
+                self.reference == "forward" or self.objective in ("dpo", "kto"),
+                f"--reference cached applies to --objective dpo or kto ({self.objective} has "
+                "no reference); use --reference forward",
             ),
             (self.batch > 0, f"batch must be a positive number of sequences (got {self.batch})"),
             (self.seq > 0, f"seq must be a positive number of tokens (got {self.seq})"),

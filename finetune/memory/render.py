@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from finetune.memory.dryrun import compare_methods
+from finetune.memory.dryrun import REFUSED_ROWS_NOTE, compare_methods, reference_costs
 from finetune.memory.estimate import COMPONENTS, Estimate, Setup, rule_of_thumb_bytes
 from finetune.memory.presets import nominal_params
 from finetune.outputs import write_file_atomically
@@ -97,6 +97,26 @@ def comparison_rows(est: Estimate) -> list[tuple[str, int, int, int]]:
     ]
 
 
+def comparison_notes(est: Estimate) -> list[str]:
+    """Lines under the method comparison: what the reference pass costs (dpo, kto) and,
+    for a preference objective, the rows left out."""
+    lines = []
+    costs = reference_costs(est)
+    if costs is not None:
+        kl = "; kto's KL rows still run it" if est.setup.objective == "kto" else ""
+        # Below 0 for kto: its KL rows' reference forward still sets the peak, and the
+        # cached log-probabilities are one more tensor.
+        extra = costs["reference_forward_bytes"]
+        lines.append(
+            f"reference forward: {'+' if extra >= 0 else '-'}{human(abs(extra))} "
+            f"({human(costs['forward_total_bytes'])} with it in the step, "
+            f"{human(costs['cached_total_bytes'])} with train.reference cached{kl})"
+        )
+    if est.setup.objective != "sft":
+        lines.append(REFUSED_ROWS_NOTE)
+    return lines
+
+
 def to_json(est: Estimate, fit: list[str] | None = None) -> str:
     """The estimate as a JSON object: total_bytes, components (name -> bytes) and more."""
     data: dict[str, Any] = est.to_dict()
@@ -104,6 +124,10 @@ def to_json(est: Estimate, fit: list[str] | None = None) -> str:
         {"method": m, "trainable_params": t, "state_bytes": s, "total_bytes": tot}
         for m, t, s, tot in comparison_rows(est)
     ]
+    costs = reference_costs(est)
+    if costs is not None:
+        data["reference_pass"] = costs
+    data["comparison_notes"] = comparison_notes(est)
     data["budget"] = budget_line(est)
     data["headline"] = headline(est)
     if fit is not None:
@@ -153,7 +177,8 @@ def to_markdown(
     lines += ["", "| method | trainable | weights + states | total |", "|---|---:|---:|---:|"]
     for label, trainable, state, total in comparison_rows(est):
         lines.append(f"| {label} | {trainable:,} | {human(state)} | {human(total)} |")
-    lines += ["", f"- {budget_line(est)}"]
+    lines += [""] + [f"- {line}" for line in comparison_notes(est)]
+    lines += [f"- {budget_line(est)}"]
     lines += [f"- {line}" for line in fit or []]
     return "\n".join(lines) + "\n"
 
@@ -191,6 +216,8 @@ def print_tables(
     for label, trainable, state, total in comparison_rows(est):
         compare.add_row(label, f"{trainable:,}", human(state), human(total))
     console.print(compare)
+    for line in comparison_notes(est):
+        console.print(line, highlight=False)
     console.print(budget_line(est), highlight=False)
     for line in fit or []:
         console.print(line, highlight=False)

@@ -133,6 +133,11 @@ def check_objective(recipe: Recipe) -> None:
             "train.label_smoothing applies to train.objective dpo with train.dpo_loss robust; "
             "set train.dpo_loss: robust or remove train.label_smoothing"
         )
+    if t.reference == "cached" and t.objective not in ("dpo", "kto"):
+        raise ValueError(
+            f"train.reference cached applies to train.objective dpo or kto; {t.objective} has "
+            "no reference model; set train.reference: forward"
+        )
     if t.objective == "kto" and t.micro_batch_size < 2:
         # The KL term is estimated from other rows' completions within the micro-batch.
         raise ValueError(

@@ -17,7 +17,7 @@ from pydantic import (
     model_validator,
 )
 
-from finetune.choices import OBJECTIVES, TRAIN_OPTIMIZERS
+from finetune.choices import OBJECTIVES, REFERENCES, TRAIN_OPTIMIZERS
 from finetune.inputs import MAX_SEED, NAME_MAX, PATH_MAX, duration_seconds
 from finetune.methods import METHODS
 
@@ -305,6 +305,13 @@ class TrainSection(Section):
         "optimisation, no reference), kto (Kahneman-Tversky optimisation on unpaired labels). "
         "The reference is the model with the adapter disabled, or the adapter.init_from "
         "adapter as it starts, frozen.",
+    )
+    reference: Literal[REFERENCES] = Field(  # type: ignore[valid-type]
+        "forward",
+        description="dpo, kto: how the step gets the reference's log-probabilities: forward "
+        "(a second forward pass, without gradients, in every step) or cached (computed once "
+        "for every training example before the first step and kept in the run directory as "
+        "reference_logps.safetensors; kto still runs the reference on its KL sequences).",
     )
     beta: float = Field(
         0.1,

@@ -308,6 +308,7 @@ RESUME_MAY_CHANGE = {
         "report_to",
         "max_time",
         "gradient_checkpointing",  # the same gradients, less memory
+        "reference",  # the same reference log-probabilities, computed once or every step
         "on_nonfinite",
     ),
 }

@@ -39,6 +39,7 @@ ADAPTER = "adapter"
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_PREFIX = "step-"  # checkpoints/step-N/
 METRICS = "metrics.jsonl"
+REFERENCE_LOGPS = "reference_logps.safetensors"  # train.reference cached
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 LOSS_PLOT = "loss.png"
@@ -53,6 +54,7 @@ RUN_LAYOUT = (
     ADAPTER,
     CHECKPOINTS,
     METRICS,
+    REFERENCE_LOGPS,
     *TRACKER_FOLDERS.values(),
     REPORT_MD,
     REPORT_JSON,
