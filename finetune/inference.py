@@ -423,6 +423,17 @@ def chat_loop(
         replies += 1
 
 
+def refuse_preference_format(given: str, fmt: str) -> None:
+    """eval scores demonstrations (loss, perplexity, exact match); a run trained on pairs
+    or labelled completions reports its held-out preference accuracy in its own report."""
+    if fmt in ("preference", "kto"):
+        raise UserError(
+            f"eval: {given} was trained on data.format {fmt}, and eval scores text, "
+            "instruction or chat data; pass --format instruction (or chat, text) with data of "
+            "that form, or read the run's held-out preference accuracy in its report.md"
+        )
+
+
 def evaluate_target(
     given: str,
     data_path: str,
@@ -452,6 +463,8 @@ def evaluate_target(
     if base and target.adapter_dir is None:
         raise UserError(f"--base: {given} is a model, not a run; it is the base already")
     recipe = target.recipe
+    if fmt is None and recipe is not None:
+        refuse_preference_format(given, recipe.data.format)
     spec = recipe.data if recipe is not None else DataSection(path=data_path)
     update: dict[str, Any] = {"path": data_path, "eval_path": None, "eval_fraction": 0.0}
     if fmt is not None:

@@ -314,6 +314,7 @@ WRITE_FAILURES = {
     errno.EROFS: "the filesystem is read-only",
     errno.EACCES: "permission denied",
     errno.EPERM: "permission denied",
+    errno.EISDIR: "a folder is where the file goes",
 }
 AGAIN = "then run the command again"
 Then = str | Callable[[], str]  # how to carry on after a failed write, or what works it out
@@ -324,6 +325,7 @@ FIXES = {
     errno.EROFS: "write somewhere writable",
     errno.EACCES: "fix the folder's permissions or write somewhere else",
     errno.EPERM: "fix the folder's permissions or write somewhere else",
+    errno.EISDIR: "move that folder away",
 }
 
 

@@ -61,6 +61,8 @@ RUN_LAYOUT = (
     LOSS_PLOT,
     MEMORY_PLOT,
 )
+# The entries that are folders; the rest are files.
+RUN_FOLDERS = (ADAPTER, CHECKPOINTS, *TRACKER_FOLDERS.values())
 # What only a started run leaves beside its recipe.yaml (a user's folder may hold a recipe).
 RUN_MARKERS = (ADAPTER, CHECKPOINTS, METRICS, REPORT_JSON)
 
@@ -216,6 +218,7 @@ def check_run_dir(
     if resume:
         if not holds_run(run_dir):
             raise UserError(f"--resume: {run_dir} holds no run to resume; drop --resume")
+        refuse_entries_of_the_wrong_kind(run_dir)
         return
     claim_output(
         run_dir,
@@ -229,6 +232,24 @@ def check_run_dir(
         force_hint="pass --resume to continue it, output.overwrite=true to replace it",
         exists_words="already holds a run",
     )
+
+
+def refuse_entries_of_the_wrong_kind(run_dir: Path) -> None:
+    """A resumed run writes into its entries: a folder where it keeps a file (or a file, a
+    FIFO or a link to nowhere where it keeps a folder) is named before the model loads,
+    not found by the first write after minutes of work."""
+    for name in RUN_LAYOUT:
+        entry = run_dir / name
+        if not (entry.exists() or entry.is_symlink()):
+            continue
+        wanted = "folder" if name in RUN_FOLDERS else "file"
+        found = entry.is_dir() if wanted == "folder" else entry.is_file()
+        if not found:
+            kind = "a folder" if entry.is_dir() else "not a regular file"
+            raise UserError(
+                f"--resume: {entry} is {kind}, where the run keeps its {name} {wanted}; "
+                "move it out of the run directory and resume again"
+            )
 
 
 def start_run_dir(run_dir: Path, *, fresh: bool, recipe_yaml: str) -> None:
