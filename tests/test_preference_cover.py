@@ -225,3 +225,65 @@ def test_eval_of_a_preference_run_says_what_eval_scores(
     code, _, err = run_main(capsys, "eval", str(tmp_path / "run"), "--data", data)
     assert code == 2 and len(err.splitlines()) == 1, err
     assert "--format" in err and ("preference" in err or "kto" in err), err
+
+
+def test_a_preference_adapter_works_with_every_command_after_training(
+    capsys, tmp_path, tiny_model_dir
+):
+    """generate, chat, eval, merge, export and combine take a DPO and a KTO adapter as any
+    other; what they write is checked by plain peft and transformers."""
+    import json
+
+    from helpers import run_main, write_jsonl
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    runs = {}
+    for objective in ("dpo", "kto"):
+        folder = tmp_path / objective
+        folder.mkdir()
+        rows = kto_rows(8) if objective == "kto" else date_pairs(8)
+        extra = ["data.format=kto"] if objective == "kto" else []
+        path = recipe(folder, tiny_model_dir, rows, objective=objective, max_steps=3, lr=5e-2)
+        assert run_main(capsys, "train", str(path), "data.eval_path=null", *extra)[0] == 0
+        runs[objective] = folder / "run"
+    dpo = str(runs["dpo"])
+
+    code, out, err = run_main(capsys, "generate", dpo, "Convert 3 March 2024 to ISO.",
+                              "--max-new-tokens", "4")  # fmt: skip
+    assert code == 0 and out.strip(), err
+    chat = subprocess.run(
+        [sys.executable, "-m", "finetune", "chat", dpo, "--max-new-tokens", "4"],
+        input="Convert 3 March 2024 to ISO.\n/exit\n", capture_output=True, text=True,
+        cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300,
+    )  # fmt: skip
+    assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr[-2000:]
+
+    demos = write_jsonl(tmp_path / "demos.jsonl", [
+        {"prompt": r["prompt"], "response": r["chosen"]} for r in date_pairs(4)
+    ])  # fmt: skip
+    code, out, err = run_main(capsys, "eval", dpo, "--data", str(demos), "--format",
+                              "instruction", "--base", "--json")  # fmt: skip
+    assert code == 0, err
+    scores = json.loads(out)
+    assert scores["adapter"]["loss"] != scores["base"]["loss"]  # the adapter is applied
+
+    merged, exported, combined = tmp_path / "merged", tmp_path / "exported", tmp_path / "both"
+    assert run_main(capsys, "merge", dpo, "--out", str(merged))[0] == 0
+    assert run_main(capsys, "export", dpo, "--out", str(exported))[0] == 0
+    code, _, err = run_main(capsys, "combine", dpo, str(runs["kto"]), "--out", str(combined))
+    assert code == 0, err
+
+    ids = torch.tensor([[1, 5, 9, 12, 7, 3]])
+    with torch.no_grad():
+        peft_logits = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(tiny_model_dir), exported
+        )(input_ids=ids).logits
+        merged_logits = AutoModelForCausalLM.from_pretrained(merged)(input_ids=ids).logits
+        base_logits = AutoModelForCausalLM.from_pretrained(tiny_model_dir)(input_ids=ids).logits
+        both = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(tiny_model_dir), combined
+        )(input_ids=ids).logits
+    assert float((peft_logits - base_logits).abs().max()) > 1e-4
+    assert float((merged_logits - peft_logits).abs().max()) < 1e-4
+    assert float((both - base_logits).abs().max()) > 1e-5

@@ -1,8 +1,10 @@
-"""Make the toy preference data of recipes/dpo.yaml from the quickstart dates.
+"""Make the preference data of recipes/quickstart-dpo.yaml (and -orpo, -kto) from the
+quickstart dates.
 
 Chosen: the correct ISO 8601 date. Rejected: the same date with day and month swapped
 (YYYY-DD-MM), a plausible wrong answer; when the swap gives the same text (day equals month)
-the year is off by one instead, so no pair has equal sides.
+the year is off by one instead, so no pair has equal sides. KTO's unpaired form (kto-*.jsonl)
+holds each pair's two sides as two rows, the chosen labelled true, the rejected false.
 
     python recipes/data/dpo/make_data.py
 """
@@ -29,7 +31,20 @@ def convert(name: str, limit: int) -> None:
         {"prompt": r["prompt"], "chosen": r["response"], "rejected": wrong(r["response"])}
         for r in rows
     ]
-    (HERE / name).write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
+    write(HERE / name, pairs)
+    write(HERE / f"kto-{name}", [row for pair in pairs for row in unpaired(pair)])
+
+
+def unpaired(pair: dict) -> list[dict]:
+    prompt = pair["prompt"]
+    return [
+        {"prompt": prompt, "completion": pair["chosen"], "label": True},
+        {"prompt": prompt, "completion": pair["rejected"], "label": False},
+    ]
+
+
+def write(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
 
 if __name__ == "__main__":
