@@ -204,7 +204,7 @@ def test_two_nodes_on_the_loopback_match_one_process(sharded, recipe_file, tmp_p
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
     port = str(free_port())
     env = {**ENV, **({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"} if sharded else {})}
-    nodes = [node(torchrun, rank, port, double, env) for rank in (0, 1)]
+    nodes = [start_node(torchrun, rank, port, double, env) for rank in (0, 1)]
     outputs = [node.communicate(timeout=600) for node in nodes]
     for node, (_, err) in zip(nodes, outputs, strict=True):
         assert node.returncode == 0, err[-3000:]
@@ -217,7 +217,7 @@ def test_two_nodes_on_the_loopback_match_one_process(sharded, recipe_file, tmp_p
     assert "run directory:" not in outputs[1][0]  # the second node writes and reports nothing
 
 
-def node(torchrun: str, rank: int, port: str, recipe, env: dict) -> subprocess.Popen:
+def start_node(torchrun: str, rank: int, port: str, recipe, env: dict) -> subprocess.Popen:
     """One machine's launcher: node `rank` of two, one process, rendezvous on the loopback."""
     command = [torchrun, "--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1"]
     command += ["--master_addr", "127.0.0.1", "--master_port", port]
