@@ -30,6 +30,7 @@ from finetune import (
     runs,
     sharding,
 )
+from finetune.errors import UserError
 from finetune.memory.measure import RSS_NAME, LiveTensorPeak, PeakMemory
 from finetune.positions import count_trained, trained_positions_loss, widest_shapes
 from finetune.precision import resolve_mixed_precision
@@ -128,6 +129,8 @@ def run_with_peak(
             mixed_precision=resolve_mixed_precision(recipe.train.mixed_precision, device),
             cpu=device == "cpu",
         )
+    if resume:
+        same_checkpoint_everywhere(accelerator, run_dir, saved)
     if saved is not None:  # nothing is written yet: a run with no step left stops here
         planned = total_steps(recipe, len(run_items(recipe, prepared)), accelerator.num_processes)
         runs.refuse_finished(run_dir, saved, planned)
@@ -141,6 +144,27 @@ def run_with_peak(
         runs.start_run_dir(run_dir, fresh=not resume, recipe_yaml=dump_recipe(recipe))
         runs.remove_partial_writes(run_dir)
     return Loop(recipe, prepared, accelerator, run_dir, saved, peak).run(stop)
+
+
+def same_checkpoint_everywhere(accelerator: Any, run_dir: Path, saved: Any) -> None:
+    """Every process reads the checkpoint it resumes from itself; on several machines a node
+    that cannot see the main one's output.dir would start again from step 0 and train
+    another run than the others. Checked before anything is written.
+
+    Raises:
+        UserError: the processes found checkpoints of different steps.
+    """
+    if accelerator.num_processes == 1:
+        return
+    step = saved.state.step if saved is not None else 0
+    # One reduction gives both ends: the largest step, and the largest of the negated steps.
+    high, low = accelerator.reduce(torch.tensor([step, -step], device=accelerator.device), "max")
+    if int(high) != -int(low):
+        raise UserError(
+            f"--resume: the processes found different checkpoints in {run_dir} (step "
+            f"{-int(low)} on some, {int(high)} on others); on several machines output.dir "
+            "must be a folder every node reads (shared, or copied to the same path)"
+        )
 
 
 def run_items(recipe: Recipe, prepared: Prepared) -> list:

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Any
 
 import pytest
 import torch
@@ -217,11 +218,33 @@ def test_two_nodes_on_the_loopback_match_one_process(sharded, recipe_file, tmp_p
     assert "run directory:" not in outputs[1][0]  # the second node writes and reports nothing
 
 
-def start_node(torchrun: str, rank: int, port: str, recipe, env: dict) -> subprocess.Popen:
+def test_resume_refuses_a_node_that_sees_another_checkpoint(recipe_file, tmp_path):
+    """The second node's output.dir is not the first node's (not shared, never copied): it
+    finds no checkpoint where the first finds step 2, and both refuse before writing."""
+    _, double = one_and_two(recipe_file, tmp_path, {"max_steps": 4, "save_every": 2})
+    main(["train", str(double), "train.max_steps=2"])  # the run to resume, at step 2
+    elsewhere = tmp_path / "elsewhere.yaml"  # the same recipe but for output.dir
+    elsewhere.write_text(double.read_text().replace(str(tmp_path / "two"), str(tmp_path / "x")))
+    before = (tmp_path / "two" / "metrics.jsonl").read_bytes()
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    port = str(free_port())
+    nodes = [start_node(torchrun, rank, port, recipe, ENV, "--resume") for rank, recipe in
+             ((0, double), (1, elsewhere))]  # fmt: skip
+    errors = [node.communicate(timeout=600)[1] for node in nodes]
+
+    for node, err in zip(nodes, errors, strict=True):
+        assert node.returncode != 0
+        assert "--resume: the processes found different checkpoints" in err, err[-3000:]
+        assert "(step 0 on some, 2 on others)" in err
+    assert (tmp_path / "two" / "metrics.jsonl").read_bytes() == before
+    assert not (tmp_path / "x").exists()
+
+
+def start_node(torchrun: str, rank: int, port: str, recipe, env: dict, *extra: str) -> Any:
     """One machine's launcher: node `rank` of two, one process, rendezvous on the loopback."""
     command = [torchrun, "--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1"]
     command += ["--master_addr", "127.0.0.1", "--master_port", port]
-    command += ["-m", "finetune", "train", str(recipe)]
+    command += ["-m", "finetune", "train", str(recipe), *extra]
     pipe = subprocess.PIPE
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=pipe, stderr=pipe, text=True)
 
