@@ -432,7 +432,12 @@ def check_gguf(gguf: Path) -> None:
 # ------------------------------------------------------------------------ loading
 
 
-def quantization_config(quantization: str, dtype: torch.dtype, double_quant: bool) -> Any:
+def quantization_config(
+    quantization: str, dtype: torch.dtype, double_quant: bool, sharded: bool = False
+) -> Any:
+    """bitsandbytes' config. `sharded`: FSDP splits and gathers floating-point tensors only,
+    so 4-bit weights are packed into the compute dtype instead of uint8 (peft's FSDP+QLoRA
+    guide: bnb_4bit_quant_storage = the compute dtype)."""
     from transformers import BitsAndBytesConfig
 
     if quantization == "int8":
@@ -443,6 +448,7 @@ def quantization_config(quantization: str, dtype: torch.dtype, double_quant: boo
             bnb_4bit_quant_type=quantization,
             bnb_4bit_compute_dtype=dtype,
             bnb_4bit_use_double_quant=double_quant,
+            bnb_4bit_quant_storage=dtype if sharded else torch.uint8,
         )
     return None
 
@@ -461,8 +467,11 @@ def load_tokenizer(source: Path | str, trust_remote_code: bool = False) -> Any:
     return tokenizer
 
 
-def load_model(spec: ModelSection, device: str | None = None, tokenizer: Any = None) -> LoadedModel:
-    """Load tokenizer and model as the recipe's `model` section says.
+def load_model(
+    spec: ModelSection, device: str | None = None, tokenizer: Any = None, sharded: bool = False
+) -> LoadedModel:
+    """Load tokenizer and model as the recipe's `model` section says. `sharded`: for FSDP
+    (finetune.sharding), which moves each shard to the device itself.
 
     Raises:
         UserError: missing model, offline hub id, or an option the machine cannot do.
@@ -489,17 +498,23 @@ def load_model(spec: ModelSection, device: str | None = None, tokenizer: Any = N
         "trust_remote_code": spec.trust_remote_code,
         "use_safetensors": True if isinstance(source, Path) else None,
     }
-    qconfig = quantization_config(quantization, dtype, spec.double_quant)
+    qconfig = quantization_config(quantization, dtype, spec.double_quant, sharded)
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
-        kwargs["device_map"] = {"": 0} if device == "cuda" else "cpu"
+        # This process's GPU (accelerate and torchrun give each process its own).
+        kwargs["device_map"] = {"": local_cuda_index()} if device == "cuda" else "cpu"
     tokenizer = tokenizer or load_tokenizer(source, spec.trust_remote_code)
     model = hub_call(source, lambda: AutoModelForCausalLM.from_pretrained(source, **kwargs))
     cache_by_new_name(model)
-    if qconfig is None:
+    if qconfig is None and not sharded:  # sharding moves each process's part alone
         model.to(device)
     folder = source if isinstance(source, Path) else Path(model.config._name_or_path)
     return LoadedModel(model, tokenizer, folder, quantization, dtype, device, notes)
+
+
+def local_cuda_index() -> int:
+    """The GPU of this process: LOCAL_RANK under a launcher (one process per GPU), else 0."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def offline() -> bool:

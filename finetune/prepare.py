@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from finetune import adapters, data, doctor, methods, models, tracking
+from finetune import adapters, data, doctor, methods, models, sharding, tracking
 from finetune.recipe import Recipe
 
 
@@ -27,6 +27,7 @@ class Prepared:
     params: adapters.ParameterCount
     gradient_checkpointing: bool
     notes: list[str] = field(default_factory=list)
+    sharding: sharding.Sharding | None = None  # FSDP2 over the processes, or None
 
     def plan(self, sequences: int, steps: int, processes: int) -> list[str]:
         """What is about to run: parameter counts, the choices made for the user, the steps."""
@@ -65,6 +66,8 @@ def prepare(
     device = device or models.default_device()
     seed_everything(recipe.train.seed)
     tracking.check_available(recipe.train.report_to)
+    shards = sharding.requested()
+    sharding.check_recipe(recipe, device)
     source = models.resolve_source(recipe.model.path)
     if isinstance(source, Path):  # raises now; its note comes with the loaded model
         models.needs_remote_code(source, recipe.model.trust_remote_code)
@@ -73,7 +76,7 @@ def prepare(
     diagnosis = doctor.diagnose(recipe, tokenizer, splits)
     doctor.refuse(diagnosis, strict)
     unchecked = check_recipe_fits_device(recipe, device, force=force, free_bytes=gpu_free_bytes)
-    loaded = models.load_model(recipe.model, device, tokenizer=tokenizer)
+    loaded = models.load_model(recipe.model, device, tokenizer=tokenizer, sharded=bool(shards))
     notes = list(loaded.notes) + recipe.method_default_notes() + diagnosis.warning_lines()
     notes += [unchecked] if unchecked else []
     if recipe.eval.max_examples == 0 and splits.eval_rows and recipe.data.format != "text":
@@ -96,7 +99,7 @@ def prepare(
         tokenizer=tokenizer,
     )
     params = adapters.count_parameters(model)
-    return Prepared(recipe, loaded, model, splits, params, checkpointing, notes)
+    return Prepared(recipe, loaded, model, splits, params, checkpointing, notes, shards)
 
 
 def total_steps(recipe: Recipe, n_items: int, world_size: int = 1) -> int:

@@ -28,7 +28,9 @@ from finetune import (
     preference,
     reference_cache,
     runs,
+    sharding,
 )
+from finetune.errors import UserError
 from finetune.memory.measure import RSS_NAME, LiveTensorPeak, PeakMemory
 from finetune.positions import count_trained, trained_positions_loss, widest_shapes
 from finetune.precision import resolve_mixed_precision
@@ -75,6 +77,7 @@ def train(
     """
     stop = StopRequests(recipe.train.max_time_s)  # the time budget counts model loading too
     run_dir = Path(recipe.output.dir)
+    sharding.check_recipe(recipe, models.default_device())  # before anything is written
     lock = None
     if is_main_launch_process():  # the others write nothing; torchrun stops them if it fails
         lock = runs.claim_run_dir(
@@ -121,10 +124,13 @@ def run_with_peak(
     # refuses a second Accelerator with another precision; each run sets its own. The
     # distributed part (PartialState, the process group) is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
-    accelerator = Accelerator(
-        mixed_precision=resolve_mixed_precision(recipe.train.mixed_precision, device),
-        cpu=device == "cpu",
-    )
+    with sharding.accelerate_unsharded():
+        accelerator = Accelerator(
+            mixed_precision=resolve_mixed_precision(recipe.train.mixed_precision, device),
+            cpu=device == "cpu",
+        )
+    if resume:
+        same_checkpoint_everywhere(accelerator, run_dir, saved)
     if saved is not None:  # nothing is written yet: a run with no step left stops here
         planned = total_steps(recipe, len(run_items(recipe, prepared)), accelerator.num_processes)
         runs.refuse_finished(run_dir, saved, planned)
@@ -138,6 +144,27 @@ def run_with_peak(
         runs.start_run_dir(run_dir, fresh=not resume, recipe_yaml=dump_recipe(recipe))
         runs.remove_partial_writes(run_dir)
     return Loop(recipe, prepared, accelerator, run_dir, saved, peak).run(stop)
+
+
+def same_checkpoint_everywhere(accelerator: Any, run_dir: Path, saved: Any) -> None:
+    """Every process reads the checkpoint it resumes from itself; on several machines a node
+    that cannot see the main one's output.dir would start again from step 0 and train
+    another run than the others. Checked before anything is written.
+
+    Raises:
+        UserError: the processes found checkpoints of different steps.
+    """
+    if accelerator.num_processes == 1:
+        return
+    step = saved.state.step if saved is not None else 0
+    # One reduction gives both ends: the largest step, and the largest of the negated steps.
+    high, low = accelerator.reduce(torch.tensor([step, -step], device=accelerator.device), "max")
+    if int(high) != -int(low):
+        raise UserError(
+            f"--resume: the processes found different checkpoints in {run_dir} (step "
+            f"{-int(low)} on some, {int(high)} on others); on several machines output.dir "
+            "must be a folder every node reads (shared, or copied to the same path)"
+        )
 
 
 def run_items(recipe: Recipe, prepared: Prepared) -> list:
@@ -173,20 +200,18 @@ class Loop:
         self.packed = recipe.data.packing
         self.items = run_items(recipe, prepared)
         self.steps = total_steps(recipe, len(self.items), accelerator.num_processes)
-        optimizer, self.scheduler = make_optimizer(prepared.model, recipe, self.steps)
-        self.model, self.optimizer = accelerator.prepare(prepared.model, optimizer)
-        # Under mixed precision accelerate wraps the model's forward in autocast for good;
-        # the steps enter autocast themselves, so evaluation, generation and the saved model
-        # then run in the weights' own precision, as the adapter reloads elsewhere.
-        accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
+        # Taken before a checkpoint is restored: with init_from, the initial adapter.
+        self.reference = preference.Reference.of(prepared.model, bool(recipe.adapter.init_from))
+        if saved is not None:  # into whole tensors, before the model is wrapped or sharded
+            restore_adapter(prepared.model, saved)
+        self.sharded = prepared.sharding is not None
+        self.model, self.optimizer, self.scheduler = self.wrap(prepared)
         # On the CPU the measured peak is the estimate's metric, live tensor bytes; on CUDA
         # torch's allocator statistics (PeakMemory) are the measurement.
         self.live = LiveTensorPeak(self.unwrapped(), enabled=prepared.loaded.device == "cpu")
         self.objective = None  # a preference objective, or None for the token loss
         if prepared.splits.train_pairs is not None:
             self.objective = preference.Objective.of(recipe.train)
-        # Taken before a checkpoint is restored: with init_from, the initial adapter.
-        self.reference = preference.Reference.of(self.unwrapped(), bool(recipe.adapter.init_from))
         self.ref_logps: torch.Tensor | None = None  # train.reference cached: by example index
         self.stats = torch.zeros(len(preference.STATS), dtype=torch.float64)
         self.state = RunState(
@@ -205,6 +230,28 @@ class Loop:
             recipe.train.report_to,
             recipe.model_dump(mode="json"),
         )
+
+    def wrap(self, prepared: Prepared) -> tuple[Any, Any, Any]:
+        """(model, optimizer, scheduler) for the loop: the model sharded (FSDP2) or prepared
+        by accelerate (DDP under data parallelism), the optimizer made over its parameters."""
+        if prepared.sharding is None:
+            optimizer, scheduler = make_optimizer(prepared.model, self.recipe, self.steps)
+            model, optimizer = self.accelerator.prepare(prepared.model, optimizer)
+            # Under mixed precision accelerate wraps the model's forward in autocast for
+            # good; the steps enter autocast themselves, so evaluation, generation and the
+            # saved model then run in the weights' own precision, as the adapter reloads.
+            self.accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+            return model, optimizer, scheduler
+        device = prepared.loaded.device
+        self.root = sharding.shard(prepared.model, prepared.sharding, device)
+        held, total = sharding.local_share(prepared.model)
+        prepared.notes.append(
+            f"sharded (FSDP2) over {self.accelerator.num_processes} processes: each holds "
+            f"{held:,} of the model's {total:,} parameters"
+        )
+        # After sharding: fully_shard replaces the parameters the optimizer must hold.
+        optimizer, scheduler = make_optimizer(prepared.model, self.recipe, self.steps)
+        return prepared.model, optimizer, scheduler
 
     # ------------------------------------------------------------------ the loop
 
@@ -472,6 +519,9 @@ class Loop:
         return f"; the last good checkpoint is {latest}" if latest else ""
 
     def sync(self, last: bool) -> Any:
+        if self.sharded:  # gradients stay whole and accumulate until the last micro-batch
+            self.root.set_requires_gradient_sync(last)
+            return contextlib.nullcontext()
         if last or self.accelerator.num_processes == 1:
             return contextlib.nullcontext()
         return self.accelerator.no_sync(self.model)
@@ -479,6 +529,8 @@ class Loop:
     def clip(self) -> float:
         max_norm = self.recipe.train.max_grad_norm
         params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.sharded:
+            return sharding.clip_grad_norm(params, max_norm)
         if max_norm is None:
             norms = [p.grad.detach().norm() for p in params if p.grad is not None]
             return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
@@ -488,7 +540,7 @@ class Loop:
 
     def run_eval(self) -> None:
         eval_data = self.prepared.splits.eval
-        if eval_data is None or not self.accelerator.is_main_process:
+        if eval_data is None or not self.evaluates():
             return
         if self.objective is not None:
             record = preference.held_out_record(
@@ -517,7 +569,7 @@ class Loop:
         spec, rows, options = self.recipe.data, self.prepared.splits.eval_rows, self.recipe.eval
         if not rows or spec.format in ("text", *data.PREFERENCE_FORMATS):
             return None  # preference data is judged by preference accuracy instead
-        if not self.accelerator.is_main_process:
+        if not self.evaluates():
             return None
         if options.max_examples == 0:  # asked for no generation (a note says so)
             return None
@@ -530,39 +582,61 @@ class Loop:
         with model.disable_adapter() if when == "before" else contextlib.nullcontext():
             return evaluate.exact_match(model, tokenizer, pairs, options.max_new_tokens)
 
+    def evaluates(self) -> bool:
+        """Whether this process evaluates: the main one, or under sharding every one, since
+        each forward gathers the layers from all processes (only the main one records)."""
+        return self.sharded or self.accelerator.is_main_process
+
     def unwrapped(self) -> Any:
         return self.accelerator.unwrap_model(self.model)
 
     # ------------------------------------------------------------------ saving
 
     def save_adapter(self) -> None:
+        weights = self.whole_adapter()  # under sharding every process gathers
         if self.accelerator.is_main_process:
-            runs.save_adapter(self.run_dir, self.unwrapped())
+            runs.save_adapter(self.run_dir, self.unwrapped(), weights)
 
     def save_checkpoint(self) -> None:
+        weights = self.whole_adapter()
+        optimizer = sharding.optimizer_state(self.optimizer) if self.sharded else None
         if self.accelerator.is_main_process:
             runs.save_checkpoint(
                 self.run_dir,
                 self.state,
                 model=self.unwrapped(),
+                weights=weights,
                 projection=adapters.projection_state(self.unwrapped()),
-                optimizer=self.optimizer,
+                optimizer=optimizer or self.optimizer.state_dict(),
                 scheduler=self.scheduler,
                 keep_last=self.recipe.train.keep_last,
             )
         self.checkpoint = runs.checkpoint_path(self.run_dir, self.state.step)  # every process
 
-    def restore(self, saved: SavedCheckpoint) -> None:
-        from peft import set_peft_model_state_dict
+    def whole_adapter(self) -> dict[str, torch.Tensor] | None:
+        """Under sharding the adapter's tensors gathered whole (a collective), else None:
+        peft's save_pretrained reads them from the model."""
+        return sharding.adapter_state(self.unwrapped()) if self.sharded else None
 
-        if saved.projection is not None:
-            adapters.restore_projection(self.unwrapped(), saved.projection)
+    def restore(self, saved: SavedCheckpoint) -> None:
+        """Everything but the adapter's weights (`restore_adapter`, before wrapping)."""
+        if self.sharded:
+            sharding.load_optimizer_state(self.optimizer, saved.optimizer)
         else:
-            set_peft_model_state_dict(self.unwrapped(), saved.weights)
-        self.optimizer.load_state_dict(saved.optimizer)
+            self.optimizer.load_state_dict(saved.optimizer)
         self.scheduler.load_state_dict(saved.scheduler)
         runs.restore_rng(saved)
         self.state = saved.state
         self.checkpoint = saved.path
         self.history = runs.read_history(self.run_dir, self.state.step)
         self.evals = runs.read_evals(self.run_dir, self.state.step)
+
+
+def restore_adapter(model: Any, saved: SavedCheckpoint) -> None:
+    """Put a checkpoint's adapter weights into the peft model, while its tensors are whole."""
+    from peft import set_peft_model_state_dict
+
+    if saved.projection is not None:
+        adapters.restore_projection(model, saved.projection)
+    else:
+        set_peft_model_state_dict(model, saved.weights)

@@ -124,9 +124,23 @@ def prune_checkpoints(run_dir: Path, keep_last: int | None) -> None:
 # ------------------------------------------------------------------------- writing
 
 
-def save_adapter(run_dir: Path, model: Any) -> None:
-    """The run's final adapter/ (peft's `save_pretrained` of `model`)."""
-    write_atomically(adapter_path(run_dir), model.save_pretrained, resume_hint(run_dir))
+def save_adapter(run_dir: Path, model: Any, weights: dict[str, torch.Tensor] | None = None) -> None:
+    """The run's final adapter/ (peft's `save_pretrained` of `model`).
+
+    `weights`: the adapter's tensors by state-dict name, when the model's own are not whole
+    (a sharded run's, gathered by every process); None reads them from the model.
+    """
+    write_atomically(
+        adapter_path(run_dir), lambda folder: save_pretrained(model, folder, weights),
+        resume_hint(run_dir),
+    )
+
+
+def save_pretrained(model: Any, folder: Path, weights: dict[str, torch.Tensor] | None) -> None:
+    if weights is None:
+        model.save_pretrained(folder)
+    else:
+        model.save_pretrained(folder, state_dict=weights)
 
 
 def save_checkpoint(
@@ -135,16 +149,18 @@ def save_checkpoint(
     *,
     model: Any,
     projection: dict[str, torch.Tensor] | None,
-    optimizer: Any,
+    optimizer: dict[str, Any],
     scheduler: Any,
     keep_last: int | None,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write checkpoints/step-N for `state.step`, then drop all but the `keep_last` newest.
 
-    `projection`: the prefix MLP's weights (adapters.projection_state), or None.
+    `projection`: the prefix MLP's weights (adapters.projection_state), or None. `optimizer`:
+    its state dict, whole (a sharded run gathers it first). `weights`: as for save_adapter.
     """
     target = checkpoint_path(run_dir, state.step)
-    parts = (state, model, projection, optimizer, scheduler)
+    parts = (state, model, weights, projection, optimizer, scheduler)
     write_atomically(target, lambda folder: write_checkpoint(folder, *parts), resume_hint(run_dir))
     prune_checkpoints(run_dir, keep_last)
     return target
@@ -154,16 +170,17 @@ def write_checkpoint(
     folder: Path,
     state: RunState,
     model: Any,
+    weights: dict[str, torch.Tensor] | None,
     projection: dict[str, torch.Tensor] | None,
-    optimizer: Any,
+    optimizer: dict[str, Any],
     scheduler: Any,
 ) -> None:
-    model.save_pretrained(folder / ADAPTER)
+    save_pretrained(model, folder / ADAPTER, weights)
     if projection is not None:
         from safetensors.torch import save_file
 
         save_file(projection, folder / PROJECTION_FILE)
-    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+    torch.save(optimizer, folder / "optimizer.pt")
     torch.save(scheduler.state_dict(), folder / "scheduler.pt")
     torch.save({"torch": torch.get_rng_state()}, folder / "rng_torch.pt")
     np_state = np.random.get_state()
