@@ -39,6 +39,8 @@ class Objective:
     dpo_loss: str = "sigmoid"
     label_smoothing: float = 0.0
     orpo_lambda: float = 0.1
+    # dpo: weight of the chosen responses' NLL per token added to the loss (trl's "sft").
+    sft_weight: float = 0.0
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
 
@@ -50,8 +52,9 @@ class Objective:
             train.dpo_loss,
             train.label_smoothing,
             train.orpo_lambda,
-            train.kto_desirable_weight,
-            train.kto_undesirable_weight,
+            sft_weight=train.dpo_sft_weight,
+            desirable_weight=train.kto_desirable_weight,
+            undesirable_weight=train.kto_undesirable_weight,
         )
 
     @property
@@ -342,7 +345,10 @@ def micro_batch_loss(
     losses, chosen, rejected = dpo_losses(
         logps[:n], logps[n:], ref[:n], ref[n:], lengths, objective
     )
-    return Scored(losses.sum() / norm[0], stat_vector(chosen, rejected, True))
+    loss = losses.sum() / norm[0]
+    if objective.sft_weight:  # the chosen tokens' NLL over the step's chosen tokens
+        loss = loss + objective.sft_weight * (-logps[:n].sum() / norm[1])
+    return Scored(loss, stat_vector(chosen, rejected, True))
 
 
 def kto_batch(

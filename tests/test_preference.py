@@ -68,12 +68,16 @@ def accelerator():
     return Accelerator(cpu=True)
 
 
-def trl_dpo(model, loss_type: str, beta: float, label_smoothing: float, tmp_path):
+def trl_dpo(model, loss_type: str, beta: float, label_smoothing: float, tmp_path, sft=0.0):
+    """trl's DPOTrainer; `sft` > 0 adds trl's "sft" loss with that weight (finetune's
+    train.dpo_sft_weight)."""
     from trl import DPOConfig, DPOTrainer
 
+    types, weights = ([loss_type, "sft"], [1.0, sft]) if sft else ([loss_type], [1.0])
     args = DPOConfig(
         output_dir=str(tmp_path),
-        loss_type=[loss_type],
+        loss_type=types,
+        loss_weights=weights,
         beta=beta,
         label_smoothing=label_smoothing,
         report_to=[],
@@ -85,7 +89,7 @@ def trl_dpo(model, loss_type: str, beta: float, label_smoothing: float, tmp_path
     trainer.args, trainer.model, trainer.ref_model = args, model, None
     trainer.accelerator = accelerator()
     trainer.beta, trainer.precompute_ref_logps = args.beta, args.precompute_ref_log_probs
-    trainer.loss_types, trainer.loss_weights = args.loss_type, [1.0]
+    trainer.loss_types, trainer.loss_weights = args.loss_type, weights
     trainer.ld_alpha, trainer.f_divergence_type = args.ld_alpha, args.f_divergence_type
     trainer.f_alpha_divergence_coef = args.f_alpha_divergence_coef
     trainer.label_smoothing, trainer.use_weighting = args.label_smoothing, args.use_weighting
@@ -96,16 +100,21 @@ def trl_dpo(model, loss_type: str, beta: float, label_smoothing: float, tmp_path
 
 
 @pytest.mark.parametrize(
-    ("loss_type", "beta", "smoothing"),
-    [("sigmoid", 0.1, 0.0), ("ipo", 0.5, 0.0), ("robust", 0.2, 0.15)],
+    ("loss_type", "beta", "smoothing", "sft"),
+    [
+        ("sigmoid", 0.1, 0.0, 0.0),
+        ("ipo", 0.5, 0.0, 0.0),
+        ("robust", 0.2, 0.15, 0.0),
+        ("sigmoid", 0.1, 0.0, 0.7),  # train.dpo_sft_weight: trl's [sigmoid, sft]
+    ],
 )
-def test_dpo_loss_and_rewards_equal_trl(tiny, tmp_path, loss_type, beta, smoothing):
+def test_dpo_loss_and_rewards_equal_trl(tiny, tmp_path, loss_type, beta, smoothing, sft):
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
     model, tokenizer = tiny
     examples = pairs(tokenizer)
     objective = preference.Objective(
-        "dpo", beta=beta, dpo_loss=loss_type, label_smoothing=smoothing
+        "dpo", beta=beta, dpo_loss=loss_type, label_smoothing=smoothing, sft_weight=sft
     )
     batch = preference.collate_pairs(examples, tokenizer.pad_token_id)
     scored = preference.micro_batch_loss(
@@ -113,7 +122,7 @@ def test_dpo_loss_and_rewards_equal_trl(tiny, tmp_path, loss_type, beta, smoothi
     )
     ours = preference.step_record(scored.stats, objective)
 
-    trainer = trl_dpo(model, loss_type, beta, smoothing, tmp_path)
+    trainer = trl_dpo(model, loss_type, beta, smoothing, tmp_path, sft)
     collator = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id)
     trl_batch = collator(
         [

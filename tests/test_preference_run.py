@@ -136,6 +136,12 @@ def test_kto_label_must_be_boolean(capsys, tmp_path, tiny_model_dir):
         (["data.packing=true"], "data.packing cannot be used with train.objective dpo"),
         (["train.dpo_loss=hinge"], "train.dpo_loss"),
         (
+            ["train.objective=orpo", "train.dpo_sft_weight=1"],
+            "train.dpo_sft_weight applies to train.objective dpo, not orpo",
+        ),
+        (["train.dpo_sft_weight=-1"], "train.dpo_sft_weight"),
+        (["train.dpo_sft_weight=.nan"], "train.dpo_sft_weight"),
+        (
             ["train.objective=orpo", "train.reference=cached"],
             "train.reference cached applies to train.objective dpo or kto; orpo has no",
         ),

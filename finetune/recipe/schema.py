@@ -133,6 +133,11 @@ def check_objective(recipe: Recipe) -> None:
             "train.label_smoothing applies to train.objective dpo with train.dpo_loss robust; "
             "set train.dpo_loss: robust or remove train.label_smoothing"
         )
+    if t.dpo_sft_weight and t.objective != "dpo":
+        raise ValueError(
+            f"train.dpo_sft_weight applies to train.objective dpo, not {t.objective}; remove "
+            "train.dpo_sft_weight (orpo has its own token loss)"
+        )
     if t.reference == "cached" and t.objective not in ("dpo", "kto"):
         raise ValueError(
             f"train.reference cached applies to train.objective dpo or kto; {t.objective} has "

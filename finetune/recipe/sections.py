@@ -331,6 +331,14 @@ class TrainSection(Section):
         lt=0.5,
         description="dpo_loss robust: the assumed share of preference labels that are flipped.",
     )
+    dpo_sft_weight: float = Field(
+        0.0,
+        ge=0,
+        le=1000,
+        description="dpo: weight of the chosen responses' token loss (NLL per chosen token) "
+        "added to the DPO loss, trl's loss_type [sigmoid, sft] (RPO); keeps the chosen "
+        "answers likely while DPO pushes the rejected ones down.",
+    )
     orpo_lambda: float = Field(
         0.1, gt=0, le=1000, description="orpo: weight of the odds-ratio term beside the NLL."
     )
