@@ -54,13 +54,17 @@ def answers(run: Path, data: Path) -> tuple[float, float]:
     return (result["base"]["exact_match"]["accuracy"], result["adapter"]["exact_match"]["accuracy"])
 
 
+def share(record: dict, key: str = "eval_preference_accuracy") -> str:
+    """A held-out share, or a dash where there is none (KTO's rows are unpaired)."""
+    return f"{record[key]:.1%}" if key in record else "-"
+
+
 def row(objective: str, report: dict, chosen: tuple, rejected: tuple) -> str:
     start, end, t = report["eval_start"], report["eval"], report["training"]
-    accuracy = "eval_preference_accuracy"
     return (
-        f"| {objective} | {t['steps']} | {t['train_time_s']:.0f} "
-        f"| {start.get(accuracy, float('nan')):.1%} | **{end.get(accuracy, float('nan')):.1%}** "
-        f"| {chosen[0]:.1%} | **{chosen[1]:.1%}** | {rejected[0]:.1%} | {rejected[1]:.1%} |"
+        f"| {objective} | {t['steps']} | {t['train_time_s']:.0f} | {share(start)} "
+        f"| **{share(end)}** | {chosen[0]:.1%} | **{chosen[1]:.1%}** | {rejected[0]:.1%} "
+        f"| {rejected[1]:.1%} |"
     )
 
 
