@@ -112,13 +112,16 @@ def test_partial_writes_are_cleaned_but_other_dot_entries_kept(tmp_path):
     assert left == [".env", ".git", "checkpoints/.cache"]
 
 
-def test_estimate_plot_replaces_only_with_force(tmp_path, capsys):
+def test_estimate_plot_replaces_only_with_force(tmp_path, capsys, tiny_model_dir):
+    # The tiny model's config: the plot's path handling is the same for any model, and a
+    # 7B preset's method comparison took 48-84 s of the suite.
+    model = str(tiny_model_dir)
     picture = tmp_path / "cmp.png"
     picture.write_bytes(b"someone's picture")
-    code, _, err = run_main(capsys, "estimate", "llama-2-7b", "--plot", str(picture))
+    code, _, err = run_main(capsys, "estimate", model, "--plot", str(picture))
     assert code == 2 and "already exists" in err
     assert picture.read_bytes() == b"someone's picture"
-    code, _, _ = run_main(capsys, "estimate", "llama-2-7b", "--plot", str(picture), "--force")
+    code, _, _ = run_main(capsys, "estimate", model, "--plot", str(picture), "--force")
     assert code == 0
     assert picture.read_bytes().startswith(b"\x89PNG")
     assert not list(Path(tmp_path).glob(".*"))  # no temporary file left beside it
