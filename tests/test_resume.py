@@ -515,3 +515,26 @@ def test_resume_checks_the_checkpoint_not_a_hand_edited_recipe(capsys, finished_
     own.write_text(yaml.safe_dump(fields, sort_keys=False))
     pattern = rf"--resume: {section}\.{key} is {value} but the run in .* was made with"
     resume_refused(capsys, own, run, pattern, "train.max_steps=6")
+
+
+def test_resume_names_the_kind_of_entry_in_the_way(tmp_path):
+    """Red-team 5: a file where adapter/ belongs was called "not a regular file", and a
+    dangling link the same; each refusal says what the entry is."""
+    from finetune.errors import UserError
+    from finetune.runs.layout import refuse_entries_of_the_wrong_kind
+
+    cases = {
+        "adapter": (
+            lambda p: p.write_text("x"),
+            "is a file, where the run keeps its adapter folder",
+        ),
+        "checkpoints": (lambda p: p.symlink_to(tmp_path / "gone"), "which does not exist"),
+        "metrics.jsonl": (lambda p: p.mkdir(), "is a folder, where the run keeps its metrics"),
+        "loss.png": (lambda p: os.mkfifo(p), "FIFO"),
+    }
+    for name, (make, words) in cases.items():
+        run = tmp_path / f"run-{name}"
+        run.mkdir()
+        make(run / name)
+        with pytest.raises(UserError, match=words):
+            refuse_entries_of_the_wrong_kind(run)

@@ -245,11 +245,22 @@ def refuse_entries_of_the_wrong_kind(run_dir: Path) -> None:
         wanted = "folder" if name in RUN_FOLDERS else "file"
         found = entry.is_dir() if wanted == "folder" else entry.is_file()
         if not found:
-            kind = "a folder" if entry.is_dir() else "not a regular file"
+            kind = entry_kind(entry)
             raise UserError(
                 f"--resume: {entry} is {kind}, where the run keeps its {name} {wanted}; "
                 "move it out of the run directory and resume again"
             )
+
+
+def entry_kind(entry: Path) -> str:
+    """What `entry` is, in the words of a refusal: a file where a folder belongs is a file."""
+    if entry.is_symlink() and not entry.exists():
+        return f"a link to {os.readlink(entry)}, which does not exist"
+    if entry.is_dir():
+        return "a folder"
+    if entry.is_file():
+        return "a file"
+    return "not a regular file (a FIFO, socket or device)"
 
 
 def start_run_dir(run_dir: Path, *, fresh: bool, recipe_yaml: str) -> None:
