@@ -538,3 +538,22 @@ def test_resume_names_the_kind_of_entry_in_the_way(tmp_path):
         make(run / name)
         with pytest.raises(UserError, match=words):
             refuse_entries_of_the_wrong_kind(run)
+
+
+def test_a_checkpoint_written_over_a_dangling_link_or_a_link_to_a_folder(tmp_path):
+    """Red-team 5: checkpoints/step-2 a dangling link, then --resume from step-1: writing
+    step-2 again ended in a NotADirectoryError traceback after the training; a link to a
+    folder was replaced but left its `.previous.partial` link behind."""
+    from finetune.runs.layout import write_atomically
+
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes").write_text("mine")
+    for name, points_to in (("step-2", tmp_path / "gone"), ("adapter", theirs)):
+        target = tmp_path / name
+        target.symlink_to(points_to)
+        write_atomically(target, lambda tmp: (tmp / "adapter_config.json").write_text("{}"))
+        assert target.is_dir() and not target.is_symlink()
+        assert (target / "adapter_config.json").is_file()
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    assert (theirs / "notes").read_text() == "mine"  # what a link named is never touched

@@ -297,12 +297,12 @@ def write_atomically(target: Path, write: Callable[[Path], Any], then: str = AGA
         write(tmp)
         raise_if_terminated()  # a stopped command publishes nothing
         tmp.chmod(0o755)  # mkdtemp makes it private; a run folder is as readable as any other
-        if target.exists():
+        if target.exists() or target.is_symlink():  # a dangling link is replaced too
             old = previous_version(target)
-            shutil.rmtree(old, ignore_errors=True)
+            discard(old)
             os.replace(target, old)
             os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
+            discard(old)
         else:
             os.replace(tmp, target)
     except BaseException as err:
@@ -311,6 +311,14 @@ def write_atomically(target: Path, write: Callable[[Path], Any], then: str = AGA
         if error is not None:
             raise error from None
         raise
+
+
+def discard(path: Path) -> None:
+    """Remove a replaced version: a folder with what it holds, a link (never what it names)."""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def write_text_atomically(path: Path, text: str, then: str = AGAIN) -> None:
