@@ -101,8 +101,13 @@ def holds_recipe(folder: Path) -> bool:
 
 def recipe_beside(adapter_dir: Path) -> Path | None:
     """The folder whose recipe.yaml made the adapter in `adapter_dir`: the adapter folder
-    itself (an exported adapter or a combination) or the run one folder up, or None."""
-    for folder in (adapter_dir, adapter_dir.parent):
+    itself (an exported adapter or a combination), the run one folder up, or the run of a
+    checkpoint's adapter (run/checkpoints/step-N/adapter), or None."""
+    folders = [adapter_dir, adapter_dir.parent]
+    step = adapter_dir.parent
+    if step.name.startswith(CHECKPOINT_PREFIX) and step.parent.name == CHECKPOINTS:
+        folders.append(step.parent.parent)
+    for folder in folders:
         if recipe_path(folder).is_file():
             return folder
     return None
