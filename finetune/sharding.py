@@ -48,9 +48,10 @@ def requested() -> Sharding | None:
     """
     if os.environ.get(FLAG, "false").lower() != "true" or world_size() < 2:
         return None  # one process has nothing to shard over
-    if os.environ.get("FSDP_VERSION", "1") != "2":
+    version = os.environ.get("FSDP_VERSION", "1").strip()
+    if version != "2":
         raise UserError(
-            f"FSDP_VERSION is {os.environ.get('FSDP_VERSION', '1')}: finetune shards with "
+            f"FSDP_VERSION is {version}: finetune shards with "
             "FSDP2 only; set fsdp_config.fsdp_version: 2 in the accelerate config "
             "(recipes/accelerate/fsdp.yaml)"
         )
@@ -68,7 +69,38 @@ def requested() -> Sharding | None:
 
 
 def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    """The number of processes the launcher says there are (WORLD_SIZE).
+
+    Raises:
+        UserError: WORLD_SIZE is no whole number of processes.
+    """
+    given = os.environ.get("WORLD_SIZE", "1")
+    try:
+        size = int(given)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise UserError(
+            f"WORLD_SIZE is {given!r}, not a number of processes; unset it, or let "
+            "accelerate launch or torchrun set it"
+        )
+    return size
+
+
+def check_launch() -> None:
+    """WORLD_SIZE above 1 without a launcher's rendezvous (MASTER_ADDR): accelerate would
+    end in a ValueError traceback when the Accelerator is made, after the model loaded.
+
+    Raises:
+        UserError: WORLD_SIZE set by hand, with no accelerate launch or torchrun around it.
+    """
+    size = world_size()
+    if size > 1 and not os.environ.get("MASTER_ADDR"):
+        raise UserError(
+            f"WORLD_SIZE is {size} but no launcher started this process (MASTER_ADDR is not "
+            "set); start it with `accelerate launch` or `torchrun`, or unset WORLD_SIZE for "
+            "one process"
+        )
 
 
 def check_recipe(recipe: Any, device: str) -> None:
@@ -131,7 +163,17 @@ def shard(model: Any, plan: Sharding, device: str) -> Any:
 
     mesh = init_device_mesh("cuda" if on_cuda(device) else "cpu", (dist.get_world_size(),))
     inner = model.get_base_model()
-    names = set(plan.layer_classes or getattr(inner, "_no_split_modules", None) or ())
+    layers = getattr(inner, "_no_split_modules", None) or ()
+    names = set(plan.layer_classes or layers)
+    found = {type(module).__name__ for module in inner.modules() if module is not inner}
+    missing = sorted(set(plan.layer_classes) - found)
+    if missing:  # accelerate's own TRANSFORMER_BASED_WRAP refuses it too
+        hint = f"name the model's decoder layer ({', '.join(layers)})" if layers else "fix it"
+        raise UserError(
+            f"FSDP_TRANSFORMER_CLS_TO_WRAP: no module of {type(inner).__name__} is a "
+            f"{', '.join(missing)}, so nothing would be sharded layer by layer; {hint}, or "
+            "leave fsdp_transformer_layer_cls_to_wrap unset for the decoder layers"
+        )
     for module in list(inner.modules()):
         if module is not inner and type(module).__name__ in names:
             fully_shard(module, mesh=mesh, reshard_after_forward=plan.reshard_after_forward)
