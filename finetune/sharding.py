@@ -174,7 +174,7 @@ def shard(model: Any, plan: Sharding, device: str) -> Any:
             f"{', '.join(missing)}, so nothing would be sharded layer by layer; {hint}, or "
             "leave fsdp_transformer_layer_cls_to_wrap unset for the decoder layers"
         )
-    for module in list(inner.modules()):
+    for module in reversed(list(inner.modules())):  # children first: FSDP2 nests upwards
         if module is not inner and type(module).__name__ in names:
             fully_shard(module, mesh=mesh, reshard_after_forward=plan.reshard_after_forward)
     return fully_shard(inner, mesh=mesh, reshard_after_forward=plan.reshard_after_forward)

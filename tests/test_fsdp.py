@@ -204,6 +204,19 @@ def test_a_layer_class_to_wrap_that_the_model_lacks_is_refused(recipe_file, tmp_
     assert not (tmp_path / "run" / "adapter").exists()
 
 
+def test_nested_classes_to_wrap_are_sharded_children_first(recipe_file, tmp_path):
+    """Red-team 5: fsdp_transformer_layer_cls_to_wrap Linear (peft's lora Linear holds torch
+    Linears) sharded parents before children: a TypeError traceback inside torch's FSDP."""
+    recipe = recipe_file(train={**COMMON, "max_steps": 2, "micro_batch_size": 2})
+    command = [*launcher(), "--fsdp_transformer_layer_cls_to_wrap", "Linear"]
+    proc = subprocess.run(
+        [*command, "-m", "finetune", "train", str(recipe)],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
 def test_a_sharded_nf4_base_packs_its_weights_in_the_compute_dtype():
     """peft's FSDP+QLoRA recipe: bnb_4bit_quant_storage is the compute dtype when sharded."""
     from finetune.models import quantization_config
