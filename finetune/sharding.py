@@ -55,17 +55,33 @@ def requested() -> Sharding | None:
             "FSDP2 only; set fsdp_config.fsdp_version: 2 in the accelerate config "
             "(recipes/accelerate/fsdp.yaml)"
         )
-    if os.environ.get("FSDP_OFFLOAD_PARAMS", "false").lower() == "true":
+    if truth("FSDP_OFFLOAD_PARAMS", default=False):
         raise UserError(
             "fsdp_offload_params: true is not supported by finetune; set it to false in the "
             "accelerate config"
         )
     classes = os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "")
     return Sharding(
-        reshard_after_forward=os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower()
-        != "false",
+        reshard_after_forward=truth("FSDP_RESHARD_AFTER_FORWARD", default=True),
         layer_classes=tuple(c.strip() for c in classes.split(",") if c.strip()),
     )
+
+
+def truth(variable: str, *, default: bool) -> bool:
+    """A yes/no variable, read as accelerate reads it (true/false, yes/no, 1/0, on/off).
+
+    Raises:
+        UserError: any other value (it read "0" or "no" as true).
+    """
+    given = os.environ.get(variable)
+    if given is None:
+        return default
+    value = given.strip().lower()
+    if value in ("y", "yes", "t", "true", "on", "1"):
+        return True
+    if value in ("n", "no", "f", "false", "off", "0"):
+        return False
+    raise UserError(f"{variable} is {given!r}; set it to true or false")
 
 
 def world_size() -> int:

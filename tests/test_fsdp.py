@@ -189,6 +189,25 @@ def test_what_cannot_shard_is_refused_before_the_model_loads(
     assert not (tmp_path / "run").exists()
 
 
+def test_reshard_after_forward_reads_as_accelerate_reads_it(monkeypatch):
+    """Red-team 5: FSDP_RESHARD_AFTER_FORWARD=0 (or no) resharded: only "false" was false."""
+    from finetune import sharding
+    from finetune.errors import UserError
+
+    for name, value in SHARDED_WORKER.items():
+        monkeypatch.setenv(name, value)
+    for value, wanted in (("0", False), ("no", False), ("False ", False), ("1", True)):
+        monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", value)
+        assert sharding.requested().reshard_after_forward is wanted, value
+    monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "1")  # was read as false, the offload ignored
+    with pytest.raises(UserError, match="fsdp_offload_params: true is not supported"):
+        sharding.requested()
+    monkeypatch.delenv("FSDP_OFFLOAD_PARAMS")
+    monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", "sometimes")
+    with pytest.raises(UserError, match="FSDP_RESHARD_AFTER_FORWARD is 'sometimes'"):
+        sharding.requested()
+
+
 def test_a_layer_class_to_wrap_that_the_model_lacks_is_refused(recipe_file, tmp_path):
     """Red-team 5: fsdp_transformer_layer_cls_to_wrap naming no class of the model sharded
     the whole model as one unit, silently (accelerate's own wrap policy refuses it)."""
