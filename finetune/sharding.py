@@ -166,6 +166,27 @@ def accelerate_unsharded() -> Iterator[None]:
             os.environ[FLAG] = kept
 
 
+def layer_classes(inner: Any, plan: Sharding) -> tuple[str, ...]:
+    """The class names sharded one by one in the transformers model `inner`: the plan's, or
+    the model's decoder layers (`_no_split_modules`). Called when the model loads, before
+    the run directory is written, and again by `shard`.
+
+    Raises:
+        UserError: a class of the plan names no module of the model.
+    """
+    layers = tuple(getattr(inner, "_no_split_modules", None) or ())
+    found = {type(module).__name__ for module in inner.modules() if module is not inner}
+    missing = sorted(set(plan.layer_classes) - found)
+    if missing:  # accelerate's own TRANSFORMER_BASED_WRAP refuses it too
+        hint = f"name the model's decoder layer ({', '.join(layers)})" if layers else "fix it"
+        raise UserError(
+            f"FSDP_TRANSFORMER_CLS_TO_WRAP: no module of {type(inner).__name__} is a "
+            f"{', '.join(missing)}, so nothing would be sharded layer by layer; {hint}, or "
+            "leave fsdp_transformer_layer_cls_to_wrap unset for the decoder layers"
+        )
+    return plan.layer_classes or layers
+
+
 def shard(model: Any, plan: Sharding, device: str) -> Any:
     """Shard the peft model's inner transformers model in place: each decoder layer, then
     the rest (embeddings, final norm, head). Returns the root FSDP module.
@@ -179,17 +200,7 @@ def shard(model: Any, plan: Sharding, device: str) -> Any:
 
     mesh = init_device_mesh("cuda" if on_cuda(device) else "cpu", (dist.get_world_size(),))
     inner = model.get_base_model()
-    layers = getattr(inner, "_no_split_modules", None) or ()
-    names = set(plan.layer_classes or layers)
-    found = {type(module).__name__ for module in inner.modules() if module is not inner}
-    missing = sorted(set(plan.layer_classes) - found)
-    if missing:  # accelerate's own TRANSFORMER_BASED_WRAP refuses it too
-        hint = f"name the model's decoder layer ({', '.join(layers)})" if layers else "fix it"
-        raise UserError(
-            f"FSDP_TRANSFORMER_CLS_TO_WRAP: no module of {type(inner).__name__} is a "
-            f"{', '.join(missing)}, so nothing would be sharded layer by layer; {hint}, or "
-            "leave fsdp_transformer_layer_cls_to_wrap unset for the decoder layers"
-        )
+    names = set(layer_classes(inner, plan))
     for module in reversed(list(inner.modules())):  # children first: FSDP2 nests upwards
         if module is not inner and type(module).__name__ in names:
             fully_shard(module, mesh=mesh, reshard_after_forward=plan.reshard_after_forward)

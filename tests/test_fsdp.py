@@ -220,7 +220,9 @@ def test_a_layer_class_to_wrap_that_the_model_lacks_is_refused(recipe_file, tmp_
     assert proc.returncode != 0, proc.stderr[-3000:]
     said = "FSDP_TRANSFORMER_CLS_TO_WRAP: no module of LlamaForCausalLM is a NoSuchLayer"
     assert said in proc.stderr and "LlamaDecoderLayer" in proc.stderr, proc.stderr[-3000:]
-    assert not (tmp_path / "run" / "adapter").exists()
+    # Refused when the model loads, before the run directory is written: a folder left
+    # holding recipe.yaml alone would refuse the corrected command ("not a finetune run").
+    assert not (tmp_path / "run").exists()
 
 
 def test_nested_classes_to_wrap_are_sharded_children_first(recipe_file, tmp_path):
