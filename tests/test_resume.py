@@ -557,3 +557,28 @@ def test_a_checkpoint_written_over_a_dangling_link_or_a_link_to_a_folder(tmp_pat
         assert (target / "adapter_config.json").is_file()
         assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
     assert (theirs / "notes").read_text() == "mine"  # what a link named is never touched
+
+
+def test_a_lock_name_taken_by_a_link_or_a_fifo_is_refused_and_nothing_is_written(tmp_path):
+    """Red-team 5: `.lock` a link to the user's file: --resume overwrote that file with the
+    lock's owner and deleted the link; a dangling link or a FIFO was a traceback."""
+    from finetune.errors import UserError
+    from finetune.runs.lock import RunLock
+
+    theirs = tmp_path / "theirs.txt"
+    theirs.write_text("mine")
+    makers = {
+        "file-link": lambda p: p.symlink_to(theirs),
+        "dangling": lambda p: p.symlink_to(tmp_path / "nowhere" / "x"),
+        "fifo": os.mkfifo,
+    }
+    for name, make in makers.items():
+        run = tmp_path / name
+        run.mkdir()
+        make(run / ".lock")
+        lock = RunLock(run)
+        lock.clear_stale()
+        with pytest.raises(UserError, match=r"\.lock is .*where finetune keeps the run's lock"):
+            lock.acquire()
+        assert (run / ".lock").is_symlink() or (run / ".lock").exists()
+    assert theirs.read_text() == "mine"
