@@ -68,6 +68,25 @@ def row(objective: str, report: dict, chosen: tuple, rejected: tuple) -> str:
     )
 
 
+def refuse(message: str) -> None:
+    """One line on stderr and exit status 2, as finetune answers bad input."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def objectives(only: str | None) -> list[str]:
+    """--only's objectives in order, each once; an empty or unknown name is refused (an
+    empty --only ran all three, minutes of training each)."""
+    if only is None:
+        return list(OBJECTIVES)
+    names = [name.strip() for name in only.split(";")]
+    unknown = [repr(name) for name in names if name not in OBJECTIVES]
+    if unknown:
+        refuse(f"--only {only!r}: {', '.join(unknown)} unknown; give objectives from "
+               f"{', '.join(OBJECTIVES)} separated by ';' (e.g. --only 'dpo;kto')")  # fmt: skip
+    return list(dict.fromkeys(names))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--task", choices=list(HELD_OUT), default="quickstart")
@@ -75,10 +94,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "preference")
     parser.add_argument("overrides", nargs="*", help="dotted overrides for every run")
     args = parser.parse_args()
-    chosen_objectives = args.only.split(";") if args.only else list(OBJECTIVES)
-    unknown = [o for o in chosen_objectives if o not in OBJECTIVES]
-    if unknown:
-        sys.exit(f"--only: {', '.join(unknown)} unknown; choose from {', '.join(OBJECTIVES)}")
+    chosen_objectives = objectives(args.only)
+    owned = [o for o in args.overrides if o.split("=", 1)[0].strip().startswith("output.")]
+    if owned:
+        refuse(f"{', '.join(owned)}: the benchmark sets output.dir and output.overwrite "
+               "itself; choose the folder with --out")  # fmt: skip
     folder = args.out / args.task
     folder.mkdir(parents=True, exist_ok=True)
     sides = {s: demonstrations(HELD_OUT[args.task], s, folder / f"{s}.jsonl")

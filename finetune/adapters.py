@@ -237,6 +237,12 @@ def check_init_from(spec: AdapterSection) -> None:
     if not spec.init_from:
         return
     path = Path(spec.init_from) / "adapter_config.json"
+    inside = Path(spec.init_from) / "adapter" / "adapter_config.json"
+    if not path.exists() and inside.is_file():  # a run directory: its adapter is one down
+        raise UserError(
+            f"adapter.init_from: {spec.init_from} is a run directory, not an adapter folder; "
+            f"set adapter.init_from={inside.parent}"
+        )
     require_file(path, "adapter.init_from", "an adapter folder (with adapter_config.json)")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))

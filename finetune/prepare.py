@@ -98,6 +98,8 @@ def prepare(
         tokenizer_path=loaded.folder,
         tokenizer=tokenizer,
     )
+    if shards is not None:  # before the run directory is written
+        sharding.layer_classes(model.get_base_model(), shards)
     params = adapters.count_parameters(model)
     return Prepared(recipe, loaded, model, splits, params, checkpointing, notes, shards)
 

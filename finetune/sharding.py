@@ -48,27 +48,75 @@ def requested() -> Sharding | None:
     """
     if os.environ.get(FLAG, "false").lower() != "true" or world_size() < 2:
         return None  # one process has nothing to shard over
-    if os.environ.get("FSDP_VERSION", "1") != "2":
+    version = os.environ.get("FSDP_VERSION", "1").strip()
+    if version != "2":
         raise UserError(
-            f"FSDP_VERSION is {os.environ.get('FSDP_VERSION', '1')}: finetune shards with "
+            f"FSDP_VERSION is {version}: finetune shards with "
             "FSDP2 only; set fsdp_config.fsdp_version: 2 in the accelerate config "
             "(recipes/accelerate/fsdp.yaml)"
         )
-    if os.environ.get("FSDP_OFFLOAD_PARAMS", "false").lower() == "true":
+    if truth("FSDP_OFFLOAD_PARAMS", default=False):
         raise UserError(
             "fsdp_offload_params: true is not supported by finetune; set it to false in the "
             "accelerate config"
         )
     classes = os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "")
     return Sharding(
-        reshard_after_forward=os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower()
-        != "false",
+        reshard_after_forward=truth("FSDP_RESHARD_AFTER_FORWARD", default=True),
         layer_classes=tuple(c.strip() for c in classes.split(",") if c.strip()),
     )
 
 
+def truth(variable: str, *, default: bool) -> bool:
+    """A yes/no variable, read as accelerate reads it (true/false, yes/no, 1/0, on/off).
+
+    Raises:
+        UserError: any other value (it read "0" or "no" as true).
+    """
+    given = os.environ.get(variable)
+    if given is None:
+        return default
+    value = given.strip().lower()
+    if value in ("y", "yes", "t", "true", "on", "1"):
+        return True
+    if value in ("n", "no", "f", "false", "off", "0"):
+        return False
+    raise UserError(f"{variable} is {given!r}; set it to true or false")
+
+
 def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    """The number of processes the launcher says there are (WORLD_SIZE).
+
+    Raises:
+        UserError: WORLD_SIZE is no whole number of processes.
+    """
+    given = os.environ.get("WORLD_SIZE", "1")
+    try:
+        size = int(given)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise UserError(
+            f"WORLD_SIZE is {given!r}, not a number of processes; unset it, or let "
+            "accelerate launch or torchrun set it"
+        )
+    return size
+
+
+def check_launch() -> None:
+    """WORLD_SIZE above 1 without a launcher's rendezvous (MASTER_ADDR): accelerate would
+    end in a ValueError traceback when the Accelerator is made, after the model loaded.
+
+    Raises:
+        UserError: WORLD_SIZE set by hand, with no accelerate launch or torchrun around it.
+    """
+    size = world_size()
+    if size > 1 and not os.environ.get("MASTER_ADDR"):
+        raise UserError(
+            f"WORLD_SIZE is {size} but no launcher started this process (MASTER_ADDR is not "
+            "set); start it with `accelerate launch` or `torchrun`, or unset WORLD_SIZE for "
+            "one process"
+        )
 
 
 def check_recipe(recipe: Any, device: str) -> None:
@@ -118,6 +166,27 @@ def accelerate_unsharded() -> Iterator[None]:
             os.environ[FLAG] = kept
 
 
+def layer_classes(inner: Any, plan: Sharding) -> tuple[str, ...]:
+    """The class names sharded one by one in the transformers model `inner`: the plan's, or
+    the model's decoder layers (`_no_split_modules`). Called when the model loads, before
+    the run directory is written, and again by `shard`.
+
+    Raises:
+        UserError: a class of the plan names no module of the model.
+    """
+    layers = tuple(getattr(inner, "_no_split_modules", None) or ())
+    found = {type(module).__name__ for module in inner.modules() if module is not inner}
+    missing = sorted(set(plan.layer_classes) - found)
+    if missing:  # accelerate's own TRANSFORMER_BASED_WRAP refuses it too
+        hint = f"name the model's decoder layer ({', '.join(layers)})" if layers else "fix it"
+        raise UserError(
+            f"FSDP_TRANSFORMER_CLS_TO_WRAP: no module of {type(inner).__name__} is a "
+            f"{', '.join(missing)}, so nothing would be sharded layer by layer; {hint}, or "
+            "leave fsdp_transformer_layer_cls_to_wrap unset for the decoder layers"
+        )
+    return plan.layer_classes or layers
+
+
 def shard(model: Any, plan: Sharding, device: str) -> Any:
     """Shard the peft model's inner transformers model in place: each decoder layer, then
     the rest (embeddings, final norm, head). Returns the root FSDP module.
@@ -131,8 +200,8 @@ def shard(model: Any, plan: Sharding, device: str) -> Any:
 
     mesh = init_device_mesh("cuda" if on_cuda(device) else "cpu", (dist.get_world_size(),))
     inner = model.get_base_model()
-    names = set(plan.layer_classes or getattr(inner, "_no_split_modules", None) or ())
-    for module in list(inner.modules()):
+    names = set(layer_classes(inner, plan))
+    for module in reversed(list(inner.modules())):  # children first: FSDP2 nests upwards
         if module is not inner and type(module).__name__ in names:
             fully_shard(module, mesh=mesh, reshard_after_forward=plan.reshard_after_forward)
     return fully_shard(inner, mesh=mesh, reshard_after_forward=plan.reshard_after_forward)

@@ -4,8 +4,9 @@ A target is one of
 - a run directory (`runs/<name>/`): the base model from its `recipe.yaml`, the adapter from
   `adapter/`;
 - an adapter folder (`adapter_config.json` inside, e.g. `runs/<name>/adapter`, a checkpoint's
-  adapter, or what `finetune combine` writes): the base from a `recipe.yaml` beside it or one
-  folder up, else from `base_model_name_or_path` in its `adapter_config.json`;
+  adapter, or what `finetune combine` writes): the base from a `recipe.yaml` beside it, one
+  folder up, or in the run a checkpoint belongs to, else from `base_model_name_or_path` in
+  its `adapter_config.json`;
 - a model, in any form `model.path` accepts (folder, .gguf file, hub id, embedded name).
 
 generate, chat, eval, merge, export, combine and estimate all resolve their argument here;

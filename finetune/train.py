@@ -78,6 +78,7 @@ def train(
     stop = StopRequests(recipe.train.max_time_s)  # the time budget counts model loading too
     run_dir = Path(recipe.output.dir)
     sharding.check_recipe(recipe, models.default_device())  # before anything is written
+    sharding.check_launch()
     lock = None
     if is_main_launch_process():  # the others write nothing; torchrun stops them if it fails
         lock = runs.claim_run_dir(

@@ -167,8 +167,14 @@ SHARDED_WORKER = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "WORLD_SIZ
         ({"model": {"quantization": "int8"}}, {}, "model.quantization int8 cannot be sharded"),
         ({"adapter": {"method": "prompt"}}, {}, "adapter.method prompt is not supported under"),
         ({}, {"FSDP_VERSION": "1"}, "FSDP_VERSION is 1: finetune shards with FSDP2 only"),
+        # Red-team 5: WORLD_SIZE no number was a ValueError traceback; WORLD_SIZE 2 with no
+        # launcher (no MASTER_ADDR) was accelerate's ValueError traceback after the model
+        # loaded; FSDP_VERSION " 2" was refused as "FSDP_VERSION is  2".
+        ({}, {"WORLD_SIZE": "two"}, "WORLD_SIZE is 'two', not a number of processes"),
+        ({}, {}, "WORLD_SIZE is 2 but no launcher started this process"),
+        ({}, {"FSDP_VERSION": " 2"}, "WORLD_SIZE is 2 but no launcher started this process"),
     ],
-    ids=["int8", "prompt", "fsdp1"],
+    ids=["int8", "prompt", "fsdp1", "world-size-word", "no-launcher", "version-spaced"],
 )
 def test_what_cannot_shard_is_refused_before_the_model_loads(
     setting, env, words, recipe_file, tmp_path
@@ -181,6 +187,55 @@ def test_what_cannot_shard_is_refused_before_the_model_loads(
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert words in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_reshard_after_forward_reads_as_accelerate_reads_it(monkeypatch):
+    """Red-team 5: FSDP_RESHARD_AFTER_FORWARD=0 (or no) resharded: only "false" was false."""
+    from finetune import sharding
+    from finetune.errors import UserError
+
+    for name, value in SHARDED_WORKER.items():
+        monkeypatch.setenv(name, value)
+    for value, wanted in (("0", False), ("no", False), ("False ", False), ("1", True)):
+        monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", value)
+        assert sharding.requested().reshard_after_forward is wanted, value
+    monkeypatch.setenv("FSDP_OFFLOAD_PARAMS", "1")  # was read as false, the offload ignored
+    with pytest.raises(UserError, match="fsdp_offload_params: true is not supported"):
+        sharding.requested()
+    monkeypatch.delenv("FSDP_OFFLOAD_PARAMS")
+    monkeypatch.setenv("FSDP_RESHARD_AFTER_FORWARD", "sometimes")
+    with pytest.raises(UserError, match="FSDP_RESHARD_AFTER_FORWARD is 'sometimes'"):
+        sharding.requested()
+
+
+def test_a_layer_class_to_wrap_that_the_model_lacks_is_refused(recipe_file, tmp_path):
+    """Red-team 5: fsdp_transformer_layer_cls_to_wrap naming no class of the model sharded
+    the whole model as one unit, silently (accelerate's own wrap policy refuses it)."""
+    recipe = recipe_file(train={**COMMON, "max_steps": 2, "micro_batch_size": 2})
+    command = [*launcher(), "--fsdp_transformer_layer_cls_to_wrap", "NoSuchLayer"]
+    proc = subprocess.run(
+        [*command, "-m", "finetune", "train", str(recipe)],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode != 0, proc.stderr[-3000:]
+    said = "FSDP_TRANSFORMER_CLS_TO_WRAP: no module of LlamaForCausalLM is a NoSuchLayer"
+    assert said in proc.stderr and "LlamaDecoderLayer" in proc.stderr, proc.stderr[-3000:]
+    # Refused when the model loads, before the run directory is written: a folder left
+    # holding recipe.yaml alone would refuse the corrected command ("not a finetune run").
+    assert not (tmp_path / "run").exists()
+
+
+def test_nested_classes_to_wrap_are_sharded_children_first(recipe_file, tmp_path):
+    """Red-team 5: fsdp_transformer_layer_cls_to_wrap Linear (peft's lora Linear holds torch
+    Linears) sharded parents before children: a TypeError traceback inside torch's FSDP."""
+    recipe = recipe_file(train={**COMMON, "max_steps": 2, "micro_batch_size": 2})
+    command = [*launcher(), "--fsdp_transformer_layer_cls_to_wrap", "Linear"]
+    proc = subprocess.run(
+        [*command, "-m", "finetune", "train", str(recipe)],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_a_sharded_nf4_base_packs_its_weights_in_the_compute_dtype():

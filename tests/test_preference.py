@@ -9,11 +9,13 @@ makes from the same token ids finetune batches.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections import defaultdict
 
 import pytest
 import torch
-from helpers import build_model, build_tokenizer
+from helpers import ROOT, build_model, build_tokenizer
 
 from finetune import preference
 from finetune.data import PairExample
@@ -308,3 +310,20 @@ def test_cached_reference_rows_are_keyed_by_example_not_by_batch(tiny):
     cached = preference.cached_rows(cache, indices)
     assert torch.allclose(cached, forward, atol=1e-5)
     assert not torch.allclose(cached, cached.flip(0), atol=1e-3)  # the order is checked
+
+
+@pytest.mark.parametrize(
+    ("only", "said"), [("", "''"), ("dpo;", "''"), ("dpo,kto", "'dpo,kto'"), ("DPO", "'DPO'")]
+)
+def test_preference_benchmark_refuses_an_empty_or_unknown_only(tmp_path, only, said):
+    """Red-team 5: --only '' trained all three objectives; --only 'dpo;' said
+    "--only:  unknown" and exited 1. Now one line, exit 2, before any folder is made."""
+    script = ROOT / "benchmarks" / "preference.py"
+    out = tmp_path / "bench"
+    done = subprocess.run(
+        [sys.executable, str(script), "--only", only, "--out", str(out)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, done.stderr
+    assert said in done.stderr and "dpo, orpo, kto" in done.stderr, done.stderr
+    assert not out.exists()

@@ -219,12 +219,16 @@ def test_eval_of_a_preference_run_says_what_eval_scores(
 
     rows = kto_rows(8) if objective == "kto" else date_pairs(8)
     extra = ["data.format=kto"] if objective == "kto" else []
-    path = recipe(tmp_path, tiny_model_dir, rows, objective=objective, max_steps=1)
+    path = recipe(tmp_path, tiny_model_dir, rows, objective=objective, max_steps=1, save_every=1)
     assert run_main(capsys, "train", str(path), "data.eval_path=null", *extra)[0] == 0
     data = str(tmp_path / "pairs.jsonl")
-    code, _, err = run_main(capsys, "eval", str(tmp_path / "run"), "--data", data)
-    assert code == 2 and len(err.splitlines()) == 1, err
-    assert "--format" in err and ("preference" in err or "kto" in err), err
+    # Red-team 5: a checkpoint's adapter did not find its run's recipe (three folders up),
+    # so eval took it for an instruction adapter and named a missing 'response' column.
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-1" / "adapter"
+    for target in (tmp_path / "run", checkpoint):
+        code, _, err = run_main(capsys, "eval", str(target), "--data", data)
+        assert code == 2 and len(err.splitlines()) == 1, err
+        assert "--format" in err and ("preference" in err or "kto" in err), err
 
 
 def test_a_preference_adapter_works_with_every_command_after_training(

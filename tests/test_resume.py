@@ -515,3 +515,70 @@ def test_resume_checks_the_checkpoint_not_a_hand_edited_recipe(capsys, finished_
     own.write_text(yaml.safe_dump(fields, sort_keys=False))
     pattern = rf"--resume: {section}\.{key} is {value} but the run in .* was made with"
     resume_refused(capsys, own, run, pattern, "train.max_steps=6")
+
+
+def test_resume_names_the_kind_of_entry_in_the_way(tmp_path):
+    """Red-team 5: a file where adapter/ belongs was called "not a regular file", and a
+    dangling link the same; each refusal says what the entry is."""
+    from finetune.errors import UserError
+    from finetune.runs.layout import refuse_entries_of_the_wrong_kind
+
+    cases = {
+        "adapter": (
+            lambda p: p.write_text("x"),
+            "is a file, where the run keeps its adapter folder",
+        ),
+        "checkpoints": (lambda p: p.symlink_to(tmp_path / "gone"), "which does not exist"),
+        "metrics.jsonl": (lambda p: p.mkdir(), "is a folder, where the run keeps its metrics"),
+        "loss.png": (lambda p: os.mkfifo(p), "FIFO"),
+    }
+    for name, (make, words) in cases.items():
+        run = tmp_path / f"run-{name}"
+        run.mkdir()
+        make(run / name)
+        with pytest.raises(UserError, match=words):
+            refuse_entries_of_the_wrong_kind(run)
+
+
+def test_a_checkpoint_written_over_a_dangling_link_or_a_link_to_a_folder(tmp_path):
+    """Red-team 5: checkpoints/step-2 a dangling link, then --resume from step-1: writing
+    step-2 again ended in a NotADirectoryError traceback after the training; a link to a
+    folder was replaced but left its `.previous.partial` link behind."""
+    from finetune.runs.layout import write_atomically
+
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes").write_text("mine")
+    for name, points_to in (("step-2", tmp_path / "gone"), ("adapter", theirs)):
+        target = tmp_path / name
+        target.symlink_to(points_to)
+        write_atomically(target, lambda tmp: (tmp / "adapter_config.json").write_text("{}"))
+        assert target.is_dir() and not target.is_symlink()
+        assert (target / "adapter_config.json").is_file()
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    assert (theirs / "notes").read_text() == "mine"  # what a link named is never touched
+
+
+def test_a_lock_name_taken_by_a_link_or_a_fifo_is_refused_and_nothing_is_written(tmp_path):
+    """Red-team 5: `.lock` a link to the user's file: --resume overwrote that file with the
+    lock's owner and deleted the link; a dangling link or a FIFO was a traceback."""
+    from finetune.errors import UserError
+    from finetune.runs.lock import RunLock
+
+    theirs = tmp_path / "theirs.txt"
+    theirs.write_text("mine")
+    makers = {
+        "file-link": lambda p: p.symlink_to(theirs),
+        "dangling": lambda p: p.symlink_to(tmp_path / "nowhere" / "x"),
+        "fifo": os.mkfifo,
+    }
+    for name, make in makers.items():
+        run = tmp_path / name
+        run.mkdir()
+        make(run / ".lock")
+        lock = RunLock(run)
+        lock.clear_stale()
+        with pytest.raises(UserError, match=r"\.lock is .*where finetune keeps the run's lock"):
+            lock.acquire()
+        assert (run / ".lock").is_symlink() or (run / ".lock").exists()
+    assert theirs.read_text() == "mine"

@@ -161,6 +161,17 @@ def test_init_from_starts_a_new_run_from_adapter_weights(recipe_file, tmp_path):
     # It starts from the trained weights, so its first loss is the first run's last level.
     assert second.history[0]["loss"] < first.history[0]["loss"]
 
+    # Red-team 5: the run directory itself was "first/adapter_config.json not found; give
+    # an adapter folder"; it now names the adapter folder to give.
+    from finetune.adapters import check_init_from
+    from finetune.errors import UserError
+
+    spec = load_recipe(second_recipe).adapter.model_copy(
+        update={"init_from": str(tmp_path / "first")}
+    )
+    with pytest.raises(UserError, match=r"is a run directory.*init_from=.*first/adapter$"):
+        check_init_from(spec)
+
 
 def test_estimate_of_a_run_matches_its_report(recipe_file, tmp_path, capsys):
     main(["train", str(recipe_file(train={"max_steps": 2}))])

@@ -101,8 +101,13 @@ def holds_recipe(folder: Path) -> bool:
 
 def recipe_beside(adapter_dir: Path) -> Path | None:
     """The folder whose recipe.yaml made the adapter in `adapter_dir`: the adapter folder
-    itself (an exported adapter or a combination) or the run one folder up, or None."""
-    for folder in (adapter_dir, adapter_dir.parent):
+    itself (an exported adapter or a combination), the run one folder up, or the run of a
+    checkpoint's adapter (run/checkpoints/step-N/adapter), or None."""
+    folders = [adapter_dir, adapter_dir.parent]
+    step = adapter_dir.parent
+    if step.name.startswith(CHECKPOINT_PREFIX) and step.parent.name == CHECKPOINTS:
+        folders.append(step.parent.parent)
+    for folder in folders:
         if recipe_path(folder).is_file():
             return folder
     return None
@@ -245,11 +250,22 @@ def refuse_entries_of_the_wrong_kind(run_dir: Path) -> None:
         wanted = "folder" if name in RUN_FOLDERS else "file"
         found = entry.is_dir() if wanted == "folder" else entry.is_file()
         if not found:
-            kind = "a folder" if entry.is_dir() else "not a regular file"
+            kind = entry_kind(entry)
             raise UserError(
                 f"--resume: {entry} is {kind}, where the run keeps its {name} {wanted}; "
                 "move it out of the run directory and resume again"
             )
+
+
+def entry_kind(entry: Path) -> str:
+    """What `entry` is, in the words of a refusal: a file where a folder belongs is a file."""
+    if entry.is_symlink() and not entry.exists():
+        return f"a link to {os.readlink(entry)}, which does not exist"
+    if entry.is_dir():
+        return "a folder"
+    if entry.is_file():
+        return "a file"
+    return "not a regular file (a FIFO, socket or device)"
 
 
 def start_run_dir(run_dir: Path, *, fresh: bool, recipe_yaml: str) -> None:
@@ -286,12 +302,12 @@ def write_atomically(target: Path, write: Callable[[Path], Any], then: str = AGA
         write(tmp)
         raise_if_terminated()  # a stopped command publishes nothing
         tmp.chmod(0o755)  # mkdtemp makes it private; a run folder is as readable as any other
-        if target.exists():
+        if target.exists() or target.is_symlink():  # a dangling link is replaced too
             old = previous_version(target)
-            shutil.rmtree(old, ignore_errors=True)
+            discard(old)
             os.replace(target, old)
             os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
+            discard(old)
         else:
             os.replace(tmp, target)
     except BaseException as err:
@@ -300,6 +316,14 @@ def write_atomically(target: Path, write: Callable[[Path], Any], then: str = AGA
         if error is not None:
             raise error from None
         raise
+
+
+def discard(path: Path) -> None:
+    """Remove a replaced version: a folder with what it holds, a link (never what it names)."""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def write_text_atomically(path: Path, text: str, then: str = AGAIN) -> None:

@@ -59,6 +59,7 @@ class RunLock:
         Raises:
             UserError: another process holds it.
         """
+        self.refuse_foreign()
         with writing(self.path):
             if not self.run_dir.exists():
                 self.run_dir.mkdir(parents=True)
@@ -68,6 +69,26 @@ class RunLock:
             os.ftruncate(self.fd, 0)
             os.write(self.fd, json.dumps(lock_owner()).encode())
 
+    def refuse_foreign(self) -> None:
+        """A link, FIFO or other special file at `.lock` is none finetune made: a link to a
+        file would have it overwritten with the lock's owner, a link to nowhere or a FIFO
+        ended in a traceback.
+
+        Raises:
+            UserError: `.lock` is not a plain file (a folder is refused by `writing`).
+        """
+        path = self.path
+        if path.is_symlink():
+            kind = f"a link to {os.readlink(path)}"
+        elif path.exists() and not path.is_file() and not path.is_dir():
+            kind = "not a regular file (a FIFO, socket or device)"
+        else:
+            return
+        raise UserError(
+            f"{path} is {kind}, where finetune keeps the run's lock file; move it away, then "
+            "run the command again"
+        )
+
     def hold(self) -> bool:
         """One try at the lock. False when the holder before us deleted the file between our
         open and our flock: we would hold a lock on a name nobody sees, so try again.
@@ -75,7 +96,8 @@ class RunLock:
         Raises:
             UserError: another process holds it.
         """
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        # O_NOFOLLOW: a link put there after refuse_foreign still writes nothing through it
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         if not try_flock(fd):
             os.close(fd)
             raise self.held_error()
