@@ -434,6 +434,35 @@ def refuse_preference_format(given: str, fmt: str) -> None:
         )
 
 
+def refuse_preference_rows(data_path: str, rows: list[dict[str, Any]], spec: Any) -> None:
+    """Pairs (or labelled completions) given to eval: say so, instead of naming a missing
+    column with a data.*_column fix that eval takes no overrides for."""
+    needed = {
+        "text": (spec.text_column,),
+        "instruction": (spec.prompt_column, spec.response_column),
+        "chat": (spec.messages_column,),
+    }.get(spec.format, ())
+    first = rows[0] if rows else {}
+    if not needed or all(column in first for column in needed):
+        return
+    shapes = {
+        "preference pairs": (spec.prompt_column, spec.chosen_column, spec.rejected_column),
+        "labelled completions (kto)": (
+            spec.prompt_column,
+            spec.completion_column,
+            spec.label_column,
+        ),
+    }
+    for shape, columns in shapes.items():
+        if all(column in first for column in columns):
+            raise UserError(
+                f"eval: {data_path} holds {shape} ({', '.join(columns)}), and eval scores "
+                f"{spec.format} data ({', '.join(needed)}); give rows of that form (e.g. each "
+                "prompt with its chosen side as the response); a preference run reports its "
+                "held-out preference accuracy in its report.md"
+            )
+
+
 def evaluate_target(
     given: str,
     data_path: str,
@@ -472,6 +501,7 @@ def evaluate_target(
     spec = spec.model_copy(update=update)
     evaluation = recipe.eval if recipe is not None else EvalSection()
     rows = load_rows(data_path, "--data")
+    refuse_preference_rows(data_path, rows, spec)
     session = load(target)
     if max_new_tokens is not None:
         check_max_new_tokens(session, max_new_tokens)

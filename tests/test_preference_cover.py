@@ -229,6 +229,13 @@ def test_eval_of_a_preference_run_says_what_eval_scores(
         code, _, err = run_main(capsys, "eval", str(target), "--data", data)
         assert code == 2 and len(err.splitlines()) == 1, err
         assert "--format" in err and ("preference" in err or "kto" in err), err
+    # Red-team 5: with --format instruction (or a plain model) the pairs were blamed on a
+    # missing 'response' column, with a data.response_column fix eval takes no overrides for.
+    shape = "labelled completions" if objective == "kto" else "preference pairs"
+    for target, extra in ((tmp_path / "run", ["--format", "instruction"]), (tiny_model_dir, [])):
+        code, _, err = run_main(capsys, "eval", str(target), "--data", data, *extra)
+        assert code == 2 and len(err.splitlines()) == 1, err
+        assert f"holds {shape}" in err and "response_column" not in err, err
 
 
 def test_a_preference_adapter_works_with_every_command_after_training(
