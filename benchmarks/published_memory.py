@@ -46,7 +46,11 @@ def setup_for(entry: dict[str, Any]) -> Setup:
     if entry.get("r"):
         fields["r"] = int(entry["r"])
     if entry.get("targets"):
-        fields["targets"] = tuple(entry["targets"])
+        targets = entry["targets"]
+        fields["targets"] = targets if isinstance(targets, str) else tuple(targets)
+    for name in ("autocast", "lora_dropout", "processes", "sharding"):  # when the run set them
+        if entry.get(name) is not None:
+            fields[name] = entry[name]
     if entry.get("virtual_tokens"):
         fields["virtual_tokens"] = int(entry["virtual_tokens"])
     return Setup(**fields)
@@ -56,6 +60,10 @@ def setup_for(entry: dict[str, Any]) -> Setup:
 KNOWN_GAPS = {
     "tt-tutorial-llama2-7b-qlora-r8-attn-mlp": "the load is not modelled: the same table "
     "gives 9.13 GB reserved after model init alone (torchao quantizes bf16 weights on the GPU)",
+    "peft-fsdp-qlora-llama2-70b-offload": "parameters and optimizer states offloaded to the "
+    "CPU (finetune refuses offloading): not represented",
+    "peft-dsz3-qlora-llama2-70b": "DeepSpeed ZeRO-3, estimated as FSDP2 full shard; its "
+    "prefetch, live-parameter and reduce buffers are not modelled",
 }
 
 
@@ -73,7 +81,9 @@ def unrepresented(entry: dict[str, Any]) -> list[str]:
         notes.append("head and loss computed in 128-position chunks")
     if "lm_head" in (entry.get("targets") or []):
         notes.append("LoRA on the head: not representable")
-    if source == "peft":
+    if entry.get("sharding") == "fsdp":
+        notes.append(f"per GPU of {entry['processes']}; trl keeps embeddings/norms bf16")
+    elif source == "peft":
         notes.append("peak over the whole run (load, eval by generation)")
     return notes
 
@@ -82,7 +92,9 @@ def settings(entry: dict[str, Any]) -> str:
     """A short description of the published settings."""
     parts = [entry["quant"] if entry["quant"] != "none" else entry["dtype"]]
     if entry.get("r"):
-        parts.append(f"r{entry['r']} {','.join(t.replace('_proj', '') for t in entry['targets'])}")
+        targets = entry["targets"]
+        named = targets if isinstance(targets, str) else ",".join(targets)
+        parts.append(f"r{entry['r']} {named.replace('_proj', '')}")
     if entry.get("virtual_tokens"):
         parts.append(f"{entry['virtual_tokens']} virtual")
     parts.append(f"b{entry['batch']}x{entry['seq']}")
@@ -90,6 +102,8 @@ def settings(entry: dict[str, Any]) -> str:
         parts.append("ckpt")
     if entry["attn"] != "sdpa":
         parts.append(entry["attn"])
+    if entry.get("sharding") == "fsdp":
+        parts.append(f"{entry['processes']} GPUs sharded")
     return " ".join(parts)
 
 
@@ -116,7 +130,10 @@ def evaluate(entry: dict[str, Any]) -> dict[str, Any]:
     except UserError as err:  # a setting the estimator refuses: say so, estimate nothing
         row["note"] = f"not estimated: {err}"
         return row
-    value = est.reserved_bytes if entry["metric"] == "reserved" else est.allocated_bytes
+    value = {
+        "reserved": est.reserved_bytes,
+        "device": est.verdict_bytes,  # in use on the device: reserved plus the CUDA context
+    }.get(entry["metric"], est.allocated_bytes)
     row["estimate"] = value
     row["error"] = value / entry["published_bytes"] - 1
     return row

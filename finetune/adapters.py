@@ -46,9 +46,13 @@ def attach(
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     if quantized:
-        # Upcasts norms/embeddings to fp32 for stable training and enables input grads.
+        # Upcasts norms/embeddings to fp32 for stable training. Checkpointing as for an
+        # unquantized base: without use_reentrant named, torch warned on every command and
+        # ran the reentrant variant.
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gradient_checkpointing
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -17,6 +17,7 @@ OBJECTIVES = ("sft", "dpo", "orpo", "kto")
 REFERENCES = ("forward", "cached")  # train.reference: the reference's log-probabilities
 OPTIMIZERS = (*TRAIN_OPTIMIZERS, "sgd")  # sgd: estimates only (the states-free floor)
 ATTENTIONS = ("sdpa", "eager", "flash")
+SHARDINGS = ("none", "fsdp")  # fsdp: FSDP2 full shard (finetune.sharding)
 ESTIMATE_FORMATS = ("table", "json", "markdown")
 EXPORT_FORMATS = ("adapter", "merged", "gguf", "gguf-adapter")
 GGUF_TYPES = ("f16", "f32", "q8_0")

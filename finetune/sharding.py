@@ -123,34 +123,46 @@ def check_recipe(recipe: Any, device: str) -> None:
     """Refuse, before the model loads, what cannot be sharded.
 
     Raises:
-        UserError: an int8 base, prefix or prompt tuning, a preference objective, or fp16
-            mixed precision under sharding.
+        UserError: see `refusal`.
     """
     if requested() is None:
         return
-    quantization = resolve_quantization(recipe.model.quantization, device)
+    problem = refusal(
+        quantization=resolve_quantization(recipe.model.quantization, device),
+        method=recipe.adapter.method,
+        objective=recipe.train.objective,
+        mixed_precision=resolve_mixed_precision(recipe.train.mixed_precision, device),
+    )
+    if problem:
+        raise UserError(problem)
+
+
+def refusal(*, quantization: str, method: str, objective: str, mixed_precision: str) -> str:
+    """Why a run of these settings cannot be sharded ("" when it can): an int8 base, prefix
+    or prompt tuning, a preference objective, fp16 mixed precision. One text for train and
+    for `finetune estimate --sharding fsdp`."""
     if quantization == "int8":
-        raise UserError(
+        return (
             "model.quantization int8 cannot be sharded (bitsandbytes' int8 weights are no "
             "floating-point tensors FSDP can split); use model.quantization=nf4 (QLoRA) or "
             "none, or train with data parallelism (recipes/accelerate/ddp.yaml)"
         )
-    method = recipe.adapter.method
     if method in methods.VIRTUAL_TOKEN_METHODS:
-        raise UserError(
+        return (
             f"adapter.method {method} is not supported under FSDP sharding (LoRA, DoRA and "
             "IA3 are); train it with data parallelism (recipes/accelerate/ddp.yaml)"
         )
-    if recipe.train.objective != "sft":
-        raise UserError(
-            f"train.objective {recipe.train.objective} is not supported under FSDP sharding "
+    if objective != "sft":
+        return (
+            f"train.objective {objective} is not supported under FSDP sharding "
             "yet; train it with data parallelism (recipes/accelerate/ddp.yaml)"
         )
-    if resolve_mixed_precision(recipe.train.mixed_precision, device) == "fp16":
-        raise UserError(
+    if mixed_precision == "fp16":
+        return (
             "train.mixed_precision fp16 is not supported under FSDP sharding (its loss "
             "scaler would judge each shard's gradients apart); use bf16 or no"
         )
+    return ""
 
 
 @contextlib.contextmanager
@@ -187,19 +199,23 @@ def layer_classes(inner: Any, plan: Sharding) -> tuple[str, ...]:
     return plan.layer_classes or layers
 
 
-def shard(model: Any, plan: Sharding, device: str) -> Any:
+def shard(model: Any, plan: Sharding, device: str, mesh: Any = None) -> Any:
     """Shard the peft model's inner transformers model in place: each decoder layer, then
     the rest (embeddings, final norm, head). Returns the root FSDP module.
 
     The root is the transformers model, not the peft wrapper: generate() calls it directly,
-    and FSDP's hooks run only when the module they sit on is called.
+    and FSDP's hooks run only when the module they sit on is called. `mesh`: the processes
+    to shard over (default: every process of the run, on `device`; the dry run passes its
+    fake one).
     """
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh("cuda" if on_cuda(device) else "cpu", (dist.get_world_size(),))
-    inner = model.get_base_model()
+    if mesh is None:
+        mesh = init_device_mesh("cuda" if on_cuda(device) else "cpu", (dist.get_world_size(),))
+    # A peft model's transformers model (a full fine-tuning dry run's model is one already).
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     names = set(layer_classes(inner, plan))
     for module in reversed(list(inner.modules())):  # children first: FSDP2 nests upwards
         if module is not inner and type(module).__name__ in names:

@@ -31,7 +31,7 @@ from finetune import (
     sharding,
 )
 from finetune.errors import UserError
-from finetune.memory.measure import RSS_NAME, LiveTensorPeak, PeakMemory
+from finetune.memory.measure import RSS_NAME, LiveTensorPeak, PeakMemory, every_process
 from finetune.positions import count_trained, trained_positions_loss, widest_shapes
 from finetune.precision import resolve_mixed_precision
 from finetune.prepare import Prepared, make_optimizer, prepare, total_steps
@@ -494,6 +494,8 @@ class Loop:
         live = self.live.to_dict()
         if live is None:
             return {"measured": self.peak.to_dict()}
+        if self.accelerator.num_processes > 1:
+            live = every_process(live)
         return {"measured": live, "resident": {**self.peak.to_dict(), "metric": RSS_NAME}}
 
     def forward_loss(self, batch: dict[str, Any], n_trained: Any) -> torch.Tensor:

@@ -103,6 +103,20 @@ def test_two_sharded_processes_match_one(adapter, clip, recipe_file, tiny_model_
     loaded = PeftModel.from_pretrained(base, tmp_path / "two" / "adapter")
     assert max_diff(get_peft_model_state_dict(loaded), b) == 0.0
 
+    # Memory per process: each process measured its own live-tensor peak; the report's
+    # estimate (a dry run of fully_shard over a fake world of two) is one process's.
+    memory = json.loads((tmp_path / "two" / "report.json").read_text())["memory"]
+    assert memory["estimate"]["setup"]["processes"] == 2
+    assert memory["estimate"]["setup"]["sharding"] == "fsdp"
+    estimate = memory["estimate"]["allocated_bytes"]
+    each = memory["measured"]["per_process_peak_bytes"]
+    assert len(each) == 2
+    for peak in each:
+        assert estimate == pytest.approx(peak, rel=0.05), (estimate, each)
+    alone = json.loads((tmp_path / "one" / "report.json").read_text())["memory"]
+    weights = memory["estimate"]["components"]["frozen base weights"]
+    assert weights < 0.6 * alone["estimate"]["components"]["frozen base weights"]
+
 
 def test_sharded_checkpoint_is_whole_and_resume_continues(recipe_file, tmp_path):
     """Stopped by max_steps at step 2, resumed to step 4 (a constant schedule, so the shorter

@@ -21,6 +21,7 @@ from finetune.cli.options import (
     Quant,
     RecipeArg,
     Reference,
+    Sharding,
     StrictOpt,
     value,
 )
@@ -240,6 +241,21 @@ def estimate(
             "[default: masked when --batch is above 1].",
         ),
     ] = None,
+    processes: Annotated[
+        int | None,
+        typer.Option(
+            help="Processes (GPUs) training together; --batch is per process and the "
+            "estimate is one process's. [default: 1, or the launcher's WORLD_SIZE]"
+        ),
+    ] = None,
+    sharding: Annotated[
+        Sharding | None,
+        typer.Option(
+            help="none: each process holds the whole model (data parallelism); fsdp: FSDP2 "
+            "full shard, weights, adapter, gradients and optimizer states split over "
+            "--processes (recipes/accelerate/fsdp.yaml). [default: none]"
+        ),
+    ] = None,
     gpu: Annotated[
         float | None,
         typer.Option(
@@ -279,6 +295,8 @@ def estimate(
         objective=value(objective),
         reference=value(reference),
         masked=masked,
+        processes=processes,
+        sharding=value(sharding),
     )
     show_estimate(target, overrides or [], options, format.value, gpu, plot, out, force, fit)
 

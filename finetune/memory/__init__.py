@@ -35,8 +35,11 @@ __all__ = [
 def setup_from_recipe(recipe: Any, device: str | None = None) -> Setup:
     """The estimator's `Setup` for a `finetune.recipe.Recipe` on `device` (default: this
     machine's), its auto values resolved as loading the model resolves them."""
+    from finetune import sharding
+
     device = device or default_device()
     model, adapter, train = recipe.model, recipe.adapter, recipe.train
+    processes = sharding.world_size()  # WORLD_SIZE, as the launcher started this process
     targets = adapter.target_modules
     dtype = resolve_dtype(model.dtype, device)
     return Setup(
@@ -61,4 +64,6 @@ def setup_from_recipe(recipe: Any, device: str | None = None) -> Setup:
         device="cuda" if on_cuda(device) else "cpu",
         # Packing always masks; otherwise the default (padding when batch > 1) holds.
         masked=True if recipe.data.packing else None,
+        processes=processes,
+        sharding="fsdp" if sharding.requested() is not None else "none",
     )

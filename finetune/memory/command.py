@@ -52,6 +52,8 @@ class EstimateOptions:
     objective: str | None = None
     reference: str | None = None
     masked: bool | None = None
+    processes: int | None = None
+    sharding: str | None = None
 
 
 # Options that set a recipe field: the recipe's bounds apply, in train's words.

@@ -334,9 +334,21 @@ def dry_run(config: Any, setup: Any) -> DryRun:
         UserError: the model cannot be built, a target name is unknown, or the setup
             cannot run on meta tensors.
     """
+    if setup.sharding == "none":
+        return run_steps(config, setup, None)
+    from finetune.memory import sharded
+
+    if sharded.in_process_group():
+        return sharded.in_child_process(dry_run, config, setup)
+    with sharded.fake_world(setup.processes) as mesh:
+        return run_steps(config, setup, mesh)
+
+
+def run_steps(config: Any, setup: Setup, mesh: Any) -> DryRun:
+    """`dry_run`, sharded over `mesh` (sharded.fake_world) when given."""
     started = time.perf_counter()
     model = build_model(config, setup)
-    scales = upcast = 0
+    scales = 0
     if setup.quant != "none":
         scales, _ = quantize(model, setup, DTYPES[setup.dtype])
     model = prepare(model, setup)
@@ -344,12 +356,6 @@ def dry_run(config: Any, setup: Any) -> DryRun:
         cast_adapter_inputs_as_bitsandbytes_layers(model)
     if autocast_dtype(setup) is not None:
         emulate_autocast(model)
-    if setup.quant != "none":
-        upcast = sum(
-            p.numel() * 4
-            for p in model.parameters()
-            if p.dtype == torch.float32 and not p.requires_grad
-        )
     model.train()
     counts = adapters.count_parameters(model)
     # 4-bit weights are packed two per byte; count them unpacked, as peft does Params4bit.
@@ -361,6 +367,11 @@ def dry_run(config: Any, setup: Any) -> DryRun:
     # Positions with logits: prompt tuning's last virtual token also predicts the first label.
     most = most_logit_positions(setup.seq, virtual_tokens(setup))
     trained = min(setup.logit_positions or most, most)
+    if mesh is not None:  # before the optimizer, as in training: it holds the shards
+        from finetune.memory.sharded import shard_on_meta
+
+        shard_on_meta(model, mesh)
+    upcast = upcast_bytes(model) if setup.quant != "none" else 0
     optimizer = make_optimizer(model, setup)
     tracker = MemoryTracker(model)
     workspaces = track_workspaces(tracker, setup)
@@ -387,6 +398,17 @@ def dry_run(config: Any, setup: Any) -> DryRun:
 # cached blocks laid out by a previous step). For full fine-tuning that second step sets
 # the peak of a whole run; one step would miss it.
 STEPS = 2
+
+
+def upcast_bytes(model: Any) -> int:
+    """The frozen float32 parameters of a quantized base (norms, embeddings, head kept or
+    upcast by prepare_model_for_kbit_training), as this process holds them (a shard of
+    each when sharded)."""
+    held = 0
+    for param in model.parameters():
+        if param.dtype == torch.float32 and not param.requires_grad:
+            held += getattr(param, "_local_tensor", param).numel() * 4
+    return held
 
 
 def step(model: Any, optimizer: Any, tracker: Any, setup: Any, trained: int, vocab: int) -> None:
@@ -490,6 +512,7 @@ def estimate_from_config(config: Any, setup: Setup, name: str = "") -> Estimate:
         "backward temporaries": b["backward temporaries"],
         "logits and loss": b["logits"],
         "library workspaces": b["library workspaces"],
+        "gathered weights (sharding)": b["gathered weights"],
         "runtime overhead": CUDA_CONTEXT_BYTES if setup.device == "cuda" else 0,
     }
     peaks = replay(run.events)
@@ -507,6 +530,7 @@ def estimate_from_config(config: Any, setup: Setup, name: str = "") -> Estimate:
             if setup.device == "cuda"
             else "",
             "optimizer step temporaries": optimizer_note(setup),
+            "gathered weights (sharding)": sharding_note(setup),
             "library workspaces": f"cuBLAS, {MATMUL_THREADS} threads x "
             f"{cublas_workspace_bytes() / 2**20:g} MiB"
             if setup.device == "cuda"
@@ -518,6 +542,16 @@ def estimate_from_config(config: Any, setup: Setup, name: str = "") -> Estimate:
         detail={"dry_run_seconds_x1000": int(run.seconds * 1000)},
         reserved_bytes=peaks.reserved_bytes,
         config=config,
+    )
+
+
+def sharding_note(setup: Setup) -> str:
+    """What the sharded components are, for the estimate's table."""
+    if setup.sharding == "none":
+        return ""
+    return (
+        f"FSDP2 over {setup.processes} processes: weights, adapter, gradients and states "
+        "are this process's shards; these are whole parameters gathered for compute"
     )
 
 
@@ -565,6 +599,11 @@ COMPARISON = (
     ("prompt, {dt} base", {"method": "prompt", "quant": "none"}),
 )
 SHORT_DTYPE = {"bfloat16": "bf16", "float16": "fp16"}
+# Under the comparison of a sharded setup, in place of the rows it leaves out.
+UNSHARDABLE_ROWS_NOTE = (
+    "int8 base, prefix, prompt: not shown; train refuses to shard them (FSDP2 cannot split "
+    "int8 weights; virtual tokens are not supported sharded)"
+)
 # Under the comparison of a preference objective, in place of the rows it leaves out.
 REFUSED_ROWS_NOTE = (
     "prefix, prompt: not shown; train refuses them with a preference objective (their "
@@ -597,6 +636,9 @@ def compare_methods(arch: Architecture, setup: Setup, config: object) -> list[tu
     for label, change in COMPARISON:
         if setup.objective != "sft" and change["method"] in VIRTUAL_TOKEN_METHODS:
             continue  # train refuses them with a preference objective: no number to show
-        variant = replace(setup, **change, dtype=dtype)
+        try:
+            variant = replace(setup, **change, dtype=dtype)
+        except UserError:  # a method or base that cannot be sharded: train refuses it too
+            continue
         rows.append((label.format(dt=SHORT_DTYPE[dtype]), reestimate(arch, config, variant)))
     return rows

@@ -23,6 +23,7 @@ from finetune.choices import (
     OPTIMIZERS,
     QUANTS,
     REFERENCES,
+    SHARDINGS,
 )
 from finetune.errors import UserError
 from finetune.memory.arch import Architecture
@@ -65,8 +66,10 @@ COMPONENTS = (
     "backward temporaries",
     "logits and loss",
     "library workspaces",
+    "gathered weights (sharding)",
     "runtime overhead",
 )
+SHARDING_COMPONENT = "gathered weights (sharding)"
 # The components the "weights + gradients + optimizer" headline adds up.
 STATE_COMPONENTS = COMPONENTS[:7]
 
@@ -111,6 +114,11 @@ class Setup:
     # train.reference: forward (dpo, kto: the reference's forward in every step) or cached
     # (its log-probabilities read from the run's cache; kto still runs it on the KL rows).
     reference: str = "forward"
+    # Processes training together (data parallelism or sharding) and the sharding: none
+    # (each process holds the whole model) or fsdp (FSDP2 full shard, finetune.sharding).
+    # `batch` is per process, like train.micro_batch_size; the estimate is one process's.
+    processes: int = 1
+    sharding: str = "none"
 
     def __post_init__(self) -> None:
         checks = [
@@ -148,6 +156,36 @@ class Setup:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+        self.check_sharding()
+
+    def check_sharding(self) -> None:
+        """Refuse a sharding train would refuse, with train's line.
+
+        Raises:
+            UserError: an unknown sharding, fewer than one process, FSDP over one process
+                or of settings that cannot be sharded (sharding.refusal).
+        """
+        if self.sharding not in SHARDINGS:
+            raise UserError(f"sharding must be one of {', '.join(SHARDINGS)} (got {self.sharding})")
+        if self.processes < 1:
+            raise UserError(f"processes must be 1 or more (got {self.processes})")
+        if self.sharding == "none":
+            return
+        if self.processes < 2:
+            raise UserError(
+                "--sharding fsdp splits the model over processes: give --processes 2 or more"
+            )
+        from finetune.sharding import refusal
+
+        mixed = {"float16": "fp16", "bfloat16": "bf16"}.get(self.autocast or "", "no")
+        problem = refusal(
+            quantization=self.quant,
+            method=self.method,
+            objective=self.objective,
+            mixed_precision=mixed,
+        )
+        if problem:
+            raise UserError(problem)
 
     @property
     def attention_masked(self) -> bool:

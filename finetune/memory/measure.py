@@ -240,3 +240,19 @@ class LiveTensorPeak:
         """Remove the tracker's hooks from the model."""
         if self.tracker is not None:
             self.tracker.remove_hooks()
+
+
+def every_process(measured: dict[str, Any]) -> dict[str, Any]:
+    """This process's `LiveTensorPeak.to_dict()` joined with every other process's (a
+    collective: every process calls it): the highest process's figures, and each process's
+    peak in rank order under `per_process_peak_bytes`."""
+    import torch.distributed as dist
+
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, measured)
+    highest = max(everyone, key=lambda m: m["peak_bytes"])
+    return {
+        **highest,
+        "rank": everyone.index(highest),
+        "per_process_peak_bytes": [m["peak_bytes"] for m in everyone],
+    }

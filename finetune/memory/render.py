@@ -9,8 +9,19 @@ import json
 from pathlib import Path
 from typing import Any
 
-from finetune.memory.dryrun import REFUSED_ROWS_NOTE, compare_methods, reference_costs
-from finetune.memory.estimate import COMPONENTS, Estimate, Setup, rule_of_thumb_bytes
+from finetune.memory.dryrun import (
+    REFUSED_ROWS_NOTE,
+    UNSHARDABLE_ROWS_NOTE,
+    compare_methods,
+    reference_costs,
+)
+from finetune.memory.estimate import (
+    COMPONENTS,
+    SHARDING_COMPONENT,
+    Estimate,
+    Setup,
+    rule_of_thumb_bytes,
+)
 from finetune.memory.presets import nominal_params
 from finetune.outputs import write_file_atomically
 
@@ -30,12 +41,23 @@ def human(nbytes: float) -> str:
 
 
 def component_rows(est: Estimate) -> list[tuple[str, int, float, str]]:
-    """(component, bytes, share of total, note) in the order of COMPONENTS."""
+    """(component, bytes, share of total, note) in the order of COMPONENTS; the sharding
+    row only for a sharded setup."""
     total = est.total_bytes or 1
     return [
         (name, est.components[name], est.components[name] / total, est.notes.get(name, ""))
         for name in COMPONENTS
+        if name != SHARDING_COMPONENT or est.setup.sharding != "none"
     ]
+
+
+def per_process(setup: Setup) -> str:
+    """How the figures divide between processes, for the headline ("" for one process)."""
+    if setup.processes == 1:
+        return ""
+    if setup.sharding == "fsdp":
+        return f"; per process of {setup.processes}, FSDP2 full shard"
+    return f"; per process of {setup.processes} (data parallel: each holds the whole model)"
 
 
 def headline(est: Estimate) -> list[str]:
@@ -46,7 +68,7 @@ def headline(est: Estimate) -> list[str]:
         f"({100 * est.trainable_params / est.total_params:.3g}%); "
         f"batch {setup.batch} x seq {setup.seq}"
         f"{' with an attention mask (padding or packing)' if setup.attention_masked else ''}"
-        "; GB = 1e9 bytes",
+        f"{per_process(setup)}; GB = 1e9 bytes",
         f"weights + gradients + optimizer states: {human(est.state_bytes)}; "
         f"estimated peak: {human(est.total_bytes)} ({est.metric}, plus runtime overhead)",
     ]
@@ -114,6 +136,8 @@ def comparison_notes(est: Estimate) -> list[str]:
         )
     if est.setup.objective != "sft":
         lines.append(REFUSED_ROWS_NOTE)
+    if est.setup.sharding != "none":
+        lines.append(UNSHARDABLE_ROWS_NOTE)
     return lines
 
 
@@ -151,6 +175,18 @@ def measured_lines(
     if "live tensors" in measured["metric"] and peak:
         error = (est.allocated_bytes - peak) / peak
         lines[0] += f"; estimate {human(est.allocated_bytes)}, {error:+.1%} of measured"
+    each = measured.get("per_process_peak_bytes") or []
+    if len(each) > 1 and "live tensors" in measured["metric"]:
+        lines.append(
+            "measured per process: "
+            + ", ".join(
+                f"rank {rank} {human(peak)} ({(est.allocated_bytes - peak) / peak:+.1%})"
+                for rank, peak in enumerate(each)
+                if peak
+            )
+            + f"; the estimate is one process's ({est.setup.processes} processes, sharding "
+            f"{est.setup.sharding})"
+        )
     if measured.get("reserved_bytes"):
         lines.append(f"measured max reserved: {human(measured['reserved_bytes'])}")
     if resident:

@@ -18,8 +18,15 @@ Usage::
     tracker.peak_bytes, tracker.peak_breakdown, tracker.current
 
 `torch.distributed._tools.mem_tracker.MemTracker` is not used: it hooks the gradient of
-every parameter and fails on frozen ones. Storage resizes in place
-(`UntypedStorage.resize_`) are not seen; the training step does not use them.
+every parameter and fails on frozen ones.
+
+Sharded training (FSDP2) needs two more things, both followed here: a sharded parameter is
+a DTensor, whose own storage is an unallocated wrapper; what the process holds is its local
+shard. And FSDP2 gathers and frees each layer's whole parameters by resizing their storages
+in place (`UntypedStorage.resize_`, torch/distributed/fsdp/_fully_shard/_fsdp_param.py
+`alloc_storage`/`free_storage`), which no op at the dispatch level shows: while a tracker is
+active, `resize_` is wrapped to report each resize (a shrink to 0 is a free, a growth an
+allocation, counted as "gathered weights").
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ CATEGORIES = (
     "logits",
     "backward temporaries",
     "library workspaces",
+    "gathered weights",  # sharded training: whole parameters of the layers being computed
 )
 # What a tensor created in each phase is, unless retagged (gradients, logits).
 PHASE_CATEGORY = {
@@ -210,10 +218,12 @@ class MemoryTracker(TorchDispatchMode):
         self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
         self._saved_hooks.__enter__()
         self._inside = True
+        _watch_resizes(self)
         return super().__enter__()
 
     def __exit__(self, *exc: Any) -> None:
         self._inside = False
+        _unwatch_resizes(self)
         super().__exit__(*exc)
         self._saved_hooks.__exit__(*exc)
         if self._deferred is not None and exc[0] is None:  # no torch op came after it
@@ -274,6 +284,15 @@ class MemoryTracker(TorchDispatchMode):
         if self.record_events:
             self.events.append(Event(entry.key, -entry.nbytes, entry.device))
 
+    def _resized(self, storage: torch.UntypedStorage) -> None:
+        """A storage resized in place: the old size freed, the new one allocated."""
+        cdata = storage._cdata
+        known = self._live.get(cdata)
+        category = known.category if known is not None else "gathered weights"
+        self._free(cdata)
+        if storage.nbytes():
+            self._add(storage, category, str(storage.device))
+
     def _grad_landed(self, param: torch.Tensor) -> None:
         if self._inside and param.grad is not None:
             self.track(param.grad, "gradients")
@@ -297,11 +316,36 @@ def _unpack(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _storage(tensor: torch.Tensor) -> torch.UntypedStorage | None:
-    """The tensor's storage, or None for tensors without one (sparse, nested, wrappers)."""
+    """The tensor's storage (a DTensor's: its local shard's), or None for tensors without
+    one (sparse, nested, other wrappers)."""
+    tensor = getattr(tensor, "_local_tensor", tensor)  # a DTensor's shard: what is held here
     try:
         return tensor.untyped_storage()
     except (RuntimeError, NotImplementedError, TypeError):
         return None
+
+
+# The trackers active now; `UntypedStorage.resize_` is wrapped while there are any.
+_WATCHERS: list[MemoryTracker] = []
+
+
+def _watched_resize(storage: torch.UntypedStorage, size: int) -> Any:
+    out = torch._C.StorageBase.resize_(storage, size)
+    for tracker in _WATCHERS:
+        tracker._resized(storage)
+    return out
+
+
+def _watch_resizes(tracker: MemoryTracker) -> None:
+    if not _WATCHERS:
+        torch.UntypedStorage.resize_ = _watched_resize  # the Python subclass's own attribute
+    _WATCHERS.append(tracker)
+
+
+def _unwatch_resizes(tracker: MemoryTracker) -> None:
+    _WATCHERS.remove(tracker)
+    if not _WATCHERS:
+        del torch.UntypedStorage.resize_  # StorageBase's method again
 
 
 def quantization_state(model: Any) -> list[torch.Tensor]:
