@@ -5,7 +5,8 @@ Run: PYTHONPATH=. .venv/bin/python benchmarks/memory_sharded.py [--repeats 3]
 
 Each case trains a tiny random Llama (4 layers, hidden 128, the tests' tokenizer) for a few
 steps with `torchrun --nproc_per_node N -m finetune train` and accelerate's FSDP variables
-(ACCELERATE_USE_FSDP=true FSDP_VERSION=2: finetune shards with FSDP2 over gloo). Every
+(ACCELERATE_USE_FSDP=true FSDP_VERSION=2: finetune shards with FSDP2 over gloo; one row
+is plain data parallelism, each process holding the whole model). Every
 process measures its own peak bytes of live tensors with `MemoryTracker` (which follows
 FSDP2's in-place storage resizes) and the report keeps them in rank order; the estimate is
 the report's own, one process's (a dry run of torch's fully_shard on meta tensors over a
@@ -33,13 +34,15 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-CASES = (  # (label, adapter section, model section, processes)
-    ("lora", {"method": "lora", "r": 8, "alpha": 16}, {}, 1),
-    ("lora", {"method": "lora", "r": 8, "alpha": 16}, {}, 2),
-    ("lora", {"method": "lora", "r": 8, "alpha": 16}, {}, 4),
+LORA = {"method": "lora", "r": 8, "alpha": 16}
+CASES = (  # (label, adapter section, model section, processes); sharded when 2 or more
+    ("lora", LORA, {}, 1),
+    ("lora, data parallel (DDP)", LORA, {}, 2),
+    ("lora", LORA, {}, 2),
+    ("lora", LORA, {}, 4),
     ("dora", {"method": "dora", "r": 8, "alpha": 16}, {}, 2),
     ("ia3", {"method": "ia3"}, {}, 2),
-    ("lora, nf4 base", {"method": "lora", "r": 8, "alpha": 16}, {"quantization": "nf4"}, 2),
+    ("lora, nf4 base", LORA, {"quantization": "nf4"}, 2),
 )
 
 
@@ -74,9 +77,14 @@ def run(folder: Path, model_dir: Path, data: Path, case: tuple, port: int) -> di
     recipe_file = folder / f"recipe-{port}.yaml"
     recipe_file.write_text(yaml.safe_dump(recipe))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    env.update({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"} if processes > 1 else {})
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
-    command = [torchrun, "--nproc_per_node", str(processes), "--master_port", str(port)]
+    if processes > 1 and "DDP" not in label:
+        env.update({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"})
+    # One process as a user starts it: under torchrun accelerate wraps even one process in
+    # DDP, whose gradient buckets a one-process estimate does not count.
+    command = [sys.executable]
+    if processes > 1:
+        torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+        command = [torchrun, "--nproc_per_node", str(processes), "--master_port", str(port)]
     command += ["-m", "finetune", "train", str(recipe_file)]
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:

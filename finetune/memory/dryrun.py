@@ -323,6 +323,24 @@ def track_workspaces(tracker: Any, setup: Any) -> list[torch.Tensor]:
     return workspaces
 
 
+def track_gradient_buckets(tracker: Any, model: Any, setup: Any) -> list[torch.Tensor]:
+    """Data parallelism's gradient buckets (kept alive by the caller): DDP's reducer holds
+    every trainable gradient once more in flat buckets, which it all-reduces and copies back
+    (torch/nn/parallel/distributed.py, gradient_as_bucket_view off as accelerate leaves it;
+    measured: rebuilt in the second step's forward, the adapter's size). None for one
+    process or when sharded (FSDP2 reduce-scatters per layer, in the step)."""
+    if setup.processes < 2 or setup.sharding != "none":
+        return []
+    buckets = [
+        torch.empty(p.numel(), dtype=p.dtype, device="meta")
+        for p in model.parameters()
+        if p.requires_grad
+    ]
+    for bucket in buckets:
+        tracker.track(bucket, "gradients")
+    return buckets
+
+
 def dry_run(config: Any, setup: Any) -> DryRun:
     """Build `config`'s model on meta, attach `setup`'s adapter, take two tracked steps.
 
@@ -374,7 +392,7 @@ def run_steps(config: Any, setup: Setup, mesh: Any) -> DryRun:
     upcast = upcast_bytes(model) if setup.quant != "none" else 0
     optimizer = make_optimizer(model, setup)
     tracker = MemoryTracker(model)
-    workspaces = track_workspaces(tracker, setup)
+    workspaces = track_workspaces(tracker, setup) + track_gradient_buckets(tracker, model, setup)
     with autocast_to(autocast_dtype(setup), setup.device), fused_kernels_on_meta(optimizer):
         step(model, optimizer, tracker, setup, trained, config.vocab_size)
     tracker.remove_hooks()
@@ -531,6 +549,9 @@ def estimate_from_config(config: Any, setup: Setup, name: str = "") -> Estimate:
             else "",
             "optimizer step temporaries": optimizer_note(setup),
             "gathered weights (sharding)": sharding_note(setup),
+            "gradients": "with DDP's gradient buckets (the trainable gradients once more)"
+            if setup.processes > 1 and setup.sharding == "none"
+            else "",
             "library workspaces": f"cuBLAS, {MATMUL_THREADS} threads x "
             f"{cublas_workspace_bytes() / 2**20:g} MiB"
             if setup.device == "cuda"

@@ -53,6 +53,11 @@ CUBLAS_WORKSPACE_HOPPER = 4096 * 8 * 1024
 CUBLAS_WORKSPACE_OTHER = 4096 * 1024 * 2 + 16 * 1024 * 8
 MATMUL_THREADS = 2
 
+# The most processes an estimate takes. Worlds beyond it shard within groups of nodes
+# (hybrid sharding), which finetune does not run; and a sharded dry run builds torch's fake
+# process group of that size, whose bookkeeping grows with it (8,192: 14 s; 65,536: 215 s).
+MAX_PROCESSES = 8_192
+
 COMPONENTS = (
     "frozen base weights",
     "quantization scales",
@@ -167,8 +172,11 @@ class Setup:
         """
         if self.sharding not in SHARDINGS:
             raise UserError(f"sharding must be one of {', '.join(SHARDINGS)} (got {self.sharding})")
-        if self.processes < 1:
-            raise UserError(f"processes must be 1 or more (got {self.processes})")
+        if not 1 <= self.processes <= MAX_PROCESSES:
+            raise UserError(
+                f"processes must be 1 to {MAX_PROCESSES:,} (got {self.processes:,}): the "
+                "number of processes (GPUs) training together"
+            )
         if self.sharding == "none":
             return
         if self.processes < 2:
