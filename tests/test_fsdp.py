@@ -110,12 +110,36 @@ def test_two_sharded_processes_match_one(adapter, clip, recipe_file, tiny_model_
     assert memory["estimate"]["setup"]["sharding"] == "fsdp"
     estimate = memory["estimate"]["allocated_bytes"]
     each = memory["measured"]["per_process_peak_bytes"]
+    # Within 2% of the process that got the widest micro-batch; all within 10%: a rank may
+    # hold one more collective buffer, released by gloo's thread on its own schedule
+    # (docs/memory.md, "Per process under sharding"; benchmarks/memory_sharded.py).
     assert len(each) == 2
+    assert min(abs(estimate - peak) / peak for peak in each) < 0.02, (estimate, each)
     for peak in each:
-        assert estimate == pytest.approx(peak, rel=0.05), (estimate, each)
+        assert estimate == pytest.approx(peak, rel=0.10), (estimate, each)
     alone = json.loads((tmp_path / "one" / "report.json").read_text())["memory"]
     weights = memory["estimate"]["components"]["frozen base weights"]
     assert weights < 0.6 * alone["estimate"]["components"]["frozen base weights"]
+
+
+def test_four_sharded_processes_match_one(recipe_file, tmp_path):
+    """One process at micro-batch 4 against four at micro-batch 1, accumulation 2, clipping
+    every step: the same global batch, so the same losses and adapter."""
+    made = []
+    for name, micro in (("one", 4), ("four", 1)):
+        train = {**COMMON, "max_steps": 3, "micro_batch_size": micro}
+        made.append(recipe_file(f"{name}.yaml", train=train, output={"dir": str(tmp_path / name)}))
+    main(["train", str(made[0])])
+    command = [*launcher(), "--num_processes", "4", "-m", "finetune", "train", str(made[1])]
+    proc = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "sharded (FSDP2) over 4 processes" in proc.stderr, proc.stderr[-3000:]
+    assert losses(tmp_path / "four") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
+    a = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "four" / "adapter" / "adapter_model.safetensors")
+    assert max_diff(a, b) < 1e-5
+    memory = json.loads((tmp_path / "four" / "report.json").read_text())["memory"]
+    assert len(memory["measured"]["per_process_peak_bytes"]) == 4
 
 
 def test_sharded_checkpoint_is_whole_and_resume_continues(recipe_file, tmp_path):

@@ -167,6 +167,21 @@ def lora_adapter(tmp_path_factory, tiny_model_dir) -> Path:
 COMMANDS = {
     "validate": ("validate", "@recipe"),
     "estimate": ("estimate", "@model", "--seq", "32"),
+    # A quantized base with checkpointing (torch warned that use_reentrant was not named)
+    # and the sharded dry run (torch's fake process group, FSDP2 on meta tensors).
+    "estimate-sharded-qlora": (
+        "estimate",
+        "@model",
+        "--seq",
+        "32",
+        "--quant",
+        "nf4",
+        "--grad-ckpt",
+        "--processes",
+        "2",
+        "--sharding",
+        "fsdp",
+    ),
     "eval": ("eval", "@run", "--data", "@data"),
     "generate": ("generate", "@run", "hello", "--max-new-tokens", "3"),
     "chat": ("chat", "@run", "--max-new-tokens", "3"),
