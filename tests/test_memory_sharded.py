@@ -90,14 +90,17 @@ def test_sharding_divides_what_each_process_holds(config):
 
 
 def test_the_fake_world_leaves_nothing_behind(config):
+    import sys
+
     import torch.distributed as dist
     from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
 
-    check = FSDPParamGroup._validate_no_meta_params
+    check, excepthook = FSDPParamGroup._validate_no_meta_params, sys.excepthook
     dryrun.estimate_from_config(config, setup(processes=2, sharding="fsdp"))
     assert not dist.is_initialized()
     assert not hasattr(torch, "meta")
     assert FSDPParamGroup._validate_no_meta_params is check
+    assert sys.excepthook is excepthook  # torch's "[rank0]:" prefix wrapper is gone
 
 
 def test_a_process_in_a_process_group_dry_runs_in_a_child(config):

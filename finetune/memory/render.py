@@ -376,7 +376,9 @@ def plot_comparison(est: Estimate, path: str | Path) -> Path:
     ax.bar(labels, [r[3] / GB for r in rows], label="total (with activations, logits)")
     ax.bar(labels, [r[2] / GB for r in rows], label="weights + gradients + optimizer")
     ax.set_ylabel("GB (1e9 bytes)")
-    ax.set_title(f"{est.arch.name}, batch {est.setup.batch} x seq {est.setup.seq}")
+    ax.set_title(
+        f"{est.arch.name}, batch {est.setup.batch} x seq {est.setup.seq}{per_process(est.setup)}"
+    )
     ax.tick_params(axis="x", labelrotation=25, labelsize=8)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -19,6 +19,7 @@ in a child process there (started once, see `in_child_process`).
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -59,15 +60,19 @@ def fake_world(processes: int) -> Iterator[Any]:
     from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
 
     check = FSDPParamGroup._validate_no_meta_params
-    torch.meta = _MetaDeviceModule  # type: ignore[attr-defined]
-    FSDPParamGroup._validate_no_meta_params = lambda self: None
+    # init_process_group wraps sys.excepthook to prefix "[rank0]:" and nothing unwraps it.
+    excepthook = sys.excepthook
     dist.init_process_group("fake", store=dist.HashStore(), rank=0, world_size=processes)
     try:
+        torch.meta = _MetaDeviceModule  # type: ignore[attr-defined]
+        FSDPParamGroup._validate_no_meta_params = lambda self: None
         yield init_device_mesh("meta", (processes,))
     finally:
         dist.destroy_process_group()
+        sys.excepthook = excepthook
         FSDPParamGroup._validate_no_meta_params = check
-        del torch.meta
+        if hasattr(torch, "meta"):
+            del torch.meta
 
 
 def shard_on_meta(model: Any, mesh: Any) -> None:
