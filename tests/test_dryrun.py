@@ -194,6 +194,35 @@ def test_real_cpu_step_under_autocast_over_a_16_bit_base_equals_dry_run(method):
         assert without.peak_bytes > run.peak_bytes
 
 
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_checkpointed_eager_attention_recomputes_under_autocast_as_it_ran(method):
+    """A checkpointed layer is recomputed in backward, where a mode entered around the
+    step does not reach: eager attention's matmuls then ran without the emulated autocast
+    (`finetune estimate --grad-ckpt --attn eager` ended in 'expected scalar type float but
+    found bfloat16'). Against a real CPU step of an fp32 model under bf16 autocast."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = config("llama")
+    setup = Setup(
+        method=method,
+        dtype="bfloat16" if method == "full" else "float32",
+        master_weights=method == "full",
+        autocast="bfloat16",
+        attn="eager",
+        grad_ckpt=True,
+        batch=2,
+        seq=48,
+        logit_positions=20,
+        device="cpu",
+        masked=True,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="eager")
+    real = real_step(cfg, setup, model)
+    run = dryrun.dry_run(cfg, setup)
+    assert run.peak_bytes == pytest.approx(real.peak_bytes, rel=0.01)
+
+
 @pytest.mark.parametrize("optimizer", ["adamw-foreach", "adamw-fused", "adamw-forloop"])
 def test_each_adamw_implementation_allocates_in_the_dry_run_what_it_does_for_real(optimizer):
     """foreach holds whole-model temporaries in its step (on CUDA, torch's default: 13 GB

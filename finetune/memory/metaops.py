@@ -152,10 +152,20 @@ def _autocast_linear(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 def emulate_autocast(model: Any) -> None:
-    """Make every Linear of `model` (the head included) cast as autocast would."""
+    """Make every Linear of `model` (the head included) cast as autocast would, and every
+    attention module's eager matmuls (`_AutocastMatmul`, entered inside the module's call,
+    so a checkpointed layer's recomputation in backward casts too: a mode entered around
+    the step does not reach it there)."""
     for module in model.modules():
         if type(module) is torch.nn.Linear:
             module.forward = functools.partial(_autocast_linear, module)
+        elif type(module).__name__.endswith("Attention"):
+            module.forward = functools.partial(_with_autocast_matmul, module.forward)
+
+
+def _with_autocast_matmul(forward: Any, *args: Any, **kwargs: Any) -> Any:
+    with _AutocastMatmul():
+        return forward(*args, **kwargs)
 
 
 FUSED_SDPA = "finetune_meta_sdpa"
