@@ -368,6 +368,30 @@ CASES = [
         r"--fit needs --gpu",
         "--fit has nothing to fit in without --gpu",
     ),
+    Case(
+        "estimate-sharding-one-process",
+        ("estimate", "llama-2-7b", "--sharding", "fsdp"),
+        r"--sharding fsdp splits the model over processes: give --processes 2 or more",
+        "sharding over a single process has nothing to split",
+    ),
+    Case(
+        "estimate-processes-zero",
+        ("estimate", "llama-2-7b", "--processes", "0"),
+        r"processes must be 1 to 8,192 \(got 0\)",
+        "no process trains nothing",
+    ),
+    Case(
+        "estimate-processes-huge",
+        ("estimate", "llama-2-7b", "--processes", "1000000000", "--sharding", "fsdp"),
+        r"processes must be 1 to 8,192 \(got 1,000,000,000\)",
+        "a billion processes built a fake world for minutes and GBs before it was bounded",
+    ),
+    Case(
+        "estimate-sharding-int8",
+        ("estimate", "llama-2-7b", "--quant", "int8", "--processes", "4", "--sharding", "fsdp"),
+        r"model.quantization int8 cannot be sharded",
+        "what train refuses to shard, estimate refuses in train's words",
+    ),
     # ------------------------------------------------------------------- recipes
     Case(
         "yaml-unclosed-brace",
