@@ -256,6 +256,13 @@ def check_config_sizes(built: Any, settings: dict[str, Any], config: Path) -> No
         raise UserError(
             f"{where}: num_key_value_heads is {kv!r}; it must divide num_attention_heads ({heads})"
         )
+    vocab, pad = getattr(built, "vocab_size", None), settings.get("pad_token_id")
+    if isinstance(vocab, int) and isinstance(pad, int) and not -vocab <= pad < vocab:
+        # The embedding's padding index: transformers cannot build the model with it.
+        raise UserError(
+            f"{where}: pad_token_id is {pad:,}, outside the vocabulary of {vocab:,} tokens; "
+            "set it to the tokenizer's pad token id (or null)"
+        )
     for key, value in settings.items():
         if isinstance(value, float) and not math.isfinite(value):  # json reads NaN, Infinity
             raise UserError(f"{where}: {key} is {value}; a config number must be finite")

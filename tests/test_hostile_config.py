@@ -77,6 +77,7 @@ def test_estimate_refuses_what_train_refuses_with_the_same_line(
     "change, expect",
     [
         ({"num_hidden_layers": 100_000}, "no decoder has more than 1,024"),
+        ({"pad_token_id": 100_000}, "pad_token_id is 100,000, outside the vocabulary"),
         ({"hidden_size": 2**40}, "hidden_size is 1,099,511,627,776; no decoder is that wide"),
         ({"num_attention_heads": 0}, "num_attention_heads is 0"),
         ({"hidden_size": "64"}, "expected int, got str"),
