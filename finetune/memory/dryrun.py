@@ -40,6 +40,7 @@ from finetune.memory.estimate import (
     CUDA_CONTEXT_BYTES,
     MATMUL_THREADS,
     METRIC,
+    SHARDING_COMPONENT,
     Estimate,
     Setup,
 )
@@ -329,7 +330,7 @@ def track_gradient_buckets(tracker: Any, model: Any, setup: Any) -> list[torch.T
     (torch/nn/parallel/distributed.py, gradient_as_bucket_view off as accelerate leaves it;
     measured: rebuilt in the second step's forward, the adapter's size). None for one
     process or when sharded (FSDP2 reduce-scatters per layer, in the step)."""
-    if setup.processes < 2 or setup.sharding != "none":
+    if not setup.data_parallel:
         return []
     buckets = [
         torch.empty(p.numel(), dtype=p.dtype, device="meta")
@@ -530,7 +531,7 @@ def estimate_from_config(config: Any, setup: Setup, name: str = "") -> Estimate:
         "backward temporaries": b["backward temporaries"],
         "logits and loss": b["logits"],
         "library workspaces": b["library workspaces"],
-        "gathered weights (sharding)": b["gathered weights"],
+        SHARDING_COMPONENT: b["gathered weights"],
         "runtime overhead": CUDA_CONTEXT_BYTES if setup.device == "cuda" else 0,
     }
     peaks = replay(run.events)
@@ -548,9 +549,9 @@ def estimate_from_config(config: Any, setup: Setup, name: str = "") -> Estimate:
             if setup.device == "cuda"
             else "",
             "optimizer step temporaries": optimizer_note(setup),
-            "gathered weights (sharding)": sharding_note(setup),
+            SHARDING_COMPONENT: sharding_note(setup),
             "gradients": "with DDP's gradient buckets (the trainable gradients once more)"
-            if setup.processes > 1 and setup.sharding == "none"
+            if setup.data_parallel
             else "",
             "library workspaces": f"cuBLAS, {MATMUL_THREADS} threads x "
             f"{cublas_workspace_bytes() / 2**20:g} MiB"

@@ -57,6 +57,8 @@ MATMUL_THREADS = 2
 # (hybrid sharding), which finetune does not run; and a sharded dry run builds torch's fake
 # process group of that size, whose bookkeeping grows with it (8,192: 14 s; 65,536: 215 s).
 MAX_PROCESSES = 8_192
+# Whole parameters FSDP2 gathers for compute (sharded setups only).
+SHARDING_COMPONENT = "gathered weights (sharding)"
 
 COMPONENTS = (
     "frozen base weights",
@@ -71,10 +73,9 @@ COMPONENTS = (
     "backward temporaries",
     "logits and loss",
     "library workspaces",
-    "gathered weights (sharding)",
+    SHARDING_COMPONENT,
     "runtime overhead",
 )
-SHARDING_COMPONENT = "gathered weights (sharding)"
 # The components the "weights + gradients + optimizer" headline adds up.
 STATE_COMPONENTS = COMPONENTS[:7]
 
@@ -194,6 +195,11 @@ class Setup:
         )
         if problem:
             raise UserError(problem)
+
+    @property
+    def data_parallel(self) -> bool:
+        """Several processes, each holding the whole model (DDP)."""
+        return self.processes > 1 and self.sharding == "none"
 
     @property
     def attention_masked(self) -> bool:
