@@ -149,12 +149,10 @@ def with_autocast(setup: dict, training: dict) -> dict:
 def estimate(case: Case) -> Row:
     """Today's dry run of the case's setup (as recorded, fields this version lacks dropped)."""
     from finetune.memory.dryrun import build_config, estimate_from_config
-    from finetune.memory.estimate import Setup
+    from finetune.memory.estimate import Setup, recorded_fields
 
     known = {f.name for f in fields(Setup)}
-    setup_fields = {k: v for k, v in case.setup.items() if k in known}
-    if isinstance(setup_fields.get("targets"), list):
-        setup_fields["targets"] = tuple(setup_fields["targets"])
+    setup_fields = {k: v for k, v in recorded_fields(case.setup).items() if k in known}
     raw = json.loads((case.config_dir / "config.json").read_text())
     est = estimate_from_config(build_config(raw), Setup(**setup_fields), case.name)
     return Row(case, est.allocated_bytes, est.reserved_bytes or est.allocated_bytes)

@@ -9,6 +9,7 @@ for one epoch over the same examples, through:
     trainer-group  the same with train_sampling_strategy="group_by_length" (the tuned Trainer)
     trainer-group-bf16  and with bf16=True (CPU autocast), as finetune's default is here
     trl-packed     trl's SFTTrainer, packing="bfd" with padding-free batches
+    trl-packed-bf16  and with bf16=True (CPU autocast)
     finetune-pack  finetune with data.packing: true
     finetune       finetune with its recipe defaults (nothing about speed set)
     finetune-fp32  and with train.mixed_precision: "no" (to set beside trainer-group)
@@ -29,8 +30,11 @@ sustained matmul rate in the run's precision (`matmul_peak.py`, measured at the 
     .venv/bin/python benchmarks/trainer_vs_finetune.py [--repeats 2] [--runs trainer,...]
 
 Datasets: `docstrings`, instruction pairs whose answers are Python standard-library
-docstrings (a line to a page: a long tail, much of it truncated at 256), and `summaries`,
-the same questions answered by the docstring's first sentence (short and uniform).
+docstrings (a line to a page: a long tail, much of it truncated at 256), `summaries`,
+the same questions answered by the docstring's first sentence (short and uniform), and
+`sources`, a short run (10 optimizer steps of 8) whose answers are the Python sources of
+standard-library functions (a few lines to hundreds, max_length 512): what a new user's
+first try looks like, where any fixed cost per run shows.
 """
 
 from __future__ import annotations
@@ -65,20 +69,30 @@ RUNS = (
     "trainer-group",
     "trainer-group-bf16",
     "trl-packed",
+    "trl-packed-bf16",
     "finetune-pack",
     "finetune",
     "finetune-fp32",
     "finetune-nogroup-fp32",
 )
-DATASETS = {"docstrings": 64, "summaries": 128}  # training examples: 8 and 16 steps
+DATASETS = {"docstrings": 64, "summaries": 128, "sources": 80}  # 8, 16 and 10 steps
+MAX_LENGTHS = {"docstrings": 256, "summaries": 256, "sources": 512}
 HELD_OUT = 64
 
 
 # ---------------------------------------------------------------------------- data
 
 
+def use_dataset(kind: str) -> None:
+    """Set the sequence length of dataset `kind` for every function below."""
+    global MAX_LENGTH
+    MAX_LENGTH = MAX_LENGTHS[kind]
+
+
 def docstring_pairs(kind: str) -> tuple[list[dict], list[dict]]:
     """(train, held out) instruction pairs about the standard library, answers of `kind`."""
+    if kind == "sources":
+        return source_pairs()
     pairs = []
     for name in MODULES:
         module = pydoc.locate(name)
@@ -91,6 +105,27 @@ def docstring_pairs(kind: str) -> tuple[list[dict], list[dict]]:
     unique = list({p["prompt"]: p for p in pairs}.values())
     random.Random(DATA_SEED).shuffle(unique)
     return unique[HELD_OUT : HELD_OUT + DATASETS[kind]], unique[:HELD_OUT]
+
+
+def source_pairs() -> tuple[list[dict], list[dict]]:
+    """(train, held out) pairs asking for a standard-library function's source: answers from
+    a few lines to hundreds, many cut at max_length."""
+    pairs = []
+    for name in MODULES:
+        module = pydoc.locate(name)
+        for attr, obj in sorted(vars(module).items()):
+            if attr.startswith("_") or not inspect.isfunction(obj):
+                continue
+            if obj.__module__ != module.__name__:
+                continue
+            try:
+                source = inspect.getsource(obj)
+            except (OSError, TypeError):
+                continue
+            pairs.append({"prompt": f"Show the source of {name}.{attr}.", "response": source})
+    unique = list({p["prompt"]: p for p in pairs}.values())
+    random.Random(DATA_SEED).shuffle(unique)
+    return unique[HELD_OUT : HELD_OUT + DATASETS["sources"]], unique[:HELD_OUT]
 
 
 def tokenized(rows: list[dict], tokenizer) -> list:
@@ -224,7 +259,7 @@ def trainer_dataset(examples: list):
     return Dataset.from_list(columns)
 
 
-def run_trl(train_rows, workdir: Path, tokenizer, folder: str) -> dict:
+def run_trl(run: str, train_rows, workdir: Path, tokenizer, folder: str) -> dict:
     """trl's SFTTrainer with best-fit-decreasing packing and padding-free batches."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -249,6 +284,7 @@ def run_trl(train_rows, workdir: Path, tokenizer, folder: str) -> dict:
         padding_free=True,
         max_length=MAX_LENGTH,
         completion_only_loss=True,
+        bf16=run.endswith("bf16"),
     )
     model = hf_model(folder)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
@@ -256,7 +292,8 @@ def run_trl(train_rows, workdir: Path, tokenizer, folder: str) -> dict:
     trainer.data_collator = collator
     started = time.perf_counter()
     trainer.train()
-    return finished(trainer, model, collator, time.perf_counter() - started, "fp32")
+    precision = "bf16" if run.endswith("bf16") else "fp32"
+    return finished(trainer, model, collator, time.perf_counter() - started, precision)
 
 
 def finished(trainer, model, collator: Counting, seconds: float, precision: str) -> dict:
@@ -361,6 +398,7 @@ def one_run(run: str, dataset: str, out: Path, seed: int) -> None:
 
     global SEED
     SEED = seed
+    use_dataset(dataset)
     from finetune.models import resolve_source
     from finetune.noise import silence_third_party
 
@@ -371,8 +409,8 @@ def one_run(run: str, dataset: str, out: Path, seed: int) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="bench-"))
     if run.startswith("trainer"):
         result = run_trainer(run, train_rows, workdir, tokenizer, folder)
-    elif run == "trl-packed":
-        result = run_trl(train_rows, workdir, tokenizer, folder)
+    elif run.startswith("trl-packed"):
+        result = run_trl(run, train_rows, workdir, tokenizer, folder)
     else:
         result = run_finetune(run, train_rows, workdir)
     model = result.pop("model")
@@ -434,6 +472,7 @@ def dataset_flops(dataset: str) -> float:
 
     from finetune.models import resolve_source
 
+    use_dataset(dataset)
     folder = str(resolve_source("smollm2-135m-instruct"))
     examples = tokenized(docstring_pairs(dataset)[0], AutoTokenizer.from_pretrained(folder))
     return model_flops(examples, AutoConfig.from_pretrained(folder), LORA["r"])
@@ -444,29 +483,50 @@ def median(values: list[dict], key) -> float:
 
 
 def print_table(results, runs: list[str], datasets: list[str], flops, peaks) -> None:
+    """The medians of every run, set against trainer-group and against the fastest
+    competitor (every run that is not finetune) measured in this invocation."""
     head = (
         "| dataset | run | matmuls | steps | trained tokens | padding | wall s | trained tok/s | "
-        "vs trainer-group | MFU | held-out loss | vs trainer-group |"
+        "vs trainer-group | vs fastest other | MFU | held-out loss | vs trainer-group | "
+        "vs fastest other |"
     )
     print("\n" + head + "\n|" + "---|" * head.count(" | ") + "---|")
     for dataset in datasets:
-        base = results.get((dataset, "trainer-group"))
-        base_tps = base and median(base, lambda r: r["trained_tokens"] / r["train_s"])
-        base_loss = base and median(base, lambda r: r["eval_loss"])
+        medians = {
+            run: (
+                median(results[(dataset, run)], lambda r: r["trained_tokens"] / r["train_s"]),
+                median(results[(dataset, run)], lambda r: r["eval_loss"]),
+            )
+            for run in runs
+        }
+        base = medians.get("trainer-group")
+        others = [run for run in runs if not run.startswith("finetune")]
+        fastest = max(others, key=lambda run: medians[run][0]) if others else None
         for run in runs:
             rs = results[(dataset, run)]
-            tps = median(rs, lambda r: r["trained_tokens"] / r["train_s"])
-            loss = median(rs, lambda r: r["eval_loss"])
+            tps, loss = medians[run]
             padding = median(rs, lambda r: 1 - r["real_positions"] / r["positions"])
             seconds = median(rs, lambda r: r["train_s"])
             mfu = flops[dataset] / seconds / (peaks[rs[0]["precision"]] * 1e9)
             print(
                 f"| {dataset} | {run} | {rs[0]['precision']} | {rs[0]['steps']} | "
                 f"{rs[0]['trained_tokens']:,} | {100 * padding:.0f}% | {seconds:.1f} | {tps:.0f} | "
-                + (f"{tps / base_tps:.2f}x | " if base else "- | ")
+                + ratio(tps, base)
+                + ratio(tps, fastest and medians[fastest], fastest)
                 + f"{100 * mfu:.1f}% | {loss:.4f} | "
-                + (f"{100 * (loss / base_loss - 1):+.2f}% |" if base else "- |")
+                + loss_gap(loss, base)
+                + loss_gap(loss, fastest and medians[fastest])
             )
+
+
+def ratio(tps: float, against, name: str | None = None) -> str:
+    if not against:
+        return "- | "
+    return f"{tps / against[0]:.2f}x" + (f" ({name})" if name else "") + " | "
+
+
+def loss_gap(loss: float, against) -> str:
+    return f" {100 * (loss / against[1] - 1):+.2f}% |" if against else " - |"
 
 
 def print_losses(results, runs: list[str], datasets: list[str], seeds: list[int]) -> None:

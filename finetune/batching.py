@@ -79,16 +79,31 @@ def epoch_order(
         return order
     rng = random.Random(seed * 1_000_003 + epoch)
     rng.shuffle(order)
-    if not group_by_length:
+    if group_by_length:
+        window = batch_size * group_window(len(lengths), batch_size)
+        grouped: list[int] = []
+        for start in range(0, len(order), window):
+            grouped += sorted(order[start : start + window], key=lambda i: -lengths[i])
+        # Shuffle whole micro-batches so that long and short ones alternate.
+        batches = [grouped[i : i + batch_size] for i in range(0, len(grouped), batch_size)]
+        rng.shuffle(batches)
+        order = [i for b in batches for i in b]
+    return widest_first(order, lengths, batch_size)
+
+
+def widest_first(order: list[int], lengths: list[int], batch_size: int) -> list[int]:
+    """`order` with the micro-batch holding the epoch's longest item moved to the front.
+
+    The widest micro-batch first (as the Hugging Face Trainer's length grouping does): a run
+    that runs out of memory does so at its first step, not hours in, and the live-tensor
+    measurement (finetune.memory.measure) tracks one step instead of every new widest one.
+    Only whole micro-batches count (an incomplete last one is dropped)."""
+    whole = len(order) - len(order) % batch_size
+    if whole <= batch_size:
         return order
-    window = batch_size * group_window(len(lengths), batch_size)
-    grouped: list[int] = []
-    for start in range(0, len(order), window):
-        grouped += sorted(order[start : start + window], key=lambda i: -lengths[i])
-    # Shuffle whole micro-batches so the longest ones do not always come first.
-    batches = [grouped[i : i + batch_size] for i in range(0, len(grouped), batch_size)]
-    rng.shuffle(batches)
-    return [i for b in batches for i in b]
+    longest = max(range(whole), key=lambda k: lengths[order[k]])
+    start = longest - longest % batch_size
+    return order[start : start + batch_size] + order[:start] + order[start + batch_size :]
 
 
 def group_window(n: int, batch_size: int) -> int:

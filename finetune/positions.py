@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from finetune import chunked_loss
 from finetune.data import IGNORE_INDEX
 from finetune.methods import input_virtual_tokens, method_of_config
 
@@ -57,6 +58,9 @@ def trained_positions_loss(
     positions' rows, 39-43% were untrained in BENCHMARKS.md's datasets). Equal to the
     model's own loss with `num_items_in_batch=n_trained` (tested).
 
+    Where the head allows it (`finetune.chunked_loss`), the head's own matmul is skipped and
+    the loss is computed a chunk of positions at a time, so the whole logits never exist.
+
     Prompt tuning puts `virtual_tokens` embeddings in front of the sequence: label j is then
     predicted at position virtual_tokens + j - 1, the first label included.
     """
@@ -75,9 +79,13 @@ def trained_positions_loss(
         labels = targets[:, keep]
     else:
         rows, columns = trained[:, keep].nonzero().unbind(1)  # trained (row, position) pairs
+        labels = targets[:, keep][rows, columns]
+        if chunked_loss.applies_to(model, head):
+            with hidden_states_at(head, rows, columns) as picked:
+                model(**inputs, use_cache=False, logits_to_keep=positions)
+            return chunked_loss.cross_entropy_sum(picked[0], head, labels) / n_trained
         with logits_only_at(head, rows, columns):
             logits = model(**inputs, use_cache=False, logits_to_keep=positions).logits
-        labels = targets[:, keep][rows, columns]
     loss = torch.nn.functional.cross_entropy(
         logits.float().flatten(0, 1),
         labels.flatten(),
@@ -114,6 +122,30 @@ def logits_only_at(head: Any, rows: torch.Tensor, columns: torch.Tensor) -> Iter
         yield
     finally:
         handle.remove()
+
+
+@contextlib.contextmanager
+def hidden_states_at(head: Any, rows: torch.Tensor, columns: torch.Tensor) -> Iterator[list]:
+    """While inside, the output `head` keeps the hidden states at (`rows`, `columns`) of its
+    input, [pairs, hidden size], in the list this yields, and computes nothing: the model's
+    logits are then empty ([1, pairs, 0]). Its hooks still run (the memory tracker's)."""
+    picked: list[torch.Tensor] = []
+
+    def keep(hidden: torch.Tensor) -> torch.Tensor:
+        picked.append(hidden[rows.to(hidden.device), columns.to(hidden.device)])
+        return hidden.new_empty((1, rows.shape[0], 0))
+
+    # An instance attribute: the class's forward is left alone, and one set on the instance
+    # before (the memory dry run's emulated autocast) is put back.
+    before = head.__dict__.get("forward")
+    head.forward = keep
+    try:
+        yield picked
+    finally:
+        if before is None:
+            del head.forward
+        else:
+            head.forward = before
 
 
 def virtual_tokens_of(model: Any) -> int:

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from finetune import adapters, data, doctor, methods, models, sharding, tracking
+from finetune import adapters, compiling, data, doctor, methods, models, sharding, tracking
 from finetune.recipe import Recipe
 
 
@@ -68,6 +68,8 @@ def prepare(
     tracking.check_available(recipe.train.report_to)
     shards = sharding.requested()
     sharding.check_recipe(recipe, device)
+    if recipe.train.compile:
+        compiling.check_compiler(device, sharded=shards is not None)
     source = models.resolve_source(recipe.model.path)
     if isinstance(source, Path):  # raises now; its note comes with the loaded model
         models.needs_remote_code(source, recipe.model.trust_remote_code)
@@ -100,6 +102,9 @@ def prepare(
     )
     if shards is not None:  # before the run directory is written
         sharding.layer_classes(model.get_base_model(), shards)
+    if recipe.train.compile:
+        blocks = compiling.compile_blocks(model)
+        notes.append(f"train.compile: {blocks} decoder layers compiled by torch.compile")
     params = adapters.count_parameters(model)
     return Prepared(recipe, loaded, model, splits, params, checkpointing, notes, shards)
 

@@ -63,6 +63,7 @@ def build_report(result: RunResult, wall_time_s: float, estimates: Any) -> dict[
             "tokens_seen": state.tokens,
             "trained_tokens": state.trained_tokens,
             "train_time_s": state.elapsed,
+            "compile_s": state.compile_s,  # of train_time_s (train.compile)
             "tokens_per_s": state.tokens / state.elapsed if state.elapsed else 0.0,
             "trained_tokens_per_s": state.trained_tokens / state.elapsed if state.elapsed else 0.0,
             "wall_time_s": wall_time_s,
@@ -183,8 +184,9 @@ def render_markdown(report: dict[str, Any], images: bool = True) -> str:
         f"- data: {d['train_examples']} training examples ({d['train_tokens']:,} tokens, "
         f"{d['truncated_examples']} truncated), {d['eval_examples']} held out",
         f"- training: {t['steps']} steps, {t['tokens_seen']:,} tokens in {t['train_time_s']:.1f} s "
-        f"({t['tokens_per_s']:.0f} tokens/s, {t['trained_tokens_per_s']:.0f} trained tokens/s); "
-        f"wall time {t['wall_time_s']:.1f} s",
+        f"({t['tokens_per_s']:.0f} tokens/s, {t['trained_tokens_per_s']:.0f} trained tokens/s"
+        + (f"; {t['compile_s']:.1f} s of it compiling" if t.get("compile_s") else "")
+        + f"); wall time {t['wall_time_s']:.1f} s",
     ]
     if report["stopped"]:
         lines.insert(2, f"**Stopped early:** {report['stopped']}\n")

@@ -21,6 +21,7 @@ from rich.console import Console
 from finetune import (
     adapters,
     batching,
+    compiling,
     data,
     evaluate,
     methods,
@@ -209,7 +210,11 @@ class Loop:
         self.model, self.optimizer, self.scheduler = self.wrap(prepared)
         # On the CPU the measured peak is the estimate's metric, live tensor bytes; on CUDA
         # torch's allocator statistics (PeakMemory) are the measurement.
-        self.live = LiveTensorPeak(self.unwrapped(), enabled=prepared.loaded.device == "cpu")
+        self.live = LiveTensorPeak(
+            self.unwrapped(),
+            enabled=prepared.loaded.device == "cpu",
+            compiled=recipe.train.compile,
+        )
         self.objective = None  # a preference objective, or None for the token loss
         if prepared.splits.train_pairs is not None:
             self.objective = preference.Objective.of(recipe.train)
@@ -351,6 +356,7 @@ class Loop:
             NonFinite: the loss or gradient norm is NaN or infinite and on_nonfinite is stop.
         """
         started = time.perf_counter()
+        compiling_before = self.compile_seconds()
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         indices = [idx[rank::world] for idx in micro_batches]
         shards = [[self.items[i] for i in idx] for idx in indices]
@@ -387,6 +393,7 @@ class Loop:
         self.state.tokens += tokens
         self.state.trained_tokens += n_trained
         self.state.elapsed += elapsed
+        self.state.compile_s += self.compile_seconds() - compiling_before
         record = {
             "step": self.state.step,
             "loss": loss_total,
@@ -397,6 +404,8 @@ class Loop:
             "tokens_per_s": tokens / elapsed if elapsed else 0.0,
             "elapsed_s": self.state.elapsed,
         }
+        if self.recipe.train.compile:
+            record["compile_s"] = self.state.compile_s
         if self.objective is not None:
             stats = self.accelerator.reduce(self.stats.to(self.accelerator.device), "sum")
             record.update(preference.step_record(stats.cpu(), self.objective))
@@ -406,6 +415,10 @@ class Loop:
         if self.state.step % self.recipe.train.log_every == 0 or self.state.step == self.steps:
             self.metrics.write(record)
         return record
+
+    def compile_seconds(self) -> float:
+        """Seconds torch.compile has spent in this process (0 when train.compile is off)."""
+        return compiling.compile_seconds() if self.recipe.train.compile else 0.0
 
     def collate(self, items: list[Any], indices: list[int]) -> dict[str, Any]:
         if self.objective is None:

@@ -5,6 +5,7 @@ import pytest
 import torch
 from helpers import build_model, build_tokenizer, date_rows, write_jsonl
 
+from finetune import chunked_loss
 from finetune.batching import build_items, collate, pack
 from finetune.data import IGNORE_INDEX, load_rows, tokenize_rows
 from finetune.positions import count_trained, logit_positions, trained_positions_loss
@@ -117,9 +118,13 @@ def test_prompt_tuning_loss_at_trained_positions_is_peft_models_own(tokenized, t
     assert torch.allclose(mine, model.prompt_encoder["default"].embedding.weight.grad, atol=1e-6)
 
 
-def test_the_head_computes_logits_only_where_a_row_is_trained(tokenized):
+@pytest.mark.parametrize("chunked", [True, False])
+def test_the_head_computes_logits_only_where_a_row_is_trained(tokenized, chunked, monkeypatch):
     """Rows of different lengths: a kept position is untrained in some rows, and those rows
-    get no logits; the head sees exactly the step's trained tokens."""
+    get no logits; the head sees exactly the step's trained tokens. With the chunked loss
+    the head's own matmul makes nothing ([1, n, 0]): the loss computes those logits."""
+    if not chunked:
+        monkeypatch.setattr(chunked_loss, "applies_to", lambda model, head: False)
     tokenizer, examples = tokenized
     model = build_model(tokenizer)
     batch = collate(build_items(examples, False, 128, 0), tokenizer.pad_token_id, False)
@@ -132,7 +137,7 @@ def test_the_head_computes_logits_only_where_a_row_is_trained(tokenized):
     )
     trained_positions_loss(model, batch, n)
     hook.remove()
-    assert seen == [(1, n, model.config.vocab_size)]
+    assert seen == [(1, n, 0 if chunked else model.config.vocab_size)]
 
 
 @pytest.mark.parametrize("packed", [False, True])

@@ -23,7 +23,7 @@ SETTINGS = {  # (adapter, data): padded micro-batches, packed ones, prompt tunin
 
 @pytest.fixture(params=list(SETTINGS))
 def run_report(request, recipe_file, tmp_path):
-    """A tiny run's report.json (three steps: step 1 and the steady state are tracked)."""
+    """A tiny run's report.json (three steps: step 1 is tracked, the widest comes first)."""
     adapter, data = SETTINGS[request.param]
     path = recipe_file(adapter=adapter, data=data, train={"max_steps": 3})
     main(["train", str(path)])
@@ -34,7 +34,7 @@ def test_measured_figure_is_the_live_tensor_peak_with_its_metric(run_report):
     _, report = run_report
     memory = report["memory"]
     assert memory["measured"]["metric"] == LIVE_METRIC
-    assert memory["measured"]["tracked_steps"][:2] == [1, 2]
+    assert memory["measured"]["tracked_steps"][0] == 1
     assert memory["resident"]["metric"] == RSS_NAME
     text = memory["markdown"]
     assert f"({LIVE_METRIC})" in text and f"({RSS_NAME})" in text

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from finetune import adapters
+from finetune import adapters, chunked_loss
 from finetune.errors import UserError
 from finetune.memory.allocator import replay
 from finetune.memory.arch import Architecture
@@ -394,7 +394,11 @@ def run_steps(config: Any, setup: Setup, mesh: Any) -> DryRun:
     optimizer = make_optimizer(model, setup)
     tracker = MemoryTracker(model)
     workspaces = track_workspaces(tracker, setup) + track_gradient_buckets(tracker, model, setup)
-    with autocast_to(autocast_dtype(setup), setup.device), fused_kernels_on_meta(optimizer):
+    with (
+        autocast_to(autocast_dtype(setup), setup.device),
+        fused_kernels_on_meta(optimizer),
+        chunked_loss.enabled(setup.chunked_loss),
+    ):
         step(model, optimizer, tracker, setup, trained, config.vocab_size)
     tracker.remove_hooks()
     del workspaces

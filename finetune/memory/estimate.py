@@ -14,7 +14,7 @@ Units: bytes everywhere; GB in the rendered output means 1e9 bytes.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from finetune.choices import (
     ATTENTIONS,
@@ -125,6 +125,10 @@ class Setup:
     # `batch` is per process, like train.micro_batch_size; the estimate is one process's.
     processes: int = 1
     sharding: str = "none"
+    # The loss through finetune.chunked_loss, the head's [positions x vocabulary] logits
+    # never whole (where it applies: a plain Linear head); False: the head's own logits and
+    # torch's cross-entropy, as versions before it ran (`recorded_fields`).
+    chunked_loss: bool = True
 
     def __post_init__(self) -> None:
         checks = [
@@ -299,3 +303,10 @@ def rule_of_thumb_bytes(params: float, setup: Setup) -> dict[str, float] | None:
             "optimizer": 4e9 * scale,
         }
     return None
+
+
+def recorded_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """A report's recorded setup as `Setup` arguments: lists as tuples, and chunked_loss
+    False where the record has none (the run's version computed the head's whole logits)."""
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+    return {"chunked_loss": False, **fields}

@@ -163,23 +163,36 @@ def batch_shape(batch: dict[str, Any], virtual_tokens: int = 0) -> tuple[int, in
 class LiveTensorPeak:
     """The peak bytes of live tensors during real training, by the dry run's `MemoryTracker`.
 
-    Tracking costs a Python call per torch op, so only the steps that can set the peak are
-    tracked: step 1 (its optimizer step creates the AdamW states) and, from step 2 on (the
-    steady state, with those states alive through forward and backward), every step whose
-    widest micro-batch has more rows, more padded tokens or more logits positions than any
-    steady step tracked before. A step no larger in any of these holds the same tensors at
-    most, so it cannot exceed the peak already seen.
+    Tracking costs a Python call per torch op (a tracked step is about 16% slower,
+    benchmarks/tracking_overhead.py), so only the steps that can set the peak are tracked:
+    the first (the epoch's widest micro-batch comes first: `batching.widest_first`), and
+    any later step whose widest micro-batch has more rows, more padded tokens or more logits
+    positions than any tracked before. A step no larger in any of these holds the same
+    tensors at most, so it cannot exceed the peak already seen.
+
+    The first step's forward and backward run before AdamW's states exist; every later
+    step's run with them alive. The steady state of the first step's shape is therefore
+    its forward-and-backward peak plus the states its optimizer step made (both measured),
+    or its optimizer step's own peak, whichever is higher: what a second tracked step of
+    the same shape measures, without paying for it.
+
+    A model with compiled layers (train.compile) runs its tracked steps eagerly: torch
+    does not compile under a dispatch mode, and a layer first called under one would never
+    be compiled afterwards. The measurement is then of the eager step, as estimated.
 
     Args:
         model: the model being trained (parameters are registered before the first step).
         enabled: False on CUDA, where torch's allocator statistics are the measurement.
+        compiled: the model has layers compiled by torch.compile.
     """
 
-    def __init__(self, model: Any, enabled: bool = True) -> None:
+    def __init__(self, model: Any, enabled: bool = True, compiled: bool = False) -> None:
         self.tracker = MemoryTracker(model, record_events=False) if enabled else None
+        self.compiled = compiled
         self.widest = (0, 0, 0)
         self.tracked_steps: list[int] = []
         self.active = False
+        self.steady_first: tuple[int, dict[str, int], str] | None = None
 
     def wants(self, step: int, shape: tuple[int, int, int]) -> bool:
         """Whether step `step` (1-based) with widest micro-batch `shape` is tracked."""
@@ -203,15 +216,29 @@ class LiveTensorPeak:
         for batch in batches:  # made by collate before the step, as the dry run's batch
             for tensor in batch.values():
                 self.tracker.track(tensor, "activations")
-        if step > 1:
-            self.widest = tuple(max(a, b) for a, b in zip(shape, self.widest, strict=True))
+        self.widest = tuple(max(a, b) for a, b in zip(shape, self.widest, strict=True))
         self.tracked_steps.append(step)
         self.active = True
         try:
-            with self.tracker:
+            with self.tracker, self.eager():
                 yield
         finally:
             self.active = False
+        if step == 1:
+            self.steady_first = self.first_step_steady_state()
+
+    def eager(self) -> Any:
+        """Compiled layers run eagerly inside (torch.compile's force_eager stance)."""
+        return (
+            torch.compiler.set_stance("force_eager") if self.compiled else contextlib.nullcontext()
+        )
+
+    def first_step_steady_state(self) -> tuple[int, dict[str, int], str]:
+        """The first step's forward-and-backward peak with the optimizer states it made
+        alive beside it: (bytes, breakdown, phase)."""
+        peak, breakdown, phase = self.tracker.training_peak
+        states = self.tracker.current["optimizer"]
+        return peak + states, {**breakdown, "optimizer": breakdown["optimizer"] + states}, phase
 
     def phase(self, name: str) -> Any:
         """The tracker's phase while a tracked step runs, else nothing."""
@@ -227,12 +254,15 @@ class LiveTensorPeak:
         if self.tracker is None:
             return None
         summary = self.tracker.summary()
+        peak = (summary["peak_bytes"], summary["peak_breakdown"], summary["peak_phase"])
+        if self.steady_first is not None and self.steady_first[0] > peak[0]:
+            peak = self.steady_first
         return {
             "device": "cpu",
             "metric": LIVE_METRIC,
-            "peak_bytes": summary["peak_bytes"],
-            "breakdown": summary["peak_breakdown"],
-            "peak_phase": summary["peak_phase"],
+            "peak_bytes": peak[0],
+            "breakdown": peak[1],
+            "peak_phase": peak[2],
             "tracked_steps": list(self.tracked_steps),
         }
 

@@ -28,6 +28,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from finetune import chunked_loss
+
 # The 16-bit dtype the by-hand autocast casts to during a mixed-precision dry run, else
 # None. A plain global, not a mode: backward (checkpoint recomputation) must see it too.
 _autocast_dtype: torch.dtype | None = None
@@ -52,7 +54,7 @@ def autocast_to(dtype: torch.dtype | None, device: str = "cpu") -> Iterator[None
         torch.set_autocast_enabled("cuda", True)
         torch.set_autocast_dtype("cuda", dtype)
     try:
-        with _AutocastMatmul():
+        with _AutocastMatmul(), chunked_loss.autocast_on_meta(dtype):
             yield
     finally:
         _autocast_dtype, _device = None, "cpu"

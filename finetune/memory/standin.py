@@ -100,7 +100,10 @@ class _QuantMatmul(torch.autograd.Function):
             )
             out = torch.nn.functional.linear(x, dequantized, bias)
         if layer.quant == "int8":
-            ctx.save_for_backward(x)  # A is kept; 4-bit keeps only the packed weight
+            # A is kept (4-bit keeps only the packed weight), as bitsandbytes keeps it: an
+            # attribute of ctx, not a saved tensor, so it is let go when autograd drops the
+            # node after its backward, later than a saved tensor would be.
+            ctx.x = x
         ctx.shape, ctx.dtype = x.shape, x.dtype
         return out
 

@@ -209,10 +209,9 @@ def recorded_setup(fields: dict[str, Any]) -> Any:
     """The setup the run's own report estimated (its real sequence length and the logits
     positions its loop computed), so `estimate RUN` shows the same figure as the report;
     None when this version's `Setup` no longer takes those fields."""
-    from finetune.memory.estimate import Setup
+    from finetune.memory.estimate import Setup, recorded_fields
 
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
     try:
-        return Setup(**fields)
+        return Setup(**recorded_fields(fields))
     except (TypeError, UserError):
         return None

@@ -103,6 +103,9 @@ class MemoryTracker(TorchDispatchMode):
         self.peak_bytes = 0
         self.peak_breakdown: dict[str, int] = dict.fromkeys(CATEGORIES, 0)
         self.peak_phase = ""
+        # The peak outside the optimizer step (forward, logits, backward), with its breakdown
+        # and phase: what a first step's forward and backward held before AdamW's states.
+        self.training_peak = (0, dict(self.current), "")
         self.saved_bytes = 0
         self.peak_saved_bytes = 0
         self.events: list[Event] = []
@@ -262,6 +265,8 @@ class MemoryTracker(TorchDispatchMode):
             self.peak_breakdown = dict(self.current)
             self.peak_phase = self._phase
             self._peak_key = entry.key
+        if self._phase != "optimizer" and self._total > self.training_peak[0]:
+            self.training_peak = (self._total, dict(self.current), self._phase)
 
     def _free(self, cdata: int) -> None:
         # Python prints and drops an exception raised inside a weakref callback, and a signal

@@ -274,6 +274,12 @@ class TrainSection(Section):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward to save memory."
     )
+    compile: bool = Field(
+        False,
+        description="Compile each decoder layer with torch.compile (inductor; on the CPU it "
+        "needs a C++ compiler). The first steps compile (reported apart, as compile_s in "
+        "metrics.jsonl); the memory is measured on the first step, before compiling.",
+    )
     seed: int = Field(
         42, ge=0, le=MAX_SEED, description="Seed for python, numpy, torch and data order."
     )

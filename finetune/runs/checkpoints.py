@@ -53,6 +53,8 @@ class RunState:
     tokens: int = 0
     trained_tokens: int = 0
     elapsed: float = 0.0
+    # Of `elapsed`, the seconds torch.compile spent compiling (train.compile).
+    compile_s: float = 0.0
     skipped_steps: int = 0
     # The widest micro-batch any process trained on, with an attention mask ("masked":
     # padded or packed) and without ("unmasked"): [padded length, logits positions]. The
@@ -325,6 +327,7 @@ RESUME_MAY_CHANGE = {
         "report_to",
         "max_time",
         "gradient_checkpointing",  # the same gradients, less memory
+        "compile",  # the same step, compiled or not
         "reference",  # the same reference log-probabilities, computed once or every step
         "on_nonfinite",
     ),
