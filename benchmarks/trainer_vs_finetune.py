@@ -12,6 +12,10 @@ for one epoch over the same examples, through:
     trl-packed-bf16  and with bf16=True (CPU autocast)
     finetune-pack  finetune with data.packing: true
     finetune       finetune with its recipe defaults (nothing about speed set)
+    finetune-compile   and with train.compile: true (compile time counted in the wall time)
+    finetune-nochunk   without the chunked cross-entropy (the head's whole logits)
+    finetune-notrack   without the live-tensor memory measurement (the cost of one
+                       tracked step, and of any later step wider than it)
     finetune-fp32  and with train.mixed_precision: "no" (to set beside trainer-group)
     finetune-nogroup-fp32  and data.group_by_length: false too (to set beside trainer)
 
@@ -40,6 +44,7 @@ first try looks like, where any fixed cost per run shows.
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import itertools
 import json
@@ -72,6 +77,9 @@ RUNS = (
     "trl-packed-bf16",
     "finetune-pack",
     "finetune",
+    "finetune-compile",
+    "finetune-nochunk",
+    "finetune-notrack",
     "finetune-fp32",
     "finetune-nogroup-fp32",
 )
@@ -312,6 +320,7 @@ def finished(trainer, model, collator: Counting, seconds: float, precision: str)
 
 def run_finetune(run: str, train_rows, workdir: Path) -> dict:
     """finetune through its public API, as `finetune train` runs it."""
+    from finetune import chunked_loss
     from finetune import train as train_module
     from finetune.models import load_tokenizer, resolve_source
     from finetune.precision import resolve_mixed_precision
@@ -325,6 +334,7 @@ def run_finetune(run: str, train_rows, workdir: Path) -> dict:
         precision = "no"
     if run == "finetune-nogroup-fp32":
         data["group_by_length"] = False
+    train_extra = {"compile": True} if run == "finetune-compile" else {}
     if run == "finetune-pack":
         data["packing"] = True
         tokenizer = load_tokenizer(resolve_source("smollm2-135m-instruct"))
@@ -344,6 +354,7 @@ def run_finetune(run: str, train_rows, workdir: Path) -> dict:
                     "seed": SEED,
                     "schedule": "cosine",
                     "mixed_precision": precision,
+                    **train_extra,
                 },
                 "output": {"dir": str(workdir / "run")},
                 "eval": {"max_examples": 0},
@@ -362,7 +373,10 @@ def run_finetune(run: str, train_rows, workdir: Path) -> dict:
 
     train_module.Loop.train_steps = timed
     counted = train_module.batching.collate = Counting(train_module.batching.collate)
-    result = train_module.train(load_recipe(recipe))
+    if run == "finetune-notrack":
+        train_module.LiveTensorPeak = functools.partial(train_module.LiveTensorPeak, enabled=False)
+    with chunked_loss.enabled(run != "finetune-nochunk"):
+        result = train_module.train(load_recipe(recipe))
     return {
         "train_s": loop_s[0],
         "steps": result.state.step,
@@ -372,6 +386,7 @@ def run_finetune(run: str, train_rows, workdir: Path) -> dict:
         "last_loss": result.history[-1]["loss"],
         "model": result.prepared.model,
         "precision": "bf16" if precision == "bf16" else "fp32",
+        "compile_s": result.state.compile_s,
     }
 
 
@@ -457,9 +472,10 @@ def main() -> None:
         figures = {**json.loads(out.read_text()), "seed": seed}
         results.setdefault((dataset, run), []).append(figures)
         tps = figures["trained_tokens"] / figures["train_s"]
+        compiled = f", {figures['compile_s']:.1f} s compiling" if figures.get("compile_s") else ""
         print(
             f"  {dataset:10} {run:18} seed {seed} repeat {repeat + 1}: {tps:6.1f} trained "
-            f"tok/s, held-out {figures['eval_loss']:.4f}",
+            f"tok/s, held-out {figures['eval_loss']:.4f}{compiled}",
             flush=True,
         )
     print_table(results, runs, datasets, flops, peaks)

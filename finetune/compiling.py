@@ -32,7 +32,7 @@ def check_compiler(device: str, sharded: bool) -> None:
     if sharded:
         raise UserError(
             "train.compile is not supported with sharded training (FSDP2) yet; set "
-            "train.compile=false or run without FINETUNE_SHARDING"
+            "train.compile=false, or train without FSDP (accelerate config distributed_type)"
         )
     if device == "cpu" and not any(shutil.which(cc) for cc in ("g++", "c++", "clang++")):
         raise UserError(

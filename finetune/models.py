@@ -123,6 +123,42 @@ def looks_like_hub_id(path: str) -> bool:
     return len(parts) == 2 and all(parts) and not path.startswith((".", "~"))
 
 
+# The recipe's attention kernels by transformers' names for them.
+ATTENTION = {
+    "sdpa": "sdpa",
+    "eager": "eager",
+    "flex": "flex_attention",
+    "flash": "flash_attention_2",
+}
+
+
+def check_attention(name: str, device: str) -> None:
+    """Refuse, before the model loads, a kernel this machine cannot train with.
+
+    Raises:
+        UserError: flex or flash off CUDA, flash without the flash-attn package.
+    """
+    if name == "flex" and device != "cuda":
+        raise UserError(
+            f"model.attn_implementation flex cannot train on {device}: torch's flex attention "
+            "has no backward there; use sdpa (flex is for CUDA)"
+        )
+    if name != "flash":
+        return
+    if device != "cuda":
+        raise UserError(
+            f"model.attn_implementation flash runs on CUDA only, and this run is on {device}; "
+            "use sdpa (or flex)"
+        )
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is None:
+        raise UserError(
+            "model.attn_implementation flash needs the flash-attn package, which is not "
+            "installed; pip install flash-attn, or use sdpa (or flex)"
+        )
+
+
 def check_model_folder(folder: Path) -> None:
     """A transformers model folder: a readable config.json and intact safetensors weights.
 
@@ -501,7 +537,7 @@ def load_model(
         notes.append("int8 matmuls run in float16 inside bitsandbytes; other weights float32")
     kwargs: dict[str, Any] = {
         "dtype": dtype,
-        "attn_implementation": spec.attn_implementation,
+        "attn_implementation": ATTENTION[spec.attn_implementation],
         "trust_remote_code": spec.trust_remote_code,
         "use_safetensors": True if isinstance(source, Path) else None,
     }

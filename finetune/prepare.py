@@ -68,6 +68,7 @@ def prepare(
     tracking.check_available(recipe.train.report_to)
     shards = sharding.requested()
     sharding.check_recipe(recipe, device)
+    models.check_attention(recipe.model.attn_implementation, device)
     if recipe.train.compile:
         compiling.check_compiler(device, sharded=shards is not None)
     source = models.resolve_source(recipe.model.path)

@@ -34,7 +34,7 @@ def per_token_losses(model, batch):
     return losses, targets != IGNORE_INDEX
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "flex_attention"])
 def test_packed_batch_gives_each_example_its_own_loss(tokenized, attn):
     tokenizer, examples = tokenized
     model = build_model(tokenizer)

@@ -43,3 +43,16 @@ def test_compile_without_a_cpp_compiler_is_one_line(recipe_file, tmp_path, monke
     err = capsys.readouterr().err.strip()
     assert "train.compile" in err and "C++ compiler" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("attn", ["flex", "flash"])
+def test_cuda_attention_kernels_off_cuda_are_one_line(attn, recipe_file, tmp_path, capsys):
+    """flex (torch has no flex-attention backward on the CPU) and flash (CUDA and the
+    flash-attn package) are refused before the model loads, nothing written."""
+    path = recipe_file(model={"attn_implementation": attn}, data={"packing": True})
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", str(path)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert f"model.attn_implementation {attn}" in err and "CUDA" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "run").exists()

@@ -65,8 +65,13 @@ class ModelSection(Section):
         description="Dtype of the unquantized weights: auto is float32 on the CPU, "
         "bfloat16 on GPUs that support it, else float16.",
     )
-    attn_implementation: Literal["sdpa", "eager"] = Field(
-        "sdpa", description="Attention kernel: sdpa (no stored score matrix) or eager."
+    attn_implementation: Literal["sdpa", "eager", "flex", "flash"] = Field(
+        "sdpa",
+        description="Attention kernel: sdpa (torch's fused attention, no stored score "
+        "matrix), eager, flex (torch's flex attention, compiled on first use: packed "
+        "sequences skip each other's blocks instead of computing a masked square) or flash "
+        "(flash-attention 2 on CUDA, needs the flash-attn package: packed sequences run its "
+        "variable-length kernel, no mask at all).",
     )
     trust_remote_code: bool = Field(
         False, description="Allow a model folder's own Python code to run. Off unless you trust it."
