@@ -140,7 +140,11 @@ def memory_section(result: RunResult, estimates: Any) -> dict[str, Any]:
         "model_config": est.config.to_dict(),
         "full_finetuning": estimates.full.to_dict(),
         "full_fp16_budget_bytes": est.full_fp16_budget_bytes,
-        "markdown": to_markdown(est, measured, resident=result.memory.get("resident"))
+        # After SIGTERM or Ctrl-C the process should end within a scheduler's grace period
+        # (SLURM's and torchrun's: 30 s): no seven dry runs for the method table then.
+        "markdown": to_markdown(
+            est, measured, resident=result.memory.get("resident"), methods=result.exit_code == 0
+        )
         + full_line(estimates),
     }
 

@@ -1296,6 +1296,37 @@ CASES = [
         "used to diverge at step 1 and list files it had not written",
     ),
     Case(
+        "attn-flash-on-cpu",
+        run("base.yaml", "model.attn_implementation=flash"),
+        r"model\.attn_implementation flash runs on CUDA only",
+        "flash-attention 2 has no CPU kernel: refused before the model loads",
+    ),
+    Case(
+        "attn-flex-on-cpu",
+        run("base.yaml", "model.attn_implementation=flex", "data.packing=true"),
+        r"model\.attn_implementation flex cannot train on cpu",
+        "torch's flex attention has no backward on the CPU: it failed in the first backward",
+    ),
+    Case(
+        "attn-unknown",
+        validate("base.yaml", "model.attn_implementation=flash_attention_3"),
+        r"base\.yaml: model\.attn_implementation",
+        "transformers' own names are not the recipe's",
+    ),
+    Case(
+        "compile-not-a-boolean",
+        validate("base.yaml", "train.compile=max-autotune"),
+        r"base\.yaml: train\.compile",
+        "a torch.compile mode where a switch belongs",
+    ),
+    Case(
+        "compile-without-a-compiler",
+        run("base.yaml", "train.compile=true"),
+        r"train\.compile: torch\.compile needs a C\+\+ compiler",
+        "inductor writes C++ on the CPU: it failed at the first step without g++",
+        env=(("PATH", "<tmp>/no-compilers"),),
+    ),
+    Case(
         "lr-nan",
         validate("base.yaml", "train.lr=.nan"),
         r"base\.yaml: train\.lr: .*finite number",
@@ -2296,6 +2327,8 @@ BEFORE_FIT = [
     if c.args[:1] == ("train",)
     and not (c.trained or "resume-" in c.id or c.id.startswith(("output-dir-", "cli-")))
     and not c.expect.startswith(r"output\.dir")  # claimed by train, not by the pre-flight
+    and not c.id.endswith("-on-cpu")  # refused off CUDA only
+    and not c.env  # preflight_on_cuda runs in this process's environment
 ]
 # A GPU budget no run fits: the refusal would come first if any input check came after it.
 NO_GPU_MEMORY = 1

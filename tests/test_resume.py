@@ -15,6 +15,7 @@ from helpers import ROOT, run_main
 from safetensors.torch import load_file
 
 from finetune.cli import main
+from finetune.memory.render import METHODS_LEFT_OUT
 from finetune.recipe import load_recipe
 from finetune.runs import read_report
 from finetune.train import train
@@ -260,9 +261,13 @@ def test_signal_saves_stops_and_resumes_exactly(signum, point, reference, tmp_pa
     assert f"continue with: finetune train {path} output.overwrite=true --resume" in err
     assert not (run / "adapter").exists()
     assert checkpoint_names(run, hidden=True) == [] and not (run / ".lock").exists()
+    # No seven dry runs while a scheduler waits to kill the process; the resumed run has them.
+    assert METHODS_LEFT_OUT in (run / "report.md").read_text()
+    assert "| method |" not in (run / "report.md").read_text()
 
     finish(start(path, "--resume"))
     assert losses(run) == losses(reference_run)  # bitwise, per step
+    assert "| method |" in (run / "report.md").read_text()
     ours = load_file(run / "adapter" / "adapter_model.safetensors")
     theirs = load_file(reference_run / "adapter" / "adapter_model.safetensors")
     assert max(float((ours[k] - theirs[k]).abs().max()) for k in theirs) == 0.0

@@ -196,24 +196,34 @@ def measured_lines(
     return lines
 
 
+METHODS_LEFT_OUT = (
+    "method comparison left out: the run was stopped by a signal, and a scheduler's grace "
+    "period is seconds (`finetune memory <recipe>` prints it)"
+)
+
+
 def to_markdown(
     est: Estimate,
     measured: dict[str, Any] | None = None,
     fit: list[str] | None = None,
     resident: dict[str, Any] | None = None,
+    methods: bool = True,
 ) -> str:
     """The estimate as markdown (for report.md), with a measured peak beside it if given
-    (see `measured_lines`)."""
+    (see `measured_lines`); without the method comparison (seven dry runs) if not `methods`."""
     lines = [f"- {line}" for line in headline(est)]
     lines += [f"- {line}" for line in measured_lines(est, measured, resident)]
     lines += ["", "| component | bytes | share | note |", "|---|---:|---:|---|"]
     for name, nbytes, share, note in component_rows(est):
         lines.append(f"| {name} | {human(nbytes)} | {100 * share:.1f}% | {note} |")
     lines.append(f"| **total** | **{human(est.total_bytes)}** | 100% | {est.metric} |")
-    lines += ["", "| method | trainable | weights + states | total |", "|---|---:|---:|---:|"]
-    for label, trainable, state, total in comparison_rows(est):
-        lines.append(f"| {label} | {trainable:,} | {human(state)} | {human(total)} |")
-    lines += [""] + [f"- {line}" for line in comparison_notes(est)]
+    if methods:
+        lines += ["", "| method | trainable | weights + states | total |", "|---|---:|---:|---:|"]
+        for label, trainable, state, total in comparison_rows(est):
+            lines.append(f"| {label} | {trainable:,} | {human(state)} | {human(total)} |")
+        lines += [""] + [f"- {line}" for line in comparison_notes(est)]
+    else:
+        lines += ["", f"- {METHODS_LEFT_OUT}"]
     lines += [f"- {budget_line(est)}"]
     lines += [f"- {line}" for line in fit or []]
     return "\n".join(lines) + "\n"
