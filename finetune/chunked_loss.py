@@ -61,7 +61,13 @@ def applies_to(model: Any, head: Any) -> bool:
     if not _enabled or type(head) is not torch.nn.Linear or hasattr(head.weight, "_local_tensor"):
         return False  # a sharded head's weight is whole only inside its own forward
     config = getattr(getattr(model, "module", model), "config", None)
-    return not any(getattr(config, field, None) not in (None, 1, 1.0) for field in LOGIT_TRANSFORMS)
+    # Multimodal configs (Gemma 3n) keep the text model's settings in a nested config.
+    text = config.get_text_config() if hasattr(config, "get_text_config") else None
+    return not any(
+        getattr(c, field, None) not in (None, 1, 1.0)
+        for c in (config, text)
+        for field in LOGIT_TRANSFORMS
+    )
 
 
 def chunk_rows(vocab: int) -> int:

@@ -14,6 +14,7 @@ a run's tokens per second count every step, the compiling ones included.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from typing import Any
 
@@ -50,6 +51,13 @@ def repeated_blocks(model: Any) -> list[torch.nn.Module]:
     return [m for m in base.modules() if type(m).__name__ in names]
 
 
+# Compiles of one piece of code before torch gives up and runs it uncompiled (torch's
+# default is 8). peft's adapter layers share one forward for modules of every shape, and
+# torch guards on parameter shapes and on whether an input requires grad (the first
+# layer's does not, later ones' do): DoRA on a two-layer Llama needs more than 8.
+RECOMPILE_LIMIT = 64
+
+
 def compile_blocks(model: Any) -> int:
     """Compile each of `model`'s decoder layers in place; the number compiled.
 
@@ -62,9 +70,26 @@ def compile_blocks(model: Any) -> int:
             f"train.compile: {type(model).__name__} names no decoder layer class "
             "(_no_split_modules) to compile; set train.compile=false"
         )
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
     for block in blocks:
         block.compile()
     return len(blocks)
+
+
+def recompile_limit_hit() -> bool:
+    """Whether torch gave up recompiling some code in this process (dynamo's
+    recompile_limit): those calls then run uncompiled, which torch only logs."""
+    from torch._dynamo.utils import counters
+
+    # Each reason torch stopped tracing, keyed by its message, whose first line names it.
+    return any(m.startswith("Dynamo recompile limit exceeded") for m in counters["unimplemented"])
+
+
+RECOMPILE_LIMIT_NOTE = (
+    "train.compile: torch reached its recompile limit (torch._dynamo.config.recompile_limit) "
+    "and ran some decoder layer calls uncompiled; TORCH_LOGS=recompiles names what changed"
+)
 
 
 def compile_seconds() -> float:
@@ -72,3 +97,12 @@ def compile_seconds() -> float:
     from torch._dynamo.utils import calculate_time_spent
 
     return float(calculate_time_spent().get("total_wall_time", 0.0))
+
+
+def eager(compiled: bool) -> Any:
+    """Compiled layers run eagerly inside (torch.compile's force_eager stance): for every
+    forward but the training step's (evaluation, generation, reference log-probabilities,
+    tracked steps). Each of those differs from the step in what torch guards on (grad
+    mode, the KV cache, the layer index generation passes), so compiling them would spend
+    the layers' recompile limit (8) before training and leave its steps uncompiled."""
+    return torch.compiler.set_stance("force_eager") if compiled else contextlib.nullcontext()

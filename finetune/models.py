@@ -148,15 +148,30 @@ def check_attention(name: str, device: str) -> None:
     if device != "cuda":
         raise UserError(
             f"model.attn_implementation flash runs on CUDA only, and this run is on {device}; "
-            "use sdpa (or flex)"
+            "use sdpa"
         )
-    import importlib.util
-
-    if importlib.util.find_spec("flash_attn") is None:
+    if not has_flash_attn():
         raise UserError(
             "model.attn_implementation flash needs the flash-attn package, which is not "
             "installed; pip install flash-attn, or use sdpa (or flex)"
         )
+
+
+def has_flash_attn() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def inference_attention(name: str, device: str) -> str:
+    """The kernel a loaded model generates, evaluates and merges with: the recipe's, or
+    sdpa where that cannot run here (a run trained on a GPU with flex or flash, used on
+    the CPU). Attention kernels compute the same function, so the outputs do not change."""
+    if name in ("flex", "flash") and device != "cuda":
+        return "sdpa"
+    if name == "flash" and not has_flash_attn():
+        return "sdpa"
+    return name
 
 
 def check_model_folder(folder: Path) -> None:
@@ -511,10 +526,16 @@ def load_tokenizer(source: Path | str, trust_remote_code: bool = False) -> Any:
 
 
 def load_model(
-    spec: ModelSection, device: str | None = None, tokenizer: Any = None, sharded: bool = False
+    spec: ModelSection,
+    device: str | None = None,
+    tokenizer: Any = None,
+    sharded: bool = False,
+    training: bool = False,
 ) -> LoadedModel:
     """Load tokenizer and model as the recipe's `model` section says. `sharded`: for FSDP
-    (finetune.sharding), which moves each shard to the device itself.
+    (finetune.sharding), which moves each shard to the device itself. `training`: with
+    the recipe's attention kernel (checked by `check_attention`); otherwise with one that
+    runs here (`inference_attention`).
 
     Raises:
         UserError: missing model, offline hub id, or an option the machine cannot do.
@@ -532,12 +553,14 @@ def load_model(
     if spec.quantization == "auto":
         notes.append(f"model.quantization auto -> {quantization} on {device}")
     dtype = getattr(torch, resolve_dtype(spec.dtype, device))
+    attention = spec.attn_implementation
+    attention = attention if training else inference_attention(attention, device)
     if quantization == "int8" and dtype == torch.float32:
         # Linear8bitLt computes in fp16; keep the unquantized parts in fp32 all the same.
         notes.append("int8 matmuls run in float16 inside bitsandbytes; other weights float32")
     kwargs: dict[str, Any] = {
         "dtype": dtype,
-        "attn_implementation": ATTENTION[spec.attn_implementation],
+        "attn_implementation": ATTENTION[attention],
         "trust_remote_code": spec.trust_remote_code,
         "use_safetensors": True if isinstance(source, Path) else None,
     }
@@ -579,6 +602,13 @@ def hub_call(source: Path | str, load: Any) -> Any:
     try:
         return load()
     except OSError as err:
+        elsewhere = outside_model(err, source)
+        if elsewhere:  # a cache or temporary folder of torch's or transformers'
+            raise UserError(
+                f"{elsewhere}: {err.strerror or first_line(err)}, while loading {source}; this "
+                "path is not the model's: check the environment variables that point there "
+                "(TORCHINDUCTOR_CACHE_DIR, HF_HOME, TMPDIR)"
+            ) from None
         if isinstance(source, Path):
             raise UserError(f"model.path: cannot load {source}: {first_line(err)}") from None
         raise UserError(
@@ -594,6 +624,15 @@ def hub_call(source: Path | str, load: Any) -> Any:
             f"model.path: cannot load {source}: a safetensors file is corrupt "
             f"({first_line(err)}); download or save the model again"
         ) from None
+
+
+def outside_model(err: OSError, source: Path | str) -> str | None:
+    """The file an OSError names, if it is not in the model folder `source` (a hub id's
+    own files are in the hub cache, which a failed fetch blames on the id)."""
+    if not isinstance(err.filename, str | bytes) or not isinstance(source, Path):
+        return None
+    named = Path(os.fsdecode(err.filename)).resolve()
+    return None if named.is_relative_to(source.resolve()) else str(named)
 
 
 def first_line(err: BaseException) -> str:

@@ -79,7 +79,9 @@ def prepare(
     diagnosis = doctor.diagnose(recipe, tokenizer, splits)
     doctor.refuse(diagnosis, strict)
     unchecked = check_recipe_fits_device(recipe, device, force=force, free_bytes=gpu_free_bytes)
-    loaded = models.load_model(recipe.model, device, tokenizer=tokenizer, sharded=bool(shards))
+    loaded = models.load_model(
+        recipe.model, device, tokenizer=tokenizer, sharded=bool(shards), training=True
+    )
     notes = list(loaded.notes) + recipe.method_default_notes() + diagnosis.warning_lines()
     notes += [unchecked] if unchecked else []
     if recipe.eval.max_examples == 0 and splits.eval_rows and recipe.data.format != "text":

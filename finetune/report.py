@@ -164,14 +164,16 @@ def full_line(estimates: Any) -> str:
 
 
 def exact_match_section(result: RunResult) -> dict[str, Any] | None:
+    """Before and after training; either may be missing (a run resumed from a version
+    that did not record "before", a run paused or stopped before its end)."""
     before, after = result.exact_match_before, result.exact_match_after
-    if after is None:
+    if after is None and before is None:
         return None
     return {
-        "examples": after.total,
+        "examples": (after or before).total,
         "before": before.accuracy if before else None,
-        "after": after.accuracy,
-        "samples_after": after.samples[:5],
+        "after": after.accuracy if after else None,
+        "samples_after": after.samples[:5] if after else [],
         "samples_before": before.samples[:5] if before else [],
     }
 
@@ -190,7 +192,7 @@ def render_markdown(report: dict[str, Any], images: bool = True) -> str:
         f"- training: {t['steps']} steps, {t['tokens_seen']:,} tokens in {t['train_time_s']:.1f} s "
         f"({t['tokens_per_s']:.0f} tokens/s, {t['trained_tokens_per_s']:.0f} trained tokens/s"
         + (f"; {t['compile_s']:.1f} s of it compiling" if t.get("compile_s") else "")
-        + f"); wall time {t['wall_time_s']:.1f} s",
+        + f"); wall time of this command {t['wall_time_s']:.1f} s",
     ]
     if report["stopped"]:
         lines.insert(2, f"**Stopped early:** {report['stopped']}\n")
@@ -219,6 +221,7 @@ def render_markdown(report: dict[str, Any], images: bool = True) -> str:
     em = report["exact_match"]
     if em:
         before = f"{em['before']:.1%}" if em["before"] is not None else "n/a (resumed run)"
+        after = f"{em['after']:.1%}" if em["after"] is not None else "n/a (not at the end yet)"
         lines += [
             "",
             "## Held-out exact match (greedy decoding)",
@@ -226,7 +229,7 @@ def render_markdown(report: dict[str, Any], images: bool = True) -> str:
             "| | accuracy |",
             "|---|---|",
             f"| before training (base model) | {before} |",
-            f"| after training | {em['after']:.1%} |",
+            f"| after training | {after} |",
             "",
             f"on the same {em['examples']} held-out examples.",
             "",
@@ -271,9 +274,10 @@ def preference_table(end: dict[str, Any], start: dict[str, Any] | None) -> list[
 def sample_table(em: dict[str, Any]) -> list[str]:
     rows = ["| prompt | reference | before | after |", "|---|---|---|---|"]
     before = {s["prompt"]: s["prediction"] for s in em["samples_before"]}
-    for s in em["samples_after"]:
+    after = {s["prompt"]: s["prediction"] for s in em["samples_after"]}
+    for s in em["samples_after"] or em["samples_before"]:
         prompt = s["prompt"].rsplit("user\n", 1)[-1].split("<|im_end|>")[0].strip()
-        cells = [prompt, s["reference"], before.get(s["prompt"], ""), s["prediction"]]
+        cells = [prompt, s["reference"], before.get(s["prompt"], ""), after.get(s["prompt"], "")]
         rows.append(
             "| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
         )

@@ -265,13 +265,16 @@ class Loop:
         self.announce()
         if self.objective is not None and self.recipe.train.reference == "cached":
             self.ref_logps = self.cached_reference()
-        before = None
         if self.state.step == 0:
             before = self.exact_match("before")
             self.run_eval()  # the held-out loss the run starts from
+        else:  # measured by the run's first session
+            before = recorded_exact_match(self.run_dir, "before")
         after = None
         with stop:  # from here a first Ctrl-C or SIGTERM ends the step, then saves and stops
             stopped = self.train_steps(stop)
+            if self.recipe.train.compile and compiling.recompile_limit_hit():
+                self.prepared.notes.append(compiling.RECOMPILE_LIMIT_NOTE)
             self.peak.stop()
             self.live.close()
             if stopped is None and not stop.requested:
@@ -448,15 +451,16 @@ class Loop:
             self.recipe.data.shuffle,
             self.recipe.data.group_by_length,
         )
-        logps = reference_cache.compute(
-            self.unwrapped(),
-            self.items,
-            order,
-            t.micro_batch_size,
-            self.pad_id,
-            self.reference,
-            self.accelerator.autocast,
-        )
+        with self.uncompiled():
+            logps = reference_cache.compute(
+                self.unwrapped(),
+                self.items,
+                order,
+                t.micro_batch_size,
+                self.pad_id,
+                self.reference,
+                self.accelerator.autocast,
+            )
         if self.accelerator.is_main_process:
             reference_cache.write(self.run_dir, logps, fingerprint)
         self.prepared.notes.append(
@@ -555,6 +559,14 @@ class Loop:
     # ------------------------------------------------------------------ evaluation
 
     def run_eval(self) -> None:
+        with self.uncompiled():
+            self.record_eval()
+
+    def uncompiled(self) -> Any:
+        """Outside the training step compiled layers run eagerly (see compiling.eager)."""
+        return compiling.eager(self.recipe.train.compile)
+
+    def record_eval(self) -> None:
         eval_data = self.prepared.splits.eval
         if eval_data is None or not self.evaluates():
             return
@@ -595,8 +607,14 @@ class Loop:
         ]
         model = self.unwrapped()
         # Before training, the base model: a LoRA adapter starts as a no-op, prefix/prompt don't.
-        with model.disable_adapter() if when == "before" else contextlib.nullcontext():
-            return evaluate.exact_match(model, tokenizer, pairs, options.max_new_tokens)
+        base = model.disable_adapter() if when == "before" else contextlib.nullcontext()
+        with self.uncompiled(), base:
+            found = evaluate.exact_match(model, tokenizer, pairs, options.max_new_tokens)
+        details = {"correct": found.correct, "total": found.total, "samples": found.samples[:5]}
+        self.metrics.write(
+            runs.exact_match_record(when, self.state.step, found.accuracy, **details)
+        )
+        return found
 
     def evaluates(self) -> bool:
         """Whether this process evaluates: the main one, or under sharding every one, since
@@ -646,6 +664,17 @@ class Loop:
         self.checkpoint = saved.path
         self.history = runs.read_history(self.run_dir, self.state.step)
         self.evals = runs.read_evals(self.run_dir, self.state.step)
+
+
+def recorded_exact_match(run_dir: Path, when: str) -> evaluate.ExactMatch | None:
+    """The exact match metrics.jsonl recorded `when` (see runs.exact_match_record)."""
+    record = runs.read_exact_match(run_dir, when)
+    if record is None:
+        return None
+    details = record["exact_match"]
+    return evaluate.ExactMatch(
+        record[f"exact_match_{when}"], details["correct"], details["total"], details["samples"]
+    )
 
 
 def restore_adapter(model: Any, saved: SavedCheckpoint) -> None:

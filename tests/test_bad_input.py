@@ -5,7 +5,8 @@ import hashlib
 import json
 
 import pytest
-from helpers import write_jsonl
+import yaml
+from helpers import run_cli, write_jsonl
 
 from finetune.cli import main
 
@@ -117,6 +118,22 @@ def test_model_folder_without_config(capsys, tmp_path, recipe_file):
     (tmp_path / "empty-model").mkdir()
     path = recipe_file(model={"path": str(tmp_path / "empty-model")})
     expect_error(capsys, tmp_path, ["train", str(path)], r"empty-model has no config\.json")
+
+
+@pytest.mark.parametrize("command", ["train", "generate"])
+def test_a_cache_folder_that_is_a_file_is_named_not_the_model(command, tmp_path, recipe_file):
+    """torch reads TORCHINDUCTOR_CACHE_DIR when it loads (a new process): a file there
+    was blamed on model.path; the line names the file and the variables to check."""
+    (tmp_path / "notes.txt").write_text("kept\n")
+    path = recipe_file()
+    model = yaml.safe_load(path.read_text())["model"]["path"]
+    args = [str(path)] if command == "train" else [model, "hi"]
+    done = run_cli(command, *args, env={"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "notes.txt")})
+    assert done.returncode == 2, done.stderr[-2000:]
+    line = done.stderr.strip()
+    assert len(line.splitlines()) == 1 and "model.path" not in line
+    assert "notes.txt" in line and "TORCHINDUCTOR_CACHE_DIR" in line
+    assert (tmp_path / "notes.txt").read_text() == "kept\n" and not (tmp_path / "run").exists()
 
 
 def test_hub_id_offline(capsys, tmp_path, recipe_file, monkeypatch):

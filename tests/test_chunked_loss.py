@@ -153,6 +153,13 @@ def test_heads_it_cannot_compute_go_through_the_model(batch_and_tokenizer, monke
     assert not chunked_loss.applies_to(capped, capped.get_output_embeddings())
     plain = build_model(tokenizer)
     assert chunked_loss.applies_to(plain, plain.get_output_embeddings())
+    # Gemma 3n's composite config keeps its text model's soft-capping (30) one level down.
+    from transformers import Gemma3nConfig
+
+    nested = build_model(tokenizer)
+    nested.config = Gemma3nConfig()
+    assert nested.config.get_text_config().final_logit_softcapping == 30.0
+    assert not chunked_loss.applies_to(nested, nested.get_output_embeddings())
     for model in (with_head, plain):
         theirs = model(**batch, use_cache=False, num_items_in_batch=n).loss
         ours = trained_positions_loss(model, batch, n)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -171,3 +172,32 @@ def test_chat_loop_keeps_the_conversation(made):
         messages, tokenize=False, add_generation_prompt=True
     )
     assert evaluate.generate(session.model, session.tokenizer, [prompt], 4)[0] == shown[1]
+
+
+@pytest.mark.parametrize("attn", ["flash", "flex"])
+def test_a_run_trained_with_a_cuda_kernel_generates_evaluates_and_merges_here(
+    attn, made, tmp_path, capsys
+):
+    """A run trained on a GPU with flash or flex attention names a kernel this CPU cannot
+    train with; generate, eval and merge use sdpa here (the same function) and print
+    what the run trained with sdpa prints."""
+    run = tmp_path / f"{attn}-run"
+    shutil.copytree(made["lora"], run)
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    recipe["model"]["attn_implementation"] = attn
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    data = write_jsonl(tmp_path / "held.jsonl", date_rows(3, offset=40))
+    commands = [
+        ("generate", "Convert 3 March 2024 to ISO.", "--max-new-tokens", "5"),
+        ("eval", "--data", str(data), "--max-new-tokens", "4", "--json"),
+    ]
+    for command, *args in commands:
+        printed = []
+        for target in (made["lora"], run):
+            code, out, err = run_main(capsys, command, str(target), *args)
+            assert code == 0, err
+            printed.append(out.replace(str(target), "RUN"))
+        assert printed[0] == printed[1]
+    code, _, err = run_main(capsys, "merge", str(run), "--out", str(tmp_path / "merged"))
+    assert code == 0, err
+    assert (tmp_path / "merged" / "config.json").is_file()

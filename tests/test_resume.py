@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from finetune.cli import main
 from finetune.memory.render import METHODS_LEFT_OUT
 from finetune.recipe import load_recipe
+from finetune.report import exact_match_section, write_report
 from finetune.runs import read_report
 from finetune.train import train
 
@@ -318,6 +319,29 @@ def test_max_time_stops_with_a_checkpoint_and_resume_carries_on(recipe_file, tmp
     train(load_recipe(whole, [end]))
     assert losses(run) == losses(tmp_path / "whole")
     assert (run / "adapter").is_dir()
+
+
+def test_a_paused_run_keeps_its_exact_match_before_training(recipe_file, tmp_path):
+    """Exact match before training is measured once, by the first session; the paused
+    run's report has it (after: not yet), and so has the resumed run's, samples included."""
+    long = {**TRAIN, "max_steps": 5000, "save_every": 0, "schedule": "constant"}
+    path = recipe_file(
+        train={**long, "max_time": "8s"},
+        data={"eval_fraction": 0.25},
+        eval={"max_examples": 3, "max_new_tokens": 4},
+    )
+    paused = train(load_recipe(path))
+    assert paused.interrupted and paused.exact_match_after is None
+    first = exact_match_section(paused)
+    assert first["before"] is not None and first["after"] is None
+    assert len(first["samples_before"]) == 3
+    write_report(paused, 1.0)
+    shown = (tmp_path / "run" / "report.md").read_text()
+    assert "| after training | n/a (not at the end yet) |" in shown
+    end = f"train.max_steps={paused.state.step + 2}"
+    resumed = exact_match_section(train(load_recipe(path, ["train.max_time=1h", end]), resume=True))
+    assert resumed["before"] == first["before"] and resumed["after"] is not None
+    assert resumed["samples_before"] == first["samples_before"]
 
 
 # ------------------------------------------------------------------ one run per directory

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -88,6 +88,24 @@ def show_report(run_dir: Path, report: dict) -> None:
     out.print(f"run directory: {run_dir}  ({written})", highlight=False)
 
 
+def machine_problems(spec: Any) -> list[str]:
+    """What `finetune train` would refuse on this machine though the recipe is valid (a
+    kernel or compiler it lacks): validate checks a recipe that may train elsewhere."""
+    from finetune import compiling, models
+
+    device = models.default_device()
+    checks = [lambda: models.check_attention(spec.model.attn_implementation, device)]
+    if spec.train.compile:
+        checks.append(lambda: compiling.check_compiler(device, sharded=False))
+    problems = []
+    for check in checks:
+        try:
+            check()
+        except UserError as err:
+            problems.append(str(err))
+    return problems
+
+
 @app.command()
 def validate(
     recipe: RecipeArg,
@@ -131,6 +149,9 @@ def validate(
             f"{eval_data.truncated} truncated"
         )
     show_diagnosis(diagnosis)
+    for problem in machine_problems(spec):
+        note = f"[yellow]note[/]: on this machine train would stop: {problem}"
+        out.print(note, highlight=False, soft_wrap=True)
     sides = [("", check.shown)]
     if check.shown_rejected is not None:
         sides = [("chosen: ", check.shown), ("rejected: ", check.shown_rejected)]

@@ -60,10 +60,7 @@ def setup_from_recipe(recipe: Any, device: str | None = None) -> Setup:
         optimizer=train.optimizer,
         objective=train.objective,
         reference=train.reference,
-        # flex and flash attention build no [seq x seq] mask or scores: flash's memory.
-        attn="flash"
-        if model.attn_implementation in ("flex", "flash")
-        else model.attn_implementation,
+        attn=model.attn_implementation,
         device="cuda" if on_cuda(device) else "cpu",
         # Packing always masks; otherwise the default (padding when batch > 1) holds.
         masked=True if recipe.data.packing else None,

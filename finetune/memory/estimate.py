@@ -31,7 +31,7 @@ from finetune.memory.arch import Architecture
 Method = Literal["full", "lora", "dora", "ia3", "prefix", "prompt"]
 Quant = Literal["none", "int8", "nf4", "fp4"]
 Optimizer = Literal["adamw", "adamw-foreach", "adamw-fused", "adamw-forloop", "adamw8bit", "sgd"]
-Attention = Literal["sdpa", "eager", "flash"]
+Attention = Literal["sdpa", "eager", "flex", "flash"]
 
 METHODS = ESTIMATE_METHODS
 DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}  # bytes per element, for choices.DTYPES
@@ -111,7 +111,8 @@ class Setup:
     # different lengths) or packing. None: yes when batch > 1, as real data varies in
     # length. A mask costs memory: SDPA saves it per layer, and transformers expands the
     # keys and values of grouped-query attention to every head. flash-attention never
-    # builds one (transformers unpads the batch), so flash is never masked.
+    # builds one (transformers unpads the batch), nor does flex (a block mask of a few
+    # integers per 128 x 128 block), so flash and flex are never masked.
     masked: bool | None = None
     # train.objective: sft (the token loss), or a preference objective, whose step scores
     # both sides of each pair (dpo, orpo; `batch` counts pairs) and runs the reference
@@ -207,7 +208,7 @@ class Setup:
 
     @property
     def attention_masked(self) -> bool:
-        if self.attn == "flash":
+        if self.attn in ("flex", "flash"):  # neither builds a [seq x seq] mask or scores
             return False
         return self.batch > 1 if self.masked is None else self.masked
 

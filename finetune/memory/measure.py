@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from finetune import compiling
 from finetune.memory.tracker import MemoryTracker
 from finetune.positions import logit_positions
 
@@ -220,18 +221,12 @@ class LiveTensorPeak:
         self.tracked_steps.append(step)
         self.active = True
         try:
-            with self.tracker, self.eager():
+            with self.tracker, compiling.eager(self.compiled):
                 yield
         finally:
             self.active = False
         if step == 1:
             self.steady_first = self.first_step_steady_state()
-
-    def eager(self) -> Any:
-        """Compiled layers run eagerly inside (torch.compile's force_eager stance)."""
-        return (
-            torch.compiler.set_stance("force_eager") if self.compiled else contextlib.nullcontext()
-        )
 
     def first_step_steady_state(self) -> tuple[int, dict[str, int], str]:
         """The first step's forward-and-backward peak with the optimizer states it made

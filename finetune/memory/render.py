@@ -198,7 +198,7 @@ def measured_lines(
 
 METHODS_LEFT_OUT = (
     "method comparison left out: the run was stopped by a signal, and a scheduler's grace "
-    "period is seconds (`finetune memory <recipe>` prints it)"
+    "period is seconds (`finetune estimate <run directory>` prints it)"
 )
 
 

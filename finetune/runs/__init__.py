@@ -54,7 +54,14 @@ from finetune.runs.layout import (
     write_text_atomically,
 )
 from finetune.runs.lock import RunLock
-from finetune.runs.metrics import MetricsWriter, read_evals, read_history, read_records
+from finetune.runs.metrics import (
+    MetricsWriter,
+    exact_match_record,
+    read_evals,
+    read_exact_match,
+    read_history,
+    read_records,
+)
 from finetune.runs.reports import (
     RunReport,
     loss_plot_path,
@@ -87,6 +94,7 @@ __all__ = [
     "claim_run_dir",
     "holds_recipe",
     "holds_run",
+    "exact_match_record",
     "latest_checkpoint",
     "list_checkpoints",
     "loss_plot_path",
@@ -95,6 +103,7 @@ __all__ = [
     "read_checkpoint",
     "refuse_finished",
     "read_evals",
+    "read_exact_match",
     "read_history",
     "read_recipe",
     "read_records",

@@ -34,6 +34,19 @@ def read_evals(run_dir: Path, up_to_step: int) -> list[dict[str, Any]]:
     return [r for r in read_records(run_dir) if "eval_loss" in r and r["step"] <= up_to_step]
 
 
+def exact_match_record(when: str, step: int, accuracy: float, **details: Any) -> dict[str, Any]:
+    """metrics.jsonl's record of an exact-match evaluation (`when`: before or after
+    training): trackers log its accuracy; `details` (counts, samples) stay in the file."""
+    return {"step": step, f"exact_match_{when}": accuracy, "exact_match": details}
+
+
+def read_exact_match(run_dir: Path, when: str) -> dict[str, Any] | None:
+    """The run's exact-match record of `when`, if it has one: a resumed run reports the
+    accuracy its first session measured before training."""
+    found = [r for r in read_records(run_dir) if f"exact_match_{when}" in r]
+    return found[-1] if found else None
+
+
 class MetricsWriter:
     """metrics.jsonl and the trackers of train.report_to (finetune.tracking); on resume,
     drops records past the checkpoint's step."""
