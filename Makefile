@@ -68,7 +68,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 # On a machine with CUDA and no package index or model hub: every part of the GPU check in
-# under 8 minutes on one H200 (README, "On a GPU machine"). The Python environment is the
+# under 10 minutes on one H200 (README, "On a GPU machine"). The Python environment is the
 # machine's own (GPU_PYTHON): the wheels it needs are listed in the README; nothing installs.
 GPU_PYTHON ?= python3
 GPU_CHECK_ARGS ?=

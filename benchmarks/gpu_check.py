@@ -1,6 +1,6 @@
 """One command for a GPU machine with no package index and no model hub: `make gpu-check`.
 
-    python benchmarks/gpu_check.py [--out DIR] [--budget 470] [--parts imports,models,...]
+    python benchmarks/gpu_check.py [--out DIR] [--budget 560] [--parts imports,models,...]
 
 Parts, in order (each prints its elapsed time; summary.md says which passed):
 
@@ -24,7 +24,8 @@ Parts, in order (each prints its elapsed time; summary.md says which passed):
            batches; median step in tokens/s and MFU against this device's measured bf16
            matmul rate (LoRA counted as 4 x parameters FLOPs per token).
 
-The budget (default 470 s: within 8 minutes on one H200) is shared out: the matrix takes
+The budget (default 560 s: within the 10 minutes one command may run on a lent H200; the
+levers of the timing part took it from 470 s) is shared out: the matrix takes
 what the earlier parts left, minus what the later ones need; cells that would overrun are
 skipped with a note. Everything goes to OUT (default gpu-check/<timestamp>): summary.md,
 reports/, logs/, models/ (configs and tokenizers; the weights are deleted at the end unless
@@ -772,7 +773,7 @@ def parse_args(argv: list[str] | None):
     parser = OneLineParser(description=__doc__.splitlines()[0])
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     parser.add_argument("--out", type=Path, default=ROOT / "gpu-check" / stamp)
-    parser.add_argument("--budget", type=float, default=470.0, help="seconds in all")
+    parser.add_argument("--budget", type=float, default=560.0, help="seconds in all")
     parser.add_argument("--parts", default=",".join(PARTS), type=lambda v: v.split(","))
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--scale", choices=("full", "tiny"), default="full")

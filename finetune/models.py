@@ -631,8 +631,12 @@ def outside_model(err: OSError, source: Path | str) -> str | None:
     own files are in the hub cache, which a failed fetch blames on the id)."""
     if not isinstance(err.filename, str | bytes) or not isinstance(source, Path):
         return None
-    named = Path(os.fsdecode(err.filename)).resolve()
-    return None if named.is_relative_to(source.resolve()) else str(named)
+    named = os.fsdecode(err.filename)
+    if not os.path.isabs(named):  # relative to what the library opened it from: unknown
+        return None
+    # abspath, not resolve: a hub-cache snapshot's files are links into ../../blobs.
+    named = Path(os.path.abspath(named))
+    return None if named.is_relative_to(os.path.abspath(source)) else str(named)
 
 
 def first_line(err: BaseException) -> str:

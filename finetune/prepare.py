@@ -70,7 +70,9 @@ def prepare(
     sharding.check_recipe(recipe, device)
     models.check_attention(recipe.model.attn_implementation, device)
     if recipe.train.compile:
-        compiling.check_compiler(device, sharded=shards is not None)
+        compiling.check_compiler(
+            device, sharded=shards is not None, checkpointing=checkpoints(recipe)
+        )
     source = models.resolve_source(recipe.model.path)
     if isinstance(source, Path):  # raises now; its note comes with the loaded model
         models.needs_remote_code(source, recipe.model.trust_remote_code)
@@ -88,7 +90,7 @@ def prepare(
         notes.append("eval.max_examples is 0: exact-match generation skipped")
     checkpointing = recipe.train.gradient_checkpointing
     method = methods.METHODS[recipe.adapter.method]
-    if checkpointing and not method.gradient_checkpointing:
+    if checkpointing and not checkpoints(recipe):
         checkpointing = False
         notes.append(method.no_checkpointing)
     spec = adapters.with_init_text(
@@ -110,6 +112,14 @@ def prepare(
         notes.append(f"train.compile: {blocks} decoder layers compiled by torch.compile")
     params = adapters.count_parameters(model)
     return Prepared(recipe, loaded, model, splits, params, checkpointing, notes, shards)
+
+
+def checkpoints(recipe: Recipe) -> bool:
+    """Whether the run checkpoints activations: asked for, and the method allows it
+    (prefix tuning does not; the run turns it off with a note)."""
+    return recipe.train.gradient_checkpointing and methods.allows_gradient_checkpointing(
+        recipe.adapter.method
+    )
 
 
 def total_steps(recipe: Recipe, n_items: int, world_size: int = 1) -> int:

@@ -1327,6 +1327,13 @@ CASES = [
         env=(("PATH", "<tmp>/no-compilers"),),
     ),
     Case(
+        "compile-with-gradient-checkpointing",
+        run("base.yaml", "train.compile=true", "train.gradient_checkpointing=true"),
+        r"train\.compile with train\.gradient_checkpointing: .*set "
+        r"train\.gradient_checkpointing=false",
+        "torch stopped at the checkpoint call: nothing compiled (0.6 s), reported compiled",
+    ),
+    Case(
         "lr-nan",
         validate("base.yaml", "train.lr=.nan"),
         r"base\.yaml: train\.lr: .*finite number",

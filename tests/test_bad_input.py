@@ -136,6 +136,23 @@ def test_a_cache_folder_that_is_a_file_is_named_not_the_model(command, tmp_path,
     assert (tmp_path / "notes.txt").read_text() == "kept\n" and not (tmp_path / "run").exists()
 
 
+def test_only_paths_outside_the_model_folder_are_blamed_on_the_environment(tmp_path):
+    """A hub-cache snapshot's files are links into ../../blobs: still the model's own, as
+    is a relative name (relative to what the library opened it from)."""
+    from finetune.models import outside_model
+
+    (tmp_path / "blobs").mkdir()
+    (tmp_path / "blobs" / "abc").write_text("{}")
+    snapshot = tmp_path / "snapshots" / "main"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").symlink_to(tmp_path / "blobs" / "abc")
+    inside = OSError(5, "Input/output error", str(snapshot / "config.json"))
+    assert outside_model(inside, snapshot) is None
+    assert outside_model(OSError(5, "EIO", "model.safetensors"), snapshot) is None
+    cache = tmp_path / "notes.txt"
+    assert outside_model(OSError(17, "File exists", str(cache)), snapshot) == str(cache)
+
+
 def test_hub_id_offline(capsys, tmp_path, recipe_file, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     path = recipe_file(model={"path": "some-org/some-model-that-is-not-cached"})

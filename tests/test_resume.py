@@ -18,7 +18,13 @@ from finetune.cli import main
 from finetune.memory.render import METHODS_LEFT_OUT
 from finetune.recipe import load_recipe
 from finetune.report import exact_match_section, write_report
-from finetune.runs import read_report
+from finetune.runs import (
+    MetricsWriter,
+    exact_match_record,
+    read_exact_match,
+    read_records,
+    read_report,
+)
 from finetune.train import train
 
 STEPS = 12
@@ -342,6 +348,39 @@ def test_a_paused_run_keeps_its_exact_match_before_training(recipe_file, tmp_pat
     resumed = exact_match_section(train(load_recipe(path, ["train.max_time=1h", end]), resume=True))
     assert resumed["before"] == first["before"] and resumed["after"] is not None
     assert resumed["samples_before"] == first["samples_before"]
+
+
+def test_lines_that_are_not_records_are_passed_over_and_a_restart_records_afresh(tmp_path):
+    """A resume read metrics.jsonl's lines as records: a number, an object without a step
+    or with a text step ended in a traceback. A run that starts over from step 0 (no
+    complete checkpoint) wrote its step-0 records a second time."""
+    good = [{"step": 0, "eval_loss": 3.0}, {"step": 1, "loss": 2.0}]
+    lines = ["42", '{"foo": 1}', '{"step": "x", "loss": 1}', '{"step": true}', "[1]", "{"]
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("\n".join([json.dumps(good[0]), *lines, json.dumps(good[1])]) + "\n")
+    assert read_records(tmp_path) == good
+    MetricsWriter(tmp_path, True, resume_step=1, report_to=[])
+    assert read_records(tmp_path) == good
+    MetricsWriter(tmp_path, True, resume_step=0, report_to=[])
+    assert metrics.read_text() == ""
+
+
+def test_an_exact_match_record_edited_out_of_shape_is_passed_over(tmp_path):
+    """metrics.jsonl is text people edit: a record missing a field or holding another
+    type is not read back as the exact match before training (a traceback at resume)."""
+    sample = {"prompt": "p", "reference": "r", "prediction": "x"}
+    good = exact_match_record("before", 0, 0.5, correct=1, total=2, samples=[sample])
+    bad = [
+        {"step": 0, "exact_match_before": "half"},
+        {"step": 0, "exact_match_before": 0.5, "exact_match": {"correct": 1}},
+        {**good, "exact_match": {**good["exact_match"], "samples": [{"prompt": 1}]}},
+        {**good, "exact_match": [1, 2]},
+    ]
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in [good, *bad]))
+    assert read_exact_match(tmp_path, "before") == good
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in bad))
+    assert read_exact_match(tmp_path, "before") is None
 
 
 # ------------------------------------------------------------------ one run per directory

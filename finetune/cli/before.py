@@ -66,9 +66,9 @@ def train(
         raise UserError(result.stopped)
     if result.interrupted:
         again = shlex.join(["finetune", "train", str(recipe), *(overrides or []), "--resume"])
+        saved = "checkpoint saved" if result.state.step else "no step taken, nothing to keep"
         console.print(
-            f"{result.interrupted} at step {result.state.step}; checkpoint saved, continue "
-            f"with: {again}",
+            f"{result.interrupted} at step {result.state.step}; {saved}, continue with: {again}",
             highlight=False,
             soft_wrap=True,
             markup=False,
@@ -92,11 +92,13 @@ def machine_problems(spec: Any) -> list[str]:
     """What `finetune train` would refuse on this machine though the recipe is valid (a
     kernel or compiler it lacks): validate checks a recipe that may train elsewhere."""
     from finetune import compiling, models
+    from finetune.prepare import checkpoints
 
     device = models.default_device()
     checks = [lambda: models.check_attention(spec.model.attn_implementation, device)]
     if spec.train.compile:
-        checks.append(lambda: compiling.check_compiler(device, sharded=False))
+        checking = checkpoints(spec)
+        checks.append(lambda: compiling.check_compiler(device, False, checkpointing=checking))
     problems = []
     for check in checks:
         try:

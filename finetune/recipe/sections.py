@@ -283,7 +283,8 @@ class TrainSection(Section):
         False,
         description="Compile each decoder layer with torch.compile (inductor; on the CPU it "
         "needs a C++ compiler). The first steps compile (reported apart, as compile_s in "
-        "metrics.jsonl); the memory is measured on the first step, before compiling.",
+        "metrics.jsonl); the memory is measured on the first step, before compiling. Not "
+        "with gradient_checkpointing (nothing would compile) or sharding.",
     )
     seed: int = Field(
         42, ge=0, le=MAX_SEED, description="Seed for python, numpy, torch and data order."

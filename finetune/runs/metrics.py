@@ -13,16 +13,20 @@ from finetune.runs.layout import TRACKER_FOLDERS, metrics_path, write_text_atomi
 
 
 def read_records(run_dir: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl's records; a line cut short by a kill mid-write is dropped."""
+    """metrics.jsonl's records. A line cut short by a kill mid-write is dropped, as is any
+    line that is not a record finetune writes (an object with an integer step): the file is
+    text people edit and tools append to, and a resume rewrites it with its records."""
     path = metrics_path(run_dir)
     if not path.is_file():
         return []
     records = []
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+            record = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
             continue
+        if isinstance(record, dict) and type(record.get("step")) is int:
+            records.append(record)
     return records
 
 
@@ -43,8 +47,28 @@ def exact_match_record(when: str, step: int, accuracy: float, **details: Any) ->
 def read_exact_match(run_dir: Path, when: str) -> dict[str, Any] | None:
     """The run's exact-match record of `when`, if it has one: a resumed run reports the
     accuracy its first session measured before training."""
-    found = [r for r in read_records(run_dir) if f"exact_match_{when}" in r]
+    found = [r for r in read_records(run_dir) if well_formed(r, when)]
     return found[-1] if found else None
+
+
+def well_formed(record: Any, when: str) -> bool:
+    """An exact-match record as `exact_match_record` writes it (metrics.jsonl is a text
+    file people edit and tools append to)."""
+    if not isinstance(record, dict) or not isinstance(record.get(f"exact_match_{when}"), float):
+        return False
+    details = record.get("exact_match")
+    return (
+        isinstance(details, dict)
+        and all(isinstance(details.get(k), int) for k in ("correct", "total"))
+        and isinstance(details.get("samples"), list)
+        and all(
+            isinstance(s, dict) and all(isinstance(s.get(k), str) for k in SAMPLE_KEYS)
+            for s in details["samples"]
+        )
+    )
+
+
+SAMPLE_KEYS = ("prompt", "reference", "prediction")  # of finetune.evaluate's samples
 
 
 class MetricsWriter:
@@ -64,7 +88,8 @@ class MetricsWriter:
         self.trackers: list = []
         if not enabled:
             return
-        kept = [r for r in read_records(run_dir) if r["step"] <= resume_step]
+        # A run that starts over from step 0 (no checkpoint was complete) records step 0 again.
+        kept = [r for r in read_records(run_dir) if r["step"] <= resume_step] if resume_step else []
         write_text_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         flat = tracking.flatten(config or {})
         self.trackers = tracking.start(
