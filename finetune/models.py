@@ -319,6 +319,23 @@ def check_config_sizes(built: Any, settings: dict[str, Any], config: Path) -> No
             raise UserError(f"{where}: {key} is {value}; a config number must be finite")
         if "dropout" in key and isinstance(value, (int, float)) and not 0 <= value < 1:
             raise UserError(f"{where}: {key} is {value!r}; a dropout is in [0, 1)")
+    check_nulled_numbers(built, settings, where)
+
+
+def check_nulled_numbers(built: Any, settings: dict[str, Any], where: str) -> None:
+    """A field set to null whose config class holds a number by default (a dropout, an
+    epsilon): transformers keeps the null and the model fails at its first forward."""
+    try:
+        defaults = type(built)().to_dict()
+    except Exception:  # a config class that cannot be made without arguments
+        return
+    for key, value in settings.items():
+        default = defaults.get(key)
+        if value is None and isinstance(default, int | float) and not isinstance(default, bool):
+            raise UserError(
+                f"{where}: {key} is null; {type(built).__name__} expects a number there "
+                f"(default {default!r}); set one or remove the key"
+            )
 
 
 def require_causal_lm(settings: Any, config: Path) -> None:

@@ -134,3 +134,12 @@ def adapter_method(adapter_dir: Path) -> str:
             f"({', '.join(sorted(PEFT_TYPES))})"
         )
     return method
+
+
+def not_an_adapter(target: Target, needs: str) -> UserError:
+    """The error for a target without an adapter where `needs` one: a path that does not
+    exist is not found (it was read as a hub id, a model), not "a model"."""
+    given = target.given
+    if not Path(given).exists() and not models.looks_like_hub_id(given):
+        return UserError(f"{given}: not found; {needs} a run directory or an adapter folder")
+    return UserError(f"{given}: a model, not a run or adapter folder; {needs} a trained adapter")

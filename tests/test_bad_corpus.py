@@ -1676,6 +1676,20 @@ CASES = [
         env=(("FINETUNE_CACHE", "<tmp>/work.txt/cache"),),
     ),
     Case(
+        "combine-missing-folder",
+        ("combine", "<run>", "<tmp>/nope", "--out", "<tmp>/c"),
+        r"nope: not found; combine needs a run directory or an adapter folder",
+        "a path that does not exist was called a model",
+        copy_run,
+        trained=True,
+    ),
+    Case(
+        "merge-missing-folder",
+        ("merge", "<tmp>/gone/run", "--out", "<tmp>/m"),
+        r"gone/run: not found; merge needs a run directory or an adapter folder",
+        "the same for merge",
+    ),
+    Case(
         "combine-weights-zero",
         ("combine", "<run>", "<tmp>/run2", "--out", "<tmp>/c", "--weights", "0,0"),
         r"--weights 0,0: all zero makes an adapter that changes nothing",

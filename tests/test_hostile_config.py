@@ -84,6 +84,8 @@ def test_estimate_refuses_what_train_refuses_with_the_same_line(
         ({"attention_dropout": 1.5}, "a dropout is in \\[0, 1\\)"),
         ({"rms_norm_eps": float("nan")}, "rms_norm_eps is nan; a config number must be finite"),
         ({"num_key_value_heads": 3}, "must divide num_attention_heads"),
+        ({"attention_dropout": None}, "attention_dropout is null; LlamaConfig expects a number"),
+        ({"rms_norm_eps": None}, "rms_norm_eps. expected float, got NoneType"),
         ({"model_type": "bert", "architectures": ["BertForMaskedLM"]}, "an encoder"),
     ],
 )

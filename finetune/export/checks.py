@@ -15,7 +15,7 @@ from finetune.errors import UserError, closest
 from finetune.inputs import check_number
 from finetune.methods import MERGEABLE, VIRTUAL_TOKEN_METHODS
 from finetune.outputs import claim_output
-from finetune.targets import Target
+from finetune.targets import Target, not_an_adapter
 
 # Default tolerances (max absolute logit difference) for the self-checks.
 # A 16-bit merge is also allowed twice the difference 16-bit arithmetic alone makes (the same
@@ -92,9 +92,7 @@ def check_tolerance(tolerance: float | None) -> None:
 def require_adapter(target: Target, what: str) -> str:
     """The target's adapter method, refusing plain models and, for merges, virtual tokens."""
     if target.adapter_dir is None:
-        raise UserError(
-            f"{target.given}: a model, not a run or adapter folder; {what} needs a trained adapter"
-        )
+        raise not_an_adapter(target, f"{what} needs")
     method = target.method or ""
     if what != "export --format adapter" and method in VIRTUAL_TOKEN_METHODS:
         raise UserError(

@@ -14,7 +14,7 @@ from finetune.errors import UserError, closest
 from finetune.export.checks import check_output
 from finetune.inputs import check_number
 from finetune.recipe import dump_recipe
-from finetune.targets import Target, read_adapter_config, resolve_target
+from finetune.targets import Target, not_an_adapter, read_adapter_config, resolve_target
 
 
 @dataclass
@@ -170,9 +170,7 @@ def check_compatible(targets: list[Target]) -> None:
     first = targets[0]
     for t in targets:
         if t.adapter_dir is None:
-            raise UserError(
-                f"{t.given}: a model, not a run or adapter folder; combine needs adapters"
-            )
+            raise not_an_adapter(t, "combine needs")
     first_method = first.method
     first_config = read_adapter_config(first.adapter_dir)
     for t in targets[1:]:
