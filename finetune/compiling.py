@@ -112,5 +112,6 @@ def eager(compiled: bool) -> Any:
     forward but the training step's (evaluation, generation, reference log-probabilities,
     tracked steps). Each of those differs from the step in what torch guards on (grad
     mode, the KV cache, the layer index generation passes), so compiling them would spend
-    the layers' recompile limit (8) before training and leave its steps uncompiled."""
+    the layers' recompile limit (RECOMPILE_LIMIT) before training and leave its steps
+    uncompiled."""
     return torch.compiler.set_stance("force_eager") if compiled else contextlib.nullcontext()

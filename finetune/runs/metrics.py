@@ -51,10 +51,9 @@ def read_exact_match(run_dir: Path, when: str) -> dict[str, Any] | None:
     return found[-1] if found else None
 
 
-def well_formed(record: Any, when: str) -> bool:
-    """An exact-match record as `exact_match_record` writes it (metrics.jsonl is a text
-    file people edit and tools append to)."""
-    if not isinstance(record, dict) or not isinstance(record.get(f"exact_match_{when}"), float):
+def well_formed(record: dict[str, Any], when: str) -> bool:
+    """A record (`read_records`) holding an exact match as `exact_match_record` writes it."""
+    if not isinstance(record.get(f"exact_match_{when}"), float):
         return False
     details = record.get("exact_match")
     return (
